@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine with Python 3.11:
+#   make run    installs into .venv (torch first) and runs the main job on a bundled model
+#   make test   installs into .venv and runs ruff and the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0  # a CPU build on local disk; installed first so no dependency pulls another torch
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[dev,bnb]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/optprof state-size meta-llama/Llama-2-7b
+
+test: install lint
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check optprof tests
+
+bench: install
+	$(BIN)/python tests/benchmarks/bench_state_size.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,3 @@
+from optprof.cli import main
+
+main()

@@ -1,0 +1,280 @@
+"""Command line: flags -> config dataclasses -> a command -> results -> report.
+
+torch and transformers are imported inside the commands so that `optprof --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from optprof import __version__
+from optprof.errors import UsageError
+
+if TYPE_CHECKING:
+    from optprof.results import StateSizeReport
+
+DEFAULT_MODEL = "demo"  # bundled, about 7M parameters: every command finishes fast on a laptop CPU
+
+app = typer.Typer(
+    name="optprof",
+    help="Memory and throughput profiler for LLM training optimizers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class Dtype(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class OutputFormat(StrEnum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+class Units(StrEnum):
+    gb = "gb"  # 10^9 bytes, as the Adam-mini paper's tables
+    gib = "gib"  # 2^30 bytes, as nvidia-smi and torch
+
+
+_debug = False  # set by --debug: show tracebacks instead of one-line errors
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (torchao's optional kernels, transformers' config notes) is not our output."""
+    if _debug:
+        return
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("torchao", "torch.utils._pytree", "transformers", "bitsandbytes"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"optprof {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library warnings.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    global _debug
+    _debug = debug
+    _quiet_libraries()
+
+
+ModelArg = Annotated[
+    str,
+    typer.Argument(
+        help="Bundled config name or alias (see `optprof models`), a local folder with a config.json, "
+        "or a Hugging Face hub id (its config only; never weights).",
+        show_default=True,
+    ),
+]
+OptimizerOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--optimizer",
+        "-o",
+        help="Optimizer name (repeatable or comma-separated; 'all' for every one, see `optprof optimizers`), "
+        "or package.module:ClassName. Default: adamw, adam-mini, adam-mini-paper, adafactor, sgd, momentum.",
+    ),
+]
+OptArgOpt = Annotated[
+    list[str] | None,
+    typer.Option("--opt-arg", help="key=value passed to every selected optimizer (repeatable), e.g. rank=256."),
+]
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Parameter dtype (gradients and state follow it).")]
+RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
+TrustOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow a hub config's own modelling code to run.")
+]
+FormatOpt = Annotated[
+    OutputFormat, typer.Option("--format", "-f", help="table (terminal), json or csv (to stdout or --output).")
+]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", help="Write json or csv here (format from --format, else the file suffix)."),
+]
+UnitsOpt = Annotated[Units, typer.Option("--units", help="Byte units in tables: gb (10^9) or gib (2^30).")]
+
+
+@app.command("state-size")
+def state_size(
+    model: ModelArg = DEFAULT_MODEL,
+    optimizer: OptimizerOpt = None,
+    opt_arg: OptArgOpt = None,
+    dtype: DtypeOpt = Dtype.float32,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = False,
+    output_format: FormatOpt = OutputFormat.table,
+    output: OutputOpt = None,
+    units: UnitsOpt = Units.gb,
+    jobs: Annotated[
+        int | None,
+        typer.Option("--jobs", "-j", min=1, help="Optimizers measured at once (default: CPU cores, at most 4)."),
+    ] = None,
+) -> None:
+    """Exact optimizer-state bytes per optimizer, measured on the real optimizer over a meta-device model.
+
+    No GPU and no weights needed: the model is built from its config on the meta device, every parameter
+    gets a meta gradient, each optimizer takes one real step, and everything it keeps is added up.
+    Exit code 1 if an optimizer failed, 2 on bad input.
+    """
+    from optprof import report
+    from optprof.config import ModelSelection, StateSizeConfig
+    from optprof.optimizers.registry import parse_opt_args
+    from optprof.state_size import default_jobs, run_state_size
+
+    config = StateSizeConfig(
+        model=ModelSelection(model, dtype.value, revision, trust_remote_code),
+        optimizers=tuple(optimizer or ()),
+        opt_args=parse_opt_args(opt_arg or []),
+        jobs=jobs or default_jobs(),
+    )
+    file_format = _file_format(output_format, output)
+    err = report.console(stderr=True)
+    with err.status(f"measuring optimizer state for {model} ...") as status:
+        result = run_state_size(config, on_row=lambda row: status.update(f"measured {row.optimizer}"))
+    _emit(result, output_format, output, file_format, lambda: report.render_state_size(result, units.value))
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@app.command("optimizers")
+def optimizers(output_format: FormatOpt = OutputFormat.table) -> None:
+    """List the optimizers optprof can profile: package and version, family, available here or why not."""
+    import dataclasses
+    import json
+
+    from optprof import report
+    from optprof.optimizers.registry import INCLUSION_CHAINS, REGISTRY, availability, package_version
+
+    rows = []
+    for entry in REGISTRY.values():
+        reason = availability(entry)
+        rows.append(
+            report.OptimizerListing(
+                entry.name, entry.package, package_version(entry.package), entry.family,
+                reason is None, reason, entry.description,
+            )
+        )
+    if output_format is OutputFormat.table:
+        report.console().print(report.optimizers_table(rows, INCLUSION_CHAINS))
+    elif output_format is OutputFormat.json:
+        body = {"optimizers": [dataclasses.asdict(r) for r in rows], "inclusion_chains": INCLUSION_CHAINS}
+        typer.echo(json.dumps(body, indent=2))
+    else:
+        import pandas as pd
+
+        typer.echo(pd.DataFrame([dataclasses.asdict(r) for r in rows]).to_csv(index=False), nl=False)
+
+
+@app.command("models")
+def models() -> None:
+    """List the model configs bundled in profiles/models (usable offline, by name or hub alias)."""
+    from optprof import report
+    from optprof.models import bundled_models
+
+    rows = [(b.name, b.description, b.aliases) for b in bundled_models().values()]
+    report.console().print(report.models_table(rows))
+
+
+def _file_format(output_format: OutputFormat, output: Path | None) -> str | None:
+    if output is None:
+        return None
+    if output_format is not OutputFormat.table:
+        return output_format.value
+    suffix = output.suffix.lower().lstrip(".")
+    if suffix not in ("json", "csv"):
+        raise UsageError(f"cannot tell the format of '{output}': use a .json or .csv name, or --format")
+    return suffix
+
+
+def _serialise(result: StateSizeReport, fmt: str) -> str:
+    from optprof import results
+
+    return results.to_json(result) if fmt == "json" else results.to_csv(result)
+
+
+def _emit(result: StateSizeReport, output_format: OutputFormat, output: Path | None,
+          file_format: str | None, render: Any) -> None:
+    """Table to the terminal, data to stdout, or data to --output (with the table still shown)."""
+    from optprof import report
+
+    if output is not None and file_format is not None:
+        try:
+            output.write_text(_serialise(result, file_format))
+        except OSError as exc:
+            raise UsageError(f"cannot write '{output}': {exc.strerror or exc}") from exc
+        report.console(stderr=True).print(f"wrote {file_format} to {output}")
+        if output_format is OutputFormat.table:
+            report.console().print(render())
+    elif output_format is OutputFormat.table:
+        report.console().print(render())
+    else:
+        typer.echo(_serialise(result, output_format.value), nl=False)
+
+
+def _click_kind(exc: BaseException) -> str | None:
+    """'help', 'usage' or 'abort' for click's exceptions; typer may vendor click, so match by class name."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "NoArgsIsHelpError" in names:
+        return "help"
+    if "ClickException" in names and "UsageError" in names:
+        return "usage"
+    if "Abort" in names:
+        return "abort"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user mistakes become one line on stderr and exit code 2."""
+    try:
+        code = app(args=argv, prog_name="optprof", standalone_mode=False)
+    except UsageError as exc:
+        if _debug:
+            traceback.print_exc()
+        typer.echo(f"optprof: error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("optprof: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        kind = _click_kind(exc)
+        if kind == "help":  # bare `optprof`: the help, not an error
+            exc.show()  # type: ignore[attr-defined]
+            sys.exit(0)
+        if kind == "usage":  # a bad flag or value, from click's own parsing
+            typer.echo(f"optprof: error: {exc.format_message()}", err=True)  # type: ignore[attr-defined]
+            sys.exit(2)
+        if kind == "abort":
+            typer.echo("optprof: aborted", err=True)
+            sys.exit(1)
+        if _debug:
+            traceback.print_exc()
+        else:
+            typer.echo(f"optprof: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
+                       err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,304 @@
+"""Registry: optimizer name -> OptimizerEntry (how to build it for a model, where it comes from).
+
+A new optimizer is one entry here. Builders take the module, its ModelInfo and the user's --opt-arg
+values, and return a torch.optim.Optimizer over every trainable parameter of that module.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import importlib.metadata
+import importlib.util
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from optprof.errors import UsageError
+from optprof.models import ModelInfo, embedding_parameters
+from optprof.optimizers.adam_mini_paper import AdamMiniPaper, paper_partition
+
+Builder = Callable[[nn.Module, ModelInfo, Mapping[str, Any]], torch.optim.Optimizer]
+
+# Families, coarse: how the optimizer spends memory per parameter.
+SGD_FAMILY = "sgd"  # no per-parameter statistics beyond momentum
+ADAPTIVE = "adaptive"  # a per-element second moment, as Adam
+BLOCKWISE = "blockwise-adaptive"  # second moment per block (Adam-mini)
+FACTORED = "factored"  # second moment as row and column factors (Adafactor, CAME, SM3)
+SIGN = "sign"  # momentum only, sign update (Lion)
+LOW_RANK = "low-rank"  # state in a projected subspace (GaLore)
+QUANTIZED = "quantized"  # 8-bit state
+CUSTOM = "custom"
+
+ADAM_SECOND_MOMENT = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
+
+# From the optimizer study (seeds/000): A ⊆ B means B reduces to A for some hyperparameter setting.
+INCLUSION_CHAINS: tuple[tuple[str, ...], ...] = (
+    ("sgd", "momentum", "rmsprop"),
+    ("sgd", "momentum", "adam"),
+    ("sgd", "nesterov", "nadam"),
+)
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    name: str
+    package: str  # distribution whose version the report shows
+    module: str  # importable module the builder needs; availability is checked against it
+    family: str
+    description: str
+    build: Builder
+    second_moment_keys: frozenset[str] = frozenset()  # state keys holding the adaptive denominators
+
+
+def _params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _torch_optimizer(cls_name: str, **fixed: Any) -> Builder:
+    def build(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
+        cls = getattr(torch.optim, cls_name)
+        return cls(_params(model), **{**fixed, **args})
+
+    return build
+
+
+def _package_optimizer(module: str, cls_name: str, **fixed: Any) -> Builder:
+    def build(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
+        cls = getattr(importlib.import_module(module), cls_name)
+        return cls(_params(model), **{**fixed, **args})
+
+    return build
+
+
+def distributed_world_size() -> int:
+    """Ranks in the current process group, 1 when there is none (whatever GPUs are visible)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _adam_mini(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
+    from adam_mini import Adam_mini
+
+    optimizer = Adam_mini(
+        model.named_parameters(),
+        dim=info.hidden_size,
+        n_heads=info.num_heads,
+        n_kv_heads=info.num_kv_heads,
+        verbose=False,
+        **args,
+    )
+    # The package assumes head_dim * heads == hidden (it sets head_numel = dim * dim / n_heads), which
+    # breaks the per-head view of Query/Key on Gemma-style models. A query or key head is head_dim rows
+    # of `hidden` inputs each.
+    optimizer.head_numel = info.head_dim * info.hidden_size
+    # count_block() only prints and asserts dim * dim % n_heads == 0, which is false for such models.
+    optimizer.check_block_name = False
+    # The package takes its world size from torch.cuda.device_count(): wrong for one process on a host
+    # with several GPUs (it would all_gather with no process group) and for ranks on CPU.
+    optimizer.world_size = distributed_world_size()
+    return optimizer
+
+
+def _adam_mini_paper(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
+    partition = paper_partition(
+        model, num_heads=info.num_heads, num_kv_heads=info.num_kv_heads, head_dim=info.head_dim
+    )
+    return AdamMiniPaper(partition, **args)
+
+
+def _hf_adafactor(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
+    from transformers.optimization import Adafactor
+
+    # An explicit lr needs relative_step off; transformers' defaults otherwise (no first moment).
+    defaults = {"lr": 1e-3, "relative_step": False, "scale_parameter": False, "warmup_init": False}
+    return Adafactor(_params(model), **{**defaults, **args})
+
+
+GALORE_DEFAULT_RANK = 128  # GaLore README's example; --opt-arg rank=N to change it
+
+
+def _galore(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
+    """GaLore on the 2-D weights of the transformer blocks; embeddings, output and norms stay Adam."""
+    from pytorch_optimizer import GaLore
+
+    group_keys = {"rank", "update_proj_gap", "scale", "projection_type"}
+    galore_args = {"rank": GALORE_DEFAULT_RANK, "update_proj_gap": 200, "scale": 0.25, "projection_type": "std"}
+    galore_args.update({k: v for k, v in args.items() if k in group_keys})
+    optimizer_args = {k: v for k, v in args.items() if k not in group_keys}
+    skip = {id(p) for p in embedding_parameters(model)}
+    projected = [p for p in _params(model) if p.dim() == 2 and id(p) not in skip]
+    projected_ids = {id(p) for p in projected}
+    rest = [p for p in _params(model) if id(p) not in projected_ids]
+    groups = [{"params": rest}, {"params": projected, **galore_args}]
+    return GaLore(groups, **optimizer_args)
+
+
+def _bnb_adamw8bit(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(_params(model), **args)
+
+
+def _torchao_adamw8bit(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
+    from torchao.optim import AdamW8bit
+
+    return AdamW8bit(_params(model), **args)
+
+
+def _entries() -> dict[str, OptimizerEntry]:
+    torch_entries = [
+        OptimizerEntry("sgd", "torch", "torch", SGD_FAMILY, "SGD, no momentum: no state",
+                       _torch_optimizer("SGD", lr=1e-3)),
+        OptimizerEntry("momentum", "torch", "torch", SGD_FAMILY, "SGD with heavy-ball momentum 0.9",
+                       _torch_optimizer("SGD", lr=1e-3, momentum=0.9)),
+        OptimizerEntry("nesterov", "torch", "torch", SGD_FAMILY, "SGD with Nesterov momentum 0.9",
+                       _torch_optimizer("SGD", lr=1e-3, momentum=0.9, nesterov=True)),
+        OptimizerEntry("rmsprop", "torch", "torch", ADAPTIVE, "RMSProp: per-element second moment",
+                       _torch_optimizer("RMSprop", lr=1e-3), frozenset({"square_avg"})),
+        OptimizerEntry("adam", "torch", "torch", ADAPTIVE, "Adam: first and second moment per element",
+                       _torch_optimizer("Adam", lr=1e-3), ADAM_SECOND_MOMENT),
+        OptimizerEntry("adamw", "torch", "torch", ADAPTIVE, "AdamW (decoupled weight decay); the reference",
+                       _torch_optimizer("AdamW", lr=1e-3), ADAM_SECOND_MOMENT),
+        OptimizerEntry("nadam", "torch", "torch", ADAPTIVE, "NAdam: Adam with Nesterov momentum",
+                       _torch_optimizer("NAdam", lr=1e-3), ADAM_SECOND_MOMENT),
+        OptimizerEntry("adagrad", "torch", "torch", ADAPTIVE, "Adagrad: accumulated squared gradients",
+                       _torch_optimizer("Adagrad", lr=1e-3), frozenset({"sum"})),
+        OptimizerEntry("adafactor", "torch", "torch", FACTORED, "torch's Adafactor: row/column second moment",
+                       _torch_optimizer("Adafactor", lr=1e-3), frozenset({"row_var", "col_var", "variance"})),
+        OptimizerEntry("adafactor-hf", "transformers", "transformers", FACTORED,
+                       "transformers' Adafactor (factored second moment, no momentum)", _hf_adafactor,
+                       frozenset({"exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"})),
+    ]
+    mini_entries = [
+        OptimizerEntry("adam-mini", "adam-mini", "adam_mini", BLOCKWISE,
+                       "official Adam-mini: one v per head (Q, K), per neuron elsewhere, per row of embeddings",
+                       _adam_mini, frozenset({"vmean", "v"})),
+        OptimizerEntry("adam-mini-paper", "optprof", "optprof", BLOCKWISE,
+                       "Adam-mini per the paper (Alg. 1-4): full v for embedding and output, one per block else",
+                       _adam_mini_paper, frozenset({"v"})),
+    ]
+    po = "pytorch-optimizer"
+    package_entries = [
+        OptimizerEntry("came", po, "pytorch_optimizer", FACTORED, "CAME: confidence-guided factored Adam",
+                       _package_optimizer("pytorch_optimizer", "CAME", lr=2e-4),
+                       frozenset({"exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"})),
+        OptimizerEntry("sm3", po, "pytorch_optimizer", FACTORED, "SM3: cover-set accumulators",
+                       _package_optimizer("pytorch_optimizer", "SM3", lr=1e-1),
+                       frozenset({"accumulator_0", "accumulator_1", "accumulator_2", "accumulator_3"})),
+        OptimizerEntry("lamb", po, "pytorch_optimizer", ADAPTIVE, "LAMB: layer-wise trust ratio on Adam",
+                       _package_optimizer("pytorch_optimizer", "Lamb", lr=1e-3), ADAM_SECOND_MOMENT),
+        OptimizerEntry("lion", po, "pytorch_optimizer", SIGN, "Lion: sign of interpolated momentum",
+                       _package_optimizer("pytorch_optimizer", "Lion", lr=1e-4)),
+        OptimizerEntry("adan", po, "pytorch_optimizer", ADAPTIVE, "Adan: Nesterov-style adaptive momentum",
+                       _package_optimizer("pytorch_optimizer", "Adan", lr=1e-3), ADAM_SECOND_MOMENT),
+        OptimizerEntry("galore", po, "pytorch_optimizer", LOW_RANK,
+                       f"GaLore: Adam in a rank-{GALORE_DEFAULT_RANK} gradient projection (--opt-arg rank=N)",
+                       _galore, ADAM_SECOND_MOMENT),
+        OptimizerEntry("novograd", po, "pytorch_optimizer", ADAPTIVE, "NovoGrad: layer-wise second moment",
+                       _package_optimizer("pytorch_optimizer", "NovoGrad", lr=1e-3), frozenset({"grads_ema"})),
+        OptimizerEntry("schedulefree-adamw", po, "pytorch_optimizer", ADAPTIVE,
+                       "Schedule-Free AdamW: keeps the z sequence instead of momentum",
+                       _package_optimizer("pytorch_optimizer", "ScheduleFreeAdamW", lr=1e-3),
+                       frozenset({"exp_avg_sq"})),
+        OptimizerEntry("adamw8bit-bnb", "bitsandbytes", "bitsandbytes", QUANTIZED,
+                       "bitsandbytes AdamW8bit: blockwise 8-bit moments", _bnb_adamw8bit,
+                       frozenset({"state2"})),
+        OptimizerEntry("adamw8bit-torchao", "torchao", "torchao", QUANTIZED,
+                       "torchao AdamW8bit: 8-bit moments as a tensor subclass", _torchao_adamw8bit,
+                       ADAM_SECOND_MOMENT),
+    ]
+    return {e.name: e for e in [*torch_entries, *mini_entries, *package_entries]}
+
+
+REGISTRY: dict[str, OptimizerEntry] = _entries()
+
+DEFAULT_OPTIMIZERS = ("adamw", "adam-mini", "adam-mini-paper", "adafactor", "sgd", "momentum")
+
+
+def package_version(package: str) -> str | None:
+    if package == "optprof":
+        from optprof import __version__
+
+        return __version__
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def availability(entry: OptimizerEntry) -> str | None:
+    """None when the entry can be built here, else the reason it cannot (shown to the user)."""
+    if importlib.util.find_spec(entry.module) is None:
+        extra = " (pip install 'optprof[quantized]')" if entry.family == QUANTIZED else ""
+        return f"package {entry.package} is not installed{extra}"
+    return None
+
+
+def is_import_path(name: str) -> bool:
+    return ":" in name
+
+
+def custom_entry(path: str) -> OptimizerEntry:
+    """`package.module:ClassName`: any torch.optim.Optimizer subclass taking params first."""
+    module_name, _, cls_name = path.partition(":")
+    if not module_name or not cls_name.isidentifier():
+        raise UsageError(f"bad optimizer import path '{path}': expected package.module:ClassName")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"cannot import '{module_name}' for optimizer '{path}': {exc}") from exc
+    cls = getattr(module, cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        raise UsageError(f"'{path}' is not a torch.optim.Optimizer subclass")
+
+    def build(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
+        return cls(_params(model), **args)
+
+    package = module_name.partition(".")[0]
+    return OptimizerEntry(path, package, module_name, CUSTOM, f"{cls_name} from {module_name}", build,
+                          ADAM_SECOND_MOMENT)
+
+
+def resolve_optimizers(selection: list[str]) -> list[OptimizerEntry]:
+    """Names from -o (repeatable, comma-separated, 'all' for the whole registry) -> entries, in order."""
+    names: list[str] = []
+    for item in selection or list(DEFAULT_OPTIMIZERS):
+        for name in (part.strip() for part in item.split(",")):
+            if name == "all":
+                names.extend(REGISTRY)
+            elif name:
+                names.append(name)
+    entries: list[OptimizerEntry] = []
+    for name in dict.fromkeys(names):  # keep order, drop repeats
+        key = name if is_import_path(name) else name.lower()
+        if key in REGISTRY:
+            entries.append(REGISTRY[key])
+        elif is_import_path(key):
+            entries.append(custom_entry(key))
+        else:
+            near = difflib.get_close_matches(key, list(REGISTRY), n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(near)}?" if near else " `optprof optimizers` lists them."
+            raise UsageError(f"unknown optimizer '{name}'.{hint}")
+    if not entries:
+        raise UsageError("no optimizer selected")
+    return entries
+
+
+def parse_opt_args(pairs: list[str]) -> dict[str, Any]:
+    """--opt-arg key=value -> {key: value}; values are Python literals where they parse (0.9, (0.9, 0.95))."""
+    parsed: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise UsageError(f"bad --opt-arg '{pair}': expected key=value, e.g. --opt-arg weight_decay=0.1")
+        try:
+            parsed[key.strip()] = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            parsed[key.strip()] = raw.strip()
+    return parsed

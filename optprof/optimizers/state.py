@@ -1,0 +1,161 @@
+"""Optimizer-state accounting: step a real optimizer over a meta-device model and walk what it keeps.
+
+On the meta device tensors have shapes, dtypes and storage sizes but no data, so a 70B model costs no
+memory. Memory layout does not depend on values; the few optimizers that read a value back to Python
+(`.item()`, `bool(tensor)`) get a placeholder answer from `PlaceholderScalars`, and the report says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+MAX_DEPTH = 6  # how deep to look inside helper objects kept in the state (GaLore's projector: 2)
+
+METHOD_META_STEP = "meta step"
+METHOD_META_PLACEHOLDERS = "meta step, placeholder scalars"
+
+
+class PlaceholderScalars(TorchDispatchMode):
+    """Answers reads of a meta tensor's value (`.item()`, `bool()`) with a neutral placeholder.
+
+    0.5 rather than 0 or 1 for floats, so that expressions like 1 / (1 - x) stay finite (NAdam's
+    mu_product); True for bools, 1 for integers.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+            tensor = args[0]
+            if tensor.dtype == torch.bool:
+                return True
+            return 0.5 if tensor.dtype.is_floating_point or tensor.dtype.is_complex else 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def eager_compile() -> Iterator[None]:
+    """Run torch.compile'd optimizer steps eagerly (torchao compiles one graph per parameter shape)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
+
+
+def give_meta_gradients(model: nn.Module) -> None:
+    for param in model.parameters():
+        if param.requires_grad:
+            param.grad = torch.empty_like(param)
+
+
+def step_on_meta(build: Callable[[], torch.optim.Optimizer]) -> tuple[torch.optim.Optimizer, str]:
+    """Build the optimizer and call step() once so that lazily created state exists.
+
+    A plain step first; if the optimizer reads a value back, a fresh optimizer steps again under
+    placeholder scalars (the state it creates is the same: shapes and dtypes do not depend on values).
+    """
+    optimizer = build()
+    try:
+        with eager_compile():
+            optimizer.step()
+        return optimizer, METHOD_META_STEP
+    except Exception:
+        pass
+    optimizer = build()
+    with eager_compile(), PlaceholderScalars():
+        optimizer.step()
+    return optimizer, METHOD_META_PLACEHOLDERS
+
+
+@dataclass(frozen=True)
+class StateAccount:
+    """Bytes an optimizer keeps beyond the parameters and gradients, shared storage counted once."""
+
+    state_bytes: int
+    tensors: int  # distinct storages
+    bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+    second_moment_entries: int | None = None  # per-element "learning rates"; None if not adaptive
+
+
+def _storage_key(tensor: torch.Tensor) -> int:
+    return tensor.untyped_storage()._cdata
+
+
+def _is_wrapper_subclass(tensor: torch.Tensor) -> bool:
+    """Tensor subclasses that hold inner tensors (torchao's quantized state, DTensor)."""
+    return type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__")
+
+
+def _leaf_tensors(value: Any, depth: int = 0, seen: set[int] | None = None) -> Iterator[torch.Tensor]:
+    """Every plain tensor inside `value`: containers, tensor subclasses and helper objects' attributes."""
+    seen = set() if seen is None else seen
+    if id(value) in seen or depth > MAX_DEPTH:
+        return
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        if _is_wrapper_subclass(value):
+            inner_names, _ = value.__tensor_flatten__()
+            for inner in inner_names:
+                yield from _leaf_tensors(getattr(value, inner), depth + 1, seen)
+        else:
+            yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _leaf_tensors(item, depth + 1, seen)
+    elif isinstance(value, list | tuple | set | frozenset):
+        for item in value:
+            yield from _leaf_tensors(item, depth + 1, seen)
+    elif isinstance(value, nn.Module | torch.optim.Optimizer):
+        return  # a reference back to the model or optimizer is not state
+    elif hasattr(value, "__dict__") and not isinstance(value, type):
+        for item in vars(value).values():
+            yield from _leaf_tensors(item, depth + 1, seen)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def account_state(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], second_moment_keys: frozenset[str]
+) -> StateAccount:
+    """Walk `optimizer.state` (and the optimizer's own attributes) and add up distinct storages."""
+    excluded = {_storage_key(p) for p in params}
+    excluded |= {_storage_key(p.grad) for p in params if p.grad is not None}
+
+    sources: list[Any] = list(optimizer.state.values())
+    sources += [v for k, v in vars(optimizer).items() if k not in ("state", "param_groups", "defaults")]
+    sources += [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+    counted: dict[int, tuple[int, str]] = {}
+    for source in sources:
+        for tensor in _leaf_tensors(source):
+            key = _storage_key(tensor)
+            if key not in excluded and key not in counted:
+                counted[key] = (tensor.untyped_storage().nbytes(), _dtype_name(tensor.dtype))
+
+    by_dtype: dict[str, int] = {}
+    for nbytes, dtype in counted.values():
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+
+    entries: int | None = None
+    if second_moment_keys:
+        entries = 0
+        for per_param in optimizer.state.values():
+            for key in second_moment_keys & per_param.keys():
+                value = per_param[key]
+                if isinstance(value, torch.Tensor):
+                    entries += value.numel()  # logical entries, also for quantized subclasses
+    return StateAccount(
+        state_bytes=sum(nbytes for nbytes, _ in counted.values()),
+        tensors=len(counted),
+        bytes_by_dtype=dict(sorted(by_dtype.items(), key=lambda kv: -kv[1])),
+        second_moment_entries=entries,
+    )

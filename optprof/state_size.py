@@ -1,0 +1,175 @@
+"""`optprof state-size`: exact optimizer-state bytes, measured on the real optimizers over a meta model."""
+
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import os
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+
+from optprof.config import StateSizeConfig
+from optprof.errors import UsageError
+from optprof.models import ModelInfo, load_model
+from optprof.optimizers.registry import (
+    REGISTRY,
+    OptimizerEntry,
+    availability,
+    package_version,
+    parse_opt_args,
+    resolve_optimizers,
+)
+from optprof.optimizers.state import StateAccount, account_state, give_meta_gradients, step_on_meta
+from optprof.results import (
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_UNAVAILABLE,
+    StateSizeReport,
+    StateSizeRow,
+    environment,
+    now_iso,
+)
+
+REFERENCE = "adamw"
+MAX_JOBS = 4  # measuring is Python-bound; more workers than cores only adds memory
+
+
+def default_jobs() -> int:
+    return max(1, min(os.cpu_count() or 1, MAX_JOBS))
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def measure_entry(
+    entry: OptimizerEntry, module, info: ModelInfo, opt_args: dict
+) -> tuple[StateAccount, str]:  # type: ignore[no-untyped-def]
+    """Build `entry` over the meta `module`, step once, and account its state."""
+    give_meta_gradients(module)
+    optimizer, method = step_on_meta(lambda: entry.build(module, info, opt_args))
+    params = [p for p in module.parameters() if p.requires_grad]
+    return account_state(optimizer, params, entry.second_moment_keys), method
+
+
+def _row(entry: OptimizerEntry, info: ModelInfo, measure: Callable[[], tuple[StateAccount, str]]) -> StateSizeRow:
+    base = StateSizeRow(entry.name, entry.package, package_version(entry.package), entry.family, STATUS_OK)
+    reason = availability(entry)
+    if reason is not None:
+        return dataclasses.replace(base, status=STATUS_UNAVAILABLE, reason=reason)
+    try:
+        account, method = measure()
+    except Exception as exc:
+        return dataclasses.replace(base, status=STATUS_FAILED, reason=_error_text(exc))
+    entries = account.second_moment_entries
+    return dataclasses.replace(
+        base,
+        state_bytes=account.state_bytes,
+        bytes_per_param=account.state_bytes / info.params,
+        state_dtypes=account.bytes_by_dtype,
+        state_tensors=account.tensors,
+        second_moment_entries=entries,
+        second_moment_removed=None if entries is None else 1.0 - entries / info.params,
+        method=method,
+    )
+
+
+def _with_reference(row: StateSizeRow, reference: int | None) -> StateSizeRow:
+    if row.state_bytes is None or not reference:
+        return row
+    ratio = row.state_bytes / reference
+    return dataclasses.replace(row, ratio_vs_adamw=ratio, saving_vs_adamw=1.0 - ratio)
+
+
+# What forked workers measure: set in the parent just before the pool forks, read by the children.
+_shared: tuple[list[OptimizerEntry], object, ModelInfo, dict] | None = None
+
+
+def _measure_in_worker(index: int) -> StateSizeRow:
+    import torch
+
+    torch.set_num_threads(1)
+    assert _shared is not None
+    entries, module, info, opt_args = _shared
+    entry = entries[index]
+    return _row(entry, info, lambda: measure_entry(entry, module, info, opt_args))
+
+
+def _measure_all(
+    entries: list[OptimizerEntry], module, info: ModelInfo, opt_args: dict, jobs: int,  # type: ignore[no-untyped-def]
+    on_row: Callable[[StateSizeRow], None],
+) -> list[StateSizeRow]:
+    """One row per entry, in order. With jobs > 1, forked workers share the built meta model (copy-on-write)."""
+    jobs = min(jobs, len(entries))
+    if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        rows = []
+        for entry in entries:
+            rows.append(_row(entry, info, lambda e=entry: measure_entry(e, module, info, opt_args)))
+            on_row(rows[-1])
+        return rows
+
+    global _shared
+    _shared = (entries, module, info, opt_args)
+    rows_by_index: dict[int, StateSizeRow] = {}
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            # Longest first: package optimizers (imports, Python-heavy steps) sit at the end of the registry,
+            # so submitting in reverse lets the cheap torch ones fill the gaps at the end.
+            futures = {pool.submit(_measure_in_worker, i): i for i in reversed(range(len(entries)))}
+            for future in as_completed(futures):
+                index = futures[future]
+                try:
+                    rows_by_index[index] = future.result()
+                except BrokenProcessPool:
+                    continue  # reported below, as a failed row
+                on_row(rows_by_index[index])
+    finally:
+        _shared = None
+    died = "the measuring process died (crash or out of memory); retry with --jobs 1 to see the error"
+    return [
+        rows_by_index.get(i) or StateSizeRow(e.name, e.package, package_version(e.package), e.family,
+                                             STATUS_FAILED, reason=died)
+        for i, e in enumerate(entries)
+    ]
+
+
+def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], None] | None = None) -> StateSizeReport:
+    entries = resolve_optimizers(list(config.optimizers))  # unknown names fail before the model loads
+    opt_args = config.opt_args
+    selection = config.model
+    loaded = load_model(
+        selection.model,
+        dtype=selection.dtype,
+        revision=selection.revision,
+        trust_remote_code=selection.trust_remote_code,
+    )
+    module, info = loaded.module, loaded.info
+    if info.params == 0:
+        raise UsageError(f"model '{selection.model}' has no parameters")
+
+    rows = _measure_all(entries, module, info, opt_args, config.jobs, on_row or (lambda row: None))
+
+    reference_row = next((r for r in rows if r.optimizer == REFERENCE and r.status == STATUS_OK), None)
+    if reference_row is None:  # not selected (or failed with user args): measure it with defaults
+        account, _ = measure_entry(REGISTRY[REFERENCE], module, info, {})
+        reference = account.state_bytes
+    else:
+        reference = reference_row.state_bytes
+    return StateSizeReport(
+        model=info,
+        reference_state_bytes=reference,
+        results=tuple(_with_reference(r, reference) for r in rows),
+        config={
+            "command": "state-size",
+            **dataclasses.asdict(selection),
+            "optimizers": [e.name for e in entries],
+            "opt_args": {k: repr(v) for k, v in opt_args.items()},
+        },
+        environment=environment(),
+        created=now_iso(),
+    )
+
+
+__all__ = ["parse_opt_args", "run_state_size"]

@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from optprof.cli import app, main
+from optprof.optimizers.registry import REGISTRY
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:  # type: ignore[no-untyped-def]
+    """The console entry point as a user meets it: exit code, stdout, stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capsys.readouterr()
+    return int(exit_info.value.code or 0), out, err
+
+
+def test_state_size_json_schema(capsys) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = run(["state-size", "demo", "-o", "adamw,sgd", "--format", "json"], capsys)
+    assert code == 0
+    body = json.loads(out)
+    assert (body["schema"], body["schema_version"]) == ("optprof.state-size", 1)
+    model = body["model"]
+    assert model["params"] > 0 and 0 < model["embedding_fraction"] < 1
+    assert model["embedding_params"] == round(model["embedding_fraction"] * model["params"])
+    results = {r["optimizer"]: r for r in body["results"]}
+    assert set(results) == {"adamw", "sgd"}
+    assert results["sgd"]["state_bytes"] == 0 and results["adamw"]["status"] == "ok"
+    assert body["environment"]["packages"]["torch"]
+    assert body["config"]["optimizers"] == ["adamw", "sgd"]
+
+
+def test_state_size_csv_and_output_file(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = run(["state-size", "demo", "-o", "adamw", "-o", "momentum", "-f", "csv"], capsys)
+    assert code == 0
+    frame = pd.read_csv(io.StringIO(out))
+    assert list(frame["optimizer"]) == ["adamw", "momentum"]
+    assert frame.loc[1, "state_bytes"] == pytest.approx(frame.loc[0, "state_bytes"] / 2, rel=0.01)
+
+    target = tmp_path / "result.json"
+    code, out, err = run(["state-size", "demo", "-o", "sgd", "--output", str(target)], capsys)
+    assert code == 0 and "sgd" in out and "wrote json" in err
+    assert json.loads(target.read_text())["results"][0]["optimizer"] == "sgd"
+
+
+def test_state_size_table_says_its_units(capsys) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = run(["state-size", "demo", "-o", "adamw,adam-mini"], capsys)
+    assert code == 0
+    assert "GB = 10^9 bytes" in out and "adam-mini" in out
+    code, out, _ = run(["state-size", "demo", "-o", "adamw", "--units", "gib"], capsys)
+    assert "GiB = 2^30 bytes" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["state-size", "llama-2-7"], "Did you mean: llama-2-7b"),
+        (["state-size", "demo", "-o", "adamww"], "unknown optimizer 'adamww'. Did you mean: adamw"),
+        (["state-size", "demo", "--dtype", "float64"], "float64"),
+        (["state-size", "demo", "--opt-arg", "novalue"], "bad --opt-arg"),
+        (["state-size", "demo", "--output", "result.txt"], "cannot tell the format"),
+        (["state-size", "demo", "--no-such-flag"], "No such option"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(argv: list[str], message: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    code, out, err = run(argv, capsys)
+    assert code == 2
+    assert message in err
+    assert err.startswith("optprof: error:") and err.count("\n") == 1
+    assert "Traceback" not in out + err
+
+
+def test_unreadable_config_is_exit_2(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "config.json").write_text("{ not json")
+    code, _, err = run(["state-size", str(tmp_path)], capsys)
+    assert code == 2 and "cannot read the config" in err and err.count("\n") == 1
+
+
+def test_failed_optimizer_row_exit_1(capsys) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = run(["state-size", "demo", "-o", "sgd,optprof_test_optimizers:BrokenOptimizer", "-f", "json"],
+                       capsys)
+    assert code == 1
+    statuses = {r["optimizer"]: r["status"] for r in json.loads(out)["results"]}
+    assert statuses == {"sgd": "ok", "optprof_test_optimizers:BrokenOptimizer": "failed"}
+
+
+def test_optimizers_lists_registry_and_inclusions(capsys) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = run(["optimizers", "-f", "json"], capsys)
+    assert code == 0
+    body = json.loads(out)
+    assert {o["name"] for o in body["optimizers"]} == set(REGISTRY)
+    assert ["sgd", "nesterov", "nadam"] in body["inclusion_chains"]
+    adam_mini = next(o for o in body["optimizers"] if o["name"] == "adam-mini")
+    assert adam_mini["available"] and adam_mini["version"]
+
+
+def test_commands_through_clirunner() -> None:
+    runner = CliRunner()
+    listing = runner.invoke(app, ["optimizers"])
+    assert listing.exit_code == 0 and "⊆" in listing.output and "adam-mini-paper" in listing.output
+    models = runner.invoke(app, ["models"])
+    assert models.exit_code == 0 and "meta-llama/Llama-2-7b" in models.output
+    for command in ("state-size", "optimizers", "models"):
+        help_ = runner.invoke(app, [command, "--help"])
+        assert help_.exit_code == 0 and "Usage" in help_.output
+
+
+def test_help_does_not_import_torch() -> None:
+    code = "import sys; from optprof.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit: pass\n" \
+           "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

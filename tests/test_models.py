@@ -1,0 +1,114 @@
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from optprof.errors import UsageError
+from optprof.models import bundled_models, find_bundled, load_model
+
+# Parameter counts published for these models (tied weights once).
+PUBLISHED_PARAMS = {
+    "llama-2-7b": 6_738_415_616,
+    "llama-2-13b": 13_015_864_320,
+    "llama-2-70b": 68_976_648_192,
+    "llama-3-8b": 8_030_261_248,
+    "tinyllama-1.1b": 1_100_048_384,
+    "gpt2": 124_439_808,
+    "gpt2-medium": 354_823_168,
+    "gpt2-large": 774_030_080,
+    "gpt2-xl": 1_557_611_200,
+    "phi-3-mini": 3_821_079_552,
+}
+
+
+def test_every_issue_model_is_bundled() -> None:
+    assert set(PUBLISHED_PARAMS) | {"demo"} <= set(bundled_models())
+
+
+@pytest.mark.parametrize(("name", "params"), sorted(PUBLISHED_PARAMS.items()))
+def test_bundled_models_build_on_meta_with_published_sizes(name: str, params: int) -> None:
+    info = load_model(name).info
+    assert info.params == params
+    assert info.source == "bundled"
+
+
+@pytest.mark.parametrize(
+    ("alias", "name"),
+    [
+        ("meta-llama/Llama-2-7b", "llama-2-7b"),
+        ("meta-llama/Llama-2-7b-hf", "llama-2-7b"),
+        ("META-LLAMA/LLAMA-2-7B-HF", "llama-2-7b"),
+        ("openai-community/gpt2-xl", "gpt2-xl"),
+        ("gpt2-xl", "gpt2-xl"),
+        ("TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T", "tinyllama-1.1b"),
+    ],
+)
+def test_hub_aliases_resolve_offline(alias: str, name: str) -> None:
+    bundled = find_bundled(alias)
+    assert bundled is not None and bundled.name == name
+
+
+def test_llama_2_7b_embedding_share_matches_the_paper() -> None:
+    info = load_model("meta-llama/Llama-2-7b").info
+    assert info.embedding_params == 2 * 32000 * 4096
+    assert round(100 * info.embedding_fraction, 2) == 3.89
+    assert not info.tied_embeddings
+    assert (info.hidden_size, info.num_layers, info.num_heads, info.head_dim) == (4096, 32, 32, 128)
+
+
+def test_tied_embeddings_counted_once(model_dir) -> None:  # type: ignore[no-untyped-def]
+    info = load_model(model_dir("tiny-gpt2")).info
+    assert info.tied_embeddings
+    assert info.embedding_params == 128 * 32  # wte only; lm_head is the same tensor
+    assert info.source == "local"
+
+
+def test_head_dim_need_not_divide_hidden(model_dir) -> None:  # type: ignore[no-untyped-def]
+    info = load_model(model_dir("tiny-gemma")).info
+    assert (info.hidden_size, info.num_heads, info.num_kv_heads, info.head_dim) == (48, 4, 1, 16)
+    assert info.tied_embeddings
+
+
+def test_dtype_is_applied() -> None:
+    import torch
+
+    loaded = load_model("demo", dtype="bfloat16")
+    assert {p.dtype for p in loaded.module.parameters()} == {torch.bfloat16}
+    assert loaded.info.dtype == "bfloat16"
+
+
+def test_unknown_model_suggests_nearest_bundled_name() -> None:
+    with pytest.raises(UsageError, match=r"Did you mean: .*llama-2-7b"):
+        load_model("llama-2-7")
+
+
+def test_uncached_hub_id_fails_fast_offline() -> None:
+    start = time.monotonic()
+    with pytest.raises(UsageError, match="not a bundled config, not a local folder"):
+        load_model("someone/not-a-model-anywhere")
+    assert time.monotonic() - start < 10  # no network retries
+
+
+def test_folder_without_config_json(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match=r"has no config\.json"):
+        load_model(str(tmp_path))
+
+
+def test_unreadable_config_json(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{ this is not json")
+    with pytest.raises(UsageError, match="cannot read the config"):
+        load_model(str(tmp_path))
+
+
+def test_config_without_causal_lm(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "vit", "hidden_size": 32}))
+    with pytest.raises(UsageError, match="cannot build a causal LM"):
+        load_model(str(tmp_path))
+
+
+def test_bad_dtype() -> None:
+    with pytest.raises(UsageError, match="unknown dtype 'float64'"):
+        load_model("demo", dtype="float64")
