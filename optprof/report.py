@@ -78,8 +78,10 @@ def state_size_table(report: StateSizeReport, units: str = "gb") -> Table:
     for row in report.results:
         vs = "-" if row.saving_vs_adamw is None else f"{round(-100 * row.saving_vs_adamw, 1) + 0.0:+.1f}%"
         status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
-        if row.reason or (row.method and row.method != "meta step"):
-            notes.append(Text(f"[{len(notes) + 1}] {row.optimizer}: {row.reason or row.method}", style="dim"))
+        remarks = [row.reason or "", row.settings or "", "" if row.method in (None, "meta step") else row.method]
+        if any(remarks):
+            remark = "; ".join(r for r in remarks if r)
+            notes.append(Text(f"[{len(notes) + 1}] {row.optimizer}: {remark}", style="dim"))
             status.append(f" [{len(notes)}]")
         table.add_row(
             row.optimizer,

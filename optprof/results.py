@@ -50,6 +50,7 @@ class StateSizeRow:
     second_moment_entries: int | None = None  # adaptive "learning rates"; None if not adaptive
     second_moment_removed: float | None = None  # share of Adam's one-per-parameter removed
     method: str | None = None  # how the state was obtained, e.g. "meta step"
+    settings: str | None = None  # memory-relevant settings in effect, e.g. GaLore's rank
 
 
 @dataclass(frozen=True)

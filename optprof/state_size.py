@@ -54,8 +54,11 @@ def measure_entry(
     return account_state(optimizer, params, entry.second_moment_keys), method
 
 
-def _row(entry: OptimizerEntry, info: ModelInfo, measure: Callable[[], tuple[StateAccount, str]]) -> StateSizeRow:
-    base = StateSizeRow(entry.name, entry.package, package_version(entry.package), entry.family, STATUS_OK)
+def _row(
+    entry: OptimizerEntry, info: ModelInfo, opt_args: dict, measure: Callable[[], tuple[StateAccount, str]]
+) -> StateSizeRow:
+    base = StateSizeRow(entry.name, entry.package, package_version(entry.package), entry.family, STATUS_OK,
+                        settings=entry.settings(opt_args) if entry.settings else None)
     reason = availability(entry)
     if reason is not None:
         return dataclasses.replace(base, status=STATUS_UNAVAILABLE, reason=reason)
@@ -94,7 +97,7 @@ def _measure_in_worker(index: int) -> StateSizeRow:
     assert _shared is not None
     entries, module, info, opt_args = _shared
     entry = entries[index]
-    return _row(entry, info, lambda: measure_entry(entry, module, info, opt_args))
+    return _row(entry, info, opt_args, lambda: measure_entry(entry, module, info, opt_args))
 
 
 def _measure_all(
@@ -106,7 +109,7 @@ def _measure_all(
     if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         rows = []
         for entry in entries:
-            rows.append(_row(entry, info, lambda e=entry: measure_entry(e, module, info, opt_args)))
+            rows.append(_row(entry, info, opt_args, lambda e=entry: measure_entry(e, module, info, opt_args)))
             on_row(rows[-1])
         return rows
 

@@ -190,3 +190,8 @@ def test_parallel_workers_give_the_same_rows_as_one_process() -> None:
     parallel = run_state_size(StateSizeConfig(ModelSelection("demo"), names, jobs=2))
     assert [r.optimizer for r in parallel.results] == list(names)  # order kept
     assert serial.results == parallel.results
+
+
+def test_galore_row_states_its_rank() -> None:
+    assert state_size("demo", "galore")["galore"].settings.startswith("rank 128")
+    assert state_size("demo", "galore", rank=8)["galore"].settings.startswith("rank 8 ")

@@ -53,6 +53,7 @@ class OptimizerEntry:
     description: str
     build: Builder
     second_moment_keys: frozenset[str] = frozenset()  # state keys holding the adaptive denominators
+    settings: Callable[[Mapping[str, Any]], str] | None = None  # the memory-relevant settings in effect
 
 
 def _params(model: nn.Module) -> list[nn.Parameter]:
@@ -121,16 +122,19 @@ def _hf_adafactor(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) ->
 
 
 GALORE_DEFAULT_RANK = 128  # GaLore README's example; --opt-arg rank=N to change it
+GALORE_GROUP_DEFAULTS = {"rank": GALORE_DEFAULT_RANK, "update_proj_gap": 200, "scale": 0.25, "projection_type": "std"}
+
+
+def _galore_settings(args: Mapping[str, Any]) -> str:
+    return f"rank {args.get('rank', GALORE_DEFAULT_RANK)} on the 2-D weights of the transformer blocks"
 
 
 def _galore(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
     """GaLore on the 2-D weights of the transformer blocks; embeddings, output and norms stay Adam."""
     from pytorch_optimizer import GaLore
 
-    group_keys = {"rank", "update_proj_gap", "scale", "projection_type"}
-    galore_args = {"rank": GALORE_DEFAULT_RANK, "update_proj_gap": 200, "scale": 0.25, "projection_type": "std"}
-    galore_args.update({k: v for k, v in args.items() if k in group_keys})
-    optimizer_args = {k: v for k, v in args.items() if k not in group_keys}
+    galore_args = {**GALORE_GROUP_DEFAULTS, **{k: v for k, v in args.items() if k in GALORE_GROUP_DEFAULTS}}
+    optimizer_args = {k: v for k, v in args.items() if k not in GALORE_GROUP_DEFAULTS}
     skip = {id(p) for p in embedding_parameters(model)}
     projected = [p for p in _params(model) if p.dim() == 2 and id(p) not in skip]
     projected_ids = {id(p) for p in projected}
@@ -199,7 +203,7 @@ def _entries() -> dict[str, OptimizerEntry]:
                        _package_optimizer("pytorch_optimizer", "Adan", lr=1e-3), ADAM_SECOND_MOMENT),
         OptimizerEntry("galore", po, "pytorch_optimizer", LOW_RANK,
                        f"GaLore: Adam in a rank-{GALORE_DEFAULT_RANK} gradient projection (--opt-arg rank=N)",
-                       _galore, ADAM_SECOND_MOMENT),
+                       _galore, ADAM_SECOND_MOMENT, _galore_settings),
         OptimizerEntry("novograd", po, "pytorch_optimizer", ADAPTIVE, "NovoGrad: layer-wise second moment",
                        _package_optimizer("pytorch_optimizer", "NovoGrad", lr=1e-3), frozenset({"grads_ema"})),
         OptimizerEntry("schedulefree-adamw", po, "pytorch_optimizer", ADAPTIVE,
