@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from typing import TYPE_CHECKING
 
 from optprof.config import StateSizeConfig
 from optprof.errors import UsageError
@@ -17,7 +18,6 @@ from optprof.optimizers.registry import (
     OptimizerEntry,
     availability,
     package_version,
-    parse_opt_args,
     resolve_optimizers,
 )
 from optprof.optimizers.state import StateAccount, account_state, give_meta_gradients, step_on_meta
@@ -30,6 +30,9 @@ from optprof.results import (
     environment,
     now_iso,
 )
+
+if TYPE_CHECKING:
+    from torch import nn
 
 REFERENCE = "adamw"
 MAX_JOBS = 4  # measuring is Python-bound; more workers than cores only adds memory
@@ -45,8 +48,8 @@ def _error_text(exc: BaseException) -> str:
 
 
 def measure_entry(
-    entry: OptimizerEntry, module, info: ModelInfo, opt_args: dict
-) -> tuple[StateAccount, str]:  # type: ignore[no-untyped-def]
+    entry: OptimizerEntry, module: nn.Module, info: ModelInfo, opt_args: dict
+) -> tuple[StateAccount, str]:
     """Build `entry` over the meta `module`, step once, and account its state."""
     give_meta_gradients(module)
     optimizer, method = step_on_meta(lambda: entry.build(module, info, opt_args))
@@ -54,16 +57,20 @@ def measure_entry(
     return account_state(optimizer, params, entry.second_moment_keys), method
 
 
-def _row(
-    entry: OptimizerEntry, info: ModelInfo, opt_args: dict, measure: Callable[[], tuple[StateAccount, str]]
-) -> StateSizeRow:
-    base = StateSizeRow(entry.name, entry.package, package_version(entry.package), entry.family, STATUS_OK,
-                        settings=entry.settings(opt_args) if entry.settings else None)
+def _base_row(entry: OptimizerEntry, opt_args: dict, status: str, reason: str | None = None) -> StateSizeRow:
+    settings = entry.settings(opt_args) if entry.settings else None
+    return StateSizeRow(entry.name, entry.package, package_version(entry.package), entry.family, status,
+                        reason=reason, settings=settings)
+
+
+def _row(entry: OptimizerEntry, module: nn.Module, info: ModelInfo, opt_args: dict) -> StateSizeRow:
+    """The entry's measured row; unavailable or failed (with the reason) instead of raising."""
     reason = availability(entry)
     if reason is not None:
-        return dataclasses.replace(base, status=STATUS_UNAVAILABLE, reason=reason)
+        return _base_row(entry, opt_args, STATUS_UNAVAILABLE, reason)
+    base = _base_row(entry, opt_args, STATUS_OK)
     try:
-        account, method = measure()
+        account, method = measure_entry(entry, module, info, opt_args)
     except Exception as exc:
         return dataclasses.replace(base, status=STATUS_FAILED, reason=_error_text(exc))
     entries = account.second_moment_entries
@@ -87,7 +94,7 @@ def _with_reference(row: StateSizeRow, reference: int | None) -> StateSizeRow:
 
 
 # What forked workers measure: set in the parent just before the pool forks, read by the children.
-_shared: tuple[list[OptimizerEntry], object, ModelInfo, dict] | None = None
+_shared: tuple[list[OptimizerEntry], nn.Module, ModelInfo, dict] | None = None
 
 
 def _measure_in_worker(index: int) -> StateSizeRow:
@@ -96,12 +103,11 @@ def _measure_in_worker(index: int) -> StateSizeRow:
     torch.set_num_threads(1)
     assert _shared is not None
     entries, module, info, opt_args = _shared
-    entry = entries[index]
-    return _row(entry, info, opt_args, lambda: measure_entry(entry, module, info, opt_args))
+    return _row(entries[index], module, info, opt_args)
 
 
 def _measure_all(
-    entries: list[OptimizerEntry], module, info: ModelInfo, opt_args: dict, jobs: int,  # type: ignore[no-untyped-def]
+    entries: list[OptimizerEntry], module: nn.Module, info: ModelInfo, opt_args: dict, jobs: int,
     on_row: Callable[[StateSizeRow], None],
 ) -> list[StateSizeRow]:
     """One row per entry, in order. With jobs > 1, forked workers share the built meta model (copy-on-write)."""
@@ -109,7 +115,7 @@ def _measure_all(
     if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         rows = []
         for entry in entries:
-            rows.append(_row(entry, info, opt_args, lambda e=entry: measure_entry(e, module, info, opt_args)))
+            rows.append(_row(entry, module, info, opt_args))
             on_row(rows[-1])
         return rows
 
@@ -131,11 +137,7 @@ def _measure_all(
     finally:
         _shared = None
     died = "the measuring process died (crash or out of memory); retry with --jobs 1 to see the error"
-    return [
-        rows_by_index.get(i) or StateSizeRow(e.name, e.package, package_version(e.package), e.family,
-                                             STATUS_FAILED, reason=died)
-        for i, e in enumerate(entries)
-    ]
+    return [rows_by_index.get(i) or _base_row(e, opt_args, STATUS_FAILED, died) for i, e in enumerate(entries)]
 
 
 def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], None] | None = None) -> StateSizeReport:
@@ -174,5 +176,3 @@ def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], Non
         created=now_iso(),
     )
 
-
-__all__ = ["parse_opt_args", "run_state_size"]

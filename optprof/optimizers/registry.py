@@ -60,20 +60,16 @@ def _params(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def _torch_optimizer(cls_name: str, **fixed: Any) -> Builder:
-    def build(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
-        cls = getattr(torch.optim, cls_name)
-        return cls(_params(model), **{**fixed, **args})
-
-    return build
-
-
 def _package_optimizer(module: str, cls_name: str, **fixed: Any) -> Builder:
     def build(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
         cls = getattr(importlib.import_module(module), cls_name)
         return cls(_params(model), **{**fixed, **args})
 
     return build
+
+
+def _torch_optimizer(cls_name: str, **fixed: Any) -> Builder:
+    return _package_optimizer("torch.optim", cls_name, **fixed)
 
 
 def distributed_world_size() -> int:
