@@ -36,3 +36,41 @@ class TwoBuffers(torch.optim.SGD):
 class _Helper:
     def __init__(self, buffer: torch.Tensor) -> None:
         self.buffer = buffer
+
+
+class Int8State(torch.Tensor):
+    """A wrapper tensor subclass holding 1-byte codes and fp32 scales, like torchao's 8-bit state."""
+
+    @staticmethod
+    def __new__(cls, codes: torch.Tensor, scale: torch.Tensor):  # type: ignore[no-untyped-def]
+        return torch.Tensor._make_wrapper_subclass(cls, codes.shape, dtype=torch.float32, device=codes.device)
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor) -> None:
+        self.codes = codes
+        self.scale = scale
+
+    def __tensor_flatten__(self):  # type: ignore[no-untyped-def]
+        return ["codes", "scale"], None
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        raise NotImplementedError(f"{func} is not needed by the tests")
+
+
+class QuantizedMomentum(torch.optim.SGD):
+    """One Int8State per parameter: numel bytes of codes and one fp32 scale per 256 elements."""
+
+    BLOCK = 256
+
+    def __init__(self, params, lr: float = 0.1) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(params, lr=lr)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not self.state[p]:
+                    codes = torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
+                    scale = torch.zeros(-(-p.numel() // self.BLOCK), device=p.device)
+                    self.state[p]["momentum"] = Int8State(codes, scale)
+        return None

@@ -112,3 +112,16 @@ def test_config_without_causal_lm(tmp_path: Path) -> None:
 def test_bad_dtype() -> None:
     with pytest.raises(UsageError, match="unknown dtype 'float64'"):
         load_model("demo", dtype="float64")
+
+
+def test_hub_id_found_in_the_local_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub id whose config.json sits in the Hugging Face cache loads offline, config only."""
+    import huggingface_hub.constants
+    from tests_support_cache import write_cached_config
+
+    write_cached_config(tmp_path, "someorg/tiny-cached", {"model_type": "llama", "hidden_size": 32,
+                                                          "intermediate_size": 64, "num_hidden_layers": 1,
+                                                          "num_attention_heads": 4, "vocab_size": 64})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    info = load_model("someorg/tiny-cached").info
+    assert info.source == "hub" and info.hidden_size == 32 and info.num_layers == 1

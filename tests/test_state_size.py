@@ -195,3 +195,27 @@ def test_parallel_workers_give_the_same_rows_as_one_process() -> None:
 def test_galore_row_states_its_rank() -> None:
     assert state_size("demo", "galore")["galore"].settings.startswith("rank 128")
     assert state_size("demo", "galore", rank=8)["galore"].settings.startswith("rank 8 ")
+
+
+def test_tensor_subclass_state_counts_its_inner_tensors() -> None:
+    rows = state_size("demo", "optprof_test_optimizers:QuantizedMomentum")
+    row = rows["optprof_test_optimizers:QuantizedMomentum"]
+    assert row.status == STATUS_OK, row.reason
+    module = load_model("demo").module
+    block = 256
+    expected = sum(p.numel() + 4 * -(-p.numel() // block) for p in module.parameters())
+    assert row.state_bytes == expected
+    assert set(row.state_dtypes) == {"uint8", "float32"}
+
+
+def test_missing_package_is_an_unavailable_row_not_a_failure() -> None:
+    import dataclasses
+
+    from optprof.results import STATUS_UNAVAILABLE
+    from optprof.state_size import _row
+
+    missing = dataclasses.replace(REGISTRY["adamw"], name="ghost", package="ghost-pkg", module="no_such_pkg_xyz")
+    loaded = load_model("demo")
+    row = _row(missing, loaded.module, loaded.info, {})
+    assert row.status == STATUS_UNAVAILABLE
+    assert "ghost-pkg is not installed" in row.reason
