@@ -13,6 +13,8 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from optprof.results import METHOD_META_STEP
+
 if TYPE_CHECKING:
     from optprof.results import StateSizeReport
 
@@ -78,7 +80,7 @@ def state_size_table(report: StateSizeReport, units: str = "gb") -> Table:
     for row in report.results:
         vs = "-" if row.saving_vs_adamw is None else f"{round(-100 * row.saving_vs_adamw, 1) + 0.0:+.1f}%"
         status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
-        remarks = [row.reason or "", row.settings or "", "" if row.method in (None, "meta step") else row.method]
+        remarks = [row.reason or "", row.settings or "", "" if row.method in (None, METHOD_META_STEP) else row.method]
         if any(remarks):
             remark = "; ".join(r for r in remarks if r)
             notes.append(Text(f"[{len(notes) + 1}] {row.optimizer}: {remark}", style="dim"))

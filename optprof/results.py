@@ -27,6 +27,10 @@ STATUS_OK = "ok"
 STATUS_FAILED = "failed"  # the optimizer ran here and broke: a real problem, exit code 1
 STATUS_UNAVAILABLE = "unavailable"  # cannot run on this machine (package missing): not an error
 
+# How a state figure was obtained (StateSizeRow.method).
+METHOD_META_STEP = "meta step"
+METHOD_META_PLACEHOLDERS = "meta step, placeholder scalars"  # value reads answered by a placeholder
+
 ENVIRONMENT_PACKAGES = (
     "torch", "transformers", "adam-mini", "pytorch-optimizer", "bitsandbytes", "torchao",
     "nvidia-ml-py", "psutil", "pandas", "typer", "rich",

@@ -7,8 +7,8 @@ from optprof.config import ModelSelection, StateSizeConfig
 from optprof.errors import UsageError
 from optprof.models import load_model
 from optprof.optimizers.registry import REGISTRY, availability, resolve_optimizers
-from optprof.optimizers.state import METHOD_META_PLACEHOLDERS, account_state
-from optprof.results import STATUS_FAILED, STATUS_OK
+from optprof.optimizers.state import account_state
+from optprof.results import METHOD_META_PLACEHOLDERS, STATUS_FAILED, STATUS_OK
 from optprof.state_size import measure_entry, run_state_size
 
 

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from optprof.results import METHOD_META_PLACEHOLDERS, METHOD_META_STEP
+
 MAX_DEPTH = 6  # how deep to look inside helper objects kept in the state (GaLore's projector: 2)
 
-METHOD_META_STEP = "meta step"
-METHOD_META_PLACEHOLDERS = "meta step, placeholder scalars"
 
 
 class PlaceholderScalars(TorchDispatchMode):
