@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11:
-#   make run    installs into .venv (torch first) and runs the main job on a bundled model
+#   make run    installs into .venv (torch first) and runs the main job (optprof compare) on the demo model
 #   make test   installs into .venv and runs ruff and the test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	$(BIN)/optprof state-size meta-llama/Llama-2-7b
+	$(BIN)/optprof compare
 
 test: install lint
 	$(BIN)/python -m pytest -q
@@ -29,6 +29,7 @@ lint: install
 
 bench: install
 	$(BIN)/python tests/benchmarks/bench_state_size.py
+	$(BIN)/python tests/benchmarks/bench_compare.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -5,8 +5,6 @@ torch and transformers are imported inside the commands so that `optprof --help`
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
 import traceback
 from enum import StrEnum
@@ -17,9 +15,10 @@ import typer
 
 from optprof import __version__
 from optprof.errors import UsageError
+from optprof.quiet import quiet_libraries
 
 if TYPE_CHECKING:
-    from optprof.results import StateSizeReport
+    from optprof.results import Report
 
 DEFAULT_MODEL = "demo"  # bundled, about 7M parameters: every command finishes fast on a laptop CPU
 
@@ -48,21 +47,21 @@ class OutputFormat(StrEnum):
 class Units(StrEnum):
     gb = "gb"  # 10^9 bytes, as the Adam-mini paper's tables
     gib = "gib"  # 2^30 bytes, as nvidia-smi and torch
+    mb = "mb"
+    mib = "mib"
+
+
+class DeviceKind(StrEnum):
+    cuda = "cuda"
+    cpu = "cpu"
+
+
+class Amp(StrEnum):
+    bf16 = "bf16"
+    fp16 = "fp16"
 
 
 _debug = False  # set by --debug: show tracebacks instead of one-line errors
-
-
-def _quiet_libraries() -> None:
-    """Library chatter (torchao's optional kernels, transformers' config notes) is not our output."""
-    if _debug:
-        return
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    for name in ("torchao", "torch.utils._pytree", "transformers", "bitsandbytes"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    import warnings
-
-    warnings.filterwarnings("ignore")
 
 
 def _version(value: bool) -> None:
@@ -80,7 +79,8 @@ def _main(
 ) -> None:
     global _debug
     _debug = debug
-    _quiet_libraries()
+    if not debug:
+        quiet_libraries()
 
 
 ModelArg = Annotated[
@@ -116,7 +116,10 @@ OutputOpt = Annotated[
     Path | None,
     typer.Option("--output", help="Write json or csv here (format from --format, else the file suffix)."),
 ]
-UnitsOpt = Annotated[Units, typer.Option("--units", help="Byte units in tables: gb (10^9) or gib (2^30).")]
+UnitsOpt = Annotated[
+    Units | None,
+    typer.Option("--units", help="Byte units in tables: gb, gib, mb or mib (default: gb, or mb for small models)."),
+]
 
 
 @app.command("state-size")
@@ -129,7 +132,7 @@ def state_size(
     trust_remote_code: TrustOpt = False,
     output_format: FormatOpt = OutputFormat.table,
     output: OutputOpt = None,
-    units: UnitsOpt = Units.gb,
+    units: UnitsOpt = None,
     jobs: Annotated[
         int | None,
         typer.Option("--jobs", "-j", min=1, help="Optimizers measured at once (default: CPU cores, at most 4)."),
@@ -156,7 +159,111 @@ def state_size(
     err = report.console(stderr=True)
     with err.status(f"measuring optimizer state for {model} ...") as status:
         result = run_state_size(config, on_row=lambda row: status.update(f"measured {row.optimizer}"))
-    _emit(result, output_format, output, file_format, lambda: report.render_state_size(result, units.value))
+    chosen = units.value if units else None
+    _emit(result, output_format, output, file_format, lambda: report.render_state_size(result, chosen))
+    if result.failed:
+        raise typer.Exit(1)
+
+
+def _pick_device(requested: DeviceKind | None) -> str:
+    import torch
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested is DeviceKind.cuda and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise UsageError(f"--device cuda: no CUDA device is available (torch {torch.__version__}, {build})")
+    return requested.value
+
+
+@app.command("compare")
+def compare(
+    model: ModelArg = DEFAULT_MODEL,
+    optimizer: OptimizerOpt = None,
+    opt_arg: OptArgOpt = None,
+    device: Annotated[
+        DeviceKind | None, typer.Option("--device", help="Where to train (default: cuda when available, else cpu).")
+    ] = None,
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="Parameter dtype for pure-precision training.")] = (
+        Dtype.float32),
+    amp: Annotated[
+        Amp | None,
+        typer.Option("--amp", help="Mixed precision: float32 master weights, forward and backward under autocast."),
+    ] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option("--seq-len", min=1, help="Tokens per sequence (default: the model's context length, at most "
+                     "2048 on cuda and 512 on cpu)."),
+    ] = None,
+    micro_batch: Annotated[int, typer.Option("--micro-batch", min=1, help="Sequences per forward/backward.")] = 1,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")] = 1,
+    grad_clip: Annotated[
+        float | None, typer.Option("--grad-clip", min=0.0, help="Clip the gradient norm to this (costs time too).")
+    ] = None,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Recompute activations in backward to save memory.")
+    ] = False,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Timed optimizer steps per optimizer.")] = 10,
+    warmup: Annotated[
+        int, typer.Option("--warmup", help="Untimed steps first (at least 2: lazy state appears in the first).")
+    ] = 2,
+    peak_tflops: Annotated[
+        float | None,
+        typer.Option("--peak-tflops", min=0.0, help="Device peak TFLOP/s for MFU, when optprof does not know it."),
+    ] = None,
+    breakdown: Annotated[
+        bool, typer.Option("--breakdown/--no-breakdown", help="One extra untimed step under torch's MemTracker "
+                           "for the tensor-level peak and its breakdown.")
+    ] = True,
+    trial_timeout: Annotated[
+        float, typer.Option("--trial-timeout", min=1.0, help="Seconds per optimizer trial, start-up included.")
+    ] = 1800.0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for weights and tokens (the same for every optimizer).")
+                    ] = 0,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = False,
+    output_format: FormatOpt = OutputFormat.table,
+    output: OutputOpt = None,
+    units: UnitsOpt = None,
+) -> None:
+    """Train MODEL for a few real steps under each optimizer and measure memory, time and throughput.
+
+    Each optimizer runs in a fresh process on synthetic tokens: warm-up steps, then timed steps (forward,
+    backward and optimizer step timed apart) with memory sampled in the background, then one untimed step
+    under torch's MemTracker for the tensor-level peak. Exit code 1 if a trial failed (an out-of-memory
+    trial is a result, not a failure), 2 on bad input.
+    """
+    from optprof import report
+    from optprof.compare import run_compare
+    from optprof.config import CompareConfig, ModelSelection, TrainingSettings
+    from optprof.optimizers.registry import parse_opt_args
+
+    training = TrainingSettings(
+        device=_pick_device(device), amp=amp.value if amp else None, seq_len=seq_len, micro_batch=micro_batch,
+        grad_accum=grad_accum, grad_clip=grad_clip, gradient_checkpointing=gradient_checkpointing, steps=steps,
+        warmup=warmup, breakdown=breakdown, peak_tflops=peak_tflops, seed=seed,
+    )
+    config = CompareConfig(
+        model=ModelSelection(model, dtype.value, revision, trust_remote_code),
+        optimizers=tuple(optimizer or ()),
+        training=training,
+        opt_args=parse_opt_args(opt_arg or []),
+        trial_timeout_s=trial_timeout,
+    )
+    file_format = _file_format(output_format, output)
+    err = report.console(stderr=True)
+    done: list[str] = []
+    with err.status(f"comparing optimizers on {model} ...") as status:
+        def on_progress(name: str, text: str) -> None:
+            status.update(f"[{len(done) + 1}] {name}: {text}")
+
+        def on_row(row: object) -> None:
+            done.append(row.optimizer)  # type: ignore[attr-defined]
+            err.print(report.trial_line(row))  # type: ignore[arg-type]
+
+        result = run_compare(config, on_progress=on_progress, on_row=on_row, quiet=not _debug)
+    chosen = units.value if units else None
+    _emit(result, output_format, output, file_format, lambda: report.render_compare(result, chosen))
     if result.failed:
         raise typer.Exit(1)
 
@@ -211,13 +318,13 @@ def _file_format(output_format: OutputFormat, output: Path | None) -> str | None
     return suffix
 
 
-def _serialise(result: StateSizeReport, fmt: str) -> str:
+def _serialise(result: Report, fmt: str) -> str:
     from optprof import results
 
     return results.to_json(result) if fmt == "json" else results.to_csv(result)
 
 
-def _emit(result: StateSizeReport, output_format: OutputFormat, output: Path | None,
+def _emit(result: Report, output_format: OutputFormat, output: Path | None,
           file_format: str | None, render: Any) -> None:
     """Table to the terminal, data to stdout, or data to --output (with the table still shown)."""
     from optprof import report

@@ -20,3 +20,32 @@ class StateSizeConfig:
     optimizers: tuple[str, ...]  # registry names or package.module:Class paths, as the user gave them
     opt_args: dict[str, Any] = field(default_factory=dict)  # passed to every selected optimizer
     jobs: int = 1  # optimizers measured at once, in forked worker processes
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """How one training step is run and timed; the same for every optimizer in a comparison."""
+
+    device: str = "cpu"  # "cuda" or "cpu"; the CLI picks cuda when available
+    amp: str | None = None  # "bf16" or "fp16": fp32 master weights with autocast; None: pure `dtype`
+    seq_len: int | None = None  # tokens per sequence; None: the model's context length, capped (compare.py)
+    micro_batch: int = 1  # sequences per forward/backward
+    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_clip: float | None = None  # max gradient norm; None: no clipping (which costs memory and time)
+    gradient_checkpointing: bool = False
+    steps: int = 10  # timed optimizer steps
+    warmup: int = 2  # untimed steps first: Adam-style state is allocated lazily in the first step
+    sample_interval_s: float = 0.02  # background memory sampler period (RSS, NVML)
+    sampler: bool = True  # False only to measure the sampler's own cost
+    breakdown: bool = True  # one extra untimed step under torch's MemTracker: tensor-level peak by category
+    peak_tflops: float | None = None  # device peak for MFU when optprof does not know the device
+    seed: int = 0  # same weights and tokens for every optimizer
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    model: ModelSelection
+    optimizers: tuple[str, ...]
+    training: TrainingSettings
+    opt_args: dict[str, Any] = field(default_factory=dict)
+    trial_timeout_s: float = 1800.0  # one optimizer's trial, start-up included; then it is stopped and failed

@@ -16,10 +16,10 @@ from rich.text import Text
 from optprof.results import METHOD_META_STEP
 
 if TYPE_CHECKING:
-    from optprof.results import StateSizeReport
+    from optprof.results import CompareReport, CompareRow, Report, StateSizeReport
 
-UNITS = {"gb": (1e9, "GB"), "gib": (2**30, "GiB")}
-STATUS_STYLE = {"ok": "green", "failed": "bold red", "unavailable": "yellow"}
+UNITS = {"gb": (1e9, "GB"), "gib": (2**30, "GiB"), "mb": (1e6, "MB"), "mib": (2**20, "MiB")}
+STATUS_STYLE = {"ok": "green", "failed": "bold red", "unavailable": "yellow", "oom": "magenta"}
 
 
 def format_bytes(n: int | None, units: str = "gb") -> str:
@@ -27,7 +27,7 @@ def format_bytes(n: int | None, units: str = "gb") -> str:
         return "-"
     scale, _ = UNITS[units]
     value = n / scale
-    return f"{value:,.2f}" if value >= 0.01 or n == 0 else f"{value:.2e}"
+    return f"{value:,.2f}" if value >= 0.01 or n == 0 else "<0.01"
 
 
 def format_count(n: int | None) -> str:
@@ -43,11 +43,14 @@ def format_fraction(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+UNIT_NOTES = {"gb": "GB = 10^9 bytes", "gib": "GiB = 2^30 bytes", "mb": "MB = 10^6 bytes", "mib": "MiB = 2^20 bytes"}
+
+
 def _units_note(units: str) -> str:
-    return "GB = 10^9 bytes" if units == "gb" else "GiB = 2^30 bytes"
+    return UNIT_NOTES[units]
 
 
-def model_line(report: StateSizeReport) -> Text:
+def model_line(report: Report) -> Text:
     m = report.model
     tied = "tied" if m.tied_embeddings else "untied"
     return Text.assemble(
@@ -108,8 +111,115 @@ def _short_dtype(dtype: str) -> str:
     return dtype.replace("bfloat", "bf").replace("float", "fp").replace("uint", "u")
 
 
-def render_state_size(report: StateSizeReport, units: str = "gb") -> Group:
-    return Group(model_line(report), state_size_table(report, units))
+def render_state_size(report: StateSizeReport, units: str | None = None) -> Group:
+    largest = max([report.reference_state_bytes or 0] + [row.state_bytes or 0 for row in report.results])
+    return Group(model_line(report), state_size_table(report, units or auto_units(largest)))
+
+
+def auto_units(largest_bytes: int) -> str:
+    """GB when the largest figure reaches a gigabyte, MB below (the demo model's figures are tens of MB)."""
+    return "gb" if largest_bytes >= 1e9 else "mb"
+
+
+def format_rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def format_ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:,.1f}"
+
+
+def _phase_split(row: CompareRow) -> str:
+    """forward / backward / clip+optimizer as percentages of the mean step."""
+    if row.forward_s is None or row.backward_s is None or row.optimizer_s is None:
+        return "-"
+    total = row.forward_s + row.backward_s + row.optimizer_s + (row.clip_s or 0.0)
+    if not total:
+        return "-"
+    fwd, bwd = 100 * row.forward_s / total, 100 * row.backward_s / total
+    return f"{fwd:.0f}/{bwd:.0f}/{100 - fwd - bwd:.0f}"
+
+
+PEAK_LABELS = {"torch_max_reserved": "torch reserved", "tensor_peak": "live tensors", "rss_peak": "process RSS"}
+
+
+def compare_table(report: CompareReport, units: str) -> Group:
+    _, unit = UNITS[units]
+    first = next((r for r in report.results if r.status == "ok"), None)
+    shape = "" if first is None else (
+        f" at micro-batch {first.micro_batch} x {first.seq_len} tokens"
+        + (f" x {first.grad_accum} accumulated" if (first.grad_accum or 1) > 1 else ""))
+    table = Table(title=f"Training step, measured on {report.device.get('name') or 'the device'}{shape}",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    table.add_column("optimizer", style="bold", no_wrap=True)
+    table.add_column(f"state\n{unit}", justify="right", no_wrap=True)
+    table.add_column(f"peak\n{unit}", justify="right", no_wrap=True)
+    table.add_column(f"RSS peak\n{unit}", justify="right", no_wrap=True)
+    table.add_column("tokens/s", justify="right", no_wrap=True)
+    table.add_column("step p50\nms", justify="right", no_wrap=True)
+    table.add_column("step p90\nms", justify="right", no_wrap=True)
+    table.add_column("fwd/bwd/opt\n% of step", justify="right", no_wrap=True)
+    table.add_column("MFU", justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    breakdown = Table(title=f"Peak memory by category ({unit}), from one tracked step", title_justify="left",
+                      box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    breakdown.add_column("optimizer", style="bold", no_wrap=True)
+    for key in ("parameters", "gradients", "optimizer state", "activations", "temporaries", "live peak"):
+        breakdown.add_column(key, justify="right", no_wrap=True)
+    notes: list[Text] = []
+    for row in report.results:
+        status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
+        remarks = [row.reason or "", row.settings or "", *row.notes]
+        if any(remarks):
+            notes.append(Text(f"[{len(notes) + 1}] {row.optimizer}: " + "; ".join(r for r in remarks if r),
+                              style="dim"))
+            status.append(f" [{len(notes)}]")
+        table.add_row(
+            row.optimizer,
+            format_bytes(row.state_bytes, units),
+            format_bytes(row.peak_bytes, units),
+            format_bytes(row.rss_peak_bytes, units),
+            format_rate(row.tokens_per_s),
+            format_ms(row.step_s_p50),
+            format_ms(row.step_s_p90),
+            _phase_split(row),
+            format_fraction(row.mfu),
+            status,
+        )
+        if row.breakdown:
+            parts = [row.breakdown.get(k) for k in ("parameters", "gradients", "optimizer_state", "activations",
+                                                     "temporaries")]
+            breakdown.add_row(row.optimizer, *(format_bytes(p, units) for p in parts),
+                              format_bytes(row.tensor_peak_bytes, units))
+    sources = sorted({PEAK_LABELS.get(r.peak_source or "", "") for r in report.results if r.peak_source})
+    legend = Text(
+        f"{_units_note(units)}. peak: {', '.join(sources) or 'none measured'} (the device's best figure; every "
+        "source is in --format json). tokens/s: global, micro-batch x sequence x accumulation x ranks / median "
+        "step. fwd/bwd/opt: mean phase times, optimizer = step() + zero_grad() (and clipping).",
+        style="dim",
+    )
+    parts: list = [table, legend]
+    if breakdown.row_count:
+        parts.append(breakdown)
+    return Group(*parts, *notes)
+
+
+def render_compare(report: CompareReport, units: str | None = None) -> Group:
+    largest = max((row.peak_bytes or 0 for row in report.results), default=0)
+    return Group(model_line(report), compare_table(report, units or auto_units(largest)))
+
+
+def trial_line(row: CompareRow, units: str = "mb") -> Text:
+    """One line per finished trial, printed while the others run."""
+    if row.status != "ok":
+        return Text.assemble((f"{row.optimizer}: ", "bold"), (row.status, STATUS_STYLE.get(row.status, "")),
+                             f" ({row.reason})" if row.reason else "")
+    return Text.assemble(
+        (f"{row.optimizer}: ", "bold"),
+        f"{format_rate(row.tokens_per_s)} tokens/s, step {format_ms(row.step_s_p50)} ms, "
+        f"state {format_bytes(row.state_bytes, units)} {UNITS[units][1]}, "
+        f"peak {format_bytes(row.peak_bytes, units)} {UNITS[units][1]}",
+    )
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -22,10 +23,18 @@ if TYPE_CHECKING:
 
 STATE_SIZE_SCHEMA = "optprof.state-size"
 STATE_SIZE_SCHEMA_VERSION = 1
+COMPARE_SCHEMA = "optprof.compare"
+COMPARE_SCHEMA_VERSION = 1
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"  # the optimizer ran here and broke: a real problem, exit code 1
 STATUS_UNAVAILABLE = "unavailable"  # cannot run on this machine (package missing): not an error
+STATUS_OOM = "oom"  # ran out of device memory at this micro-batch: a finding, not an error
+
+# Which figure a compare row's peak_bytes is (the best one for the device).
+PEAK_TORCH_RESERVED = "torch_max_reserved"  # CUDA: what the caching allocator held, exact
+PEAK_TENSOR = "tensor_peak"  # CPU: live tensor bytes at the peak, from torch's MemTracker
+PEAK_RSS = "rss_peak"  # CPU without the tracked step: sampled, overstates (the C allocator keeps freed memory)
 
 # How a state figure was obtained (StateSizeRow.method).
 METHOD_META_STEP = "meta step"
@@ -73,6 +82,75 @@ class StateSizeReport:
         return any(row.status == STATUS_FAILED for row in self.results)
 
 
+@dataclass(frozen=True)
+class CompareRow:
+    """One optimizer's trial. Times are per optimizer step (all micro-batches), in seconds."""
+
+    optimizer: str
+    package: str
+    package_version: str | None
+    family: str
+    status: str
+    reason: str | None = None
+    settings: str | None = None
+    micro_batch: int | None = None
+    seq_len: int | None = None
+    grad_accum: int | None = None
+    world_size: int = 1
+    steps: int | None = None  # timed steps
+    tokens_per_s: float | None = None  # global: micro_batch * seq_len * grad_accum * world_size / step_s_p50
+    step_s_p50: float | None = None
+    step_s_p90: float | None = None
+    forward_s: float | None = None  # means over the timed steps
+    backward_s: float | None = None
+    clip_s: float | None = None
+    optimizer_s: float | None = None  # optimizer.step() and zero_grad()
+    optimizer_share: float | None = None  # optimizer_s / mean step time
+    model_flops_per_token: float | None = None  # PaLM formula: 6 per matmul weight + attention
+    mfu: float | None = None  # model FLOPs utilisation; None when the device's peak is unknown
+    state_bytes: int | None = None  # measured on the live optimizer, as state-size does
+    param_bytes: int | None = None
+    grad_bytes: int | None = None
+    peak_bytes: int | None = None  # the best peak figure for the device; its source in peak_source
+    peak_source: str | None = None
+    tensor_peak_bytes: int | None = None  # live tensors at the peak of a tracked step (MemTracker)
+    torch_max_allocated_bytes: int | None = None  # CUDA allocator, over the timed steps
+    torch_max_reserved_bytes: int | None = None
+    rss_peak_bytes: int | None = None  # process RSS, sampled over the timed steps
+    rss_baseline_bytes: int | None = None  # RSS before the model was built (interpreter, torch, libraries)
+    nvml_device_peak_bytes: int | None = None  # the whole card, sampled
+    nvml_process_peak_bytes: int | None = None  # this process on the card, sampled
+    alloc_retries: int | None = None
+    ooms: int | None = None
+    energy_j: float | None = None  # NVML energy counter over the timed steps
+    joules_per_token: float | None = None
+    breakdown: dict[str, int] = field(default_factory=dict)  # the tensor-level peak by category
+    loss_first: float | None = None
+    loss_last: float | None = None
+    step_times_s: tuple[float, ...] = ()
+    sampler_samples: int | None = None
+    notes: tuple[str, ...] = ()  # what could not be measured here, and why
+
+
+@dataclass(frozen=True)
+class CompareReport:
+    model: ModelInfo
+    results: tuple[CompareRow, ...]
+    config: dict[str, Any]
+    environment: dict[str, Any]
+    device: dict[str, Any]  # the device the trials ran on, as a trial process saw it
+    created: str
+    schema: str = COMPARE_SCHEMA
+    schema_version: int = COMPARE_SCHEMA_VERSION
+
+    @property
+    def failed(self) -> bool:
+        return any(row.status == STATUS_FAILED for row in self.results)
+
+
+Report = StateSizeReport | CompareReport
+
+
 def now_iso() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
@@ -91,22 +169,38 @@ def environment() -> dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
         "packages": packages,
     }
 
 
-def to_dict(report: StateSizeReport) -> dict[str, Any]:
+def to_dict(report: Report) -> dict[str, Any]:
     body = dataclasses.asdict(report)
     ordered = {"schema": body.pop("schema"), "schema_version": body.pop("schema_version")}
     ordered.update(body)
     return ordered
 
 
-def to_json(report: StateSizeReport) -> str:
+def to_json(report: Report) -> str:
     return json.dumps(to_dict(report), indent=2) + "\n"
 
 
-def to_frame(report: StateSizeReport) -> pd.DataFrame:
+def _flat(record: dict[str, Any]) -> dict[str, Any]:
+    """CSV cells are scalars: dicts become prefixed columns, sequences ';'-joined text."""
+    flat: dict[str, Any] = {}
+    for key, value in record.items():
+        if key == "state_dtypes":
+            flat[key] = ";".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, dict):
+            flat.update({f"{key}_{k}": v for k, v in value.items()})
+        elif isinstance(value, list | tuple):
+            flat[key] = ";".join(str(v) for v in value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def to_frame(report: Report) -> pd.DataFrame:
     """One row per optimizer, model columns repeated, so several runs concatenate into one table."""
     import pandas as pd
 
@@ -120,10 +214,9 @@ def to_frame(report: StateSizeReport) -> pd.DataFrame:
             "embedding_fraction": report.model.embedding_fraction,
         }
         record.update(dataclasses.asdict(row))
-        record["state_dtypes"] = ";".join(f"{k}={v}" for k, v in row.state_dtypes.items())
-        rows.append(record)
+        rows.append(_flat(record))
     return pd.DataFrame(rows)
 
 
-def to_csv(report: StateSizeReport) -> str:
+def to_csv(report: Report) -> str:
     return to_frame(report).to_csv(index=False)

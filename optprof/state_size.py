@@ -11,7 +11,7 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import TYPE_CHECKING
 
 from optprof.config import StateSizeConfig
-from optprof.errors import UsageError
+from optprof.errors import UsageError, error_text
 from optprof.models import ModelInfo, load_model
 from optprof.optimizers.registry import (
     REGISTRY,
@@ -42,11 +42,6 @@ def default_jobs() -> int:
     return max(1, min(os.cpu_count() or 1, MAX_JOBS))
 
 
-def _error_text(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
-
-
 def measure_entry(
     entry: OptimizerEntry, module: nn.Module, info: ModelInfo, opt_args: dict
 ) -> tuple[StateAccount, str]:
@@ -72,7 +67,7 @@ def _row(entry: OptimizerEntry, module: nn.Module, info: ModelInfo, opt_args: di
     try:
         account, method = measure_entry(entry, module, info, opt_args)
     except Exception as exc:
-        return dataclasses.replace(base, status=STATUS_FAILED, reason=_error_text(exc))
+        return dataclasses.replace(base, status=STATUS_FAILED, reason=error_text(exc))
     entries = account.second_moment_entries
     return dataclasses.replace(
         base,

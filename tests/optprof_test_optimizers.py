@@ -74,3 +74,20 @@ class QuantizedMomentum(torch.optim.SGD):
                     scale = torch.zeros(-(-p.numel() // self.BLOCK), device=p.device)
                     self.state[p]["momentum"] = Int8State(codes, scale)
         return None
+
+
+class OutOfMemoryOnStep(torch.optim.SGD):
+    """Raises the CUDA out-of-memory error at its first step: an injected OOM."""
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by a test)")
+
+
+class KilledOnStep(torch.optim.SGD):
+    """Its process is SIGKILLed at the first step, as by the kernel's OOM killer. Only ever run it isolated."""
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -53,9 +53,12 @@ def test_state_size_csv_and_output_file(tmp_path: Path, capsys) -> None:  # type
 def test_state_size_table_says_its_units(capsys) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = run(["state-size", "demo", "-o", "adamw,adam-mini"], capsys)
     assert code == 0
-    assert "GB = 10^9 bytes" in out and "adam-mini" in out
+    assert "MB = 10^6 bytes" in out and "adam-mini" in out  # a small model: MB, not 0.06 GB
+    assert "57.17" in out  # demo AdamW: 8 bytes x 7,145,728 parameters + step counters
     code, out, _ = run(["state-size", "demo", "-o", "adamw", "--units", "gib"], capsys)
     assert "GiB = 2^30 bytes" in out
+    code, out, _ = run(["state-size", "llama-2-7b", "-o", "sgd"], capsys)
+    assert "GB = 10^9 bytes" in out  # AdamW's 53.9 GB decides
 
 
 @pytest.mark.parametrize(

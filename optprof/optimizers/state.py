@@ -123,10 +123,9 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def account_state(
-    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], second_moment_keys: frozenset[str]
-) -> StateAccount:
-    """Walk `optimizer.state` (and the optimizer's own attributes) and add up distinct storages."""
+def state_tensors(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One tensor per distinct storage the optimizer keeps (`optimizer.state`, its own attributes and its
+    param-group settings), parameters and gradients excluded."""
     excluded = {_storage_key(p) for p in params}
     excluded |= {_storage_key(p.grad) for p in params if p.grad is not None}
 
@@ -134,15 +133,23 @@ def account_state(
     sources += [v for k, v in vars(optimizer).items() if k not in ("state", "param_groups", "defaults")]
     sources += [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
 
-    counted: dict[int, tuple[int, str]] = {}
+    found: dict[int, torch.Tensor] = {}
     for source in sources:
         for tensor in _leaf_tensors(source):
             key = _storage_key(tensor)
-            if key not in excluded and key not in counted:
-                counted[key] = (tensor.untyped_storage().nbytes(), _dtype_name(tensor.dtype))
+            if key not in excluded and key not in found:
+                found[key] = tensor
+    return list(found.values())
+
+
+def account_state(
+    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], second_moment_keys: frozenset[str]
+) -> StateAccount:
+    """Add up the distinct storages the optimizer keeps, by dtype."""
+    counted = [(t.untyped_storage().nbytes(), _dtype_name(t.dtype)) for t in state_tensors(optimizer, params)]
 
     by_dtype: dict[str, int] = {}
-    for nbytes, dtype in counted.values():
+    for nbytes, dtype in counted:
         by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
 
     entries: int | None = None
@@ -154,7 +161,7 @@ def account_state(
                 if isinstance(value, torch.Tensor):
                     entries += value.numel()  # logical entries, also for quantized subclasses
     return StateAccount(
-        state_bytes=sum(nbytes for nbytes, _ in counted.values()),
+        state_bytes=sum(nbytes for nbytes, _ in counted),
         tensors=len(counted),
         bytes_by_dtype=dict(sorted(by_dtype.items(), key=lambda kv: -kv[1])),
         second_moment_entries=entries,

@@ -1,0 +1,1 @@
+"""Measuring real training steps: one trial per optimizer, each in a fresh process."""

@@ -1,0 +1,139 @@
+"""The device a trial runs on: its clock, its allocator's counters and its identity.
+
+`CudaDevice` takes the `torch.cuda` module as an argument so that tests can hand it a fake and run the
+GPU branches on a machine without CUDA.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from optprof.measure.nvml import TorchDeviceIdentity
+
+
+@dataclass(frozen=True)
+class AllocatorStats:
+    """torch's CUDA caching-allocator counters since the last reset."""
+
+    max_allocated_bytes: int  # peak bytes in live tensors
+    max_reserved_bytes: int  # peak bytes the allocator held from the driver (what counts against the card)
+    alloc_retries: int  # cudaMalloc failures that forced a cache flush and retry: a sign of memory pressure
+    ooms: int
+
+
+class Device(Protocol):
+    type: str  # "cuda" or "cpu": autocast's device type, and which figures exist
+    torch_device: str  # where tensors go, e.g. "cuda:0"
+
+    def synchronize(self) -> None: ...
+    def mark(self) -> Any: ...  # a point in time on the device's own timeline
+    def seconds(self, start: Any, end: Any) -> float: ...  # call after synchronize()
+    def reset_peaks(self) -> None: ...
+    def allocator_stats(self) -> AllocatorStats | None: ...
+    def identity(self) -> TorchDeviceIdentity | None: ...
+    def name(self) -> str: ...
+    def total_memory(self) -> int | None: ...
+
+
+class CpuDevice:
+    """CPU kernels run synchronously, so the host clock times them directly."""
+
+    type = "cpu"
+    torch_device = "cpu"
+
+    def synchronize(self) -> None:
+        pass
+
+    def mark(self) -> float:
+        return time.perf_counter()
+
+    def seconds(self, start: float, end: float) -> float:
+        return end - start
+
+    def reset_peaks(self) -> None:
+        pass
+
+    def allocator_stats(self) -> AllocatorStats | None:
+        return None
+
+    def identity(self) -> TorchDeviceIdentity | None:
+        return None
+
+    def name(self) -> str:
+        return cpu_name()
+
+    def total_memory(self) -> int | None:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+
+
+class CudaDevice:
+    """CUDA work is asynchronous: phases are timed with CUDA events, read after a synchronize."""
+
+    type = "cuda"
+
+    def __init__(self, index: int = 0, cuda: Any = None) -> None:
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda
+        self.cuda = cuda
+        self.index = index
+        self.torch_device = f"cuda:{index}"
+
+    def synchronize(self) -> None:
+        self.cuda.synchronize(self.index)
+
+    def mark(self) -> Any:
+        event = self.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds(self, start: Any, end: Any) -> float:
+        return float(start.elapsed_time(end)) / 1000.0  # elapsed_time is in milliseconds
+
+    def reset_peaks(self) -> None:
+        self.cuda.reset_peak_memory_stats(self.index)
+
+    def allocator_stats(self) -> AllocatorStats:
+        stats = self.cuda.memory_stats(self.index)
+        return AllocatorStats(
+            max_allocated_bytes=int(stats.get("allocated_bytes.all.peak", 0)),
+            max_reserved_bytes=int(stats.get("reserved_bytes.all.peak", 0)),
+            alloc_retries=int(stats.get("num_alloc_retries", 0)),
+            ooms=int(stats.get("num_ooms", 0)),
+        )
+
+    def identity(self) -> TorchDeviceIdentity:
+        props = self.cuda.get_device_properties(self.index)
+        uuid = getattr(props, "uuid", None)
+        bus = None
+        if all(hasattr(props, f) for f in ("pci_domain_id", "pci_bus_id", "pci_device_id")):
+            bus = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        return TorchDeviceIdentity(self.index, str(props.name), str(uuid) if uuid else None, bus)
+
+    def name(self) -> str:
+        return str(self.cuda.get_device_name(self.index))
+
+    def total_memory(self) -> int:
+        return int(self.cuda.get_device_properties(self.index).total_memory)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def open_device(kind: str) -> Device:
+    return CudaDevice() if kind == "cuda" else CpuDevice()

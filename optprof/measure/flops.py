@@ -1,0 +1,64 @@
+"""Model FLOPs per token (for MFU) and the dense peak FLOP/s of known GPUs.
+
+MFU = achieved model FLOP/s / device peak. Model FLOPs follow the PaLM paper (appendix B): 6 per matmul
+weight per token (forward 2, backward 4) plus 12 · layers · (heads · head_dim) · seq_len for attention
+scores and values. Recomputation under gradient checkpointing is not model FLOPs, by that definition.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from optprof.models import ModelInfo
+
+# Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' data sheets: (bf16/fp16, fp32).
+# fp32 is the plain (non-TF32) rate, which torch uses unless TF32 matmuls are enabled.
+# Names are matched as substrings of torch.cuda.get_device_name(), most specific first.
+PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
+    ("H200", 989.4, 66.9),
+    ("H100 PCIe", 756.0, 51.2),
+    ("H100 NVL", 835.0, 60.0),
+    ("H100", 989.4, 66.9),  # SXM
+    ("H800", 989.4, 66.9),
+    ("GH200", 989.4, 66.9),
+    ("A100", 312.0, 19.5),
+    ("A800", 312.0, 19.5),
+    ("L40S", 362.1, 91.6),
+    ("L4", 121.0, 30.3),
+    ("A10G", 70.0, 31.2),
+    ("A10", 125.0, 31.2),
+    ("RTX 4090", 165.2, 82.6),
+    ("V100", 125.0, 15.7),  # fp16; V100 has no bf16
+)
+
+
+def peak_flops(device_name: str, low_precision: bool) -> float | None:
+    """The device's dense peak in FLOP/s for bf16/fp16 (`low_precision`) or fp32; None if unknown."""
+    for pattern, half, single in PEAK_TFLOPS:
+        if pattern.lower() in device_name.lower():
+            return (half if low_precision else single) * 1e12
+    return None
+
+
+def matmul_weights(module: nn.Module) -> int:
+    """Elements of the weights that multiply activations (Linear, GPT-2 Conv1D), a tied output head included.
+
+    Counted per module, so a weight shared by the input embedding and the output head counts once, for the
+    head: an embedding lookup is not a matmul.
+    """
+    from torch import nn
+
+    total = 0
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear) or type(sub).__name__ == "Conv1D":
+            total += sub.weight.numel()
+    return total
+
+
+def model_flops_per_token(module: nn.Module, info: ModelInfo, seq_len: int) -> float:
+    """Forward plus backward FLOPs per trained token."""
+    attention = 12 * info.num_layers * info.num_heads * info.head_dim * seq_len
+    return 6.0 * matmul_weights(module) + attention

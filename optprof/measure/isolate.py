@@ -1,0 +1,99 @@
+"""Run one function in a fresh spawned process, with progress messages, a timeout and crash containment.
+
+A fresh process per trial gives each optimizer a clean allocator (no cached blocks, no fragmentation left
+by the one before, no frames of an earlier OOM holding memory) and keeps a segfault, an abort or the
+kernel's OOM killer confined to the trial that caused it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from optprof.errors import error_text
+
+Target = Callable[[Any, Callable[[str], None]], Any]  # target(argument, progress) -> picklable value
+
+STOP_GRACE_S = 5.0  # after terminate(), before kill()
+
+
+@dataclass(frozen=True)
+class Isolated:
+    value: Any = None
+    error: str | None = None  # why no value came back (crash, timeout, exception)
+
+
+def _child(target: Target, argument: Any, connection: Any) -> None:
+    def progress(text: str) -> None:
+        connection.send(("progress", text))
+
+    try:
+        connection.send(("result", target(argument, progress)))
+    except BaseException as exc:  # the parent needs a reason, whatever went wrong
+        connection.send(("error", error_text(exc)))
+    finally:
+        connection.close()
+
+
+def exit_reason(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "the trial process did not exit"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (often the kernel's out-of-memory killer)" if -exitcode == signal.SIGKILL else ""
+        return f"the trial process was killed by {name}{hint}"
+    return f"the trial process exited with code {exitcode} before reporting a result"
+
+
+def _stop(process: multiprocessing.process.BaseProcess) -> None:
+    if process.is_alive():
+        process.terminate()
+        process.join(STOP_GRACE_S)
+    if process.is_alive():
+        process.kill()
+    process.join()
+
+
+def run_isolated(target: Target, argument: Any, timeout_s: float,
+                 on_progress: Callable[[str], None] | None = None) -> Isolated:
+    """target(argument, progress) in a spawned process; its return value, or the reason there is none.
+
+    Spawn, not fork: a forked child would inherit the parent's CUDA state and allocator. The child is
+    stopped on timeout, on an exception here (Ctrl-C included) and always before returning.
+    """
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(target, argument, sender), daemon=True, name="optprof-trial")
+    process.start()
+    sender.close()  # so that the child's exit closes the pipe and recv() sees EOF
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return Isolated(error=f"timed out after {timeout_s:g} s (--trial-timeout)")
+            if not receiver.poll(min(remaining, 0.5)):
+                continue
+            try:
+                kind, payload = receiver.recv()
+            except EOFError:  # the child exited without a result
+                process.join(STOP_GRACE_S)
+                return Isolated(error=exit_reason(process.exitcode))
+            if kind == "progress":
+                if on_progress is not None:
+                    on_progress(payload)
+            elif kind == "result":
+                process.join(STOP_GRACE_S)  # let it exit on its own: it may still be freeing memory
+                return Isolated(value=payload)
+            else:
+                return Isolated(error=payload)
+    finally:
+        receiver.close()
+        _stop(process)

@@ -1,0 +1,137 @@
+"""`optprof compare`: real training steps on the demo model, compared with state-size and with each other."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+import torch
+from rich.console import Console
+from test_cli import run
+
+from optprof import report
+from optprof.compare import resolve_seq_len, run_compare
+from optprof.config import CompareConfig, ModelSelection, StateSizeConfig, TrainingSettings
+from optprof.errors import UsageError
+from optprof.models import load_model
+from optprof.results import CompareReport, to_csv, to_dict
+from optprof.state_size import run_state_size
+
+MUST_SHOW = ("adamw", "adam-mini", "sgd", "momentum", "adafactor")
+TRAINING = TrainingSettings(device="cpu", seq_len=128, steps=3, sample_interval_s=0.005)
+
+
+@pytest.fixture(scope="module")
+def demo_report() -> CompareReport:
+    """The five optimizers on the bundled demo model, trials in this process (isolation is tested below)."""
+    config = CompareConfig(ModelSelection("demo"), MUST_SHOW, TRAINING)
+    return run_compare(config, isolate=False)
+
+
+def rows(report_: CompareReport) -> dict:
+    return {row.optimizer: row for row in report_.results}
+
+
+def test_every_trial_ran_and_trained(demo_report: CompareReport) -> None:
+    by_name = rows(demo_report)
+    assert list(by_name) == list(MUST_SHOW)
+    for row in by_name.values():
+        assert row.status == "ok", (row.optimizer, row.reason)
+        assert row.tokens_per_s > 0 and row.step_s_p90 >= row.step_s_p50 > 0
+        assert (row.micro_batch, row.seq_len, row.grad_accum, row.world_size) == (1, 128, 1, 1)
+        assert row.tokens_per_s == pytest.approx(128 / row.step_s_p50)
+        phases = row.forward_s + row.backward_s + row.clip_s + row.optimizer_s
+        assert phases <= max(row.step_times_s) * 1.001  # phases are disjoint parts of a step
+        assert 0 < row.optimizer_share < 1
+        assert row.sampler_samples >= 2 and row.rss_peak_bytes >= row.tensor_peak_bytes
+    losses = {row.loss_first for row in by_name.values()}
+    assert len(losses) == 1  # same seed: the same weights and tokens for every optimizer
+    assert by_name["adamw"].loss_last < by_name["adamw"].loss_first  # it trains
+
+
+def test_state_bytes_equal_state_size(demo_report: CompareReport) -> None:
+    measured = run_state_size(StateSizeConfig(ModelSelection("demo"), MUST_SHOW, jobs=1))
+    on_meta = {row.optimizer: row.state_bytes for row in measured.results}
+    live = {row.optimizer: row.state_bytes for row in demo_report.results}
+    assert live == on_meta
+
+
+def test_peak_holds_parameters_gradients_and_state(demo_report: CompareReport) -> None:
+    for row in demo_report.results:
+        assert row.peak_source == "tensor_peak" and row.peak_bytes == row.tensor_peak_bytes
+        assert row.param_bytes == row.grad_bytes == 4 * demo_report.model.params  # float32, untied
+        assert row.peak_bytes >= row.param_bytes + row.grad_bytes + row.state_bytes
+        assert sum(row.breakdown.values()) == row.tensor_peak_bytes
+        assert row.breakdown["optimizer_state"] == row.state_bytes
+
+
+def test_state_ordering(demo_report: CompareReport) -> None:
+    state = {row.optimizer: row.state_bytes for row in demo_report.results}
+    assert state["sgd"] < state["momentum"] <= state["adam-mini"] < state["adamw"]
+    assert state["adafactor"] < state["momentum"]
+
+
+def test_table_and_csv(demo_report: CompareReport) -> None:
+    console = Console(width=160, record=True)
+    console.print(report.render_compare(demo_report))
+    text = console.export_text()
+    assert "MB = 10^6 bytes" in text and "live tensors" in text and "adam-mini" in text
+    assert "Peak memory by category" in text
+    csv = to_csv(demo_report)
+    header = csv.splitlines()[0].split(",")
+    assert {"tokens_per_s", "peak_bytes", "breakdown_activations", "state_bytes"} <= set(header)
+    body = to_dict(demo_report)
+    assert (body["schema"], body["schema_version"]) == ("optprof.compare", 1)
+    assert body["config"]["seq_len"] == 128 and body["device"]["type"] == "cpu"
+
+
+def test_accumulation_clipping_checkpointing_and_amp(model_dir: Callable[[str], str]) -> None:
+    settings = TrainingSettings(device="cpu", seq_len=32, micro_batch=2, grad_accum=2, grad_clip=1.0,
+                                gradient_checkpointing=True, steps=2, amp="bf16")
+    result = run_compare(CompareConfig(ModelSelection(model_dir("tiny-llama")), ("adamw",), settings), isolate=False)
+    row = result.results[0]
+    assert row.status == "ok", row.reason
+    assert row.tokens_per_s == pytest.approx(2 * 32 * 2 / row.step_s_p50)
+    assert row.clip_s > 0
+    assert row.param_bytes == 4 * result.model.params  # amp keeps float32 master weights
+    fp16 = TrainingSettings(device="cpu", seq_len=32, steps=2, amp="fp16")  # with a gradient scaler
+    row = run_compare(CompareConfig(ModelSelection(model_dir("tiny-llama")), ("sgd",), fp16), isolate=False).results[0]
+    assert row.status == "ok", row.reason
+
+
+def test_default_sequence_length_is_capped_and_checked() -> None:
+    info = load_model("llama-2-7b").info  # 4096 positions
+    assert resolve_seq_len(None, info, "cuda") == 2048
+    assert resolve_seq_len(None, info, "cpu") == 512
+    assert resolve_seq_len(4096, info, "cuda") == 4096
+    with pytest.raises(UsageError, match="exceeds the model's context length"):
+        resolve_seq_len(4097, info, "cuda")
+
+
+def test_cli_isolates_trials_and_keeps_the_other_rows(model_dir: Callable[[str], str], capsys) -> None:  # type: ignore[no-untyped-def]
+    """Fresh processes: an injected OOM is a row, a killed process a failed row, and sgd still reports."""
+    argv = ["compare", model_dir("tiny-llama"), "--device", "cpu", "--seq-len", "16", "--steps", "2", "-f", "json",
+            "-o", "sgd,optprof_test_optimizers:OutOfMemoryOnStep,optprof_test_optimizers:KilledOnStep"]
+    code, out, err = run(argv, capsys)
+    assert code == 1  # a killed trial is a failure; the OOM alone would not be
+    body = json.loads(out)
+    by_name = {r["optimizer"].rpartition(":")[2]: r for r in body["results"]}
+    assert by_name["sgd"]["status"] == "ok" and by_name["sgd"]["tokens_per_s"] > 0
+    assert by_name["OutOfMemoryOnStep"]["status"] == "oom"
+    assert by_name["KilledOnStep"]["status"] == "failed" and "SIGKILL" in by_name["KilledOnStep"]["reason"]
+    assert body["config"]["isolated"] is True
+    assert "sgd:" in err  # a line per finished trial
+
+
+def test_cli_bad_input_is_one_line(capsys) -> None:  # type: ignore[no-untyped-def]
+    cases = [] if torch.cuda.is_available() else [(["compare", "--device", "cuda"], "no CUDA device")]
+    for argv, message in (
+        *cases,
+        (["compare", "--amp", "bf16", "--dtype", "bfloat16"], "keeps float32 master weights"),
+        (["compare", "--warmup", "1"], "at least 2"),
+        (["compare", "--seq-len", "100000"], "exceeds the model's context length"),
+        (["compare", "-o", "adamx"], "unknown optimizer"),
+    ):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and message in err and "Traceback" not in err, argv
