@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from optprof.models import ModelInfo
+
 Progress = Callable[[str], None]
 NvmlFactory = Callable[[], tuple[NvmlBackend | None, str | None]]
 
@@ -315,13 +317,15 @@ def _sampling(training: TrainingSettings, reader: NvmlReader | None) -> Iterator
         yield sampler
 
 
-def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: Device, progress: Progress,
-             nvml: NvmlFactory) -> TrialOutcome:
+def build_step(spec: TrialSpec, entry: OptimizerEntry, device: Device,
+               progress: Progress = _silent) -> tuple[TrainStep, ModelInfo]:
+    """The model (seeded, so the same weights for every optimizer), its optimizer and the token batches."""
     import torch
 
     t = spec.training
-    rss_baseline = process_rss()
-    torch.manual_seed(t.seed)  # the same initial weights for every optimizer
+    if t.seq_len is None:
+        raise ValueError("TrainingSettings.seq_len must be resolved before a trial (compare.resolve_seq_len)")
+    torch.manual_seed(t.seed)
     progress("building the model")
     loaded = load_model(spec.model.model, dtype="float32" if t.amp else spec.model.dtype, device=device.torch_device,
                         revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code)
@@ -334,7 +338,16 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
     tokens = torch.Generator().manual_seed(t.seed)  # the same batches for every optimizer
     batches = [torch.randint(0, info.vocab_size, (t.micro_batch, t.seq_len), generator=tokens).to(device.torch_device)
                for _ in range(t.grad_accum)]
-    step = TrainStep(model, optimizer, params, batches, device, t)
+    return TrainStep(model, optimizer, params, batches, device, t), info
+
+
+def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: Device, progress: Progress,
+             nvml: NvmlFactory) -> TrialOutcome:
+    t = spec.training
+    rss_baseline = process_rss()
+    step, info = build_step(spec, entry, device, progress)
+    model, optimizer, params = step.model, step.optimizer, step.params
+    assert t.seq_len is not None
 
     for i in range(t.warmup):
         progress(f"warm-up step {i + 1}/{t.warmup}")
