@@ -6,12 +6,12 @@ GPU branches on a machine without CUDA.
 
 from __future__ import annotations
 
-import platform
 import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from optprof.measure.nvml import TorchDeviceIdentity
+from optprof.results import cpu_name
 
 
 @dataclass(frozen=True)
@@ -121,18 +121,6 @@ class CudaDevice:
 
     def total_memory(self) -> int:
         return int(self.cuda.get_device_properties(self.index).total_memory)
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often empty on Linux)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def open_device(kind: str) -> Device:

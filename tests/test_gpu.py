@@ -1,0 +1,29 @@
+"""The CUDA path for real. Marked `gpu`: skipped where CUDA is absent (conftest.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from optprof.compare import run_compare
+from optprof.config import CompareConfig, ModelSelection, StateSizeConfig, TrainingSettings
+from optprof.state_size import run_state_size
+
+pytestmark = pytest.mark.gpu
+
+
+def test_compare_on_cuda_measures_every_source() -> None:
+    settings = TrainingSettings(device="cuda", seq_len=256, steps=3)
+    report = run_compare(CompareConfig(ModelSelection("demo"), ("adamw", "sgd"), settings))  # isolated
+    state_size = run_state_size(StateSizeConfig(ModelSelection("demo"), ("adamw", "sgd"), jobs=1))
+    on_meta = {row.optimizer: row.state_bytes for row in state_size.results}
+    assert report.device["type"] == "cuda" and report.device["name"]
+    for row in report.results:
+        assert row.status == "ok", row.reason
+        assert row.state_bytes == on_meta[row.optimizer]
+        assert row.peak_source == "torch_max_reserved"
+        assert row.torch_max_reserved_bytes >= row.torch_max_allocated_bytes > 0
+        # the allocator's peak over the timed steps holds parameters, gradients and state at the step
+        assert row.torch_max_allocated_bytes >= row.param_bytes + row.grad_bytes + row.state_bytes
+        assert row.tensor_peak_bytes > 0 and row.tokens_per_s > 0
+        if "nvml_matched_by" in report.device:  # NVML present: the card's memory includes ours
+            assert row.nvml_device_peak_bytes >= row.torch_max_reserved_bytes
