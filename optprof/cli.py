@@ -5,6 +5,7 @@ torch and transformers are imported inside the commands so that `optprof --help`
 
 from __future__ import annotations
 
+import re
 import sys
 import traceback
 from enum import StrEnum
@@ -165,6 +166,25 @@ def state_size(
         raise typer.Exit(1)
 
 
+BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+              "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str, flag: str) -> int:
+    """'24GiB', '500MB', '1.5gb' or a plain byte count -> bytes."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in BYTE_UNITS or float(match.group(1)) <= 0:
+        raise UsageError(f"{flag}: cannot read '{text}' as a size: use e.g. 24GiB, 80GB or 500MB")
+    return int(float(match.group(1)) * BYTE_UNITS[unit])
+
+
+def _positive_int(text: str, flag: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"{flag}: expected a whole number of at least 1, or 'auto'; got '{text}'")
+    return int(text)
+
+
 def _pick_device(requested: DeviceKind | None) -> str:
     import torch
 
@@ -195,7 +215,23 @@ def compare(
         typer.Option("--seq-len", min=1, help="Tokens per sequence (default: the model's context length, at most "
                      "2048 on cuda and 512 on cpu)."),
     ] = None,
-    micro_batch: Annotated[int, typer.Option("--micro-batch", min=1, help="Sequences per forward/backward.")] = 1,
+    micro_batch: Annotated[
+        str | None,
+        typer.Option("--micro-batch", help="Sequences per forward/backward, or 'auto': the largest that fits, per "
+                     "optimizer (default: auto on cuda or with --memory-limit, else 1)."),
+    ] = None,
+    memory_limit: Annotated[
+        str | None,
+        typer.Option("--memory-limit", help="Memory a step may use, e.g. 24GiB or 500MB (default on cuda: the "
+                     "card's). On cuda the allocator is capped there, emulating a smaller card."),
+    ] = None,
+    max_micro_batch: Annotated[
+        int, typer.Option("--max-micro-batch", min=1, help="The micro-batch search never tries more.")
+    ] = 256,
+    search_margin: Annotated[
+        float, typer.Option("--search-margin", min=0.0, max=0.9,
+                            help="Fraction of the limit to leave free when choosing the size to measure.")
+    ] = 0.0,
     grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")] = 1,
     grad_clip: Annotated[
         float | None, typer.Option("--grad-clip", min=0.0, help="Clip the gradient norm to this (costs time too).")
@@ -230,16 +266,23 @@ def compare(
 
     Each optimizer runs in a fresh process on synthetic tokens: warm-up steps, then timed steps (forward,
     backward and optimizer step timed apart) with memory sampled in the background, then one untimed step
-    under torch's MemTracker for the tensor-level peak. Exit code 1 if a trial failed (an out-of-memory
-    trial is a result, not a failure), 2 on bad input.
+    under torch's MemTracker for the tensor-level peak. With --micro-batch auto, short probe trials first
+    find the largest micro-batch that fits each optimizer; it is then measured there, and at the largest
+    size every optimizer fits. Exit code 1 if a trial failed (out of memory, or not fitting at
+    micro-batch 1, is a result, not a failure), 2 on bad input.
     """
     from optprof import report
     from optprof.compare import run_compare
-    from optprof.config import CompareConfig, ModelSelection, TrainingSettings
+    from optprof.config import CompareConfig, ModelSelection, SearchSettings, TrainingSettings
     from optprof.optimizers.registry import parse_opt_args
 
+    kind = _pick_device(device)
+    limit = None if memory_limit is None else parse_bytes(memory_limit, "--memory-limit")
+    auto = micro_batch == "auto" or (micro_batch is None and (kind == "cuda" or limit is not None))
+    search = SearchSettings(limit, max_micro_batch, search_margin) if auto else None
+    fixed = 1 if auto or micro_batch is None else _positive_int(micro_batch, "--micro-batch")
     training = TrainingSettings(
-        device=_pick_device(device), amp=amp.value if amp else None, seq_len=seq_len, micro_batch=micro_batch,
+        device=kind, amp=amp.value if amp else None, seq_len=seq_len, micro_batch=fixed,
         grad_accum=grad_accum, grad_clip=grad_clip, gradient_checkpointing=gradient_checkpointing, steps=steps,
         warmup=warmup, breakdown=breakdown, peak_tflops=peak_tflops, seed=seed,
     )
@@ -249,6 +292,7 @@ def compare(
         training=training,
         opt_args=parse_opt_args(opt_arg or []),
         trial_timeout_s=trial_timeout,
+        search=search,
     )
     file_format = _file_format(output_format, output)
     err = report.console(stderr=True)

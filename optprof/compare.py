@@ -5,21 +5,27 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from optprof.config import CompareConfig, TrainingSettings
+from optprof.config import CompareConfig, SearchSettings, TrainingSettings
 from optprof.errors import UsageError
 from optprof.measure.isolate import run_isolated
-from optprof.measure.trial import TrialOutcome, TrialSpec, base_row, run_trial, trial_in_child
+from optprof.measure.trial import TrialSpec, base_row, run_trial, trial_in_child
 from optprof.models import ModelInfo, load_model
-from optprof.optimizers.registry import availability, resolve_optimizers
+from optprof.optimizers.registry import OptimizerEntry, availability, resolve_optimizers
 from optprof.results import (
     STATUS_FAILED,
+    STATUS_NO_FIT,
+    STATUS_OK,
+    STATUS_OOM,
     STATUS_UNAVAILABLE,
     CompareReport,
     CompareRow,
     environment,
     now_iso,
 )
+from optprof.search import Probe, search_max_micro_batch
 
 # Default sequence length: the model's context length, capped so that a default run stays quick
 # (a CPU step at 2048 tokens is minutes for a 1B model); --seq-len overrides either.
@@ -43,6 +49,116 @@ def check_training(training: TrainingSettings, dtype: str) -> None:
         raise UsageError("--warmup must be at least 2: Adam-style state is allocated in the first step")
 
 
+@dataclass(frozen=True)
+class TrialRun:
+    row: CompareRow
+    device: dict[str, Any]
+    killed: bool = False  # the trial process was SIGKILLed (on a CPU: most often out of host memory)
+
+
+class TrialFailed(Exception):
+    """A search probe failed for a reason other than memory: the search cannot go on."""
+
+    def __init__(self, row: CompareRow) -> None:
+        super().__init__(row.reason)
+        self.row = row
+
+
+class TrialRunner:
+    """Runs one trial of one optimizer, in a fresh process unless `isolate` is off (tests only)."""
+
+    def __init__(self, config: CompareConfig, isolate: bool, quiet: bool,
+                 on_progress: Callable[[str, str], None] | None) -> None:
+        self.config = config
+        self.isolate = isolate
+        self.quiet = quiet
+        self.on_progress = on_progress
+        self.device: dict[str, Any] = {}  # as the first trial that got a device saw it
+
+    def run(self, entry: OptimizerEntry, training: TrainingSettings, label: str = "") -> TrialRun:
+        def progress(text: str) -> None:
+            if self.on_progress is not None:
+                self.on_progress(entry.name, label + text)
+
+        spec = TrialSpec(self.config.model, entry.name, training, self.config.opt_args)
+        progress("starting")
+        if self.isolate:
+            result = run_isolated(functools.partial(trial_in_child, quiet=self.quiet), spec,
+                                  self.config.trial_timeout_s, progress)
+            if result.value is None:
+                failed = dataclasses.replace(base_row(entry, self.config.opt_args, training), status=STATUS_FAILED,
+                                             reason=result.error)
+                return TrialRun(failed, {}, killed=result.killed)
+            outcome = result.value
+        else:
+            outcome = run_trial(spec, progress)
+        self.device = self.device or outcome.device
+        return TrialRun(outcome.row, outcome.device)
+
+
+def _probe(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings, search: SearchSettings,
+           micro_batch: int) -> Probe:
+    """Does one step at `micro_batch` fit? A short trial: warm-up, one step, and on a CPU the tracked step."""
+    settings = dataclasses.replace(
+        training, micro_batch=micro_batch, steps=1, sampler=False, breakdown=training.device == "cpu",
+        memory_limit_bytes=search.memory_limit_bytes)
+    run = runner.run(entry, settings, f"micro-batch {micro_batch}: ")
+    row = run.row
+    limit = search.memory_limit_bytes or run.device.get("total_memory_bytes")
+    if row.status == STATUS_OK and row.peak_bytes is not None:
+        fits = limit is None or row.peak_bytes <= limit
+        return Probe(micro_batch, fits, row.peak_bytes, limit, None if fits else "peak over the memory limit",
+                     growing_bytes=row.fwd_bwd_peak_bytes)
+    if row.status == STATUS_OOM or run.killed:
+        return Probe(micro_batch, False, None, limit, row.reason)
+    raise TrialFailed(row)
+
+
+def _searched_row(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
+                  search: SearchSettings) -> CompareRow:
+    """The largest micro-batch that fits, then a full trial at the size chosen, with the search recorded."""
+    try:
+        found = search_max_micro_batch(lambda b: _probe(runner, entry, training, search, b),
+                                       cap=search.max_micro_batch, start=search.start, margin=search.margin)
+    except TrialFailed as failure:
+        return failure.row
+    limit = next((p.limit_bytes for p in found.probes if p.limit_bytes is not None), None)
+    recorded = {"memory_limit_bytes": limit, "max_micro_batch": found.max_micro_batch,
+                "max_micro_batch_capped": found.capped, "trials": found.trials, "search": found.probes}
+    if found.max_micro_batch == 0:
+        first = found.probes[0]
+        short = first.peak_bytes - limit if first.peak_bytes is not None and limit is not None else None
+        row = dataclasses.replace(base_row(entry, runner.config.opt_args, training), status=STATUS_NO_FIT,
+                                  micro_batch=1, reason=f"does not fit at micro-batch 1 ({first.reason})",
+                                  short_by_bytes=short)
+        return dataclasses.replace(row, **recorded)
+    measured = dataclasses.replace(training, micro_batch=found.chosen_micro_batch,
+                                   memory_limit_bytes=search.memory_limit_bytes)
+    row = runner.run(entry, measured, f"measuring at micro-batch {found.chosen_micro_batch}: ").row
+    return dataclasses.replace(row, **recorded)
+
+
+def _with_common_micro_batch(runner: TrialRunner, entries: list[OptimizerEntry], rows: list[CompareRow],
+                             training: TrainingSettings, search: SearchSettings) -> list[CompareRow]:
+    """Tokens/s at the largest micro-batch every optimizer fits, so per-step speed compares like for like."""
+    fitted = [r.micro_batch for r in rows if r.status == STATUS_OK and r.micro_batch]
+    if not fitted:
+        return rows
+    common = min(fitted)
+    updated = []
+    for entry, row in zip(entries, rows, strict=True):
+        if row.status != STATUS_OK:
+            updated.append(row)
+            continue
+        tokens = row.tokens_per_s
+        if row.micro_batch != common:
+            at_common = dataclasses.replace(training, micro_batch=common, memory_limit_bytes=search.memory_limit_bytes)
+            other = runner.run(entry, at_common, f"common micro-batch {common}: ").row
+            tokens = other.tokens_per_s if other.status == STATUS_OK else None
+        updated.append(dataclasses.replace(row, common_micro_batch=common, tokens_per_s_at_common=tokens))
+    return updated
+
+
 def run_compare(
     config: CompareConfig,
     on_progress: Callable[[str, str], None] | None = None,
@@ -50,44 +166,36 @@ def run_compare(
     isolate: bool = True,
     quiet: bool = True,
 ) -> CompareReport:
-    """One trial per optimizer, in order. `isolate=False` runs them in this process (tests only)."""
+    """One trial per optimizer (a search and more trials with --micro-batch auto), in order.
+
+    `isolate=False` runs the trials in this process (tests only).
+    """
     check_training(config.training, config.model.dtype)
+    if config.search is not None and config.search.memory_limit_bytes is None and config.training.device != "cuda":
+        raise UsageError("--micro-batch auto on a CPU needs --memory-limit: there is no device memory to fill")
     entries = resolve_optimizers(list(config.optimizers))  # unknown names fail before anything is built
     selection = config.model
     info = load_model(selection.model, dtype=selection.dtype, revision=selection.revision,
                       trust_remote_code=selection.trust_remote_code).info  # on meta: checks the model, cheaply
     training = dataclasses.replace(
         config.training, seq_len=resolve_seq_len(config.training.seq_len, info, config.training.device))
+    runner = TrialRunner(config, isolate, quiet, on_progress)
 
     rows: list[CompareRow] = []
-    device: dict = {}
     for entry in entries:
-        def progress(text: str, name: str = entry.name) -> None:
-            if on_progress is not None:
-                on_progress(name, text)
-
-        base = base_row(entry, config.opt_args, training)
         reason = availability(entry)
         if reason is not None:  # no process needed to say so
-            row = dataclasses.replace(base, status=STATUS_UNAVAILABLE, reason=reason)
+            row = dataclasses.replace(base_row(entry, config.opt_args, training), status=STATUS_UNAVAILABLE,
+                                      reason=reason)
+        elif config.search is not None:
+            row = _searched_row(runner, entry, training, config.search)
         else:
-            spec = TrialSpec(selection, entry.name, training, config.opt_args)
-            progress("starting")
-            if isolate:
-                result = run_isolated(functools.partial(trial_in_child, quiet=quiet), spec,
-                                      config.trial_timeout_s, progress)
-                outcome: TrialOutcome | None = result.value
-                failure = result.error
-            else:
-                outcome, failure = run_trial(spec, progress), None
-            if outcome is None:
-                row = dataclasses.replace(base, status=STATUS_FAILED, reason=failure)
-            else:
-                row = outcome.row
-                device = device or outcome.device
+            row = runner.run(entry, training).row
         rows.append(row)
         if on_row is not None:
             on_row(row)
+    if config.search is not None:
+        rows = _with_common_micro_batch(runner, entries, rows, training, config.search)
     return CompareReport(
         model=info,
         results=tuple(rows),
@@ -97,10 +205,11 @@ def run_compare(
             "optimizers": [e.name for e in entries],
             "opt_args": {k: repr(v) for k, v in config.opt_args.items()},
             **dataclasses.asdict(training),
+            "micro_batch_search": None if config.search is None else dataclasses.asdict(config.search),
             "trial_timeout_s": config.trial_timeout_s,
             "isolated": isolate,
         },
         environment=environment(),
-        device=device,
+        device=runner.device,
         created=now_iso(),
     )

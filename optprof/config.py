@@ -39,7 +39,18 @@ class TrainingSettings:
     sampler: bool = True  # False only to measure the sampler's own cost
     breakdown: bool = True  # one extra untimed step under torch's MemTracker: tensor-level peak by category
     peak_tflops: float | None = None  # device peak for MFU when optprof does not know the device
+    memory_limit_bytes: int | None = None  # CUDA: the allocator is capped here (emulates a smaller card)
     seed: int = 0  # same weights and tokens for every optimizer
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """`--micro-batch auto`: find the largest micro-batch whose step fits, then measure there."""
+
+    memory_limit_bytes: int | None = None  # None: the card's memory (CUDA only; a CPU needs a limit)
+    max_micro_batch: int = 256  # the search never tries more
+    margin: float = 0.0  # fraction of the limit to leave free when choosing the size to measure
+    start: int | None = None  # a first guess, e.g. a prediction
 
 
 @dataclass(frozen=True)
@@ -48,4 +59,5 @@ class CompareConfig:
     optimizers: tuple[str, ...]
     training: TrainingSettings
     opt_args: dict[str, Any] = field(default_factory=dict)
+    search: SearchSettings | None = None  # None: measure at training.micro_batch
     trial_timeout_s: float = 1800.0  # one optimizer's trial, start-up included; then it is stopped and failed

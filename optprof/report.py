@@ -146,51 +146,71 @@ PEAK_LABELS = {"torch_max_reserved": "torch reserved", "tensor_peak": "live tens
 def compare_table(report: CompareReport, units: str) -> Group:
     _, unit = UNITS[units]
     first = next((r for r in report.results if r.status == "ok"), None)
+    searched = any(row.max_micro_batch is not None for row in report.results)
+    common = next((r.common_micro_batch for r in report.results if r.common_micro_batch), None)
+    with_mfu = any(row.mfu is not None for row in report.results)
+    batch = "the largest micro-batch each fits" if searched else f"micro-batch {first.micro_batch if first else '-'}"
     shape = "" if first is None else (
-        f" at micro-batch {first.micro_batch} x {first.seq_len} tokens"
+        f" at {batch} x {first.seq_len} tokens"
         + (f" x {first.grad_accum} accumulated" if (first.grad_accum or 1) > 1 else ""))
     table = Table(title=f"Training step, measured on {report.device.get('name') or 'the device'}{shape}",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
     table.add_column("optimizer", style="bold", no_wrap=True)
     table.add_column(f"state\n{unit}", justify="right", no_wrap=True)
     table.add_column(f"peak\n{unit}", justify="right", no_wrap=True)
-    table.add_column(f"RSS peak\n{unit}", justify="right", no_wrap=True)
+    if searched:
+        table.add_column("max\nµbatch", justify="right", no_wrap=True)
+        table.add_column("search\ntrials", justify="right", no_wrap=True)
     table.add_column("tokens/s", justify="right", no_wrap=True)
+    if searched:
+        table.add_column(f"tokens/s\nat µb {common or '-'}", justify="right", no_wrap=True)
     table.add_column("step p50\nms", justify="right", no_wrap=True)
-    table.add_column("step p90\nms", justify="right", no_wrap=True)
+    table.add_column("p90\nms", justify="right", no_wrap=True)
     table.add_column("fwd/bwd/opt\n% of step", justify="right", no_wrap=True)
-    table.add_column("MFU", justify="right", no_wrap=True)
+    if with_mfu:
+        table.add_column("MFU", justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
-    breakdown = Table(title=f"Peak memory by category ({unit}), from one tracked step", title_justify="left",
+    breakdown = Table(title=f"Peak memory by category ({unit}), from one tracked step; and the process's RSS",
+                      title_justify="left",
                       box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
     breakdown.add_column("optimizer", style="bold", no_wrap=True)
-    for key in ("parameters", "gradients", "optimizer state", "activations", "temporaries", "live peak"):
+    for key in ("parameters", "gradients", "optimizer state", "activations", "temporaries", "live peak",
+                "process RSS"):
         breakdown.add_column(key, justify="right", no_wrap=True)
     notes: list[Text] = []
     for row in report.results:
         status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
-        remarks = [row.reason or "", row.settings or "", *row.notes]
+        short = f"short by {format_bytes(row.short_by_bytes, units)} {unit}" if row.short_by_bytes else ""
+        remarks = [row.reason or "", short, row.settings or "", *row.notes]
         if any(remarks):
             notes.append(Text(f"[{len(notes) + 1}] {row.optimizer}: " + "; ".join(r for r in remarks if r),
                               style="dim"))
             status.append(f" [{len(notes)}]")
+        largest, trials, at_common = _search_cells(row)
         table.add_row(
             row.optimizer,
             format_bytes(row.state_bytes, units),
             format_bytes(row.peak_bytes, units),
-            format_bytes(row.rss_peak_bytes, units),
+            *((largest, trials) if searched else ()),
             format_rate(row.tokens_per_s),
+            *((at_common,) if searched else ()),
             format_ms(row.step_s_p50),
             format_ms(row.step_s_p90),
             _phase_split(row),
-            format_fraction(row.mfu),
+            *((format_fraction(row.mfu),) if with_mfu else ()),
             status,
         )
         if row.breakdown:
             parts = [row.breakdown.get(k) for k in ("parameters", "gradients", "optimizer_state", "activations",
                                                      "temporaries")]
             breakdown.add_row(row.optimizer, *(format_bytes(p, units) for p in parts),
-                              format_bytes(row.tensor_peak_bytes, units))
+                              format_bytes(row.tensor_peak_bytes, units), format_bytes(row.rss_peak_bytes, units))
+    limit = next((r.memory_limit_bytes for r in report.results if r.memory_limit_bytes), None)
+    if searched:
+        notes.insert(0, Text(
+            f"max µbatch: the largest micro-batch whose step fits {format_bytes(limit, units)} {unit}, found by probe "
+            "trials (each a fresh process); the other columns are measured at that size. tokens/s at µb "
+            f"{common or '-'}: at the largest micro-batch every optimizer fits.", style="dim"))
     sources = sorted({PEAK_LABELS.get(r.peak_source or "", "") for r in report.results if r.peak_source})
     legend = Text(
         f"{_units_note(units)}. peak: {', '.join(sources) or 'none measured'} (the device's best figure; every "
@@ -204,6 +224,15 @@ def compare_table(report: CompareReport, units: str) -> Group:
     return Group(*parts, *notes)
 
 
+def _search_cells(row: CompareRow) -> tuple[str, str, str]:
+    if row.max_micro_batch is None:
+        return "-", "-", "-"
+    largest = f"{row.max_micro_batch}{'+' if row.max_micro_batch_capped else ''}"
+    if row.micro_batch is not None and row.micro_batch != row.max_micro_batch and row.max_micro_batch:
+        largest += f" (used {row.micro_batch})"  # --search-margin chose a smaller size
+    return largest, str(row.trials), format_rate(row.tokens_per_s_at_common)
+
+
 def render_compare(report: CompareReport, units: str | None = None) -> Group:
     largest = max((row.peak_bytes or 0 for row in report.results), default=0)
     return Group(model_line(report), compare_table(report, units or auto_units(largest)))
@@ -214,8 +243,11 @@ def trial_line(row: CompareRow, units: str = "mb") -> Text:
     if row.status != "ok":
         return Text.assemble((f"{row.optimizer}: ", "bold"), (row.status, STATUS_STYLE.get(row.status, "")),
                              f" ({row.reason})" if row.reason else "")
+    search = "" if row.max_micro_batch is None else (
+        f"max micro-batch {row.max_micro_batch} ({row.trials} probe trials), ")
     return Text.assemble(
         (f"{row.optimizer}: ", "bold"),
+        search,
         f"{format_rate(row.tokens_per_s)} tokens/s, step {format_ms(row.step_s_p50)} ms, "
         f"state {format_bytes(row.state_bytes, units)} {UNITS[units][1]}, "
         f"peak {format_bytes(row.peak_bytes, units)} {UNITS[units][1]}",

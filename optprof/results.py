@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from optprof import __version__
+from optprof.search import Probe
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -30,6 +31,7 @@ STATUS_OK = "ok"
 STATUS_FAILED = "failed"  # the optimizer ran here and broke: a real problem, exit code 1
 STATUS_UNAVAILABLE = "unavailable"  # cannot run on this machine (package missing): not an error
 STATUS_OOM = "oom"  # ran out of device memory at this micro-batch: a finding, not an error
+STATUS_NO_FIT = "does not fit"  # --micro-batch auto: not even micro-batch 1 fits the memory limit
 
 # Which figure a compare row's peak_bytes is (the best one for the device).
 PEAK_TORCH_RESERVED = "torch_max_reserved"  # CUDA: what the caching allocator held, exact
@@ -114,6 +116,7 @@ class CompareRow:
     peak_bytes: int | None = None  # the best peak figure for the device; its source in peak_source
     peak_source: str | None = None
     tensor_peak_bytes: int | None = None  # live tensors at the peak of a tracked step (MemTracker)
+    fwd_bwd_peak_bytes: int | None = None  # the peak through forward and backward only, in peak_bytes' terms
     torch_max_allocated_bytes: int | None = None  # CUDA allocator, over the timed steps
     torch_max_reserved_bytes: int | None = None
     rss_peak_bytes: int | None = None  # process RSS, sampled over the timed steps
@@ -130,6 +133,15 @@ class CompareRow:
     step_times_s: tuple[float, ...] = ()
     sampler_samples: int | None = None
     notes: tuple[str, ...] = ()  # what could not be measured here, and why
+    # --micro-batch auto: the search, then the measurement above at the size chosen
+    memory_limit_bytes: int | None = None  # what each probe's peak was held against
+    max_micro_batch: int | None = None  # largest that fits (0: not even 1)
+    max_micro_batch_capped: bool | None = None  # the cap fits: the true maximum may be larger
+    trials: int | None = None  # search probes (each a fresh process), not counting the measurements
+    search: tuple[Probe, ...] = ()  # each probe: micro_batch, fits, peak_bytes, limit_bytes, reason
+    short_by_bytes: int | None = None  # micro-batch 1's peak over the limit, when even 1 does not fit
+    common_micro_batch: int | None = None  # the largest every optimizer fits
+    tokens_per_s_at_common: float | None = None
 
 
 @dataclass(frozen=True)
@@ -205,6 +217,8 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
             flat[key] = ";".join(f"{k}={v}" for k, v in value.items())
         elif isinstance(value, dict):
             flat.update({f"{key}_{k}": v for k, v in value.items()})
+        elif key == "search":  # probes, compactly: micro-batch:fits or micro-batch:no
+            flat[key] = ";".join(f"{p['micro_batch']}:{'fits' if p['fits'] else 'no'}" for p in value)
         elif isinstance(value, list | tuple):
             flat[key] = ";".join(str(v) for v in value)
         else:

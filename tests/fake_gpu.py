@@ -93,6 +93,10 @@ class FakeCuda:
             self.props.pci_domain_id, self.props.pci_bus_id, self.props.pci_device_id = pci
         self.synchronized = 0
         self.resets = 0
+        self.memory_fraction: float | None = None
+
+    def set_per_process_memory_fraction(self, fraction: float, index: int | None = None) -> None:
+        self.memory_fraction = fraction
 
     def synchronize(self, index: int | None = None) -> None:
         self.synchronized += 1

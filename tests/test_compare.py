@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 
 import pytest
@@ -11,8 +12,9 @@ from rich.console import Console
 from test_cli import run
 
 from optprof import report
+from optprof.cli import parse_bytes
 from optprof.compare import resolve_seq_len, run_compare
-from optprof.config import CompareConfig, ModelSelection, StateSizeConfig, TrainingSettings
+from optprof.config import CompareConfig, ModelSelection, SearchSettings, StateSizeConfig, TrainingSettings
 from optprof.errors import UsageError
 from optprof.models import load_model
 from optprof.results import CompareReport, to_csv, to_dict
@@ -135,3 +137,79 @@ def test_cli_bad_input_is_one_line(capsys) -> None:  # type: ignore[no-untyped-d
     ):
         code, _, err = run(argv, capsys)
         assert code == 2 and message in err and "Traceback" not in err, argv
+
+
+# --micro-batch auto (the largest micro-batch that fits)
+
+LIMIT = 200 * 10**6  # demo at 128 tokens: sgd, adam-mini and adamw stop at different sizes under this
+
+
+@pytest.fixture(scope="module")
+def searched() -> CompareReport:
+    training = TrainingSettings(device="cpu", seq_len=128, steps=2)
+    config = CompareConfig(ModelSelection("demo"), ("sgd", "adam-mini", "adamw"), training,
+                           search=SearchSettings(memory_limit_bytes=LIMIT, max_micro_batch=64))
+    return run_compare(config, isolate=False)
+
+
+def test_search_orders_optimizers_by_what_they_leave_free(searched: CompareReport) -> None:
+    best = {row.optimizer: row.max_micro_batch for row in searched.results}
+    assert all(row.status == "ok" for row in searched.results)
+    assert best["sgd"] >= best["adam-mini"] >= best["adamw"] >= 1
+    assert best["sgd"] > best["adamw"]  # the limit was chosen so that they differ
+
+
+def test_search_records_prove_the_answer(searched: CompareReport) -> None:
+    for row in searched.results:
+        probes = {p.micro_batch: p for p in row.search}
+        at_max = probes[row.max_micro_batch]
+        assert at_max.fits and at_max.peak_bytes <= LIMIT == at_max.limit_bytes
+        above = probes.get(row.max_micro_batch + 1)
+        if above is not None:
+            assert not above.fits and above.peak_bytes > LIMIT
+        assert all(p.fits == (p.micro_batch <= row.max_micro_batch) for p in row.search)  # monotone
+        assert row.trials == len(row.search) <= math.ceil(math.log2(row.max_micro_batch)) + 2
+        # measured at the maximum, in its own trial: the same step, so the same peak
+        assert row.micro_batch == row.max_micro_batch and row.peak_bytes == at_max.peak_bytes
+
+
+def test_tokens_at_the_common_micro_batch(searched: CompareReport) -> None:
+    common = min(row.max_micro_batch for row in searched.results)
+    for row in searched.results:
+        assert row.common_micro_batch == common and row.tokens_per_s_at_common > 0
+        if row.max_micro_batch == common:
+            assert row.tokens_per_s_at_common == row.tokens_per_s
+
+
+def test_not_fitting_at_one_is_a_result(model_dir: Callable[[str], str]) -> None:
+    training = TrainingSettings(device="cpu", seq_len=128, steps=2)
+    config = CompareConfig(ModelSelection("demo"), ("sgd", "adamw"), training,
+                           search=SearchSettings(memory_limit_bytes=100 * 10**6, max_micro_batch=2))
+    sgd, adamw = run_compare(config, isolate=False).results
+    assert sgd.status == "ok" and sgd.max_micro_batch >= 1
+    assert adamw.status == "does not fit" and adamw.max_micro_batch == 0 and adamw.trials == 1
+    assert adamw.short_by_bytes == adamw.search[0].peak_bytes - 100 * 10**6 > 0
+    assert sgd.common_micro_batch == sgd.max_micro_batch  # adamw fits nothing: not part of the common size
+
+
+def test_cli_search_in_fresh_processes_stops_at_the_cap(capsys) -> None:  # type: ignore[no-untyped-def]
+    argv = ["compare", "demo", "--device", "cpu", "-o", "sgd", "--seq-len", "32", "--steps", "2",
+            "--memory-limit", "10GB", "--max-micro-batch", "4", "-f", "json"]
+    code, out, _ = run(argv, capsys)
+    assert code == 0
+    row = json.loads(out)["results"][0]
+    assert (row["max_micro_batch"], row["max_micro_batch_capped"], row["micro_batch"]) == (4, True, 4)
+    assert [p["micro_batch"] for p in row["search"]][-1] == 4 and row["trials"] == len(row["search"]) <= 3
+    assert all(p["fits"] and p["peak_bytes"] > 0 and p["limit_bytes"] == 10**10 for p in row["search"])
+
+
+def test_cli_micro_batch_and_memory_limit_input(capsys) -> None:  # type: ignore[no-untyped-def]
+    for argv, message in (
+        (["compare", "--device", "cpu", "--micro-batch", "auto"], "needs --memory-limit"),
+        (["compare", "--micro-batch", "0"], "at least 1"),
+        (["compare", "--memory-limit", "12 parsecs"], "cannot read '12 parsecs' as a size"),
+    ):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and message in err, argv
+    assert parse_bytes("24GiB", "x") == 24 * 2**30 and parse_bytes("1.5 GB", "x") == 1_500_000_000
+    assert parse_bytes("4096", "x") == 4096

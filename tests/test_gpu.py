@@ -27,3 +27,16 @@ def test_compare_on_cuda_measures_every_source() -> None:
         assert row.tensor_peak_bytes > 0 and row.tokens_per_s > 0
         if "nvml_matched_by" in report.device:  # NVML present: the card's memory includes ours
             assert row.nvml_device_peak_bytes >= row.torch_max_reserved_bytes
+
+
+def test_micro_batch_search_on_cuda_under_a_memory_limit() -> None:
+    from optprof.config import SearchSettings
+
+    settings = TrainingSettings(device="cuda", seq_len=512, steps=2)
+    search = SearchSettings(memory_limit_bytes=2 * 2**30, max_micro_batch=512)
+    report = run_compare(CompareConfig(ModelSelection("demo"), ("sgd", "adamw"), settings, search=search))
+    best = {row.optimizer: row for row in report.results}
+    assert best["sgd"].max_micro_batch >= best["adamw"].max_micro_batch >= 1
+    for row in report.results:
+        fitting = [p for p in row.search if p.fits]
+        assert all(p.peak_bytes <= 2 * 2**30 for p in fitting)  # reserved, under the allocator's cap

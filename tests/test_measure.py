@@ -126,6 +126,15 @@ def test_trial_through_the_gpu_branches_without_cuda(model_dir: Callable[[str], 
     assert outcome.device["nvml_matched_by"] == "uuid" and outcome.device["driver"] == "570.86.15"
     assert cuda.resets == 1 and cuda.synchronized >= 2 + 2  # one per step, warm-up included
     assert nvml.shut_down
+    # the forward+backward peak, in reserved terms: allocated after the first timed backward + the cache gap
+    assert row.fwd_bwd_peak_bytes == 3 * GIB + (4 * GIB - 3 * GIB)
+
+
+def test_memory_limit_caps_the_cuda_allocator(model_dir: Callable[[str], str]) -> None:
+    cuda = FakeCuda({"reserved_bytes.all.peak": GIB})
+    spec = tiny_spec(model_dir("tiny-llama"), "sgd", memory_limit_bytes=20 * GIB)
+    row = run_trial(spec, nvml=lambda: (None, "no NVML"), device=CudaOnCpu(cuda)).row
+    assert row.status == "ok" and cuda.memory_fraction == 0.25  # 20 of the fake card's 80 GiB
 
 
 def test_trial_says_why_nvml_is_missing(model_dir: Callable[[str], str]) -> None:

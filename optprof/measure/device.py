@@ -36,6 +36,7 @@ class Device(Protocol):
     def identity(self) -> TorchDeviceIdentity | None: ...
     def name(self) -> str: ...
     def total_memory(self) -> int | None: ...
+    def limit_memory(self, limit_bytes: int) -> None: ...
 
 
 class CpuDevice:
@@ -69,6 +70,9 @@ class CpuDevice:
         import psutil
 
         return int(psutil.virtual_memory().total)
+
+    def limit_memory(self, limit_bytes: int) -> None:
+        pass  # nothing to cap: on a CPU, fitting is judged from the measured tensor peak
 
 
 class CudaDevice:
@@ -121,6 +125,11 @@ class CudaDevice:
 
     def total_memory(self) -> int:
         return int(self.cuda.get_device_properties(self.index).total_memory)
+
+    def limit_memory(self, limit_bytes: int) -> None:
+        """Make the caching allocator fail past `limit_bytes`, as a card that size would."""
+        fraction = min(1.0, limit_bytes / self.total_memory())
+        self.cuda.set_per_process_memory_fraction(fraction, self.index)
 
 
 def open_device(kind: str) -> Device:

@@ -25,6 +25,7 @@ STOP_GRACE_S = 5.0  # after terminate(), before kill()
 class Isolated:
     value: Any = None
     error: str | None = None  # why no value came back (crash, timeout, exception)
+    killed: bool = False  # SIGKILLed: on Linux most often the kernel's OOM killer
 
 
 def _child(target: Target, argument: Any, connection: Any) -> None:
@@ -85,7 +86,8 @@ def run_isolated(target: Target, argument: Any, timeout_s: float,
                 kind, payload = receiver.recv()
             except EOFError:  # the child exited without a result
                 process.join(STOP_GRACE_S)
-                return Isolated(error=exit_reason(process.exitcode))
+                killed = process.exitcode == -signal.SIGKILL
+                return Isolated(error=exit_reason(process.exitcode), killed=killed)
             if kind == "progress":
                 if on_progress is not None:
                     on_progress(payload)

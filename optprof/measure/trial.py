@@ -117,6 +117,7 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(device.type) if training.amp == "fp16" else None  # fp16 underflows
         self.losses: list[float] = []
         self.before_forward: Callable[[], None] | None = None  # the tracked step resets MemTracker here
+        self.after_backward: Callable[[], None] | None = None  # reads the forward+backward peak
         self.grad_bytes: int | None = None  # measured when measure_grads is set (untimed steps only)
         self.measure_grads = False
 
@@ -149,6 +150,8 @@ class TrainStep:
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         if self.measure_grads:
             self.grad_bytes = storage_bytes(p.grad for p in self.params if p.grad is not None)
+        if self.after_backward is not None:
+            self.after_backward()
         clip_start = device.mark()
         if self.training.grad_clip is not None:
             if scaler is not None:
@@ -179,6 +182,7 @@ class TrackedPeak:
     tensor_peak_bytes: int
     breakdown: dict[str, int]
     grad_bytes: int | None
+    fwd_bwd_peak_bytes: int  # the peak up to the end of backward
 
 
 def _tracker_breakdown(snapshot: dict[Any, int], state_bytes: int) -> dict[str, int]:
@@ -209,22 +213,28 @@ def tracked_step(step: TrainStep, state_bytes: int) -> TrackedPeak:
     # Registered as "other" first; registering the optimizer afterwards re-labels its own state.
     tracker.track_external(*state_tensors(step.optimizer, step.params), *step.batches)
     tracker.track_external(step.model, step.optimizer)
+    placement = torch.device(step.device.torch_device)
+
+    def peak_snapshot() -> dict[Any, int]:
+        peaks = [snap for dev, snap in tracker.get_tracker_snapshot("peak").items() if dev.type == placement.type]
+        if not peaks:
+            raise RuntimeError("MemTracker saw no tensors on the trial's device")
+        return peaks[0]
+
+    fwd_bwd: list[int] = []
     step.before_forward = tracker.reset_mod_stats  # MemTracker refuses a second root forward otherwise
+    step.after_backward = lambda: fwd_bwd.append(int(peak_snapshot().get("Total", 0)))
     step.measure_grads = True
     try:
         with tracker:
             step.run()
     finally:
-        step.before_forward = None
+        step.before_forward = step.after_backward = None
         step.measure_grads = False
-    placement = torch.device(step.device.torch_device)
-    peaks = [snap for dev, snap in tracker.get_tracker_snapshot("peak").items() if dev.type == placement.type]
-    if not peaks:
-        raise RuntimeError("MemTracker saw no tensors on the trial's device")
-    snapshot = peaks[0]
+    snapshot = peak_snapshot()
     total = int(snapshot.get("Total", 0))
     categories = {k: int(v) for k, v in snapshot.items() if k != "Total"}
-    return TrackedPeak(total, _tracker_breakdown(categories, state_bytes), step.grad_bytes)
+    return TrackedPeak(total, _tracker_breakdown(categories, state_bytes), step.grad_bytes, fwd_bwd[0])
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -345,6 +355,8 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
              nvml: NvmlFactory) -> TrialOutcome:
     t = spec.training
     rss_baseline = process_rss()
+    if t.memory_limit_bytes is not None:
+        device.limit_memory(t.memory_limit_bytes)
     step, info = build_step(spec, entry, device, progress)
     model, optimizer, params = step.model, step.optimizer, step.params
     assert t.seq_len is not None
@@ -356,6 +368,15 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
     device.synchronize()
     device.reset_peaks()
     reader, nvml_facts, nvml_note = _nvml_reader(device, nvml)
+    allocated_after_backward: list[int] = []  # CUDA: the allocator's peak through the first timed backward
+
+    def note_backward() -> None:
+        stats = device.allocator_stats()
+        if stats is not None:
+            allocated_after_backward.append(stats.max_allocated_bytes)
+        step.after_backward = None
+
+    step.after_backward = note_backward
     times: list[StepTimes] = []
     with _sampling(t, reader) as sampler:
         for i in range(t.steps):
@@ -388,6 +409,12 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
 
     energy_j = sampled.energy_j if sampled else None
     peak_bytes, peak_source = choose_peak(allocator, tracked, sampled)
+    fwd_bwd_peak = None
+    if peak_source == PEAK_TORCH_RESERVED and allocator is not None and allocated_after_backward:
+        # in reserved terms: what the allocator holds beyond live tensors comes on top
+        fwd_bwd_peak = allocated_after_backward[0] + allocator.max_reserved_bytes - allocator.max_allocated_bytes
+    elif peak_source == PEAK_TENSOR and tracked is not None:
+        fwd_bwd_peak = tracked.fwd_bwd_peak_bytes
     row = dataclasses.replace(
         base,
         tokens_per_s=tokens_per_s,
@@ -406,6 +433,7 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
         peak_bytes=peak_bytes,
         peak_source=peak_source,
         tensor_peak_bytes=tracked.tensor_peak_bytes if tracked else None,
+        fwd_bwd_peak_bytes=fwd_bwd_peak,
         torch_max_allocated_bytes=allocator.max_allocated_bytes if allocator else None,
         torch_max_reserved_bytes=allocator.max_reserved_bytes if allocator else None,
         rss_peak_bytes=sampled.rss_peak_bytes if sampled else None,
