@@ -30,6 +30,7 @@ lint: install
 bench: install
 	$(BIN)/python tests/benchmarks/bench_state_size.py
 	$(BIN)/python tests/benchmarks/bench_compare.py
+	$(BIN)/python tests/benchmarks/bench_predict.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

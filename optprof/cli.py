@@ -170,11 +170,11 @@ BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12
               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_bytes(text: str, flag: str) -> int:
+def parse_bytes(text: str, flag: str, allow_zero: bool = False) -> int:
     """'24GiB', '500MB', '1.5gb' or a plain byte count -> bytes."""
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
     unit = match.group(2).lower() if match else ""
-    if match is None or unit not in BYTE_UNITS or float(match.group(1)) <= 0:
+    if match is None or unit not in BYTE_UNITS or (float(match.group(1)) == 0 and not allow_zero):
         raise UsageError(f"{flag}: cannot read '{text}' as a size: use e.g. 24GiB, 80GB or 500MB")
     return int(float(match.group(1)) * BYTE_UNITS[unit])
 
@@ -308,6 +308,95 @@ def compare(
         result = run_compare(config, on_progress=on_progress, on_row=on_row, quiet=not _debug)
     chosen = units.value if units else None
     _emit(result, output_format, output, file_format, lambda: report.render_compare(result, chosen))
+    if result.failed:
+        raise typer.Exit(1)
+
+
+class Strategy(StrEnum):
+    fsdp = "fsdp"
+
+
+@app.command("predict")
+def predict(
+    model: ModelArg = DEFAULT_MODEL,
+    optimizer: OptimizerOpt = None,
+    opt_arg: OptArgOpt = None,
+    gpu_memory: Annotated[
+        str | None,
+        typer.Option("--gpu-memory", help="Memory per device, e.g. 80GiB: also predict the largest micro-batch "
+                     "that fits it."),
+    ] = None,
+    reserve: Annotated[
+        str | None,
+        typer.Option("--reserve", help="Memory per device that tensors do not show: CUDA context, cuBLAS/cuDNN "
+                     "workspaces, allocator slack (default 2GiB for cuda, 0 for cpu)."),
+    ] = None,
+    gpus: Annotated[int, typer.Option("--gpus", min=1, help="Ranks (one process, a fake process group).")] = 1,
+    strategy: Annotated[
+        Strategy, typer.Option("--strategy", help="With --gpus > 1: fsdp (FSDP2, one unit per transformer block).")
+    ] = Strategy.fsdp,
+    device: Annotated[
+        DeviceKind, typer.Option("--device", help="The device to predict for (nothing runs on it).")
+    ] = DeviceKind.cuda,
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="Parameter dtype for pure-precision training.")] = (
+        Dtype.float32),
+    amp: Annotated[
+        Amp | None, typer.Option("--amp", help="Mixed precision: float32 master weights, autocast.")
+    ] = None,
+    seq_len: Annotated[
+        int | None,
+        typer.Option("--seq-len", min=1, help="Tokens per sequence (default: the model's context length, at most "
+                     "2048 for cuda and 512 for cpu)."),
+    ] = None,
+    micro_batch: Annotated[int, typer.Option("--micro-batch", min=1, help="Sequences per forward/backward.")] = 1,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-batches per optimizer step.")] = 1,
+    gradient_checkpointing: Annotated[
+        bool, typer.Option("--gradient-checkpointing", help="Recompute activations in backward.")
+    ] = False,
+    max_micro_batch: Annotated[
+        int, typer.Option("--max-micro-batch", min=1, help="The largest micro-batch the search considers.")
+    ] = 256,
+    revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = False,
+    output_format: FormatOpt = OutputFormat.table,
+    output: OutputOpt = None,
+    units: UnitsOpt = None,
+) -> None:
+    """Predict peak memory per device (and the largest micro-batch) without a GPU, from fake tensors.
+
+    The training step (forward, backward, the real optimizer's step) runs on fake tensors, which have
+    shapes but no memory, under torch's MemTracker; with --gpus N, under FSDP2 on a fake process group.
+    Every figure is labelled predicted, and the output lists what fake CPU tensors cannot see.
+    Exit code 1 if an optimizer failed, 2 on bad input.
+    """
+    from optprof import report
+    from optprof.config import ModelSelection, PredictConfig, TrainingSettings
+    from optprof.optimizers.registry import parse_opt_args
+    from optprof.predict import DEFAULT_CUDA_RESERVE_BYTES, run_predict
+
+    default_reserve = DEFAULT_CUDA_RESERVE_BYTES if device is DeviceKind.cuda else 0
+    config = PredictConfig(
+        model=ModelSelection(model, dtype.value, revision, trust_remote_code),
+        optimizers=tuple(optimizer or ()),
+        training=TrainingSettings(device=device.value, amp=amp.value if amp else None, seq_len=seq_len,
+                                  micro_batch=micro_batch, grad_accum=grad_accum,
+                                  gradient_checkpointing=gradient_checkpointing),
+        opt_args=parse_opt_args(opt_arg or []),
+        gpu_memory_bytes=None if gpu_memory is None else parse_bytes(gpu_memory, "--gpu-memory"),
+        reserve_bytes=default_reserve if reserve is None else parse_bytes(reserve, "--reserve", allow_zero=True),
+        max_micro_batch=max_micro_batch,
+        gpus=gpus,
+        strategy=strategy.value,
+    )
+    if config.gpu_memory_bytes is not None and config.gpu_memory_bytes <= config.reserve_bytes:
+        raise UsageError("--gpu-memory must be larger than --reserve")
+    file_format = _file_format(output_format, output)
+    err = report.console(stderr=True)
+    with err.status(f"predicting on fake tensors for {model} ...") as status:
+        result = run_predict(config, on_progress=lambda name, text: status.update(f"{name}: {text}"),
+                             on_row=lambda row: err.print(report.prediction_line(row)))
+    chosen = units.value if units else None
+    _emit(result, output_format, output, file_format, lambda: report.render_predict(result, chosen))
     if result.failed:
         raise typer.Exit(1)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from optprof.config import CompareConfig, SearchSettings, TrainingSettings
+from optprof.config import CompareConfig, PredictConfig, SearchSettings, TrainingSettings
 from optprof.errors import UsageError
 from optprof.measure.isolate import run_isolated
 from optprof.measure.trial import TrialSpec, base_row, run_trial, trial_in_child
@@ -114,17 +114,40 @@ def _probe(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSetting
     raise TrialFailed(row)
 
 
+def _predicted_start(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
+                     search: SearchSettings) -> int | None:
+    """The largest micro-batch `predict` expects to fit (fake tensors, in this process), to start the search
+    near it; None when the limit is not known here (a CUDA card's own memory) or the prediction fails."""
+    from optprof.predict import DEFAULT_CUDA_RESERVE_BYTES, predict_optimizer
+
+    if search.start is not None or search.memory_limit_bytes is None:
+        return search.start
+    reserve = DEFAULT_CUDA_RESERVE_BYTES if training.device == "cuda" else 0  # on CPU the tensor peak decides
+    config = PredictConfig(runner.config.model, (entry.name,), training, runner.config.opt_args,
+                           gpu_memory_bytes=search.memory_limit_bytes, reserve_bytes=reserve,
+                           max_micro_batch=search.max_micro_batch)
+
+    def progress(text: str) -> None:
+        if runner.on_progress is not None:
+            runner.on_progress(entry.name, f"predicting: {text}")
+
+    row = predict_optimizer(config, entry, training, progress)
+    return row.predicted_max_micro_batch or None
+
+
 def _searched_row(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
                   search: SearchSettings) -> CompareRow:
     """The largest micro-batch that fits, then a full trial at the size chosen, with the search recorded."""
+    start = _predicted_start(runner, entry, training, search)
     try:
         found = search_max_micro_batch(lambda b: _probe(runner, entry, training, search, b),
-                                       cap=search.max_micro_batch, start=search.start, margin=search.margin)
+                                       cap=search.max_micro_batch, start=start, margin=search.margin)
     except TrialFailed as failure:
         return failure.row
     limit = next((p.limit_bytes for p in found.probes if p.limit_bytes is not None), None)
     recorded = {"memory_limit_bytes": limit, "max_micro_batch": found.max_micro_batch,
-                "max_micro_batch_capped": found.capped, "trials": found.trials, "search": found.probes}
+                "max_micro_batch_capped": found.capped, "trials": found.trials, "search": found.probes,
+                "predicted_max_micro_batch": start}
     if found.max_micro_batch == 0:
         first = found.probes[0]
         short = first.peak_bytes - limit if first.peak_bytes is not None and limit is not None else None

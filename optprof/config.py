@@ -61,3 +61,18 @@ class CompareConfig:
     opt_args: dict[str, Any] = field(default_factory=dict)
     search: SearchSettings | None = None  # None: measure at training.micro_batch
     trial_timeout_s: float = 1800.0  # one optimizer's trial, start-up included; then it is stopped and failed
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """`optprof predict`: the training step on fake tensors; `training.device` is the target device."""
+
+    model: ModelSelection
+    optimizers: tuple[str, ...]
+    training: TrainingSettings
+    opt_args: dict[str, Any] = field(default_factory=dict)
+    gpu_memory_bytes: int | None = None  # memory per device; None: predict the peak only, no largest micro-batch
+    reserve_bytes: int = 0  # per device, beyond tensors: CUDA context, workspaces, allocator slack
+    max_micro_batch: int = 256
+    gpus: int = 1  # ranks; > 1 runs FSDP2 over a fake process group in this one process
+    strategy: str = "fsdp"  # with gpus > 1: "fsdp" (fully_shard per transformer block, then the root)

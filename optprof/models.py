@@ -265,10 +265,18 @@ def load_model(
     device: str = "meta",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> LoadedModel:
-    """The one call the commands use: resolve, build on `device`, describe."""
+    """The one call the commands use: resolve, build on `device`, describe.
+
+    `overrides` set config attributes the config already has (others are ignored), e.g. dropout rates.
+    """
     torch_dtype(dtype)  # validate before the slower config lookup
     config, source, location = load_config(model, revision=revision, trust_remote_code=trust_remote_code)
+    for key, value in (overrides or {}).items():
+        for part in {id(config): config, id(_text_config(config)): _text_config(config)}.values():
+            if hasattr(part, key):
+                setattr(part, key, value)
     module = build_model(config, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     info = describe(module, config, name=model, source=source, location=location, dtype=dtype)
     return LoadedModel(module, config, info)

@@ -16,7 +16,7 @@ from rich.text import Text
 from optprof.results import METHOD_META_STEP
 
 if TYPE_CHECKING:
-    from optprof.results import CompareReport, CompareRow, Report, StateSizeReport
+    from optprof.results import CompareReport, CompareRow, PredictReport, PredictRow, Report, StateSizeReport
 
 UNITS = {"gb": (1e9, "GB"), "gib": (2**30, "GiB"), "mb": (1e6, "MB"), "mib": (2**20, "MiB")}
 STATUS_STYLE = {"ok": "green", "failed": "bold red", "unavailable": "yellow", "oom": "magenta"}
@@ -236,6 +236,73 @@ def _search_cells(row: CompareRow) -> tuple[str, str, str]:
 def render_compare(report: CompareReport, units: str | None = None) -> Group:
     largest = max((row.peak_bytes or 0 for row in report.results), default=0)
     return Group(model_line(report), compare_table(report, units or auto_units(largest)))
+
+
+def predict_table(report: PredictReport, units: str) -> Group:
+    _, unit = UNITS[units]
+    first = next((r for r in report.results if r.status == "ok"), None)
+    config = report.config
+    ranks = f", per rank of {config['gpus']} ({config['strategy']})" if config.get("gpus", 1) > 1 else ""
+    shape = "" if first is None else f" at micro-batch {first.micro_batch} x {first.seq_len} tokens"
+    memory = config.get("gpu_memory_bytes")
+    table = Table(title=f"PREDICTED for {config['target_device']}{shape}{ranks}: fake tensors, nothing allocated",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    table.add_column("optimizer", style="bold", no_wrap=True)
+    table.add_column(f"state\n{unit}", justify="right", no_wrap=True)
+    for key in ("params", "grads", "activations", "temps"):
+        table.add_column(f"{key}\n{unit}", justify="right", no_wrap=True)
+    table.add_column(f"predicted\npeak {unit}", justify="right", no_wrap=True)
+    table.add_column(f"+ reserve\n{unit}", justify="right", no_wrap=True)
+    if memory is not None:
+        table.add_column("predicted max\nµbatch", justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    notes: list[Text] = []
+    for row in report.results:
+        status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
+        remarks = [row.reason or "", row.settings or ""]
+        if any(remarks):
+            notes.append(Text(f"[{len(notes) + 1}] {row.optimizer}: " + "; ".join(r for r in remarks if r),
+                              style="dim"))
+            status.append(f" [{len(notes)}]")
+        parts = [row.predicted_breakdown.get(k) for k in ("parameters", "gradients", "activations", "temporaries")]
+        largest = "-" if row.predicted_max_micro_batch is None else (
+            f"{row.predicted_max_micro_batch}{'+' if row.predicted_max_capped else ''}")
+        table.add_row(
+            row.optimizer,
+            format_bytes(row.state_bytes, units),
+            *(format_bytes(p, units) for p in parts),
+            format_bytes(row.predicted_peak_bytes, units),
+            format_bytes(row.predicted_device_bytes, units),
+            *((largest,) if memory is not None else ()),
+            status,
+        )
+    reserve = format_bytes(config.get("reserve_bytes"), units)
+    legend = Text(
+        f"{_units_note(units)}. Breakdown at the predicted peak (state: the real optimizer's, exact). + reserve: "
+        f"the peak plus {reserve} {unit} that tensors do not show."
+        + ("" if memory is None else f" predicted max µbatch: the largest whose peak + reserve fits "
+           f"{format_bytes(memory, units)} {unit}."),
+        style="dim",
+    )
+    assumptions = [Text("Assumed: " + a, style="dim") for a in report.assumptions]
+    return Group(table, legend, *notes, *assumptions)
+
+
+def render_predict(report: PredictReport, units: str | None = None) -> Group:
+    largest = max((row.predicted_device_bytes or 0 for row in report.results), default=0)
+    return Group(model_line(report), predict_table(report, units or auto_units(largest)))
+
+
+def prediction_line(row: PredictRow, units: str = "gb") -> Text:
+    if row.status != "ok":
+        return Text.assemble((f"{row.optimizer}: ", "bold"), (row.status, STATUS_STYLE.get(row.status, "")),
+                             f" ({row.reason})" if row.reason else "")
+    largest = "" if row.predicted_max_micro_batch is None else (
+        f", predicted max micro-batch {row.predicted_max_micro_batch}")
+    took = "" if row.predict_s is None else f" ({row.predict_s:.1f} s)"
+    return Text.assemble((f"{row.optimizer}: ", "bold"),
+                         f"predicted peak {format_bytes(row.predicted_peak_bytes, units)} {UNITS[units][1]}"
+                         f"{largest}{took}")
 
 
 def trial_line(row: CompareRow, units: str = "mb") -> Text:

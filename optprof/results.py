@@ -26,6 +26,8 @@ STATE_SIZE_SCHEMA = "optprof.state-size"
 STATE_SIZE_SCHEMA_VERSION = 1
 COMPARE_SCHEMA = "optprof.compare"
 COMPARE_SCHEMA_VERSION = 1
+PREDICT_SCHEMA = "optprof.predict"
+PREDICT_SCHEMA_VERSION = 1
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"  # the optimizer ran here and broke: a real problem, exit code 1
@@ -138,6 +140,7 @@ class CompareRow:
     max_micro_batch: int | None = None  # largest that fits (0: not even 1)
     max_micro_batch_capped: bool | None = None  # the cap fits: the true maximum may be larger
     trials: int | None = None  # search probes (each a fresh process), not counting the measurements
+    predicted_max_micro_batch: int | None = None  # where the search started: `predict` on fake tensors
     search: tuple[Probe, ...] = ()  # each probe: micro_batch, fits, peak_bytes, limit_bytes, reason
     short_by_bytes: int | None = None  # micro-batch 1's peak over the limit, when even 1 does not fit
     common_micro_batch: int | None = None  # the largest every optimizer fits
@@ -160,7 +163,49 @@ class CompareReport:
         return any(row.status == STATUS_FAILED for row in self.results)
 
 
-Report = StateSizeReport | CompareReport
+@dataclass(frozen=True)
+class PredictRow:
+    """One optimizer's prediction. Every `predicted_` figure comes from fake tensors, not from a device."""
+
+    optimizer: str
+    package: str
+    package_version: str | None
+    family: str
+    status: str
+    reason: str | None = None
+    settings: str | None = None
+    micro_batch: int | None = None
+    seq_len: int | None = None
+    grad_accum: int | None = None
+    world_size: int = 1
+    state_bytes: int | None = None  # per device; exact: the real optimizer's state, on fake tensors
+    predicted_peak_bytes: int | None = None  # live tensors at the peak, per device, at micro_batch
+    predicted_device_bytes: int | None = None  # the peak plus the reserve: what the card must hold
+    predicted_breakdown: dict[str, int] = field(default_factory=dict)
+    predicted_max_micro_batch: int | None = None  # under the device memory given (0: not even 1)
+    predicted_max_capped: bool | None = None
+    trials: int | None = None  # fake steps the search took
+    predicted_peak_at_max_bytes: int | None = None
+    predict_s: float | None = None  # wall time of this optimizer's prediction
+
+
+@dataclass(frozen=True)
+class PredictReport:
+    model: ModelInfo
+    results: tuple[PredictRow, ...]
+    config: dict[str, Any]
+    assumptions: tuple[str, ...]  # what fake CPU tensors cannot see, and what was assumed instead
+    environment: dict[str, Any]
+    created: str
+    schema: str = PREDICT_SCHEMA
+    schema_version: int = PREDICT_SCHEMA_VERSION
+
+    @property
+    def failed(self) -> bool:
+        return any(row.status == STATUS_FAILED for row in self.results)
+
+
+Report = StateSizeReport | CompareReport | PredictReport
 
 
 def now_iso() -> str:

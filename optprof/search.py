@@ -94,7 +94,7 @@ def search_max_micro_batch(
             largest_fit = size
         else:
             smallest_miss = size
-        candidate = _next_candidate(probes, largest_fit, smallest_miss, cap, misses)
+        candidate = _next_candidate(probes, largest_fit, smallest_miss, cap, misses, start)
     chosen = _within_margin(probes, largest_fit, margin)
     return SearchResult(largest_fit, chosen, tuple(order), capped=largest_fit == cap)
 
@@ -106,7 +106,10 @@ def _expected(probes: dict[int, Probe], size: int) -> bool | None:
     return None if predicted is None else size <= predicted
 
 
-def _next_candidate(probes: dict[int, Probe], largest_fit: int, smallest_miss: int, cap: int, misses: int) -> int:
+def _next_candidate(probes: dict[int, Probe], largest_fit: int, smallest_miss: int, cap: int, misses: int,
+                    start: int | None) -> int:
+    if start is not None and len(probes) == 1:  # the guess is a predicted maximum: check its neighbour
+        return start + 1 if largest_fit == start else start - 1
     predicted = predict_max(probes) if misses < MISSES_BEFORE_FALLBACK else None
     if predicted is not None:
         # Probe the predicted maximum; once it is known to fit, the size above it settles the answer.

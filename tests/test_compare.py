@@ -169,6 +169,8 @@ def test_search_records_prove_the_answer(searched: CompareReport) -> None:
             assert not above.fits and above.peak_bytes > LIMIT
         assert all(p.fits == (p.micro_batch <= row.max_micro_batch) for p in row.search)  # monotone
         assert row.trials == len(row.search) <= math.ceil(math.log2(row.max_micro_batch)) + 2
+        # predict (fake tensors) named the answer, so the search only had to confirm it and the size above
+        assert row.predicted_max_micro_batch == row.max_micro_batch and row.trials == 2
         # measured at the maximum, in its own trial: the same step, so the same peak
         assert row.micro_batch == row.max_micro_batch and row.peak_bytes == at_max.peak_bytes
 

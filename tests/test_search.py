@@ -112,6 +112,10 @@ def test_a_prediction_as_start_saves_trials() -> None:
     warm = search_max_micro_batch(affine(fixed, per, limit), cap=1024, start=190)
     assert cold.max_micro_batch == warm.max_micro_batch == 200
     assert warm.trials <= cold.trials
+    exact = search_max_micro_batch(affine(fixed, per, limit), cap=1024, start=200)
+    assert [p.micro_batch for p in exact.probes] == [200, 201]  # a right prediction costs two trials
+    over = search_max_micro_batch(affine(fixed, per, limit), cap=1024, start=201)
+    assert [p.micro_batch for p in over.probes] == [201, 200]
 
 
 def test_margin_picks_a_smaller_size_with_headroom() -> None:

@@ -49,6 +49,9 @@ NvmlFactory = Callable[[], tuple[NvmlBackend | None, str | None]]
 
 AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 BREAKDOWN_KEYS = ("parameters", "gradients", "optimizer_state", "activations", "temporaries")
+# MemTracker's and FSDPMemTracker's category names, folded into the breakdown's
+TRACKER_PARAMETERS = ("PARAM", "BUFFER", "SHARDED_PARAM", "UNSHARDED_PARAM")
+TRACKER_GRADIENTS = ("GRAD", "SHARDED_GRAD", "UNSHARDED_GRAD")
 
 
 @dataclass(frozen=True)
@@ -193,26 +196,55 @@ def _tracker_breakdown(snapshot: dict[Any, int], state_bytes: int) -> dict[str, 
     peak (it persists between steps), so the state is `state_bytes` and the rest of those two is temporary.
     """
     by_name = {getattr(k, "name", str(k)): v for k, v in snapshot.items()}
-    optimizer_and_other = by_name.get("OPT", 0) + by_name.get("OTH", 0)
+
+    def total(names: tuple[str, ...]) -> int:
+        return sum(by_name.get(name, 0) for name in names)
+
+    optimizer_and_other = total(("OPT", "OTH"))
     state = min(state_bytes, optimizer_and_other)
+    parameters = total(TRACKER_PARAMETERS)
+    gradients = total(TRACKER_GRADIENTS)
+    activations = total(("ACT",))
     return {
-        "parameters": by_name.get("PARAM", 0) + by_name.get("BUFFER", 0),
-        "gradients": by_name.get("GRAD", 0),
+        "parameters": parameters,
+        "gradients": gradients,
         "optimizer_state": state,
-        "activations": by_name.get("ACT", 0),
-        "temporaries": by_name.get("TEMP", 0) + optimizer_and_other - state,
+        "activations": activations,
+        # backward temporaries, FSDP's all-gather and reduce-scatter buffers, inputs, step temporaries
+        "temporaries": sum(by_name.values()) - parameters - gradients - state - activations,
     }
 
 
-def tracked_step(step: TrainStep, state_bytes: int) -> TrackedPeak:
-    """One untimed step under torch's MemTracker: the peak of live tensor bytes and what they were."""
+def peak_tracker(base: type, *args: Any) -> Any:
+    """torch's MemTracker (or FSDPMemTracker, `base`), minus its per-module peak snapshots, which optprof
+    does not use and which cost a pass over every module at every op (about 20 s for one Llama-2-7B step
+    on fake tensors). Where this torch lacks the method replaced, the plain (slower) tracker."""
+    if not hasattr(base, "_update_peak_stats"):
+        return base(*args)
+
+    class PeakOnly(base):  # type: ignore[misc, valid-type]
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev] = snap["Total"]
+                    self._peak_mem_snap[dev] = dict(snap)
+
+    return PeakOnly(*args)
+
+
+def tracked_step(step: TrainStep, state_bytes: int, tracker: Any = None) -> TrackedPeak:
+    """One untimed step under torch's MemTracker: the peak of live tensor bytes and what they were.
+
+    `tracker`: one already set up (FSDPMemTracker for a sharded model); by default a MemTracker.
+    """
     import torch
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    tracker = MemTracker()
-    # Registered as "other" first; registering the optimizer afterwards re-labels its own state.
-    tracker.track_external(*state_tensors(step.optimizer, step.params), *step.batches)
-    tracker.track_external(step.model, step.optimizer)
+    if tracker is None:
+        tracker = peak_tracker(MemTracker)
+        # Registered as "other" first; registering the optimizer afterwards re-labels its own state.
+        tracker.track_external(*state_tensors(step.optimizer, step.params), *step.batches)
+        tracker.track_external(step.model, step.optimizer)
     placement = torch.device(step.device.torch_device)
 
     def peak_snapshot() -> dict[Any, int]:
@@ -345,10 +377,17 @@ def build_step(spec: TrialSpec, entry: OptimizerEntry, device: Device,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = entry.build(model, info, spec.opt_args)
-    tokens = torch.Generator().manual_seed(t.seed)  # the same batches for every optimizer
-    batches = [torch.randint(0, info.vocab_size, (t.micro_batch, t.seq_len), generator=tokens).to(device.torch_device)
-               for _ in range(t.grad_accum)]
-    return TrainStep(model, optimizer, params, batches, device, t), info
+    return TrainStep(model, optimizer, params, make_batches(info.vocab_size, t, device.torch_device), device, t), info
+
+
+def make_batches(vocab_size: int, training: TrainingSettings, torch_device: str) -> list[torch.Tensor]:
+    """`grad_accum` batches of random token ids, the same for every optimizer (seeded)."""
+    import torch
+
+    assert training.seq_len is not None
+    tokens = torch.Generator().manual_seed(training.seed)
+    shape = (training.micro_batch, training.seq_len)
+    return [torch.randint(0, vocab_size, shape, generator=tokens).to(torch_device) for _ in range(training.grad_accum)]
 
 
 def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: Device, progress: Progress,

@@ -7,11 +7,12 @@ values, and return a torch.optim.Optimizer over every trainable parameter of tha
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import importlib
 import importlib.metadata
 import importlib.util
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,23 @@ def distributed_world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@contextlib.contextmanager
+def adam_mini_on_cpu_ranks() -> Iterator[None]:
+    """adam-mini all-reduces a CPU tensor by copying it to `torch.cuda.current_device()`, which fails where
+    there is no CUDA. With ranks on CPU (gloo, or predict's fake process group) that device is the CPU."""
+    import torch
+
+    if torch.cuda.is_available() or distributed_world_size() == 1:
+        yield
+        return
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment, return-value]
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = original  # type: ignore[assignment]
 
 
 def _adam_mini(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:

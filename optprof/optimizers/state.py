@@ -23,19 +23,26 @@ MAX_DEPTH = 6  # how deep to look inside helper objects kept in the state (GaLor
 
 
 class PlaceholderScalars(TorchDispatchMode):
-    """Answers reads of a meta tensor's value (`.item()`, `bool()`) with a neutral placeholder.
+    """Answers reads of a value that does not exist (`.item()`, `bool()` on a meta or fake tensor) with a
+    neutral placeholder.
 
     0.5 rather than 0 or 1 for floats, so that expressions like 1 / (1 - x) stay finite (NAdam's
-    mu_product); True for bools, 1 for integers.
+    mu_product); True for bools (so `mask.all()` says "no padding"), 1 for integers.
     """
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].device.type == "meta":
+        if func is torch.ops.aten._local_scalar_dense.default and _has_no_data(args[0]):
             tensor = args[0]
             if tensor.dtype == torch.bool:
                 return True
             return 0.5 if tensor.dtype.is_floating_point or tensor.dtype.is_complex else 1
         return func(*args, **(kwargs or {}))
+
+
+def _has_no_data(tensor: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return tensor.device.type == "meta" or is_fake(tensor)
 
 
 @contextlib.contextmanager

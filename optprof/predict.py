@@ -1,0 +1,262 @@
+"""`optprof predict`: the training step on fake tensors under torch's MemTracker, without a GPU.
+
+FakeTensorMode gives every tensor its shape, dtype and storage size but no memory, so the same code that
+`compare` runs (the model's forward and backward, the real optimizer's step, MemTracker) runs here for a
+7B model on a laptop. What fake CPU tensors cannot see is listed in the report's `assumptions`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from optprof.config import PredictConfig, TrainingSettings
+from optprof.errors import error_text
+from optprof.measure.device import CpuDevice
+from optprof.measure.trial import TrackedPeak, TrainStep, make_batches, peak_tracker, tracked_step
+from optprof.models import ModelInfo, load_model
+from optprof.optimizers.registry import (
+    OptimizerEntry,
+    adam_mini_on_cpu_ranks,
+    availability,
+    package_version,
+    resolve_optimizers,
+)
+from optprof.optimizers.state import PlaceholderScalars, account_state
+from optprof.results import (
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_UNAVAILABLE,
+    PredictReport,
+    PredictRow,
+    environment,
+    now_iso,
+)
+from optprof.search import Probe, search_max_micro_batch
+
+# Attention dropout makes CPU SDPA fall back to a kernel that keeps the whole attention matrix; CUDA's
+# flash and memory-efficient kernels do not, so for a CUDA target it is switched off (memory only).
+ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+DEFAULT_CUDA_RESERVE_BYTES = 2 * 2**30  # CUDA context (~0.5 GiB), cuBLAS/cuDNN workspaces, allocator slack
+
+ASSUMPTIONS_COMMON = (
+    "the training step ran on fake tensors (torch FakeTensorMode) under torch's MemTracker: the figures "
+    "are live tensor bytes, not allocator or driver memory",
+    "inputs are dense random tokens (no padding, no packing), as compare uses",
+)
+ASSUMPTIONS_CUDA = (
+    "CUDA kernels were not run: the step used CPU kernels on fake tensors. Attention dropout was set to 0 so "
+    "that SDPA takes the flash-style path, whose memory matches CUDA's flash / memory-efficient kernels",
+    "autocast (--amp) follows CPU autocast's op lists, which differ slightly from CUDA's",
+    "the reserve (--reserve) stands for the CUDA context, library workspaces and allocator slack, which "
+    "tensors do not show",
+)
+
+
+def _is_tracing_without_fake(tensor: Any = None) -> bool:
+    from transformers.utils.import_utils import is_jit_tracing, is_torchdynamo_compiling
+
+    return bool(is_torchdynamo_compiling() or is_jit_tracing())
+
+
+@contextlib.contextmanager
+def _transformers_treat_fake_as_real() -> Iterator[None]:
+    """transformers takes fake tensors for graph tracing and then builds explicit attention masks, which
+    a real run does not: turn that off, so the fake step allocates what the real one does."""
+    import transformers.utils.import_utils as import_utils
+
+    original = import_utils.is_tracing
+    patched = [m for m in list(sys.modules.values())
+               if getattr(m, "__name__", "").startswith("transformers") and getattr(m, "is_tracing", None) is original]
+    for module in patched:
+        module.is_tracing = _is_tracing_without_fake  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.is_tracing = original  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def fake_tensors() -> Iterator[None]:
+    """Everything created inside is a fake tensor; value reads get placeholders (as on meta)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True), PlaceholderScalars(), _transformers_treat_fake_as_real():
+        yield
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int) -> Iterator[Any]:
+    """`world_size` ranks in this one process (torch's fake backend: collectives return at once); yields the
+    device mesh. Every rank of an FSDP run holds the same shapes, so rank 0 stands for all."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group already exists in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield init_device_mesh("cpu", (world_size,))
+    finally:
+        dist.destroy_process_group()
+
+
+def shard_fsdp(model: Any, mesh: Any) -> None:
+    """FSDP2 as it is usually applied: each transformer block its own unit (transformers names the block
+    classes in `_no_split_modules`), then the root for the rest (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def _base_row(entry: OptimizerEntry, config: PredictConfig, training: TrainingSettings) -> PredictRow:
+    return PredictRow(entry.name, entry.package, package_version(entry.package), entry.family, STATUS_OK,
+                      settings=entry.settings(config.opt_args) if entry.settings else None,
+                      micro_batch=training.micro_batch, seq_len=training.seq_len, grad_accum=training.grad_accum,
+                      world_size=config.gpus)
+
+
+class FakeTrainer:
+    """One optimizer over a fake model: warmed up once (lazy state), then a tracked step per micro-batch."""
+
+    def __init__(self, config: PredictConfig, entry: OptimizerEntry, training: TrainingSettings,
+                 mesh: Any = None) -> None:
+        import torch
+
+        self.training = training
+        overrides = dict.fromkeys(ATTENTION_DROPOUT_KEYS, 0.0) if training.device == "cuda" else {}
+        torch.manual_seed(training.seed)
+        loaded = load_model(config.model.model, dtype="float32" if training.amp else config.model.dtype,
+                            device="cpu", revision=config.model.revision,
+                            trust_remote_code=config.model.trust_remote_code, overrides=overrides)
+        self.model, self.info = loaded.module, loaded.info
+        self.model.train()
+        if training.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.mesh = mesh
+        if mesh is not None:
+            shard_fsdp(self.model, mesh)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = entry.build(self.model, self.info, config.opt_args)
+        self._step(1).run()  # Adam-style state appears in the first step
+        self.state_bytes = account_state(self.optimizer, self.params, entry.second_moment_keys).state_bytes
+
+    def _step(self, micro_batch: int) -> TrainStep:
+        # CPU kernels on fake tensors; device-side settings (amp dtype) still follow the target
+        training = dataclasses.replace(self.training, micro_batch=micro_batch, device="cpu")
+        batches = make_batches(self.info.vocab_size, training, "cpu")
+        return TrainStep(self.model, self.optimizer, self.params, batches, CpuDevice(), training)
+
+    def peak(self, micro_batch: int) -> TrackedPeak:
+        step = self._step(micro_batch)
+        if self.mesh is None:
+            return tracked_step(step, self.state_bytes)
+        from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+        tracker = peak_tracker(FSDPMemTracker, self.model, self.optimizer)
+        tracker.track_inputs(tuple(step.batches))
+        return tracked_step(step, self.state_bytes, tracker)
+
+
+def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: TrainingSettings,
+                      progress: Callable[[str], None]) -> PredictRow:
+    """The entry's predicted peak at the micro-batch asked for, and its largest micro-batch when memory is given."""
+    started = time.perf_counter()
+    base = _base_row(entry, config, training)
+    reason = availability(entry)
+    if reason is not None:
+        return dataclasses.replace(base, status=STATUS_UNAVAILABLE, reason=reason)
+    try:
+        with contextlib.ExitStack() as stack:
+            mesh = stack.enter_context(fake_process_group(config.gpus)) if config.gpus > 1 else None
+            stack.enter_context(adam_mini_on_cpu_ranks())
+            stack.enter_context(fake_tensors())
+            progress("building the fake model and warming up")
+            trainer = FakeTrainer(config, entry, training, mesh)
+            progress(f"micro-batch {training.micro_batch}")
+            at = trainer.peak(training.micro_batch)
+            found = None
+            if config.gpu_memory_bytes is not None:
+                usable = config.gpu_memory_bytes - config.reserve_bytes
+
+                def fits(micro_batch: int) -> Probe:
+                    progress(f"largest micro-batch: trying {micro_batch}")
+                    peak = trainer.peak(micro_batch)
+                    return Probe(micro_batch, peak.tensor_peak_bytes <= usable, peak.tensor_peak_bytes, usable,
+                                 growing_bytes=peak.fwd_bwd_peak_bytes)
+
+                found = search_max_micro_batch(fits, cap=config.max_micro_batch)
+    except Exception as exc:
+        return dataclasses.replace(base, status=STATUS_FAILED, reason=error_text(exc),
+                                   predict_s=time.perf_counter() - started)
+    at_max = None
+    if found is not None and found.max_micro_batch:
+        at_max = next(p.peak_bytes for p in found.probes if p.micro_batch == found.max_micro_batch)
+    return dataclasses.replace(
+        base,
+        state_bytes=trainer.state_bytes,
+        predicted_peak_bytes=at.tensor_peak_bytes,
+        predicted_device_bytes=at.tensor_peak_bytes + config.reserve_bytes,
+        predicted_breakdown=at.breakdown,
+        predicted_max_micro_batch=None if found is None else found.max_micro_batch,
+        predicted_max_capped=None if found is None else found.capped,
+        trials=None if found is None else found.trials,
+        predicted_peak_at_max_bytes=at_max,
+        predict_s=time.perf_counter() - started,
+    )
+
+
+def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] | None = None,
+                on_row: Callable[[PredictRow], None] | None = None) -> PredictReport:
+    from optprof.compare import check_training, resolve_seq_len
+
+    check_training(config.training, config.model.dtype)
+    entries = resolve_optimizers(list(config.optimizers))
+    selection = config.model
+    info: ModelInfo = load_model(selection.model, dtype=selection.dtype, revision=selection.revision,
+                                 trust_remote_code=selection.trust_remote_code).info
+    training = dataclasses.replace(
+        config.training, seq_len=resolve_seq_len(config.training.seq_len, info, config.training.device))
+    rows = []
+    for entry in entries:
+        def progress(text: str, name: str = entry.name) -> None:
+            if on_progress is not None:
+                on_progress(name, text)
+
+        rows.append(predict_optimizer(config, entry, training, progress))
+        if on_row is not None:
+            on_row(rows[-1])
+    assumptions = ASSUMPTIONS_COMMON + (ASSUMPTIONS_CUDA if training.device == "cuda" else ())
+    if config.gpus > 1:
+        assumptions += (f"FSDP2 over {config.gpus} ranks ran in one process on a fake process group (no "
+                        "communication); the figures are per rank, for rank 0, and every rank holds the same shapes",)
+    return PredictReport(
+        model=info,
+        results=tuple(rows),
+        config={
+            "command": "predict",
+            **dataclasses.asdict(selection),
+            "optimizers": [e.name for e in entries],
+            "opt_args": {k: repr(v) for k, v in config.opt_args.items()},
+            **dataclasses.asdict(training),
+            "target_device": training.device,
+            "gpu_memory_bytes": config.gpu_memory_bytes,
+            "reserve_bytes": config.reserve_bytes,
+            "max_micro_batch": config.max_micro_batch,
+            "gpus": config.gpus,
+            "strategy": config.strategy if config.gpus > 1 else None,
+        },
+        assumptions=assumptions,
+        environment=environment(),
+        created=now_iso(),
+    )

@@ -1,0 +1,85 @@
+"""`optprof predict`: the training step on fake tensors, checked against what compare measures."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pytest
+import torch.distributed as dist
+from test_cli import run
+
+from optprof.compare import run_compare
+from optprof.config import CompareConfig, ModelSelection, PredictConfig, TrainingSettings
+from optprof.predict import run_predict
+
+TRIO = ("adamw", "adam-mini", "sgd")
+
+
+def measured_and_predicted(model: str, seq_len: int, micro_batch: int = 1) -> tuple[dict, dict]:
+    training = TrainingSettings(device="cpu", seq_len=seq_len, micro_batch=micro_batch, steps=1)
+    measured = run_compare(CompareConfig(ModelSelection(model), TRIO, training), isolate=False)
+    predicted = run_predict(PredictConfig(ModelSelection(model), TRIO, training))
+    return ({r.optimizer: r for r in measured.results}, {r.optimizer: r for r in predicted.results})
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])  # GPT-2: tied head, fused c_attn, dropout
+def test_predicted_peak_matches_the_measured_tensor_peak(name: str, model_dir: Callable[[str], str]) -> None:
+    measured, predicted = measured_and_predicted(model_dir(name), seq_len=32, micro_batch=2)
+    for optimizer in TRIO:
+        real, fake = measured[optimizer], predicted[optimizer]
+        assert real.status == fake.status == "ok", (real.reason, fake.reason)
+        assert fake.predicted_peak_bytes == pytest.approx(real.tensor_peak_bytes, rel=0.02)
+        assert fake.state_bytes == real.state_bytes
+        assert fake.predicted_breakdown == pytest.approx(real.breakdown, rel=0.02, abs=1024)
+
+
+def test_demo_model_prediction_within_two_percent() -> None:
+    measured, predicted = measured_and_predicted("demo", seq_len=64)
+    for optimizer in TRIO:
+        ratio = predicted[optimizer].predicted_peak_bytes / measured[optimizer].tensor_peak_bytes
+        assert abs(ratio - 1) <= 0.02, (optimizer, ratio)
+
+
+def test_fsdp_on_a_fake_group_halves_the_state_per_rank() -> None:
+    training = TrainingSettings(device="cpu", seq_len=64)
+    single = run_predict(PredictConfig(ModelSelection("demo"), ("adamw", "adam-mini"), training))
+    sharded = run_predict(PredictConfig(ModelSelection("demo"), ("adamw", "adam-mini"), training, gpus=2))
+    assert not dist.is_initialized()  # the fake group is gone again
+    for one, two in zip(single.results, sharded.results, strict=True):
+        assert two.status == "ok", two.reason
+        assert two.world_size == 2
+        assert two.state_bytes == pytest.approx(one.state_bytes / 2, rel=0.02)
+        assert two.predicted_peak_bytes < one.predicted_peak_bytes
+    assert any("FSDP2 over 2 ranks" in a for a in sharded.assumptions)
+
+
+def test_largest_micro_batch_and_determinism() -> None:
+    config = PredictConfig(ModelSelection("demo"), ("sgd", "adamw"), TrainingSettings(device="cpu", seq_len=128),
+                           gpu_memory_bytes=200 * 10**6)
+    first, second = run_predict(config), run_predict(config)
+    sgd, adamw = first.results
+    assert sgd.predicted_max_micro_batch > adamw.predicted_max_micro_batch >= 1
+    assert adamw.predicted_peak_at_max_bytes <= 200 * 10**6
+    keys = ("state_bytes", "predicted_peak_bytes", "predicted_max_micro_batch", "predicted_breakdown")
+    for a, b in zip(first.results, second.results, strict=True):
+        assert all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def test_cli_predict_labels_everything_predicted(capsys) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = run(["predict", "demo", "-o", "sgd", "--seq-len", "64", "--gpu-memory", "4GiB"], capsys)
+    assert code == 0 and "PREDICTED for cuda" in out and "Assumed:" in out and "predicted" in out
+    code, out, _ = run(["predict", "demo", "-o", "sgd", "--seq-len", "64", "--device", "cpu", "-f", "json"], capsys)
+    body = json.loads(out)
+    assert (body["schema"], body["schema_version"]) == ("optprof.predict", 1)
+    row = body["results"][0]
+    assert row["predicted_peak_bytes"] > 0 and row["micro_batch"] == 1 and row["predicted_max_micro_batch"] is None
+    assert set(row["predicted_breakdown"]) == {"parameters", "gradients", "optimizer_state", "activations",
+                                               "temporaries"}
+    assert body["assumptions"] and body["config"]["reserve_bytes"] == 0  # nothing to reserve on a CPU
+    for argv, message in (
+        (["predict", "--gpu-memory", "1GiB", "--reserve", "2GiB"], "larger than --reserve"),
+        (["predict", "--gpu-memory", "lots"], "cannot read 'lots' as a size"),
+    ):
+        code, _, err = run(argv, capsys)
+        assert code == 2 and message in err
