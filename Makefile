@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0  # a CPU build on local disk; installed first so no dependency pulls another torch
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test check lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ run: install
 
 test: install lint
 	$(BIN)/python -m pytest -q
+
+check: install
+	$(BIN)/optprof check profiles/ --junit check-results.xml
 
 lint: install
 	$(BIN)/ruff check optprof tests

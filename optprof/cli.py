@@ -117,6 +117,10 @@ OutputOpt = Annotated[
     Path | None,
     typer.Option("--output", help="Write json or csv here (format from --format, else the file suffix)."),
 ]
+SaveProfileOpt = Annotated[
+    Path | None,
+    typer.Option("--save-profile", help="Write a profile (TOML) that guards these results, for `optprof check`."),
+]
 UnitsOpt = Annotated[
     Units | None,
     typer.Option("--units", help="Byte units in tables: gb, gib, mb or mib (default: gb, or mb for small models)."),
@@ -138,6 +142,7 @@ def state_size(
         int | None,
         typer.Option("--jobs", "-j", min=1, help="Optimizers measured at once (default: CPU cores, at most 4)."),
     ] = None,
+    save_profile: SaveProfileOpt = None,
 ) -> None:
     """Exact optimizer-state bytes per optimizer, measured on the real optimizer over a meta-device model.
 
@@ -162,6 +167,8 @@ def state_size(
         result = run_state_size(config, on_row=lambda row: status.update(f"measured {row.optimizer}"))
     chosen = units.value if units else None
     _emit(result, output_format, output, file_format, lambda: report.render_state_size(result, chosen))
+    if save_profile is not None:
+        _save_profile(save_profile, result, "state-size", {"state_bytes": "state_bytes"})
     if result.failed:
         raise typer.Exit(1)
 
@@ -254,6 +261,7 @@ def compare(
     trial_timeout: Annotated[
         float, typer.Option("--trial-timeout", min=1.0, help="Seconds per optimizer trial, start-up included.")
     ] = 1800.0,
+    save_profile: SaveProfileOpt = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for weights and tokens (the same for every optimizer).")
                     ] = 0,
     revision: RevisionOpt = None,
@@ -308,6 +316,13 @@ def compare(
         result = run_compare(config, on_progress=on_progress, on_row=on_row, quiet=not _debug)
     chosen = units.value if units else None
     _emit(result, output_format, output, file_format, lambda: report.render_compare(result, chosen))
+    if save_profile is not None:
+        if auto:
+            raise UsageError("--save-profile needs a fixed --micro-batch (a profile names one)")
+        measured = {"state_bytes": "state_bytes"}
+        if kind == "cuda":  # check measures peaks and throughput on GPUs only
+            measured |= {"peak_bytes": "peak_bytes", "tokens_per_s": "tokens_per_s"}
+        _save_profile(save_profile, result, "compare", measured)
     if result.failed:
         raise typer.Exit(1)
 
@@ -361,6 +376,7 @@ def predict(
     output_format: FormatOpt = OutputFormat.table,
     output: OutputOpt = None,
     units: UnitsOpt = None,
+    save_profile: SaveProfileOpt = None,
 ) -> None:
     """Predict peak memory per device (and the largest micro-batch) without a GPU, from fake tensors.
 
@@ -390,6 +406,8 @@ def predict(
     )
     if config.gpu_memory_bytes is not None and config.gpu_memory_bytes <= config.reserve_bytes:
         raise UsageError("--gpu-memory must be larger than --reserve")
+    if save_profile is not None and gpus > 1:
+        raise UsageError("--save-profile: profiles describe one device for now; drop --gpus")
     file_format = _file_format(output_format, output)
     err = report.console(stderr=True)
     with err.status(f"predicting on fake tensors for {model} ...") as status:
@@ -397,6 +415,57 @@ def predict(
                              on_row=lambda row: err.print(report.prediction_line(row)))
     chosen = units.value if units else None
     _emit(result, output_format, output, file_format, lambda: report.render_predict(result, chosen))
+    if save_profile is not None:
+        _save_profile(save_profile, result, "predict",
+                      {"state_bytes": "state_bytes", "predicted_peak_bytes": "predicted_peak_bytes"})
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@app.command("check")
+def check(
+    paths: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Profile files or folders (searched for *.toml with a [profile] table). "
+                       "Default: the profiles optprof ships."),
+    ] = None,
+    update: Annotated[
+        bool, typer.Option("--update", help="Rewrite the expected values from this run (comments and tolerances "
+                           "kept).")
+    ] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on improvements past the tolerance too.")] = False,
+    junit: Annotated[Path | None, typer.Option("--junit", help="Also write JUnit XML here (for CI).")] = None,
+    output_format: Annotated[
+        OutputFormat, typer.Option("--format", "-f", help="table (terminal) or json.")
+    ] = OutputFormat.table,
+) -> None:
+    """CI regression check: recompute each profile's measures and compare them with the expected values.
+
+    Optimizer-state bytes and predicted peaks run on any machine; measured peak and tokens/s need a GPU and
+    are skipped (and said so) without one. Exit code 0 when every measure holds, 1 on a regression, 2 on a
+    usage error or an unreadable profile.
+    """
+    import json
+
+    from optprof import report
+    from optprof.check import run_check, to_dict, to_junit
+    from optprof.models import profiles_dir
+
+    if output_format is OutputFormat.csv:
+        raise UsageError("check writes table or json (and --junit XML)")
+    err = report.console(stderr=True)
+    with err.status("checking profiles ...") as status:
+        result = run_check(paths or [profiles_dir()], update=update, strict=strict,
+                           on_profile=lambda p: status.update(f"checking {p.path} ({p.model})"))
+    if junit is not None:
+        try:
+            junit.write_text(to_junit(result))
+        except OSError as exc:
+            raise UsageError(f"cannot write '{junit}': {exc.strerror or exc}") from exc
+    if output_format is OutputFormat.json:
+        typer.echo(json.dumps(to_dict(result), indent=2))
+    else:
+        report.console().print(report.check_table(result))
     if result.failed:
         raise typer.Exit(1)
 
@@ -438,6 +507,26 @@ def models() -> None:
 
     rows = [(b.name, b.description, b.aliases) for b in bundled_models().values()]
     report.console().print(report.models_table(rows))
+
+
+def _save_profile(path: Path, result: Report, command: str, measures: dict[str, str]) -> None:
+    """A profile guarding `measures` (profile measure -> result field) of the rows that succeeded."""
+    from optprof import report
+    from optprof.baseline import profile_text
+
+    settings = {key: result.config.get(key) for key in
+                ("dtype", "amp", "seq_len", "micro_batch", "device", "gradient_checkpointing")}
+    if command == "state-size":
+        settings = {"dtype": result.config.get("dtype")}
+    ok = [row for row in result.results if row.status == "ok"]
+    expected = {row.optimizer: {m: getattr(row, f) for m, f in measures.items() if getattr(row, f) is not None}
+                for row in ok}
+    text = profile_text(result.model.name, [row.optimizer for row in ok], settings, expected, command)
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise UsageError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+    report.console(stderr=True).print(f"wrote profile {path}: `optprof check {path}` guards it")
 
 
 def _file_format(output_format: OutputFormat, output: Path | None) -> str | None:

@@ -16,6 +16,7 @@ from rich.text import Text
 from optprof.results import METHOD_META_STEP
 
 if TYPE_CHECKING:
+    from optprof.check import CheckReport
     from optprof.results import CompareReport, CompareRow, PredictReport, PredictRow, Report, StateSizeReport
 
 UNITS = {"gb": (1e9, "GB"), "gib": (2**30, "GiB"), "mb": (1e6, "MB"), "mib": (2**20, "MiB")}
@@ -303,6 +304,44 @@ def prediction_line(row: PredictRow, units: str = "gb") -> Text:
     return Text.assemble((f"{row.optimizer}: ", "bold"),
                          f"predicted peak {format_bytes(row.predicted_peak_bytes, units)} {UNITS[units][1]}"
                          f"{largest}{took}")
+
+
+VERDICT_STYLE = {"ok": "green", "regression": "bold red", "missing": "bold red", "improved": "cyan",
+                 "skipped": "yellow"}
+
+
+def _measure_value(measure: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.0f}" if measure.endswith("_bytes") else f"{value:,.1f}"
+
+
+def check_table(report: CheckReport) -> Group:
+    table = Table(title="optprof check: footprints against their profiles", title_justify="left",
+                  box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    for column in ("profile", "optimizer", "measure", "expected", "actual", "change", "tol.", "verdict"):
+        table.add_column(column, no_wrap=True,
+                         justify="right" if column in ("expected", "actual", "change", "tol.") else "left")
+    previous = None
+    for v in report.verdicts:
+        verdict = Text(v.verdict + (f" ({v.note})" if v.note else ""), style=VERDICT_STYLE.get(v.verdict, ""))
+        name = os.path.splitext(os.path.basename(v.profile))[0]
+        table.add_row(
+            name if v.profile != previous else "", v.optimizer, v.measure, _measure_value(v.measure, v.expected),
+            _measure_value(v.measure, v.actual), "-" if v.change is None else f"{100 * v.change:+.3f}%",
+            f"{100 * v.tolerance:g}%", verdict,
+        )
+        previous = v.profile
+    counts: dict[str, int] = {}
+    for v in report.verdicts:
+        counts[v.verdict] = counts.get(v.verdict, 0) + 1
+    summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+    result = "FAILED" if report.failed else "passed"
+    lines = [Text(f"{result}: {summary}. Bytes and peaks fail when they grow past the tolerance, tokens/s when it "
+                  "falls below it; an improvement past the tolerance fails only with --strict "
+                  "(refresh the baseline with --update).", style="bold red" if report.failed else "green")]
+    lines += [Text(f"updated {path}: {n} values", style="dim") for path, n in report.updated.items()]
+    return Group(table, *lines)
 
 
 def trial_line(row: CompareRow, units: str = "mb") -> Text:
