@@ -5,6 +5,7 @@ torch and transformers are imported inside the commands so that `optprof --help`
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import traceback
@@ -60,6 +61,15 @@ class DeviceKind(StrEnum):
 class Amp(StrEnum):
     bf16 = "bf16"
     fp16 = "fp16"
+
+
+class CompareStrategy(StrEnum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class Strategy(StrEnum):  # commands that shard on fake tensors: FSDP only
+    fsdp = "fsdp"
 
 
 _debug = False  # set by --debug: show tracebacks instead of one-line errors
@@ -143,6 +153,13 @@ def state_size(
         typer.Option("--jobs", "-j", min=1, help="Optimizers measured at once (default: CPU cores, at most 4)."),
     ] = None,
     save_profile: SaveProfileOpt = None,
+    gpus: Annotated[
+        int, typer.Option("--gpus", min=1, help="Per-rank state when sharded over this many ranks (FSDP2 on a fake "
+                          "process group, in this process).")
+    ] = 1,
+    strategy: Annotated[
+        Strategy, typer.Option("--strategy", help="With --gpus > 1: fsdp (FSDP2 shards the state).")
+    ] = Strategy.fsdp,
 ) -> None:
     """Exact optimizer-state bytes per optimizer, measured on the real optimizer over a meta-device model.
 
@@ -160,7 +177,11 @@ def state_size(
         optimizers=tuple(optimizer or ()),
         opt_args=parse_opt_args(opt_arg or []),
         jobs=jobs or default_jobs(),
+        gpus=gpus,
+        strategy=strategy.value,
     )
+    if save_profile is not None and gpus > 1:
+        raise UsageError("--save-profile: profiles describe one device for now; drop --gpus")
     file_format = _file_format(output_format, output)
     err = report.console(stderr=True)
     with err.status(f"measuring optimizer state for {model} ...") as status:
@@ -190,6 +211,24 @@ def _positive_int(text: str, flag: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise UsageError(f"{flag}: expected a whole number of at least 1, or 'auto'; got '{text}'")
     return int(text)
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def _join_torchrun(kind: str) -> None:
+    """This process is a torchrun rank: join its group (torchrun set MASTER_ADDR, RANK, WORLD_SIZE...)."""
+    import torch
+    import torch.distributed as dist
+
+    if kind == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:  # CPU ranks on one machine share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo")
 
 
 def _pick_device(requested: DeviceKind | None) -> str:
@@ -262,6 +301,14 @@ def compare(
         float, typer.Option("--trial-timeout", min=1.0, help="Seconds per optimizer trial, start-up included.")
     ] = 1800.0,
     save_profile: SaveProfileOpt = None,
+    gpus: Annotated[
+        int | None,
+        typer.Option("--gpus", min=1, help="Ranks per trial (torch.distributed; with --device cpu, CPU processes on "
+                     "gloo). Under torchrun: the group's size."),
+    ] = None,
+    strategy: Annotated[
+        CompareStrategy, typer.Option("--strategy", help="With several ranks: ddp (replicate) or fsdp (FSDP2, shard).")
+    ] = CompareStrategy.fsdp,
     seed: Annotated[int, typer.Option("--seed", help="Seed for weights and tokens (the same for every optimizer).")
                     ] = 0,
     revision: RevisionOpt = None,
@@ -285,6 +332,12 @@ def compare(
     from optprof.optimizers.registry import parse_opt_args
 
     kind = _pick_device(device)
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if torchrun else (gpus or 1)
+    if torchrun and gpus not in (None, world):
+        raise UsageError(f"--gpus {gpus} under torchrun, whose group has {world} ranks: drop --gpus")
+    if kind == "cuda" and not torchrun and world > _cuda_devices():
+        raise UsageError(f"--gpus {world}: only {_cuda_devices()} CUDA devices are visible")
     limit = None if memory_limit is None else parse_bytes(memory_limit, "--memory-limit")
     auto = micro_batch == "auto" or (micro_batch is None and (kind == "cuda" or limit is not None))
     search = SearchSettings(limit, max_micro_batch, search_margin) if auto else None
@@ -301,8 +354,13 @@ def compare(
         opt_args=parse_opt_args(opt_arg or []),
         trial_timeout_s=trial_timeout,
         search=search,
+        gpus=world,
+        strategy=strategy.value,
+        torchrun=torchrun,
     )
     file_format = _file_format(output_format, output)
+    if torchrun:
+        _join_torchrun(kind)
     err = report.console(stderr=True)
     done: list[str] = []
     with err.status(f"comparing optimizers on {model} ...") as status:
@@ -314,6 +372,13 @@ def compare(
             err.print(report.trial_line(row))  # type: ignore[arg-type]
 
         result = run_compare(config, on_progress=on_progress, on_row=on_row, quiet=not _debug)
+    if torchrun:
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        dist.destroy_process_group()
+        if rank != 0:  # rank 0 writes the report
+            return
     chosen = units.value if units else None
     _emit(result, output_format, output, file_format, lambda: report.render_compare(result, chosen))
     if save_profile is not None:
@@ -329,6 +394,8 @@ def compare(
 
 class Strategy(StrEnum):
     fsdp = "fsdp"
+
+
 
 
 @app.command("predict")

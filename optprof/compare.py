@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from optprof.config import CompareConfig, PredictConfig, SearchSettings, TrainingSettings
+from optprof.dist import RankSpec, fold_ranks, free_port, rank_in_child
 from optprof.errors import UsageError
-from optprof.measure.isolate import run_isolated
+from optprof.measure.isolate import run_isolated, run_isolated_group
 from optprof.measure.trial import TrialSpec, base_row, run_trial, trial_in_child
 from optprof.models import ModelInfo, load_model
 from optprof.optimizers.registry import OptimizerEntry, availability, resolve_optimizers
@@ -80,8 +81,14 @@ class TrialRunner:
             if self.on_progress is not None:
                 self.on_progress(entry.name, label + text)
 
-        spec = TrialSpec(self.config.model, entry.name, training, self.config.opt_args)
+        distributed = self.config.gpus > 1 or self.config.torchrun
+        spec = TrialSpec(self.config.model, entry.name, training, self.config.opt_args,
+                         strategy=self.config.strategy if distributed else None)
         progress("starting")
+        if self.config.torchrun:
+            return self._run_joined(spec, progress)
+        if self.config.gpus > 1:
+            return self._run_ranks(entry, spec, progress)
         if self.isolate:
             result = run_isolated(functools.partial(trial_in_child, quiet=self.quiet), spec,
                                   self.config.trial_timeout_s, progress)
@@ -94,6 +101,35 @@ class TrialRunner:
             outcome = run_trial(spec, progress)
         self.device = self.device or outcome.device
         return TrialRun(outcome.row, outcome.device)
+
+
+    def _run_ranks(self, entry: OptimizerEntry, spec: TrialSpec, progress: Callable[[str], None]) -> TrialRun:
+        """One trial on `gpus` ranks, each a fresh spawned process; a rank that fails stops them all."""
+        port = free_port()
+        arguments = [RankSpec(spec, rank, self.config.gpus, port) for rank in range(self.config.gpus)]
+        results = run_isolated_group(functools.partial(rank_in_child, quiet=self.quiet), arguments,
+                                     self.config.trial_timeout_s, progress)
+        failed = next((r for r in results if r.value is None), None)
+        if failed is not None:
+            row = dataclasses.replace(base_row(entry, self.config.opt_args, spec.training), status=STATUS_FAILED,
+                                      reason=failed.error, world_size=self.config.gpus, strategy=spec.strategy)
+            return TrialRun(row, {}, killed=failed.killed)
+        outcomes = [r.value for r in results]
+        self.device = self.device or outcomes[0].device
+        return TrialRun(fold_ranks([o.row for o in outcomes], self.config.strategy), outcomes[0].device)
+
+    def _run_joined(self, spec: TrialSpec, progress: Callable[[str], None]) -> TrialRun:
+        """Under torchrun: this process is one rank; every rank runs the trial, rank 0 gets every row."""
+        import torch.distributed as dist
+
+        from optprof.optimizers.registry import adam_mini_on_cpu_ranks
+
+        with adam_mini_on_cpu_ranks():
+            outcome = run_trial(spec, progress, rank=dist.get_rank())
+        rows: list[CompareRow] | None = [outcome.row] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(outcome.row, rows, dst=0)
+        self.device = self.device or outcome.device
+        return TrialRun(fold_ranks(list(rows or [outcome.row]), self.config.strategy), outcome.device)
 
 
 def _probe(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings, search: SearchSettings,
@@ -196,6 +232,10 @@ def run_compare(
     check_training(config.training, config.model.dtype)
     if config.search is not None and config.search.memory_limit_bytes is None and config.training.device != "cuda":
         raise UsageError("--micro-batch auto on a CPU needs --memory-limit: there is no device memory to fill")
+    if config.search is not None and config.torchrun:
+        raise UsageError("under torchrun, give a fixed --micro-batch: the search relaunches ranks in fresh processes")
+    if config.gpus > 1 and not isolate:
+        raise UsageError("--gpus N runs its ranks in fresh processes")
     entries = resolve_optimizers(list(config.optimizers))  # unknown names fail before anything is built
     selection = config.model
     info = load_model(selection.model, dtype=selection.dtype, revision=selection.revision,
@@ -231,6 +271,9 @@ def run_compare(
             "micro_batch_search": None if config.search is None else dataclasses.asdict(config.search),
             "trial_timeout_s": config.trial_timeout_s,
             "isolated": isolate,
+            "gpus": config.gpus,
+            "strategy": config.strategy if config.gpus > 1 or config.torchrun else None,
+            "torchrun": config.torchrun,
         },
         environment=environment(),
         device=runner.device,

@@ -20,6 +20,8 @@ class StateSizeConfig:
     optimizers: tuple[str, ...]  # registry names or package.module:Class paths, as the user gave them
     opt_args: dict[str, Any] = field(default_factory=dict)  # passed to every selected optimizer
     jobs: int = 1  # optimizers measured at once, in forked worker processes
+    gpus: int = 1  # > 1: FSDP2 over a fake process group of this many ranks; state per rank
+    strategy: str = "fsdp"
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ class CompareConfig:
     training: TrainingSettings
     opt_args: dict[str, Any] = field(default_factory=dict)
     search: SearchSettings | None = None  # None: measure at training.micro_batch
+    gpus: int = 1  # ranks per trial (on cpu: processes with gloo)
+    strategy: str = "fsdp"  # with gpus > 1: "ddp" or "fsdp"
+    torchrun: bool = False  # already a rank of a torchrun group: join it instead of spawning ranks
     trial_timeout_s: float = 1800.0  # one optimizer's trial, start-up included; then it is stopped and failed
 
 

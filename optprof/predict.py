@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from optprof.config import PredictConfig, TrainingSettings
+from optprof.dist import shard_fsdp
 from optprof.errors import error_text
 from optprof.measure.device import CpuDevice
-from optprof.measure.trial import TrackedPeak, TrainStep, make_batches, peak_tracker, tracked_step
+from optprof.measure.trial import TrackedPeak, TrainStep, make_batches, tracked_step
 from optprof.models import ModelInfo, load_model
 from optprof.optimizers.registry import (
     OptimizerEntry,
@@ -107,18 +108,6 @@ def fake_process_group(world_size: int) -> Iterator[Any]:
         dist.destroy_process_group()
 
 
-def shard_fsdp(model: Any, mesh: Any) -> None:
-    """FSDP2 as it is usually applied: each transformer block its own unit (transformers names the block
-    classes in `_no_split_modules`), then the root for the rest (embeddings, final norm, head)."""
-    from torch.distributed.fsdp import fully_shard
-
-    blocks = set(getattr(model, "_no_split_modules", None) or ())
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-
-
 def _base_row(entry: OptimizerEntry, config: PredictConfig, training: TrainingSettings) -> PredictRow:
     return PredictRow(entry.name, entry.package, package_version(entry.package), entry.family, STATUS_OK,
                       settings=entry.settings(config.opt_args) if entry.settings else None,
@@ -158,14 +147,7 @@ class FakeTrainer:
         return TrainStep(self.model, self.optimizer, self.params, batches, CpuDevice(), training)
 
     def peak(self, micro_batch: int) -> TrackedPeak:
-        step = self._step(micro_batch)
-        if self.mesh is None:
-            return tracked_step(step, self.state_bytes)
-        from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
-
-        tracker = peak_tracker(FSDPMemTracker, self.model, self.optimizer)
-        tracker.track_inputs(tuple(step.batches))
-        return tracked_step(step, self.state_bytes, tracker)
+        return tracked_step(self._step(micro_batch), self.state_bytes)  # FSDPMemTracker when sharded
 
 
 def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: TrainingSettings,

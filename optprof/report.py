@@ -13,7 +13,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from optprof.results import METHOD_META_STEP
+from optprof.results import METHOD_FSDP_FAKE, METHOD_META_STEP
 
 if TYPE_CHECKING:
     from optprof.check import CheckReport
@@ -65,8 +65,11 @@ def model_line(report: Report) -> Text:
 
 def state_size_table(report: StateSizeReport, units: str = "gb") -> Table:
     _, unit = UNITS[units]
+    ranks = report.config.get("gpus") or 1
+    where = "one real step on the meta device" if ranks == 1 else (
+        f"per rank of {ranks}, FSDP2 sharding on fake tensors (the logical total is in --format json)")
     table = Table(
-        title="Optimizer state, measured: one real step on the meta device",
+        title=f"Optimizer state, measured: {where}",
         title_justify="left",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
@@ -84,7 +87,8 @@ def state_size_table(report: StateSizeReport, units: str = "gb") -> Table:
     for row in report.results:
         vs = "-" if row.saving_vs_adamw is None else f"{round(-100 * row.saving_vs_adamw, 1) + 0.0:+.1f}%"
         status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
-        remarks = [row.reason or "", row.settings or "", "" if row.method in (None, METHOD_META_STEP) else row.method]
+        remarks = [row.reason or "", row.settings or "",
+                   "" if row.method in (None, METHOD_META_STEP, METHOD_FSDP_FAKE) else row.method]
         if any(remarks):
             remark = "; ".join(r for r in remarks if r)
             notes.append(Text(f"[{len(notes) + 1}] {row.optimizer}: {remark}", style="dim"))

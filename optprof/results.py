@@ -43,6 +43,7 @@ PEAK_RSS = "rss_peak"  # CPU without the tracked step: sampled, overstates (the 
 # How a state figure was obtained (StateSizeRow.method).
 METHOD_META_STEP = "meta step"
 METHOD_META_PLACEHOLDERS = "meta step, placeholder scalars"  # value reads answered by a placeholder
+METHOD_FSDP_FAKE = "FSDP2 on fake tensors, fake process group"  # --gpus N: real sharding, no memory
 
 ENVIRONMENT_PACKAGES = (
     "torch", "transformers", "adam-mini", "pytorch-optimizer", "bitsandbytes", "torchao",
@@ -68,6 +69,8 @@ class StateSizeRow:
     second_moment_removed: float | None = None  # share of Adam's one-per-parameter removed
     method: str | None = None  # how the state was obtained, e.g. "meta step"
     settings: str | None = None  # memory-relevant settings in effect, e.g. GaLore's rank
+    world_size: int = 1  # --gpus N: state_bytes is then one rank's (rank 0), sharded by FSDP2
+    state_logical_bytes: int | None = None  # the unsharded size of that state (DTensor global shapes)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,24 @@ class StateSizeReport:
     @property
     def failed(self) -> bool:
         return any(row.status == STATUS_FAILED for row in self.results)
+
+
+@dataclass(frozen=True)
+class RankFigures:
+    """One rank of a distributed trial (`--gpus N`)."""
+
+    rank: int
+    status: str
+    peak_bytes: int | None
+    state_bytes: int | None  # this rank's own (local) state
+    tokens_per_s: float | None  # this rank's tokens
+    step_s_p50: float | None
+    tensor_peak_bytes: int | None
+    torch_max_reserved_bytes: int | None
+    nvml_process_peak_bytes: int | None
+    rss_peak_bytes: int | None
+    loss_first: float | None
+    loss_last: float | None
 
 
 @dataclass(frozen=True)
@@ -132,9 +153,14 @@ class CompareRow:
     breakdown: dict[str, int] = field(default_factory=dict)  # the tensor-level peak by category
     loss_first: float | None = None
     loss_last: float | None = None
+    losses: tuple[float, ...] = ()  # every step's loss, warm-up and tracked step included (a sanity trace)
     step_times_s: tuple[float, ...] = ()
     sampler_samples: int | None = None
     notes: tuple[str, ...] = ()  # what could not be measured here, and why
+    # --gpus N: state_bytes is then the logical total (unsharded), per-rank figures are under `ranks`
+    strategy: str | None = None
+    state_logical_bytes: int | None = None  # the state's unsharded size (DTensor global shapes)
+    ranks: tuple[RankFigures, ...] = ()
     # --micro-batch auto: the search, then the measurement above at the size chosen
     memory_limit_bytes: int | None = None  # what each probe's peak was held against
     max_micro_batch: int | None = None  # largest that fits (0: not even 1)

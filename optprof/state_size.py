@@ -22,6 +22,7 @@ from optprof.optimizers.registry import (
 )
 from optprof.optimizers.state import StateAccount, account_state, give_meta_gradients, step_on_meta
 from optprof.results import (
+    METHOD_FSDP_FAKE,
     STATUS_FAILED,
     STATUS_OK,
     STATUS_UNAVAILABLE,
@@ -135,28 +136,65 @@ def _measure_all(
     return [rows_by_index.get(i) or _base_row(e, opt_args, STATUS_FAILED, died) for i, e in enumerate(entries)]
 
 
+def _sharded_rows(config: StateSizeConfig, entries: list[OptimizerEntry], on_row: Callable[[StateSizeRow], None],
+                  ) -> tuple[ModelInfo, list[StateSizeRow], int]:
+    """--gpus N: the model sharded by FSDP2 over a fake process group, on fake tensors; each optimizer steps
+    once and rank 0's own state is counted (real sharding, not a division). Also AdamW's, as reference."""
+    from optprof.dist import shard_fsdp
+    from optprof.optimizers.registry import adam_mini_on_cpu_ranks
+    from optprof.optimizers.state import logical_state_bytes
+    from optprof.predict import fake_process_group, fake_tensors
+
+    selection = config.model
+    with fake_process_group(config.gpus) as mesh, adam_mini_on_cpu_ranks(), fake_tensors():
+        loaded = load_model(selection.model, dtype=selection.dtype, device="cpu", revision=selection.revision,
+                            trust_remote_code=selection.trust_remote_code)
+        module, info = loaded.module, loaded.info
+        shard_fsdp(module, mesh)
+        params = [p for p in module.parameters() if p.requires_grad]
+
+        def logical(entry: OptimizerEntry) -> int:
+            give_meta_gradients(module)
+            optimizer, _ = step_on_meta(lambda: entry.build(module, info, config.opt_args))
+            return logical_state_bytes(optimizer, params)
+
+        rows = []
+        for entry in entries:
+            row = dataclasses.replace(_row(entry, module, info, config.opt_args), world_size=config.gpus)
+            if row.status == STATUS_OK:
+                row = dataclasses.replace(row, method=METHOD_FSDP_FAKE, state_logical_bytes=logical(entry),
+                                          bytes_per_param=(row.state_bytes or 0) / (info.params / config.gpus))
+            rows.append(row)
+            on_row(row)
+        selected = next((r for r in rows if r.optimizer == REFERENCE and r.status == STATUS_OK), None)
+        reference = (selected.state_bytes if selected is not None and selected.state_bytes is not None
+                     else measure_entry(REGISTRY[REFERENCE], module, info, {})[0].state_bytes)
+    return info, rows, reference
+
+
 def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], None] | None = None) -> StateSizeReport:
     entries = resolve_optimizers(list(config.optimizers))  # unknown names fail before the model loads
     opt_args = config.opt_args
     selection = config.model
-    loaded = load_model(
-        selection.model,
-        dtype=selection.dtype,
-        revision=selection.revision,
-        trust_remote_code=selection.trust_remote_code,
-    )
-    module, info = loaded.module, loaded.info
-    if info.params == 0:
-        raise UsageError(f"model '{selection.model}' has no parameters")
-
-    rows = _measure_all(entries, module, info, opt_args, config.jobs, on_row or (lambda row: None))
-
-    reference_row = next((r for r in rows if r.optimizer == REFERENCE and r.status == STATUS_OK), None)
-    if reference_row is None:  # not selected (or failed with user args): measure it with defaults
-        account, _ = measure_entry(REGISTRY[REFERENCE], module, info, {})
-        reference = account.state_bytes
+    if config.gpus > 1:
+        info, rows, reference = _sharded_rows(config, entries, on_row or (lambda row: None))
     else:
-        reference = reference_row.state_bytes
+        loaded = load_model(
+            selection.model,
+            dtype=selection.dtype,
+            revision=selection.revision,
+            trust_remote_code=selection.trust_remote_code,
+        )
+        module, info = loaded.module, loaded.info
+        if info.params == 0:
+            raise UsageError(f"model '{selection.model}' has no parameters")
+        rows = _measure_all(entries, module, info, opt_args, config.jobs, on_row or (lambda row: None))
+        reference_row = next((r for r in rows if r.optimizer == REFERENCE and r.status == STATUS_OK), None)
+        if reference_row is None:  # not selected (or failed with user args): measure it with defaults
+            account, _ = measure_entry(REGISTRY[REFERENCE], module, info, {})
+            reference = account.state_bytes
+        else:
+            reference = reference_row.state_bytes
     return StateSizeReport(
         model=info,
         reference_state_bytes=reference,
@@ -166,6 +204,8 @@ def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], Non
             **dataclasses.asdict(selection),
             "optimizers": [e.name for e in entries],
             "opt_args": {k: repr(v) for k, v in opt_args.items()},
+            "gpus": config.gpus,
+            "strategy": config.strategy if config.gpus > 1 else None,
         },
         environment=environment(),
         created=now_iso(),

@@ -91,3 +91,17 @@ class KilledOnStep(torch.optim.SGD):
         import signal
 
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KilledOnRankOne(torch.optim.SGD):
+    """Rank 1's process is SIGKILLed at the first step; rank 0 is left waiting in a collective."""
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        import os
+        import signal
+
+        import torch.distributed as dist
+
+        if dist.is_initialized() and dist.get_rank() == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().step(closure)

@@ -132,5 +132,5 @@ class CudaDevice:
         self.cuda.set_per_process_memory_fraction(fraction, self.index)
 
 
-def open_device(kind: str) -> Device:
-    return CudaDevice() if kind == "cuda" else CpuDevice()
+def open_device(kind: str, index: int = 0) -> Device:
+    return CudaDevice(index) if kind == "cuda" else CpuDevice()

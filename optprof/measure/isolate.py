@@ -8,6 +8,7 @@ kernel's OOM killer confined to the trial that caused it.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import signal
 import time
 from collections.abc import Callable
@@ -69,33 +70,59 @@ def run_isolated(target: Target, argument: Any, timeout_s: float,
     Spawn, not fork: a forked child would inherit the parent's CUDA state and allocator. The child is
     stopped on timeout, on an exception here (Ctrl-C included) and always before returning.
     """
+    return run_isolated_group(target, [argument], timeout_s, on_progress)[0]
+
+
+def run_isolated_group(target: Target, arguments: list[Any], timeout_s: float,
+                       on_progress: Callable[[str], None] | None = None) -> list[Isolated]:
+    """target(argument, progress) for each argument, each in its own spawned process, all at once (the ranks
+    of one distributed trial). When one fails, dies or the time runs out, all are stopped: a group that
+    lost a rank would otherwise wait in its next collective until it timed out."""
     context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(target, argument, sender), daemon=True, name="optprof-trial")
-    process.start()
-    sender.close()  # so that the child's exit closes the pipe and recv() sees EOF
+    processes, receivers = [], []
+    for index, argument in enumerate(arguments):
+        receiver, sender = context.Pipe(duplex=False)
+        process = context.Process(target=_child, args=(target, argument, sender), daemon=True,
+                                  name=f"optprof-trial-{index}")
+        process.start()
+        sender.close()  # so that the child's exit closes the pipe and recv() sees EOF
+        processes.append(process)
+        receivers.append(receiver)
+    group = len(arguments) > 1
+    results: dict[int, Isolated] = {}
     deadline = time.monotonic() + timeout_s
     try:
-        while True:
+        while len(results) < len(arguments):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return Isolated(error=f"timed out after {timeout_s:g} s (--trial-timeout)")
-            if not receiver.poll(min(remaining, 0.5)):
-                continue
-            try:
-                kind, payload = receiver.recv()
-            except EOFError:  # the child exited without a result
-                process.join(STOP_GRACE_S)
-                killed = process.exitcode == -signal.SIGKILL
-                return Isolated(error=exit_reason(process.exitcode), killed=killed)
-            if kind == "progress":
-                if on_progress is not None:
-                    on_progress(payload)
-            elif kind == "result":
-                process.join(STOP_GRACE_S)  # let it exit on its own: it may still be freeing memory
-                return Isolated(value=payload)
-            else:
-                return Isolated(error=payload)
+                why = f"timed out after {timeout_s:g} s (--trial-timeout)"
+                return [results.get(i) or Isolated(error=why) for i in range(len(arguments))]
+            pending = [receivers[i] for i in range(len(arguments)) if i not in results]
+            for connection in multiprocessing.connection.wait(pending, timeout=min(remaining, 0.5)):
+                index = receivers.index(connection)
+                prefix = f"rank {index}: " if group else ""
+                try:
+                    kind, payload = connection.recv()
+                except EOFError:  # the child exited without a result
+                    processes[index].join(STOP_GRACE_S)
+                    code = processes[index].exitcode
+                    results[index] = Isolated(error=prefix + exit_reason(code), killed=code == -signal.SIGKILL)
+                    continue
+                if kind == "progress":
+                    if on_progress is not None and index == 0:  # rank 0 speaks for the group
+                        on_progress(payload)
+                elif kind == "result":
+                    processes[index].join(STOP_GRACE_S)  # let it exit on its own: it may still be freeing memory
+                    results[index] = Isolated(value=payload)
+                else:
+                    results[index] = Isolated(error=prefix + payload)
+            failed = next((r for r in results.values() if r.error is not None), None)
+            if failed is not None:
+                stopped = Isolated(error=f"stopped: {failed.error}", killed=failed.killed)
+                return [results.get(i) or stopped for i in range(len(arguments))]
+        return [results[i] for i in range(len(arguments))]
     finally:
-        receiver.close()
-        _stop(process)
+        for receiver in receivers:
+            receiver.close()
+        for process in processes:
+            _stop(process)

@@ -25,7 +25,7 @@ from optprof.measure.nvml import NvmlBackend, NvmlReader, find_nvml_device, open
 from optprof.measure.sampler import MemorySampler, SamplerResult, process_rss
 from optprof.models import load_model
 from optprof.optimizers.registry import OptimizerEntry, availability, package_version, resolve_optimizers
-from optprof.optimizers.state import account_state, state_tensors
+from optprof.optimizers.state import account_state, logical_state_bytes, state_tensors
 from optprof.quiet import quiet_libraries
 from optprof.results import (
     PEAK_RSS,
@@ -60,6 +60,7 @@ class TrialSpec:
     optimizer: str  # registry name or package.module:Class
     training: TrainingSettings
     opt_args: dict[str, Any] = field(default_factory=dict)
+    strategy: str | None = None  # "ddp" or "fsdp" inside a process group (--gpus N); None: one device
 
 
 @dataclass(frozen=True)
@@ -95,10 +96,11 @@ def release_freed_memory() -> None:
 
 
 def storage_bytes(tensors: Any) -> int:
-    """Bytes of the distinct storages behind `tensors` (tied weights count once)."""
+    """Bytes of the distinct storages behind `tensors` (tied weights count once; a DTensor: its local shard)."""
     seen: dict[int, int] = {}
     for tensor in tensors:
-        storage = tensor.untyped_storage()
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        storage = local.untyped_storage()
         seen[storage._cdata] = storage.nbytes()
     return sum(seen.values())
 
@@ -238,9 +240,14 @@ def tracked_step(step: TrainStep, state_bytes: int, tracker: Any = None) -> Trac
     `tracker`: one already set up (FSDPMemTracker for a sharded model); by default a MemTracker.
     """
     import torch
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed.fsdp import FSDPModule
 
-    if tracker is None:
+    if tracker is None and isinstance(step.model, FSDPModule):  # sharded: FSDP's own categories and buffers
+        tracker = peak_tracker(FSDPMemTracker, step.model, step.optimizer)
+        tracker.track_inputs(tuple(step.batches))
+    elif tracker is None:
         tracker = peak_tracker(MemTracker)
         # Registered as "other" first; registering the optimizer afterwards re-labels its own state.
         tracker.track_external(*state_tensors(step.optimizer, step.params), *step.batches)
@@ -332,7 +339,7 @@ def base_row(entry: OptimizerEntry, opt_args: dict[str, Any], training: Training
 
 
 def run_trial(spec: TrialSpec, progress: Progress = _silent, nvml: NvmlFactory = open_backend,
-              device: Device | None = None) -> TrialOutcome:
+              device: Device | None = None, rank: int = 0) -> TrialOutcome:
     """The trial's row; an unavailable optimizer, an OOM or an error becomes the row's status and reason.
 
     `nvml` and `device` are for tests: a fake NVML backend, a fake torch.cuda behind a CudaDevice.
@@ -342,9 +349,9 @@ def run_trial(spec: TrialSpec, progress: Progress = _silent, nvml: NvmlFactory =
     reason = availability(entry)
     if reason is not None:
         return TrialOutcome(dataclasses.replace(base, status=STATUS_UNAVAILABLE, reason=reason), {})
-    device = device or open_device(spec.training.device)
+    device = device or open_device(spec.training.device, rank)
     try:
-        return _measure(spec, entry, base, device, progress, nvml)
+        return _measure(spec, entry, base, device, progress, nvml, rank)
     except Exception as exc:
         status = STATUS_OOM if is_out_of_memory(exc) else STATUS_FAILED
         return TrialOutcome(dataclasses.replace(base, status=status, reason=error_text(exc)), {})
@@ -360,7 +367,7 @@ def _sampling(training: TrainingSettings, reader: NvmlReader | None) -> Iterator
 
 
 def build_step(spec: TrialSpec, entry: OptimizerEntry, device: Device,
-               progress: Progress = _silent) -> tuple[TrainStep, ModelInfo]:
+               progress: Progress = _silent, rank: int = 0) -> tuple[TrainStep, ModelInfo]:
     """The model (seeded, so the same weights for every optimizer), its optimizer and the token batches."""
     import torch
 
@@ -375,28 +382,33 @@ def build_step(spec: TrialSpec, entry: OptimizerEntry, device: Device,
     model.train()
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.strategy is not None:
+        from optprof.dist import wrap_for_strategy
+
+        model = wrap_for_strategy(model, spec.strategy, device.type, rank if device.type == "cuda" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = entry.build(model, info, spec.opt_args)
-    return TrainStep(model, optimizer, params, make_batches(info.vocab_size, t, device.torch_device), device, t), info
+    batches = make_batches(info.vocab_size, t, device.torch_device, rank)
+    return TrainStep(model, optimizer, params, batches, device, t), info
 
 
-def make_batches(vocab_size: int, training: TrainingSettings, torch_device: str) -> list[torch.Tensor]:
-    """`grad_accum` batches of random token ids, the same for every optimizer (seeded)."""
+def make_batches(vocab_size: int, training: TrainingSettings, torch_device: str, rank: int = 0) -> list[torch.Tensor]:
+    """`grad_accum` batches of random token ids, the same for every optimizer (seeded; each rank its own)."""
     import torch
 
     assert training.seq_len is not None
-    tokens = torch.Generator().manual_seed(training.seed)
+    tokens = torch.Generator().manual_seed(training.seed + rank)
     shape = (training.micro_batch, training.seq_len)
     return [torch.randint(0, vocab_size, shape, generator=tokens).to(torch_device) for _ in range(training.grad_accum)]
 
 
 def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: Device, progress: Progress,
-             nvml: NvmlFactory) -> TrialOutcome:
+             nvml: NvmlFactory, rank: int = 0) -> TrialOutcome:
     t = spec.training
     rss_baseline = process_rss()
     if t.memory_limit_bytes is not None:
         device.limit_memory(t.memory_limit_bytes)
-    step, info = build_step(spec, entry, device, progress)
+    step, info = build_step(spec, entry, device, progress, rank)
     model, optimizer, params = step.model, step.optimizer, step.params
     assert t.seq_len is not None
 
@@ -467,6 +479,7 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
         model_flops_per_token=flops_per_token,
         mfu=flops_per_token * tokens_per_s / peak_device_flops if peak_device_flops else None,
         state_bytes=account.state_bytes,
+        state_logical_bytes=logical_state_bytes(optimizer, params),
         param_bytes=storage_bytes(model.parameters()),
         grad_bytes=tracked.grad_bytes if tracked else None,
         peak_bytes=peak_bytes,
@@ -486,6 +499,7 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
         breakdown=tracked.breakdown if tracked else {},
         loss_first=step.losses[0],
         loss_last=step.losses[-1],
+        losses=tuple(step.losses),
         step_times_s=tuple(totals),
         sampler_samples=sampled.samples if sampled else None,
         notes=tuple(notes),

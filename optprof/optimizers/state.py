@@ -109,8 +109,10 @@ def _leaf_tensors(value: Any, depth: int = 0, seen: set[int] | None = None) -> I
     if isinstance(value, torch.Tensor):
         if _is_wrapper_subclass(value):
             inner_names, _ = value.__tensor_flatten__()
-            for inner in inner_names:
-                yield from _leaf_tensors(getattr(value, inner), depth + 1, seen)
+            for name in inner_names:
+                inner = getattr(value, name)
+                if isinstance(inner, torch.Tensor):  # DTensor also flattens to its DeviceMesh: not state
+                    yield from _leaf_tensors(inner, depth + 1, seen)
         else:
             yield value
     elif isinstance(value, dict):
@@ -173,3 +175,13 @@ def account_state(
         bytes_by_dtype=dict(sorted(by_dtype.items(), key=lambda kv: -kv[1])),
         second_moment_entries=entries,
     )
+
+
+def logical_state_bytes(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> int:
+    """The state's unsharded size: a sharded (DTensor) state tensor counts with its global shape, so FSDP
+    ranks report the figure one device would; everything else counts as account_state counts it."""
+    tops = [v for per_param in optimizer.state.values() for v in per_param.values() if isinstance(v, torch.Tensor)]
+    sharded = [t for t in tops if hasattr(t, "to_local")]
+    inside = {_storage_key(t.to_local()) for t in sharded}
+    plain = [t for t in state_tensors(optimizer, params) if _storage_key(t) not in inside]
+    return sum(t.numel() * t.element_size() for t in sharded) + sum(t.untyped_storage().nbytes() for t in plain)

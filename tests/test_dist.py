@@ -1,0 +1,111 @@
+"""`compare --gpus N`: real torch.distributed ranks on CPU (gloo), DDP and FSDP2, torchrun, rank faults."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+from test_cli import run
+
+from optprof.compare import run_compare
+from optprof.config import CompareConfig, ModelSelection, StateSizeConfig, TrainingSettings
+from optprof.dist import fold_ranks
+from optprof.results import CompareReport, CompareRow
+from optprof.state_size import run_state_size
+
+PAIR = ("adamw", "adam-mini")
+TRAINING = TrainingSettings(device="cpu", seq_len=32, steps=1)
+
+
+def on_two_ranks(strategy: str) -> CompareReport:
+    config = CompareConfig(ModelSelection("demo"), PAIR, TRAINING, gpus=2, strategy=strategy)
+    return run_compare(config)
+
+
+@pytest.fixture(scope="module")
+def ddp() -> CompareReport:
+    return on_two_ranks("ddp")
+
+
+@pytest.fixture(scope="module")
+def fsdp() -> CompareReport:
+    return on_two_ranks("fsdp")
+
+
+def test_both_strategies_run_both_optimizers(ddp: CompareReport, fsdp: CompareReport) -> None:
+    for report, strategy in ((ddp, "ddp"), (fsdp, "fsdp")):
+        for row in report.results:
+            assert row.status == "ok", (strategy, row.optimizer, row.reason)
+            assert (row.world_size, row.strategy, len(row.ranks)) == (2, strategy, 2)
+            assert row.tokens_per_s == pytest.approx(sum(r.tokens_per_s for r in row.ranks))
+            assert row.peak_bytes == max(r.peak_bytes for r in row.ranks)
+
+
+def test_fsdp_halves_each_ranks_state_and_keeps_the_logical_total(ddp: CompareReport, fsdp: CompareReport) -> None:
+    single = {r.optimizer: r.state_bytes for r in run_state_size(StateSizeConfig(ModelSelection("demo"), PAIR)).results}
+    for replicated, sharded in zip(ddp.results, fsdp.results, strict=True):
+        for rank_ddp, rank_fsdp in zip(replicated.ranks, sharded.ranks, strict=True):
+            assert rank_ddp.state_bytes == single[replicated.optimizer]  # each DDP rank holds it all
+            assert rank_fsdp.state_bytes == pytest.approx(rank_ddp.state_bytes / 2, rel=0.02)
+        assert replicated.state_bytes == sharded.state_bytes == single[replicated.optimizer]
+
+
+def test_the_loss_after_one_step_is_the_same_under_ddp_and_fsdp(ddp: CompareReport, fsdp: CompareReport) -> None:
+    for replicated, sharded in zip(ddp.results, fsdp.results, strict=True):
+        assert replicated.losses[0] == sharded.losses[0]  # same seed: same weights, same tokens per rank
+        assert replicated.losses[1] == pytest.approx(sharded.losses[1], rel=1e-5)  # after one optimizer step
+        assert replicated.losses[1] != replicated.losses[0]
+
+
+def test_a_killed_rank_fails_its_trial_and_leaves_nothing_behind(capsys) -> None:  # type: ignore[no-untyped-def]
+    argv = ["compare", "demo", "--device", "cpu", "--gpus", "2", "--seq-len", "32", "--steps", "1", "-f", "json",
+            "--trial-timeout", "120", "-o", "optprof_test_optimizers:KilledOnRankOne,sgd"]
+    code, out, _ = run(argv, capsys)
+    assert code == 1
+    killed, sgd = json.loads(out)["results"]
+    assert killed["status"] == "failed" and "rank 1" in killed["reason"] and "SIGKILL" in killed["reason"]
+    assert sgd["status"] == "ok" and sgd["world_size"] == 2
+    assert multiprocessing.active_children() == []
+    left = [p for p in psutil.Process(os.getpid()).children(recursive=True)
+            if "resource_tracker" not in " ".join(p.cmdline())]  # multiprocessing's own helper, not a rank
+    assert left == []
+
+
+def test_under_torchrun_rank_zero_writes_one_report() -> None:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "optprof", "compare",
+               "demo", "--device", "cpu", "-o", "sgd", "--seq-len", "32", "--steps", "1", "-f", "json",
+               "--strategy", "ddp"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    body = json.loads(done.stdout)  # exactly one JSON document: rank 1 printed nothing
+    row = body["results"][0]
+    assert body["config"]["torchrun"] is True
+    assert (row["status"], row["world_size"], row["strategy"], len(row["ranks"])) == ("ok", 2, "ddp", 2)
+
+
+def test_folding_ranks() -> None:
+    def rank_row(peak: int, tokens: float, status: str = "ok") -> CompareRow:
+        return CompareRow("sgd", "torch", None, "sgd", status, reason=None if status == "ok" else "boom",
+                          peak_bytes=peak, tokens_per_s=tokens, step_s_p50=0.1, state_logical_bytes=0)
+
+    folded = fold_ranks([rank_row(100, 10.0), rank_row(120, 12.0)], "fsdp")
+    assert (folded.peak_bytes, folded.tokens_per_s, folded.world_size) == (120, 22.0, 2)  # fits only if all fit
+    broken = fold_ranks([rank_row(100, 10.0), rank_row(120, 12.0, status="oom")], "fsdp")
+    assert broken.status == "oom" and broken.reason == "rank 1: boom"
+
+
+def test_state_size_per_rank_from_real_sharding() -> None:
+    names = ("adamw", "adam-mini", "sgd")
+    single = {r.optimizer: r for r in run_state_size(StateSizeConfig(ModelSelection("demo"), names)).results}
+    sharded = run_state_size(StateSizeConfig(ModelSelection("demo"), names, gpus=2))
+    for row in sharded.results:
+        assert row.status == "ok" and row.world_size == 2, row.reason
+        assert row.state_logical_bytes == single[row.optimizer].state_bytes  # the unsharded size, exactly
+        assert row.state_bytes == pytest.approx(single[row.optimizer].state_bytes / 2, rel=0.02)
+    assert sharded.reference_state_bytes == pytest.approx(single["adamw"].state_bytes / 2, rel=0.02)
