@@ -44,6 +44,7 @@ def test_both_strategies_run_both_optimizers(ddp: CompareReport, fsdp: CompareRe
             assert (row.world_size, row.strategy, len(row.ranks)) == (2, strategy, 2)
             assert row.tokens_per_s == pytest.approx(sum(r.tokens_per_s for r in row.ranks))
             assert row.peak_bytes == max(r.peak_bytes for r in row.ranks)
+            assert any("gradient buckets" in note for note in row.notes) == (strategy == "ddp")
 
 
 def test_fsdp_halves_each_ranks_state_and_keeps_the_logical_total(ddp: CompareReport, fsdp: CompareReport) -> None:

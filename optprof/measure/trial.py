@@ -453,6 +453,9 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
     peak_device_flops = t.peak_tflops * 1e12 if t.peak_tflops else (
         peak_flops(device.name(), low_precision) if device.type == "cuda" else None)
     notes = [nvml_note] if nvml_note else []
+    if spec.strategy == "ddp" and allocator is None and tracked is not None:
+        notes.append("DDP's gradient buckets (about the gradients' size) live in its C++ reducer, which the "
+                     "live-tensor peak does not see; on CUDA the allocator's peak includes them")
     if reader is not None and sampled is not None and sampled.nvml_process_peak_bytes is None:
         notes.append("NVML did not report this process's memory (in a container it lists host PIDs)")
     if peak_device_flops is None and device.type == "cuda":
