@@ -23,6 +23,7 @@ from optprof.results import (
     STATUS_UNAVAILABLE,
     CompareReport,
     CompareRow,
+    command_config,
     environment,
     now_iso,
 )
@@ -263,10 +264,7 @@ def run_compare(
         model=info,
         results=tuple(rows),
         config={
-            "command": "compare",
-            **dataclasses.asdict(selection),
-            "optimizers": [e.name for e in entries],
-            "opt_args": {k: repr(v) for k, v in config.opt_args.items()},
+            **command_config("compare", selection, [e.name for e in entries], config.opt_args),
             **dataclasses.asdict(training),
             "micro_batch_search": None if config.search is None else dataclasses.asdict(config.search),
             "trial_timeout_s": config.trial_timeout_s,

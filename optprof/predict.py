@@ -34,6 +34,7 @@ from optprof.results import (
     STATUS_UNAVAILABLE,
     PredictReport,
     PredictRow,
+    command_config,
     environment,
     now_iso,
 )
@@ -226,10 +227,7 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
         model=info,
         results=tuple(rows),
         config={
-            "command": "predict",
-            **dataclasses.asdict(selection),
-            "optimizers": [e.name for e in entries],
-            "opt_args": {k: repr(v) for k, v in config.opt_args.items()},
+            **command_config("predict", selection, [e.name for e in entries], config.opt_args),
             **dataclasses.asdict(training),
             "target_device": training.device,
             "gpu_memory_bytes": config.gpu_memory_bytes,

@@ -86,7 +86,7 @@ class StateSizeReport:
 
     @property
     def failed(self) -> bool:
-        return any(row.status == STATUS_FAILED for row in self.results)
+        return any_failed(self.results)
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ class CompareReport:
 
     @property
     def failed(self) -> bool:
-        return any(row.status == STATUS_FAILED for row in self.results)
+        return any_failed(self.results)
 
 
 @dataclass(frozen=True)
@@ -228,10 +228,25 @@ class PredictReport:
 
     @property
     def failed(self) -> bool:
-        return any(row.status == STATUS_FAILED for row in self.results)
+        return any_failed(self.results)
 
 
 Report = StateSizeReport | CompareReport | PredictReport
+
+
+def any_failed(rows: Any) -> bool:
+    """Whether a report should exit 1: an optimizer broke (unavailable, oom and does-not-fit are findings)."""
+    return any(row.status == STATUS_FAILED for row in rows)
+
+
+def command_config(command: str, selection: Any, optimizers: list[str], opt_args: dict[str, Any]) -> dict[str, Any]:
+    """The head of every report's `config`: the command, the model selection, the optimizers and their args."""
+    return {
+        "command": command,
+        **dataclasses.asdict(selection),
+        "optimizers": optimizers,
+        "opt_args": {k: repr(v) for k, v in opt_args.items()},
+    }
 
 
 def now_iso() -> str:

@@ -28,6 +28,7 @@ from optprof.results import (
     STATUS_UNAVAILABLE,
     StateSizeReport,
     StateSizeRow,
+    command_config,
     environment,
     now_iso,
 )
@@ -200,10 +201,7 @@ def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], Non
         reference_state_bytes=reference,
         results=tuple(_with_reference(r, reference) for r in rows),
         config={
-            "command": "state-size",
-            **dataclasses.asdict(selection),
-            "optimizers": [e.name for e in entries],
-            "opt_args": {k: repr(v) for k, v in opt_args.items()},
+            **command_config("state-size", selection, [e.name for e in entries], opt_args),
             "gpus": config.gpus,
             "strategy": config.strategy if config.gpus > 1 else None,
         },
