@@ -13,7 +13,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from optprof.results import METHOD_FSDP_FAKE, METHOD_META_STEP
+from optprof.results import BREAKDOWN_KEYS, METHOD_FSDP_FAKE, METHOD_META_STEP
 
 if TYPE_CHECKING:
     from optprof.check import CheckReport
@@ -86,13 +86,8 @@ def state_size_table(report: StateSizeReport, units: str = "gb") -> Table:
     notes: list[Text] = []
     for row in report.results:
         vs = "-" if row.saving_vs_adamw is None else f"{round(-100 * row.saving_vs_adamw, 1) + 0.0:+.1f}%"
-        status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
-        remarks = [row.reason or "", row.settings or "",
-                   "" if row.method in (None, METHOD_META_STEP, METHOD_FSDP_FAKE) else row.method]
-        if any(remarks):
-            remark = "; ".join(r for r in remarks if r)
-            notes.append(Text(f"[{len(notes) + 1}] {row.optimizer}: {remark}", style="dim"))
-            status.append(f" [{len(notes)}]")
+        method = "" if row.method in (None, METHOD_META_STEP, METHOD_FSDP_FAKE) else row.method
+        status = _status_cell(row.optimizer, row.status, [row.reason or "", row.settings or "", method], notes)
         table.add_row(
             row.optimizer,
             format_bytes(row.state_bytes, units),
@@ -110,6 +105,15 @@ def state_size_table(report: StateSizeReport, units: str = "gb") -> Table:
         style="dim",
     )
     return Group(table, legend, *notes)
+
+
+def _status_cell(optimizer: str, status: str, remarks: Sequence[str], notes: list[Text]) -> Text:
+    """The status, with a numbered reference to a note below the table when the row has remarks."""
+    cell = Text(status, style=STATUS_STYLE.get(status, ""))
+    if any(remarks):
+        notes.append(Text(f"[{len(notes) + 1}] {optimizer}: " + "; ".join(r for r in remarks if r), style="dim"))
+        cell.append(f" [{len(notes)}]")
+    return cell
 
 
 def _short_dtype(dtype: str) -> str:
@@ -184,13 +188,9 @@ def compare_table(report: CompareReport, units: str) -> Group:
         breakdown.add_column(key, justify="right", no_wrap=True)
     notes: list[Text] = []
     for row in report.results:
-        status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
         short = f"short by {format_bytes(row.short_by_bytes, units)} {unit}" if row.short_by_bytes else ""
-        remarks = [row.reason or "", short, row.settings or "", *row.notes]
-        if any(remarks):
-            notes.append(Text(f"[{len(notes) + 1}] {row.optimizer}: " + "; ".join(r for r in remarks if r),
-                              style="dim"))
-            status.append(f" [{len(notes)}]")
+        status = _status_cell(row.optimizer, row.status, [row.reason or "", short, row.settings or "", *row.notes],
+                              notes)
         largest, trials, at_common = _search_cells(row)
         table.add_row(
             row.optimizer,
@@ -206,8 +206,7 @@ def compare_table(report: CompareReport, units: str) -> Group:
             status,
         )
         if row.breakdown:
-            parts = [row.breakdown.get(k) for k in ("parameters", "gradients", "optimizer_state", "activations",
-                                                     "temporaries")]
+            parts = [row.breakdown.get(k) for k in BREAKDOWN_KEYS]
             breakdown.add_row(row.optimizer, *(format_bytes(p, units) for p in parts),
                               format_bytes(row.tensor_peak_bytes, units), format_bytes(row.rss_peak_bytes, units))
     limit = next((r.memory_limit_bytes for r in report.results if r.memory_limit_bytes), None)
@@ -263,13 +262,8 @@ def predict_table(report: PredictReport, units: str) -> Group:
     table.add_column("status", no_wrap=True)
     notes: list[Text] = []
     for row in report.results:
-        status = Text(row.status, style=STATUS_STYLE.get(row.status, ""))
-        remarks = [row.reason or "", row.settings or ""]
-        if any(remarks):
-            notes.append(Text(f"[{len(notes) + 1}] {row.optimizer}: " + "; ".join(r for r in remarks if r),
-                              style="dim"))
-            status.append(f" [{len(notes)}]")
-        parts = [row.predicted_breakdown.get(k) for k in ("parameters", "gradients", "activations", "temporaries")]
+        status = _status_cell(row.optimizer, row.status, [row.reason or "", row.settings or ""], notes)
+        parts = [row.predicted_breakdown.get(k) for k in BREAKDOWN_KEYS if k != "optimizer_state"]
         largest = "-" if row.predicted_max_micro_batch is None else (
             f"{row.predicted_max_micro_batch}{'+' if row.predicted_max_capped else ''}")
         table.add_row(
@@ -298,10 +292,14 @@ def render_predict(report: PredictReport, units: str | None = None) -> Group:
     return Group(model_line(report), predict_table(report, units or auto_units(largest)))
 
 
+def _failure_line(optimizer: str, status: str, reason: str | None) -> Text:
+    return Text.assemble((f"{optimizer}: ", "bold"), (status, STATUS_STYLE.get(status, "")),
+                         f" ({reason})" if reason else "")
+
+
 def prediction_line(row: PredictRow, units: str = "gb") -> Text:
     if row.status != "ok":
-        return Text.assemble((f"{row.optimizer}: ", "bold"), (row.status, STATUS_STYLE.get(row.status, "")),
-                             f" ({row.reason})" if row.reason else "")
+        return _failure_line(row.optimizer, row.status, row.reason)
     largest = "" if row.predicted_max_micro_batch is None else (
         f", predicted max micro-batch {row.predicted_max_micro_batch}")
     took = "" if row.predict_s is None else f" ({row.predict_s:.1f} s)"
@@ -351,8 +349,7 @@ def check_table(report: CheckReport) -> Group:
 def trial_line(row: CompareRow, units: str = "mb") -> Text:
     """One line per finished trial, printed while the others run."""
     if row.status != "ok":
-        return Text.assemble((f"{row.optimizer}: ", "bold"), (row.status, STATUS_STYLE.get(row.status, "")),
-                             f" ({row.reason})" if row.reason else "")
+        return _failure_line(row.optimizer, row.status, row.reason)
     search = "" if row.max_micro_batch is None else (
         f"max micro-batch {row.max_micro_batch} ({row.trials} probe trials), ")
     return Text.assemble(

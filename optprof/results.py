@@ -35,6 +35,9 @@ STATUS_UNAVAILABLE = "unavailable"  # cannot run on this machine (package missin
 STATUS_OOM = "oom"  # ran out of device memory at this micro-batch: a finding, not an error
 STATUS_NO_FIT = "does not fit"  # --micro-batch auto: not even micro-batch 1 fits the memory limit
 
+# The categories of a peak's breakdown (CompareRow.breakdown, PredictRow.predicted_breakdown), in table order.
+BREAKDOWN_KEYS = ("parameters", "gradients", "optimizer_state", "activations", "temporaries")
+
 # Which figure a compare row's peak_bytes is (the best one for the device).
 PEAK_TORCH_RESERVED = "torch_max_reserved"  # CUDA: what the caching allocator held, exact
 PEAK_TENSOR = "tensor_peak"  # CPU: live tensor bytes at the peak, from torch's MemTracker

@@ -48,7 +48,6 @@ Progress = Callable[[str], None]
 NvmlFactory = Callable[[], tuple[NvmlBackend | None, str | None]]
 
 AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
-BREAKDOWN_KEYS = ("parameters", "gradients", "optimizer_state", "activations", "temporaries")
 # MemTracker's and FSDPMemTracker's category names, folded into the breakdown's
 TRACKER_PARAMETERS = ("PARAM", "BUFFER", "SHARDED_PARAM", "UNSHARDED_PARAM")
 TRACKER_GRADIENTS = ("GRAD", "SHARDED_GRAD", "UNSHARDED_GRAD")
