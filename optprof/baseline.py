@@ -23,26 +23,57 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from optprof.errors import UsageError
+from optprof.results import (
+    STATUS_OK,
+    VERDICT_IMPROVED,
+    VERDICT_MISSING,
+    VERDICT_OK,
+    VERDICT_REGRESSION,
+    VERDICT_SKIPPED,
+    Verdict,
+)
 
-# measure -> (default relative tolerance, higher is better, needs a GPU)
-MEASURES: dict[str, tuple[float, bool, bool]] = {
-    "state_bytes": (0.0, False, False),  # exact: the same optimizer over the same model keeps the same bytes
-    "predicted_peak_bytes": (0.01, False, False),  # fake tensors: deterministic, a little slack for library changes
-    "peak_bytes": (0.05, False, True),  # measured on a GPU: allocator behaviour varies a little
-    "tokens_per_s": (0.10, True, True),  # a lower bound: throughput is noisy
-}
+if TYPE_CHECKING:
+    from optprof.results import ModelReport
+
+Command = Literal["state-size", "predict", "compare"]
+
+
+@dataclass(frozen=True)
+class Measure:
+    """One figure a profile can guard. Adding a measure is one entry here plus its computation in a command."""
+
+    name: str  # the key under [expected.<optimizer>] and [tolerance]
+    row_field: str  # the field of a result row that holds it
+    tolerance: float  # default relative tolerance
+    higher_is_better: bool  # tokens/s: a drop is the regression; bytes: a rise is
+    needs_gpu: bool  # measured on a GPU only; skipped (and said so) elsewhere
+    commands: tuple[Command, ...]  # whose rows carry it: check runs the first, unless another one already runs
+
+    @property
+    def is_bytes(self) -> bool:
+        return self.row_field.endswith("_bytes")
+
+    def stored(self, value: float) -> int | float:
+        """As a profile keeps it: whole bytes, or tokens/s to one decimal."""
+        return int(value) if self.is_bytes else round(float(value), 1)
+
+
+MEASURES: dict[str, Measure] = {m.name: m for m in (
+    # exact: the same optimizer over the same model keeps the same bytes
+    Measure("state_bytes", "state_bytes", 0.0, False, False, ("state-size", "predict", "compare")),
+    # fake tensors: deterministic, a little slack for library changes
+    Measure("predicted_peak_bytes", "predicted_peak_bytes", 0.01, False, False, ("predict",)),
+    # measured on a GPU: allocator behaviour varies a little
+    Measure("peak_bytes", "peak_bytes", 0.05, False, True, ("compare",)),
+    # a lower bound: throughput is noisy
+    Measure("tokens_per_s", "tokens_per_s", 0.10, True, True, ("compare",)),
+)}
 PROFILE_KEYS = {"model": str, "optimizers": list, "dtype": str, "amp": str, "seq_len": int, "micro_batch": int,
                 "device": str, "gradient_checkpointing": bool, "description": str}
-
-VERDICT_OK = "ok"
-VERDICT_REGRESSION = "regression"
-VERDICT_IMPROVED = "improved"
-VERDICT_SKIPPED = "skipped"
-VERDICT_MISSING = "missing"  # the optimizer failed or was unavailable: nothing to compare
-
 
 @dataclass(frozen=True)
 class Profile:
@@ -63,20 +94,7 @@ class Profile:
         return {m for values in self.expected.values() for m in values}
 
     def tolerance_for(self, measure: str) -> float:
-        return self.tolerance.get(measure, MEASURES[measure][0])
-
-
-@dataclass(frozen=True)
-class Verdict:
-    profile: str
-    optimizer: str
-    measure: str
-    expected: float | None
-    actual: float | None
-    change: float | None  # relative: actual / expected - 1
-    tolerance: float
-    verdict: str
-    note: str | None = None
+        return self.tolerance.get(measure, MEASURES[measure].tolerance)
 
 
 def _line_of(text: str, pattern: str) -> int | None:
@@ -171,7 +189,7 @@ def judge(profile: Profile, optimizer: str, measure: str, expected: float, actua
     if actual is None:
         return Verdict(name, optimizer, measure, expected, None, None, tolerance, VERDICT_MISSING)
     change = actual / expected - 1 if expected else (0.0 if actual == 0 else float("inf"))
-    higher_is_better = MEASURES[measure][1]
+    higher_is_better = MEASURES[measure].higher_is_better
     worse = -change if higher_is_better else change
     if worse > tolerance:
         verdict = VERDICT_REGRESSION
@@ -194,7 +212,7 @@ def update_profile(path: Path, actual: Mapping[str, Mapping[str, float]]) -> int
         for measure in list(values):
             new = actual.get(optimizer, {}).get(measure)
             if new is not None and values[measure] != new:
-                values[measure] = int(new) if measure.endswith("_bytes") else round(float(new), 1)
+                values[measure] = MEASURES[measure].stored(new)
                 changed += 1
     path.write_text(tomlkit.dumps(document))
     return changed
@@ -217,15 +235,38 @@ def profile_text(model: str, optimizers: Iterable[str], settings: Mapping[str, A
     document["profile"] = head
     tolerance = tomlkit.table()
     measures = {m for values in expected.values() for m in values}
-    for measure in MEASURES:
-        if measure in measures:
-            tolerance[measure] = MEASURES[measure][0]
+    for measure in MEASURES.values():
+        if measure.name in measures:
+            tolerance[measure.name] = measure.tolerance
     document["tolerance"] = tolerance
     table = tomlkit.table(is_super_table=True)
     for optimizer, values in expected.items():
         row = tomlkit.table()
         for measure, value in values.items():
-            row[measure] = int(value) if measure.endswith("_bytes") else round(float(value), 1)
+            row[measure] = MEASURES[measure].stored(value)
         table[optimizer] = row
     document["expected"] = table
     return tomlkit.dumps(document)
+
+
+# The settings of a report's config that a profile records (those the command has).
+PROFILE_SETTINGS = ("dtype", "amp", "seq_len", "micro_batch", "device", "gradient_checkpointing")
+
+
+def saved_measures(command: Command, device: str | None) -> list[Measure]:
+    """What `--save-profile` guards for a command's results: the measures its rows carry, GPU ones on CUDA."""
+    return [m for m in MEASURES.values() if command in m.commands and (not m.needs_gpu or device == "cuda")]
+
+
+def write_profile(path: Path, report: ModelReport, command: Command) -> None:
+    """A profile guarding what `report` measured, for its optimizers that succeeded (--save-profile)."""
+    measures = saved_measures(command, report.config.get("device"))
+    settings = {key: report.config.get(key) for key in PROFILE_SETTINGS}
+    ok = [row for row in report.rows() if row.status == STATUS_OK]
+    expected = {row.optimizer: {m.name: getattr(row, m.row_field) for m in measures
+                                if getattr(row, m.row_field) is not None} for row in ok}
+    text = profile_text(report.model.name, [row.optimizer for row in ok], settings, expected, command)
+    try:
+        path.write_text(text)
+    except OSError as exc:
+        raise UsageError(f"cannot write '{path}': {exc.strerror or exc}") from exc

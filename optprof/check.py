@@ -1,83 +1,64 @@
-"""`optprof check`: recompute what each profile guards and judge it against the expected values."""
+"""`optprof check`: recompute what each profile guards and judge it against the expected values.
+
+Which command computes which measure is the `Measure` registry's to say (baseline.MEASURES); this module
+runs each command a profile needs once and reads the measures from its rows.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optprof.baseline import (
-    MEASURES,
-    VERDICT_IMPROVED,
-    VERDICT_MISSING,
-    VERDICT_REGRESSION,
-    Profile,
-    Verdict,
-    find_profiles,
-    judge,
-    update_profile,
-)
+from optprof.baseline import MEASURES, Command, Measure, Profile, find_profiles, judge, update_profile
+from optprof.compare import run_compare
 from optprof.config import CompareConfig, ModelSelection, PredictConfig, StateSizeConfig, TrainingSettings
-from optprof.results import STATUS_OK, environment, now_iso
+from optprof.predict import run_predict
+from optprof.results import STATUS_OK, VERDICT_SKIPPED, CheckReport
+from optprof.state_size import default_jobs, run_state_size
 
-CHECK_SCHEMA = "optprof.check"
-CHECK_SCHEMA_VERSION = 1
 NO_GPU = "no GPU on this machine: measured on GPU runners only"
 
 
-@dataclass(frozen=True)
-class CheckReport:
-    verdicts: tuple[Verdict, ...]
-    profiles: tuple[str, ...]
-    strict: bool
-    updated: dict[str, int]  # profile -> values rewritten (--update)
-    environment: dict[str, Any]
-    created: str
-    schema: str = CHECK_SCHEMA
-    schema_version: int = CHECK_SCHEMA_VERSION
-
-    @property
-    def failed(self) -> bool:
-        bad = {VERDICT_REGRESSION, VERDICT_MISSING} | ({VERDICT_IMPROVED} if self.strict else set())
-        return any(v.verdict in bad for v in self.verdicts)
-
-
 def _training(profile: Profile, device: str) -> TrainingSettings:
-    return TrainingSettings(device=device, amp=profile.amp, seq_len=profile.seq_len, micro_batch=profile.micro_batch,
-                            gradient_checkpointing=profile.gradient_checkpointing)
+    return TrainingSettings(device=device, amp=profile.amp, seq_len=profile.seq_len,  # type: ignore[arg-type]
+                            micro_batch=profile.micro_batch, gradient_checkpointing=profile.gradient_checkpointing)
+
+
+def _rows(command: Command, profile: Profile) -> tuple[Any, ...]:
+    """The result rows of one command run as the profile describes."""
+    selection = ModelSelection(profile.model, profile.dtype)  # type: ignore[arg-type]
+    if command == "predict":
+        return run_predict(PredictConfig(selection, profile.optimizers, _training(profile, profile.device))).results
+    if command == "state-size":
+        state_dtype = "float32" if profile.amp else profile.dtype  # amp keeps float32 master weights
+        sized = StateSizeConfig(ModelSelection(profile.model, state_dtype), profile.optimizers,  # type: ignore[arg-type]
+                                jobs=default_jobs())
+        return run_state_size(sized).results
+    return run_compare(CompareConfig(selection, profile.optimizers, _training(profile, "cuda"))).results
+
+
+def plan_commands(measures: list[Measure]) -> dict[Measure, Command]:
+    """Which command computes each measure: one that runs anyway where its rows carry the measure, else the
+    measure's own first. (predict's rows carry state_bytes too, so state-size is skipped when predict runs.)"""
+    running = {m.commands[0] for m in measures if len(m.commands) == 1}
+    plan = {}
+    for measure in measures:
+        plan[measure] = next((c for c in measure.commands if c in running), measure.commands[0])
+        running.add(plan[measure])
+    return plan
 
 
 def measure_profile(profile: Profile, gpu: bool) -> dict[str, dict[str, float | None]]:
     """optimizer -> measure -> actual value (None when that optimizer did not produce it)."""
-    from optprof.state_size import default_jobs, run_state_size
-
-    wanted = profile.measures()
-    selection = ModelSelection(profile.model, profile.dtype)
+    wanted = [MEASURES[name] for name in MEASURES if name in profile.measures()]
+    plan = plan_commands([m for m in wanted if gpu or not m.needs_gpu])
     actual: dict[str, dict[str, float | None]] = {name: {} for name in profile.optimizers}
-    if "predicted_peak_bytes" in wanted:  # its state bytes are state-size's: the real optimizer, fake tensors
-        from optprof.predict import run_predict
-
-        predicted = run_predict(PredictConfig(selection, profile.optimizers, _training(profile, profile.device)))
-        for row in predicted.results:
-            ok = row.status == STATUS_OK
-            actual[row.optimizer]["predicted_peak_bytes"] = row.predicted_peak_bytes if ok else None
-            actual[row.optimizer]["state_bytes"] = row.state_bytes if ok else None
-    elif "state_bytes" in wanted:
-        state_dtype = "float32" if profile.amp else profile.dtype  # amp keeps float32 master weights
-        sized = run_state_size(StateSizeConfig(ModelSelection(profile.model, state_dtype), profile.optimizers,
-                                               jobs=default_jobs()))
-        for row in sized.results:
-            actual[row.optimizer]["state_bytes"] = row.state_bytes if row.status == STATUS_OK else None
-    if gpu and wanted & {"peak_bytes", "tokens_per_s"}:
-        from optprof.compare import run_compare
-
-        measured = run_compare(CompareConfig(selection, profile.optimizers, _training(profile, "cuda")))
-        for row in measured.results:
-            ok = row.status == STATUS_OK
-            actual[row.optimizer]["peak_bytes"] = row.peak_bytes if ok else None
-            actual[row.optimizer]["tokens_per_s"] = row.tokens_per_s if ok else None
+    for command in dict.fromkeys(plan.values()):
+        for row in _rows(command, profile):
+            for measure in (m for m, c in plan.items() if c == command):
+                value = getattr(row, measure.row_field) if row.status == STATUS_OK else None
+                actual[row.optimizer][measure.name] = value
     return actual
 
 
@@ -87,7 +68,7 @@ def run_check(paths: list[Path], *, update: bool = False, strict: bool = False, 
 
     profiles = find_profiles(paths)  # every profile is read (and any bad one reported) before anything runs
     gpu = torch.cuda.is_available() if gpu is None else gpu
-    verdicts: list[Verdict] = []
+    verdicts = []
     updated: dict[str, int] = {}
     for profile in profiles:
         if on_profile is not None:
@@ -95,19 +76,13 @@ def run_check(paths: list[Path], *, update: bool = False, strict: bool = False, 
         actual = measure_profile(profile, gpu)
         for optimizer, expected in profile.expected.items():
             for measure, value in expected.items():
-                skipped = NO_GPU if MEASURES[measure][2] and not gpu else None
+                skipped = NO_GPU if MEASURES[measure].needs_gpu and not gpu else None
                 verdicts.append(judge(profile, optimizer, measure, value, actual[optimizer].get(measure), skipped))
         if update:
             fresh = {o: {m: v for m, v in values.items() if v is not None} for o, values in actual.items()}
             updated[str(profile.path)] = update_profile(profile.path, fresh)
-    return CheckReport(tuple(verdicts), tuple(str(p.path) for p in profiles), strict, updated, environment(),
-                       now_iso())
-
-
-def to_dict(report: CheckReport) -> dict[str, Any]:
-    body = dataclasses.asdict(report)
-    body["failed"] = report.failed
-    return {"schema": body.pop("schema"), "schema_version": body.pop("schema_version"), **body}
+    return CheckReport(verdicts=tuple(verdicts), profiles=tuple(str(p.path) for p in profiles), strict=strict,
+                       updated=updated)
 
 
 def to_junit(report: CheckReport) -> str:
@@ -124,11 +99,10 @@ def to_junit(report: CheckReport) -> str:
             text = (f"expected {verdict.expected}, actual {verdict.actual}, change "
                     f"{'-' if verdict.change is None else f'{100 * verdict.change:+.3f}%'}, tolerance "
                     f"{100 * verdict.tolerance:g}%")
-            if verdict.verdict in (VERDICT_REGRESSION, VERDICT_MISSING) or (
-                    report.strict and verdict.verdict == VERDICT_IMPROVED):
+            if report.fails(verdict):
                 failures += 1
                 ET.SubElement(case, "failure", message=f"{verdict.verdict}: {text}").text = text
-            elif verdict.verdict == "skipped":
+            elif verdict.verdict == VERDICT_SKIPPED:
                 skipped += 1
                 ET.SubElement(case, "skipped", message=verdict.note or "skipped")
             else:

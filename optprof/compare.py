@@ -8,14 +8,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from optprof.config import CompareConfig, PredictConfig, SearchSettings, TrainingSettings
-from optprof.dist import RankSpec, fold_ranks, free_port, rank_in_child
+from optprof.config import (
+    CompareConfig,
+    PredictConfig,
+    SearchSettings,
+    TrainingSettings,
+    check_training,
+    default_reserve,
+    resolve_seq_len,
+)
+from optprof.dist import run_joined, run_ranks
 from optprof.errors import UsageError
-from optprof.measure.isolate import run_isolated, run_isolated_group
+from optprof.measure.isolate import Isolated, run_isolated
 from optprof.measure.trial import TrialSpec, base_row, run_trial, trial_in_child
-from optprof.models import ModelInfo, load_model
+from optprof.models import load_selection
 from optprof.optimizers.registry import OptimizerEntry, availability, resolve_optimizers
+from optprof.predict import predict_optimizer
 from optprof.results import (
+    RANK_FOLD,
     STATUS_FAILED,
     STATUS_NO_FIT,
     STATUS_OK,
@@ -24,31 +34,8 @@ from optprof.results import (
     CompareReport,
     CompareRow,
     command_config,
-    environment,
-    now_iso,
 )
 from optprof.search import Probe, search_max_micro_batch
-
-# Default sequence length: the model's context length, capped so that a default run stays quick
-# (a CPU step at 2048 tokens is minutes for a 1B model); --seq-len overrides either.
-SEQ_LEN_CAP = {"cuda": 2048, "cpu": 512}
-SEQ_LEN_FALLBACK = 512  # models whose config has no context length
-
-
-def resolve_seq_len(requested: int | None, info: ModelInfo, device: str) -> int:
-    limit = info.max_position_embeddings
-    if requested is None:
-        return min(limit or SEQ_LEN_FALLBACK, SEQ_LEN_CAP[device])
-    if limit and requested > limit:
-        raise UsageError(f"--seq-len {requested} exceeds the model's context length ({limit} positions)")
-    return requested
-
-
-def check_training(training: TrainingSettings, dtype: str) -> None:
-    if training.amp and dtype != "float32":
-        raise UsageError(f"--amp {training.amp} keeps float32 master weights: drop --dtype {dtype}")
-    if training.warmup < 2:
-        raise UsageError("--warmup must be at least 2: Adam-style state is allocated in the first step")
 
 
 @dataclass(frozen=True)
@@ -82,66 +69,36 @@ class TrialRunner:
             if self.on_progress is not None:
                 self.on_progress(entry.name, label + text)
 
-        distributed = self.config.gpus > 1 or self.config.torchrun
-        spec = TrialSpec(self.config.model, entry.name, training, self.config.opt_args,
-                         strategy=self.config.strategy if distributed else None)
+        config = self.config
+        distributed = config.gpus > 1 or config.torchrun
+        spec = TrialSpec(config.model, entry.name, training, config.opt_args,
+                         strategy=config.strategy if distributed else None)
         progress("starting")
-        if self.config.torchrun:
-            return self._run_joined(spec, progress)
-        if self.config.gpus > 1:
-            return self._run_ranks(entry, spec, progress)
-        if self.isolate:
+        if config.torchrun:
+            result = Isolated(value=run_joined(spec, progress))
+        elif config.gpus > 1:
+            result = run_ranks(spec, config.gpus, config.trial_timeout_s, progress, self.quiet)
+        elif self.isolate:
             result = run_isolated(functools.partial(trial_in_child, quiet=self.quiet), spec,
-                                  self.config.trial_timeout_s, progress)
-            if result.value is None:
-                failed = dataclasses.replace(base_row(entry, self.config.opt_args, training), status=STATUS_FAILED,
-                                             reason=result.error)
-                return TrialRun(failed, {}, killed=result.killed)
-            outcome = result.value
+                                  config.trial_timeout_s, progress)
         else:
-            outcome = run_trial(spec, progress)
-        self.device = self.device or outcome.device
-        return TrialRun(outcome.row, outcome.device)
-
-
-    def _run_ranks(self, entry: OptimizerEntry, spec: TrialSpec, progress: Callable[[str], None]) -> TrialRun:
-        """One trial on `gpus` ranks, each a fresh spawned process; a rank that fails stops them all."""
-        port = free_port()
-        arguments = [RankSpec(spec, rank, self.config.gpus, port) for rank in range(self.config.gpus)]
-        results = run_isolated_group(functools.partial(rank_in_child, quiet=self.quiet), arguments,
-                                     self.config.trial_timeout_s, progress)
-        failed = next((r for r in results if r.value is None), None)
-        if failed is not None:
-            row = dataclasses.replace(base_row(entry, self.config.opt_args, spec.training), status=STATUS_FAILED,
-                                      reason=failed.error, world_size=self.config.gpus, strategy=spec.strategy)
-            return TrialRun(row, {}, killed=failed.killed)
-        outcomes = [r.value for r in results]
-        self.device = self.device or outcomes[0].device
-        return TrialRun(fold_ranks([o.row for o in outcomes], self.config.strategy), outcomes[0].device)
-
-    def _run_joined(self, spec: TrialSpec, progress: Callable[[str], None]) -> TrialRun:
-        """Under torchrun: this process is one rank; every rank runs the trial, rank 0 gets every row."""
-        import torch.distributed as dist
-
-        from optprof.optimizers.registry import adam_mini_on_cpu_ranks
-
-        with adam_mini_on_cpu_ranks():
-            outcome = run_trial(spec, progress, rank=dist.get_rank())
-        rows: list[CompareRow] | None = [outcome.row] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(outcome.row, rows, dst=0)
-        self.device = self.device or outcome.device
-        return TrialRun(fold_ranks(list(rows or [outcome.row]), self.config.strategy), outcome.device)
+            result = Isolated(value=run_trial(spec, progress))
+        if result.value is None:
+            failed = dataclasses.replace(base_row(entry, config.opt_args, training), status=STATUS_FAILED,
+                                         reason=result.error, world_size=config.gpus, strategy=spec.strategy)
+            return TrialRun(failed, {}, killed=result.killed)
+        self.device = self.device or result.value.device
+        return TrialRun(result.value.row, result.value.device)
 
 
 def _probe(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings, search: SearchSettings,
            micro_batch: int) -> Probe:
     """Does one step at `micro_batch` fit? A short trial: warm-up, one step, and on a CPU the tracked step."""
-    settings = dataclasses.replace(
-        training, micro_batch=micro_batch, steps=1, sampler=False, breakdown=training.device == "cpu",
-        memory_limit_bytes=search.memory_limit_bytes)
+    settings = dataclasses.replace(training, micro_batch=micro_batch, steps=1, sampler=False,
+                                   breakdown=training.device == "cpu")
     run = runner.run(entry, settings, f"micro-batch {micro_batch}: ")
     row = run.row
-    limit = search.memory_limit_bytes or run.device.get("total_memory_bytes")
+    limit = training.memory_limit_bytes or run.device.get("total_memory_bytes")
     if row.status == STATUS_OK and row.peak_bytes is not None:
         fits = limit is None or row.peak_bytes <= limit
         return Probe(micro_batch, fits, row.peak_bytes, limit, None if fits else "peak over the memory limit",
@@ -155,13 +112,10 @@ def _predicted_start(runner: TrialRunner, entry: OptimizerEntry, training: Train
                      search: SearchSettings) -> int | None:
     """The largest micro-batch `predict` expects to fit (fake tensors, in this process), to start the search
     near it; None when the limit is not known here (a CUDA card's own memory) or the prediction fails."""
-    from optprof.predict import DEFAULT_CUDA_RESERVE_BYTES, predict_optimizer
-
-    if search.start is not None or search.memory_limit_bytes is None:
-        return search.start
-    reserve = DEFAULT_CUDA_RESERVE_BYTES if training.device == "cuda" else 0  # on CPU the tensor peak decides
+    if training.memory_limit_bytes is None:
+        return None
     config = PredictConfig(runner.config.model, (entry.name,), training, runner.config.opt_args,
-                           gpu_memory_bytes=search.memory_limit_bytes, reserve_bytes=reserve,
+                           gpu_memory_bytes=training.memory_limit_bytes, reserve_bytes=default_reserve(training.device),
                            max_micro_batch=search.max_micro_batch)
 
     def progress(text: str) -> None:
@@ -192,14 +146,13 @@ def _searched_row(runner: TrialRunner, entry: OptimizerEntry, training: Training
                                   micro_batch=1, reason=f"does not fit at micro-batch 1 ({first.reason})",
                                   short_by_bytes=short)
         return dataclasses.replace(row, **recorded)
-    measured = dataclasses.replace(training, micro_batch=found.chosen_micro_batch,
-                                   memory_limit_bytes=search.memory_limit_bytes)
+    measured = dataclasses.replace(training, micro_batch=found.chosen_micro_batch)
     row = runner.run(entry, measured, f"measuring at micro-batch {found.chosen_micro_batch}: ").row
     return dataclasses.replace(row, **recorded)
 
 
 def _with_common_micro_batch(runner: TrialRunner, entries: list[OptimizerEntry], rows: list[CompareRow],
-                             training: TrainingSettings, search: SearchSettings) -> list[CompareRow]:
+                             training: TrainingSettings) -> list[CompareRow]:
     """Tokens/s at the largest micro-batch every optimizer fits, so per-step speed compares like for like."""
     fitted = [r.micro_batch for r in rows if r.status == STATUS_OK and r.micro_batch]
     if not fitted:
@@ -212,7 +165,7 @@ def _with_common_micro_batch(runner: TrialRunner, entries: list[OptimizerEntry],
             continue
         tokens = row.tokens_per_s
         if row.micro_batch != common:
-            at_common = dataclasses.replace(training, micro_batch=common, memory_limit_bytes=search.memory_limit_bytes)
+            at_common = dataclasses.replace(training, micro_batch=common)
             other = runner.run(entry, at_common, f"common micro-batch {common}: ").row
             tokens = other.tokens_per_s if other.status == STATUS_OK else None
         updated.append(dataclasses.replace(row, common_micro_batch=common, tokens_per_s_at_common=tokens))
@@ -231,7 +184,7 @@ def run_compare(
     `isolate=False` runs the trials in this process (tests only).
     """
     check_training(config.training, config.model.dtype)
-    if config.search is not None and config.search.memory_limit_bytes is None and config.training.device != "cuda":
+    if config.search is not None and config.training.memory_limit_bytes is None and config.training.device != "cuda":
         raise UsageError("--micro-batch auto on a CPU needs --memory-limit: there is no device memory to fill")
     if config.search is not None and config.torchrun:
         raise UsageError("under torchrun, give a fixed --micro-batch: the search relaunches ranks in fresh processes")
@@ -239,10 +192,9 @@ def run_compare(
         raise UsageError("--gpus N runs its ranks in fresh processes")
     entries = resolve_optimizers(list(config.optimizers))  # unknown names fail before anything is built
     selection = config.model
-    info = load_model(selection.model, dtype=selection.dtype, revision=selection.revision,
-                      trust_remote_code=selection.trust_remote_code).info  # on meta: checks the model, cheaply
-    training = dataclasses.replace(
-        config.training, seq_len=resolve_seq_len(config.training.seq_len, info, config.training.device))
+    info = load_selection(selection).info  # on meta: checks the model, cheaply
+    training = dataclasses.replace(config.training, seq_len=resolve_seq_len(
+        config.training.seq_len, info.max_position_embeddings, config.training.device))
     runner = TrialRunner(config, isolate, quiet, on_progress)
 
     rows: list[CompareRow] = []
@@ -259,7 +211,8 @@ def run_compare(
         if on_row is not None:
             on_row(row)
     if config.search is not None:
-        rows = _with_common_micro_batch(runner, entries, rows, training, config.search)
+        rows = _with_common_micro_batch(runner, entries, rows, training)
+    distributed = config.gpus > 1 or config.torchrun
     return CompareReport(
         model=info,
         results=tuple(rows),
@@ -270,10 +223,9 @@ def run_compare(
             "trial_timeout_s": config.trial_timeout_s,
             "isolated": isolate,
             "gpus": config.gpus,
-            "strategy": config.strategy if config.gpus > 1 or config.torchrun else None,
+            "strategy": config.strategy if distributed else None,
             "torchrun": config.torchrun,
+            "rank_fold": dict(RANK_FOLD) if distributed else None,
         },
-        environment=environment(),
         device=runner.device,
-        created=now_iso(),
     )

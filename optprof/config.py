@@ -1,15 +1,31 @@
-"""What each command was asked to do: frozen dataclasses built by the CLI from its flags."""
+"""What each command was asked to do: frozen dataclasses built by the CLI from its flags, and the settings
+that several commands resolve the same way (sequence length, training checks, the CUDA reserve)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+from optprof.errors import UsageError
+
+DeviceKind = Literal["cuda", "cpu"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+Amp = Literal["bf16", "fp16"]
+Strategy = Literal["ddp", "fsdp"]
+STRATEGIES: tuple[Strategy, ...] = ("ddp", "fsdp")
+SHARDED_STRATEGIES: tuple[Strategy, ...] = ("fsdp",)  # what state-size and predict emulate on fake tensors
+
+# Default sequence length: the model's context length, capped so that a default run stays quick
+# (a CPU step at 2048 tokens is minutes for a 1B model); --seq-len overrides either.
+SEQ_LEN_CAP: dict[DeviceKind, int] = {"cuda": 2048, "cpu": 512}
+SEQ_LEN_FALLBACK = 512  # tokens, for models whose config has no context length
+DEFAULT_CUDA_RESERVE_BYTES = 2 * 2**30  # CUDA context (~0.5 GiB), cuBLAS/cuDNN workspaces, allocator slack
 
 
 @dataclass(frozen=True)
 class ModelSelection:
     model: str  # bundled name, hub alias, local folder or hub id
-    dtype: str = "float32"  # parameter (and so gradient and state) dtype
+    dtype: Dtype = "float32"  # parameter (and so gradient and state) dtype
     revision: str | None = None  # hub revision; ignored for bundled and local configs
     trust_remote_code: bool = False
 
@@ -21,16 +37,16 @@ class StateSizeConfig:
     opt_args: dict[str, Any] = field(default_factory=dict)  # passed to every selected optimizer
     jobs: int = 1  # optimizers measured at once, in forked worker processes
     gpus: int = 1  # > 1: FSDP2 over a fake process group of this many ranks; state per rank
-    strategy: str = "fsdp"
+    strategy: Strategy = "fsdp"
 
 
 @dataclass(frozen=True)
 class TrainingSettings:
     """How one training step is run and timed; the same for every optimizer in a comparison."""
 
-    device: str = "cpu"  # "cuda" or "cpu"; the CLI picks cuda when available
-    amp: str | None = None  # "bf16" or "fp16": fp32 master weights with autocast; None: pure `dtype`
-    seq_len: int | None = None  # tokens per sequence; None: the model's context length, capped (compare.py)
+    device: DeviceKind = "cpu"  # the CLI picks cuda when available
+    amp: Amp | None = None  # fp32 master weights with autocast in this dtype; None: pure `dtype`
+    seq_len: int | None = None  # tokens per sequence; None: the model's context length, capped (resolve_seq_len)
     micro_batch: int = 1  # sequences per forward/backward
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float | None = None  # max gradient norm; None: no clipping (which costs memory and time)
@@ -41,18 +57,17 @@ class TrainingSettings:
     sampler: bool = True  # False only to measure the sampler's own cost
     breakdown: bool = True  # one extra untimed step under torch's MemTracker: tensor-level peak by category
     peak_tflops: float | None = None  # device peak for MFU when optprof does not know the device
-    memory_limit_bytes: int | None = None  # CUDA: the allocator is capped here (emulates a smaller card)
+    memory_limit_bytes: int | None = None  # what a step may use; CUDA caps the allocator here (a smaller card)
     seed: int = 0  # same weights and tokens for every optimizer
 
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """`--micro-batch auto`: find the largest micro-batch whose step fits, then measure there."""
+    """`--micro-batch auto`: find the largest micro-batch whose step fits, then measure there. The limit is
+    `TrainingSettings.memory_limit_bytes` (None: the card's memory, CUDA only)."""
 
-    memory_limit_bytes: int | None = None  # None: the card's memory (CUDA only; a CPU needs a limit)
     max_micro_batch: int = 256  # the search never tries more
     margin: float = 0.0  # fraction of the limit to leave free when choosing the size to measure
-    start: int | None = None  # a first guess, e.g. a prediction
 
 
 @dataclass(frozen=True)
@@ -63,7 +78,7 @@ class CompareConfig:
     opt_args: dict[str, Any] = field(default_factory=dict)
     search: SearchSettings | None = None  # None: measure at training.micro_batch
     gpus: int = 1  # ranks per trial (on cpu: processes with gloo)
-    strategy: str = "fsdp"  # with gpus > 1: "ddp" or "fsdp"
+    strategy: Strategy = "fsdp"  # with gpus > 1
     torchrun: bool = False  # already a rank of a torchrun group: join it instead of spawning ranks
     trial_timeout_s: float = 1800.0  # one optimizer's trial, start-up included; then it is stopped and failed
 
@@ -80,4 +95,42 @@ class PredictConfig:
     reserve_bytes: int = 0  # per device, beyond tensors: CUDA context, workspaces, allocator slack
     max_micro_batch: int = 256
     gpus: int = 1  # ranks; > 1 runs FSDP2 over a fake process group in this one process
-    strategy: str = "fsdp"  # with gpus > 1: "fsdp" (fully_shard per transformer block, then the root)
+    strategy: Strategy = "fsdp"  # with gpus > 1: fully_shard per transformer block, then the root
+
+
+def resolve_device(requested: DeviceKind | None) -> DeviceKind:
+    """The device to train on: cuda when available unless asked; asking for cuda without it is a UsageError."""
+    import torch
+
+    if requested is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise UsageError(f"--device cuda: no CUDA device is available (torch {torch.__version__}, {build})")
+    return requested
+
+
+def default_reserve(device: DeviceKind) -> int:
+    """Bytes per device that tensors do not show: on a CPU the tensor peak decides alone."""
+    return DEFAULT_CUDA_RESERVE_BYTES if device == "cuda" else 0
+
+
+def resolve_seq_len(requested: int | None, context_length: int | None, device: DeviceKind) -> int:
+    """The sequence length a run uses: the request (checked against the model), else the capped default."""
+    if requested is None:
+        return min(context_length or SEQ_LEN_FALLBACK, SEQ_LEN_CAP[device])
+    if context_length and requested > context_length:
+        raise UsageError(f"--seq-len {requested} exceeds the model's context length ({context_length} positions)")
+    return requested
+
+
+def check_training(training: TrainingSettings, dtype: Dtype) -> None:
+    if training.amp and dtype != "float32":
+        raise UsageError(f"--amp {training.amp} keeps float32 master weights: drop --dtype {dtype}")
+    if training.warmup < 2:
+        raise UsageError("--warmup must be at least 2: Adam-style state is allocated in the first step")
+
+
+def parameter_dtype(selection: ModelSelection, training: TrainingSettings) -> Dtype:
+    """The dtype parameters (and so gradients and state) are built in: amp keeps float32 master weights."""
+    return "float32" if training.amp else selection.dtype

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PretrainedConfig
 
+    from optprof.config import ModelSelection
+
 DTYPES = ("float32", "bfloat16", "float16")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -280,6 +282,20 @@ def load_model(
     module = build_model(config, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     info = describe(module, config, name=model, source=source, location=location, dtype=dtype)
     return LoadedModel(module, config, info)
+
+
+def load_selection(
+    selection: ModelSelection, *, dtype: str | None = None, device: str = "meta",
+    overrides: dict[str, Any] | None = None,
+) -> LoadedModel:
+    """`load_model` for what the user selected; `dtype` overrides the selection's (amp's float32 masters)."""
+    return load_model(selection.model, dtype=dtype or selection.dtype, device=device, revision=selection.revision,
+                      trust_remote_code=selection.trust_remote_code, overrides=overrides)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """What an optimizer updates: every parameter that takes a gradient (a tied pair once)."""
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _first_line(exc: BaseException) -> str:

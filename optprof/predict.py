@@ -9,41 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-from optprof.config import PredictConfig, TrainingSettings
-from optprof.dist import shard_fsdp
+from optprof.config import PredictConfig, TrainingSettings, check_training, parameter_dtype, resolve_seq_len
 from optprof.errors import error_text
 from optprof.measure.device import CpuDevice
-from optprof.measure.trial import TrackedPeak, TrainStep, make_batches, tracked_step
-from optprof.models import ModelInfo, load_model
-from optprof.optimizers.registry import (
-    OptimizerEntry,
-    adam_mini_on_cpu_ranks,
-    availability,
-    package_version,
-    resolve_optimizers,
-)
-from optprof.optimizers.state import PlaceholderScalars, account_state
-from optprof.results import (
-    STATUS_FAILED,
-    STATUS_OK,
-    STATUS_UNAVAILABLE,
-    PredictReport,
-    PredictRow,
-    command_config,
-    environment,
-    now_iso,
-)
+from optprof.measure.step import TrainStep, make_batches
+from optprof.measure.tracker import TrackedPeak, tracked_step
+from optprof.models import load_selection, trainable_parameters
+from optprof.optimizers.registry import OptimizerEntry, availability, resolve_optimizers
+from optprof.optimizers.state import account_state
+from optprof.parallel import adam_mini_on_cpu_ranks, fake_process_group, fake_tensors, shard_fsdp
+from optprof.results import STATUS_FAILED, STATUS_OK, STATUS_UNAVAILABLE, PredictReport, PredictRow, command_config
 from optprof.search import Probe, search_max_micro_batch
 
 # Attention dropout makes CPU SDPA fall back to a kernel that keeps the whole attention matrix; CUDA's
 # flash and memory-efficient kernels do not, so for a CUDA target it is switched off (memory only).
 ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
-DEFAULT_CUDA_RESERVE_BYTES = 2 * 2**30  # CUDA context (~0.5 GiB), cuBLAS/cuDNN workspaces, allocator slack
 
 ASSUMPTIONS_COMMON = (
     "the training step ran on fake tensors (torch FakeTensorMode) under torch's MemTracker: the figures "
@@ -59,61 +43,9 @@ ASSUMPTIONS_CUDA = (
 )
 
 
-def _is_tracing_without_fake(tensor: Any = None) -> bool:
-    from transformers.utils.import_utils import is_jit_tracing, is_torchdynamo_compiling
-
-    return bool(is_torchdynamo_compiling() or is_jit_tracing())
-
-
-@contextlib.contextmanager
-def _transformers_treat_fake_as_real() -> Iterator[None]:
-    """transformers takes fake tensors for graph tracing and then builds explicit attention masks, which
-    a real run does not: turn that off, so the fake step allocates what the real one does."""
-    import transformers.utils.import_utils as import_utils
-
-    original = import_utils.is_tracing
-    patched = [m for m in list(sys.modules.values())
-               if getattr(m, "__name__", "").startswith("transformers") and getattr(m, "is_tracing", None) is original]
-    for module in patched:
-        module.is_tracing = _is_tracing_without_fake  # type: ignore[attr-defined]
-    try:
-        yield
-    finally:
-        for module in patched:
-            module.is_tracing = original  # type: ignore[attr-defined]
-
-
-@contextlib.contextmanager
-def fake_tensors() -> Iterator[None]:
-    """Everything created inside is a fake tensor; value reads get placeholders (as on meta)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    with FakeTensorMode(allow_non_fake_inputs=True), PlaceholderScalars(), _transformers_treat_fake_as_real():
-        yield
-
-
-@contextlib.contextmanager
-def fake_process_group(world_size: int) -> Iterator[Any]:
-    """`world_size` ranks in this one process (torch's fake backend: collectives return at once); yields the
-    device mesh. Every rank of an FSDP run holds the same shapes, so rank 0 stands for all."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    if dist.is_initialized():
-        raise RuntimeError("a process group already exists in this process")
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
-    try:
-        yield init_device_mesh("cpu", (world_size,))
-    finally:
-        dist.destroy_process_group()
-
-
 def _base_row(entry: OptimizerEntry, config: PredictConfig, training: TrainingSettings) -> PredictRow:
-    return PredictRow(entry.name, entry.package, package_version(entry.package), entry.family, STATUS_OK,
-                      settings=entry.settings(config.opt_args) if entry.settings else None,
-                      micro_batch=training.micro_batch, seq_len=training.seq_len, grad_accum=training.grad_accum,
-                      world_size=config.gpus)
+    return PredictRow(**entry.row_head(config.opt_args), status=STATUS_OK, micro_batch=training.micro_batch,
+                      seq_len=training.seq_len, grad_accum=training.grad_accum, world_size=config.gpus)
 
 
 class FakeTrainer:
@@ -126,9 +58,8 @@ class FakeTrainer:
         self.training = training
         overrides = dict.fromkeys(ATTENTION_DROPOUT_KEYS, 0.0) if training.device == "cuda" else {}
         torch.manual_seed(training.seed)
-        loaded = load_model(config.model.model, dtype="float32" if training.amp else config.model.dtype,
-                            device="cpu", revision=config.model.revision,
-                            trust_remote_code=config.model.trust_remote_code, overrides=overrides)
+        loaded = load_selection(config.model, dtype=parameter_dtype(config.model, training), device="cpu",
+                                overrides=overrides)
         self.model, self.info = loaded.module, loaded.info
         self.model.train()
         if training.gradient_checkpointing:
@@ -136,7 +67,7 @@ class FakeTrainer:
         self.mesh = mesh
         if mesh is not None:
             shard_fsdp(self.model, mesh)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.params = trainable_parameters(self.model)
         self.optimizer = entry.build(self.model, self.info, config.opt_args)
         self._step(1).run()  # Adam-style state appears in the first step
         self.state_bytes = account_state(self.optimizer, self.params, entry.second_moment_keys).state_bytes
@@ -201,15 +132,12 @@ def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: Tr
 
 def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] | None = None,
                 on_row: Callable[[PredictRow], None] | None = None) -> PredictReport:
-    from optprof.compare import check_training, resolve_seq_len
-
     check_training(config.training, config.model.dtype)
     entries = resolve_optimizers(list(config.optimizers))
     selection = config.model
-    info: ModelInfo = load_model(selection.model, dtype=selection.dtype, revision=selection.revision,
-                                 trust_remote_code=selection.trust_remote_code).info
-    training = dataclasses.replace(
-        config.training, seq_len=resolve_seq_len(config.training.seq_len, info, config.training.device))
+    info = load_selection(selection).info
+    training = dataclasses.replace(config.training, seq_len=resolve_seq_len(
+        config.training.seq_len, info.max_position_embeddings, config.training.device))
     rows = []
     for entry in entries:
         def progress(text: str, name: str = entry.name) -> None:
@@ -237,6 +165,4 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
             "strategy": config.strategy if config.gpus > 1 else None,
         },
         assumptions=assumptions,
-        environment=environment(),
-        created=now_iso(),
     )

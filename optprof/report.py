@@ -5,53 +5,48 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from rich import box
 from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from optprof.results import BREAKDOWN_KEYS, METHOD_FSDP_FAKE, METHOD_META_STEP
+from optprof.baseline import MEASURES
+from optprof.results import (
+    BREAKDOWN_KEYS,
+    METHOD_FSDP_FAKE,
+    METHOD_META_STEP,
+    CheckReport,
+    CompareReport,
+    CompareRow,
+    ModelReport,
+    ModelsReport,
+    OptimizersReport,
+    PredictReport,
+    PredictRow,
+    Report,
+    StateSizeReport,
+)
+from optprof.units import (
+    UNIT_NOTES,
+    UNITS,
+    auto_units,
+    format_bytes,
+    format_count,
+    format_fraction,
+    format_measure,
+    format_ms,
+    format_rate,
+)
 
-if TYPE_CHECKING:
-    from optprof.check import CheckReport
-    from optprof.results import CompareReport, CompareRow, PredictReport, PredictRow, Report, StateSizeReport
-
-UNITS = {"gb": (1e9, "GB"), "gib": (2**30, "GiB"), "mb": (1e6, "MB"), "mib": (2**20, "MiB")}
 STATUS_STYLE = {"ok": "green", "failed": "bold red", "unavailable": "yellow", "oom": "magenta"}
-
-
-def format_bytes(n: int | None, units: str = "gb") -> str:
-    if n is None:
-        return "-"
-    scale, _ = UNITS[units]
-    value = n / scale
-    return f"{value:,.2f}" if value >= 0.01 or n == 0 else "<0.01"
-
-
-def format_count(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
-        if n >= scale:
-            return f"{n / scale:,.2f}{suffix}"
-    return str(n)
-
-
-def format_fraction(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
-UNIT_NOTES = {"gb": "GB = 10^9 bytes", "gib": "GiB = 2^30 bytes", "mb": "MB = 10^6 bytes", "mib": "MiB = 2^20 bytes"}
 
 
 def _units_note(units: str) -> str:
     return UNIT_NOTES[units]
 
 
-def model_line(report: Report) -> Text:
+def model_line(report: ModelReport) -> Text:
     m = report.model
     tied = "tied" if m.tied_embeddings else "untied"
     return Text.assemble(
@@ -120,24 +115,6 @@ def _short_dtype(dtype: str) -> str:
     return dtype.replace("bfloat", "bf").replace("float", "fp").replace("uint", "u")
 
 
-def render_state_size(report: StateSizeReport, units: str | None = None) -> Group:
-    largest = max([report.reference_state_bytes or 0] + [row.state_bytes or 0 for row in report.results])
-    return Group(model_line(report), state_size_table(report, units or auto_units(largest)))
-
-
-def auto_units(largest_bytes: int) -> str:
-    """GB when the largest figure reaches a gigabyte, MB below (the demo model's figures are tens of MB)."""
-    return "gb" if largest_bytes >= 1e9 else "mb"
-
-
-def format_rate(x: float | None) -> str:
-    return "-" if x is None else f"{x:,.0f}"
-
-
-def format_ms(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{1000 * seconds:,.1f}"
-
-
 def _phase_split(row: CompareRow) -> str:
     """forward / backward / clip+optimizer as percentages of the mean step."""
     if row.forward_s is None or row.backward_s is None or row.optimizer_s is None:
@@ -152,40 +129,44 @@ def _phase_split(row: CompareRow) -> str:
 PEAK_LABELS = {"torch_max_reserved": "torch reserved", "tensor_peak": "live tensors", "rss_peak": "process RSS"}
 
 
-def compare_table(report: CompareReport, units: str) -> Group:
-    _, unit = UNITS[units]
+def _compare_title(report: CompareReport, searched: bool) -> str:
     first = next((r for r in report.results if r.status == "ok"), None)
-    searched = any(row.max_micro_batch is not None for row in report.results)
-    common = next((r.common_micro_batch for r in report.results if r.common_micro_batch), None)
-    with_mfu = any(row.mfu is not None for row in report.results)
     batch = "the largest micro-batch each fits" if searched else f"micro-batch {first.micro_batch if first else '-'}"
     shape = "" if first is None else (
         f" at {batch} x {first.seq_len} tokens"
         + (f" x {first.grad_accum} accumulated" if (first.grad_accum or 1) > 1 else ""))
-    table = Table(title=f"Training step, measured on {report.device.get('name') or 'the device'}{shape}",
+    return f"Training step, measured on {report.device.get('name') or 'the device'}{shape}"
+
+
+def _compare_columns(table: Table, unit: str, searched: bool, common: int | None, with_mfu: bool) -> None:
+    table.add_column("optimizer", style="bold", no_wrap=True)
+    columns = [f"state\n{unit}", f"peak\n{unit}", *(("max\nµbatch", "search\ntrials") if searched else ()),
+               "tokens/s", *((f"tokens/s\nat µb {common or '-'}",) if searched else ()), "step p50\nms", "p90\nms",
+               "fwd/bwd/opt\n% of step", *(("MFU",) if with_mfu else ())]
+    for column in columns:
+        table.add_column(column, justify="right", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+
+
+def _breakdown_table(unit: str) -> Table:
+    table = Table(title=f"Peak memory by category ({unit}), from one tracked step; and the process's RSS",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
     table.add_column("optimizer", style="bold", no_wrap=True)
-    table.add_column(f"state\n{unit}", justify="right", no_wrap=True)
-    table.add_column(f"peak\n{unit}", justify="right", no_wrap=True)
-    if searched:
-        table.add_column("max\nµbatch", justify="right", no_wrap=True)
-        table.add_column("search\ntrials", justify="right", no_wrap=True)
-    table.add_column("tokens/s", justify="right", no_wrap=True)
-    if searched:
-        table.add_column(f"tokens/s\nat µb {common or '-'}", justify="right", no_wrap=True)
-    table.add_column("step p50\nms", justify="right", no_wrap=True)
-    table.add_column("p90\nms", justify="right", no_wrap=True)
-    table.add_column("fwd/bwd/opt\n% of step", justify="right", no_wrap=True)
-    if with_mfu:
-        table.add_column("MFU", justify="right", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    breakdown = Table(title=f"Peak memory by category ({unit}), from one tracked step; and the process's RSS",
-                      title_justify="left",
-                      box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
-    breakdown.add_column("optimizer", style="bold", no_wrap=True)
     for key in ("parameters", "gradients", "optimizer state", "activations", "temporaries", "live peak",
                 "process RSS"):
-        breakdown.add_column(key, justify="right", no_wrap=True)
+        table.add_column(key, justify="right", no_wrap=True)
+    return table
+
+
+def compare_table(report: CompareReport, units: str) -> Group:
+    unit = UNITS[units][1]
+    searched = any(row.max_micro_batch is not None for row in report.results)
+    common = next((r.common_micro_batch for r in report.results if r.common_micro_batch), None)
+    with_mfu = any(row.mfu is not None for row in report.results)
+    table = Table(title=_compare_title(report, searched), title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False, padding=(0, 1))
+    _compare_columns(table, unit, searched, common, with_mfu)
+    breakdown = _breakdown_table(unit)
     notes: list[Text] = []
     for row in report.results:
         short = f"short by {format_bytes(row.short_by_bytes, units)} {unit}" if row.short_by_bytes else ""
@@ -193,39 +174,35 @@ def compare_table(report: CompareReport, units: str) -> Group:
                               notes)
         largest, trials, at_common = _search_cells(row)
         table.add_row(
-            row.optimizer,
-            format_bytes(row.state_bytes, units),
-            format_bytes(row.peak_bytes, units),
-            *((largest, trials) if searched else ()),
-            format_rate(row.tokens_per_s),
-            *((at_common,) if searched else ()),
-            format_ms(row.step_s_p50),
-            format_ms(row.step_s_p90),
-            _phase_split(row),
-            *((format_fraction(row.mfu),) if with_mfu else ()),
-            status,
+            row.optimizer, format_bytes(row.state_bytes, units), format_bytes(row.peak_bytes, units),
+            *((largest, trials) if searched else ()), format_rate(row.tokens_per_s),
+            *((at_common,) if searched else ()), format_ms(row.step_s_p50), format_ms(row.step_s_p90),
+            _phase_split(row), *((format_fraction(row.mfu),) if with_mfu else ()), status,
         )
         if row.breakdown:
             parts = [row.breakdown.get(k) for k in BREAKDOWN_KEYS]
             breakdown.add_row(row.optimizer, *(format_bytes(p, units) for p in parts),
                               format_bytes(row.tensor_peak_bytes, units), format_bytes(row.rss_peak_bytes, units))
-    limit = next((r.memory_limit_bytes for r in report.results if r.memory_limit_bytes), None)
     if searched:
+        limit = next((r.memory_limit_bytes for r in report.results if r.memory_limit_bytes), None)
         notes.insert(0, Text(
             f"max µbatch: the largest micro-batch whose step fits {format_bytes(limit, units)} {unit}, found by probe "
             "trials (each a fresh process); the other columns are measured at that size. tokens/s at µb "
             f"{common or '-'}: at the largest micro-batch every optimizer fits.", style="dim"))
+    parts: list = [table, _compare_legend(report, units)]
+    if breakdown.row_count:
+        parts.append(breakdown)
+    return Group(*parts, *notes)
+
+
+def _compare_legend(report: CompareReport, units: str) -> Text:
     sources = sorted({PEAK_LABELS.get(r.peak_source or "", "") for r in report.results if r.peak_source})
-    legend = Text(
+    return Text(
         f"{_units_note(units)}. peak: {', '.join(sources) or 'none measured'} (the device's best figure; every "
         "source is in --format json). tokens/s: global, micro-batch x sequence x accumulation x ranks / median "
         "step. fwd/bwd/opt: mean phase times, optimizer = step() + zero_grad() (and clipping).",
         style="dim",
     )
-    parts: list = [table, legend]
-    if breakdown.row_count:
-        parts.append(breakdown)
-    return Group(*parts, *notes)
 
 
 def _search_cells(row: CompareRow) -> tuple[str, str, str]:
@@ -235,11 +212,6 @@ def _search_cells(row: CompareRow) -> tuple[str, str, str]:
     if row.micro_batch is not None and row.micro_batch != row.max_micro_batch and row.max_micro_batch:
         largest += f" (used {row.micro_batch})"  # --search-margin chose a smaller size
     return largest, str(row.trials), format_rate(row.tokens_per_s_at_common)
-
-
-def render_compare(report: CompareReport, units: str | None = None) -> Group:
-    largest = max((row.peak_bytes or 0 for row in report.results), default=0)
-    return Group(model_line(report), compare_table(report, units or auto_units(largest)))
 
 
 def predict_table(report: PredictReport, units: str) -> Group:
@@ -287,11 +259,6 @@ def predict_table(report: PredictReport, units: str) -> Group:
     return Group(table, legend, *notes, *assumptions)
 
 
-def render_predict(report: PredictReport, units: str | None = None) -> Group:
-    largest = max((row.predicted_device_bytes or 0 for row in report.results), default=0)
-    return Group(model_line(report), predict_table(report, units or auto_units(largest)))
-
-
 def _failure_line(optimizer: str, status: str, reason: str | None) -> Text:
     return Text.assemble((f"{optimizer}: ", "bold"), (status, STATUS_STYLE.get(status, "")),
                          f" ({reason})" if reason else "")
@@ -312,12 +279,6 @@ VERDICT_STYLE = {"ok": "green", "regression": "bold red", "missing": "bold red",
                  "skipped": "yellow"}
 
 
-def _measure_value(measure: str, value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:,.0f}" if measure.endswith("_bytes") else f"{value:,.1f}"
-
-
 def check_table(report: CheckReport) -> Group:
     table = Table(title="optprof check: footprints against their profiles", title_justify="left",
                   box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
@@ -328,10 +289,11 @@ def check_table(report: CheckReport) -> Group:
     for v in report.verdicts:
         verdict = Text(v.verdict + (f" ({v.note})" if v.note else ""), style=VERDICT_STYLE.get(v.verdict, ""))
         name = os.path.splitext(os.path.basename(v.profile))[0]
+        is_bytes = MEASURES[v.measure].is_bytes if v.measure in MEASURES else v.measure.endswith("_bytes")
         table.add_row(
-            name if v.profile != previous else "", v.optimizer, v.measure, _measure_value(v.measure, v.expected),
-            _measure_value(v.measure, v.actual), "-" if v.change is None else f"{100 * v.change:+.3f}%",
-            f"{100 * v.tolerance:g}%", verdict,
+            name if v.profile != previous else "", v.optimizer, v.measure,
+            format_measure(is_bytes, v.expected), format_measure(is_bytes, v.actual),
+            "-" if v.change is None else f"{100 * v.change:+.3f}%", f"{100 * v.tolerance:g}%", verdict,
         )
         previous = v.profile
     counts: dict[str, int] = {}
@@ -361,41 +323,58 @@ def trial_line(row: CompareRow, units: str = "mb") -> Text:
     )
 
 
-@dataclass(frozen=True)
-class OptimizerListing:
-    """One row of `optprof optimizers`, plain data so the CLI can also print it as JSON."""
-
-    name: str
-    package: str
-    version: str | None
-    family: str
-    available: bool
-    reason: str | None
-    description: str
-
-
-def optimizers_table(rows: Sequence[OptimizerListing], chains: Sequence[Sequence[str]]) -> Group:
+def optimizers_table(report: OptimizersReport) -> Group:
     table = Table(title="Optimizers optprof can profile")
     for column in ("name", "package", "family", "available here", "description"):
         table.add_column(column, style="bold" if column == "name" else "")
-    for row in rows:
+    for row in report.optimizers:
         available = Text("yes", style="green") if row.available else Text(f"no: {row.reason}", style="yellow")
         table.add_row(row.name, f"{row.package} {row.version or ''}".strip(), row.family, available,
                       row.description)
     lines = [Text("Inclusion relations (optimizer study): A ⊆ B means B reduces to A for some hyperparameters")]
-    lines += [Text("  " + " ⊆ ".join(chain)) for chain in chains]
+    lines += [Text("  " + " ⊆ ".join(chain)) for chain in report.inclusion_chains]
     lines.append(Text("Any other optimizer: -o package.module:ClassName [--opt-arg key=value ...]", style="dim"))
     return Group(table, *lines)
 
 
-def models_table(rows: Sequence[tuple[str, str, Sequence[str]]]) -> Table:
+def models_table(report: ModelsReport) -> Table:
     table = Table(title="Bundled model configs (no weights): use the name or any alias as MODEL")
     table.add_column("name", style="bold")
     table.add_column("description")
     table.add_column("aliases")
-    for name, description, aliases in rows:
-        table.add_row(name, description, ", ".join(aliases) or "-")
+    for row in report.models:
+        table.add_row(row.name, row.description, ", ".join(row.aliases) or "-")
     return table
+
+
+def render(report: Report, units: str | None = None, models: list[tuple[str, ModelReport]] | None = None) -> Group:
+    """Any report as the command that made it shows it. `models`: (label, report) of each run whose rows
+    `report` combines, so that every run's model is described."""
+    if isinstance(report, CheckReport):
+        return check_table(report)
+    if isinstance(report, OptimizersReport):
+        return optimizers_table(report)
+    if isinstance(report, ModelsReport):
+        return Group(models_table(report))
+    assert isinstance(report, ModelReport)
+    if isinstance(report, StateSizeReport):
+        largest = max([report.reference_state_bytes or 0] + [row.state_bytes or 0 for row in report.results])
+        body = state_size_table(report, units or auto_units(largest))
+    elif isinstance(report, CompareReport):
+        largest = max((row.peak_bytes or 0 for row in report.results), default=0)
+        body = compare_table(report, units or auto_units(largest))
+    else:
+        assert isinstance(report, PredictReport)
+        largest = max((row.predicted_device_bytes or 0 for row in report.results), default=0)
+        body = predict_table(report, units or auto_units(largest))
+    return Group(*_model_lines(report, models), body)
+
+
+def _model_lines(report: ModelReport, models: list[tuple[str, ModelReport]] | None) -> list[Text]:
+    """One line for the model; with several runs, one per run (labelled), or one when they share it."""
+    if not models or len({r.model for _, r in models}) == 1:
+        return [model_line(report)]
+    return [Text.assemble((f"[{label}] ", "dim"), model_line(run)) for label, run in models]
 
 
 PIPE_WIDTH = 120  # columns when writing to a pipe or file, where rich would otherwise assume 80

@@ -1,6 +1,7 @@
-"""Result records and their serialised forms (JSON with a schema name and version, CSV via pandas).
+"""Result records: every report is a `Report` (schema name and version, environment, `failed`), written as
+JSON and read back into equal objects, or flattened to a one-row-per-result DataFrame / CSV.
 
-Bytes are int and fractions are floats in [0, 1]; nothing here formats units (report.py does).
+Bytes are int, times seconds and fractions floats in [0, 1]; nothing here formats units (report.py does).
 """
 
 from __future__ import annotations
@@ -11,23 +12,19 @@ import importlib.metadata
 import json
 import os
 import platform
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
 from optprof import __version__
+from optprof.errors import UsageError
+from optprof.models import ModelInfo
 from optprof.search import Probe
 
 if TYPE_CHECKING:
     import pandas as pd
-
-    from optprof.models import ModelInfo
-
-STATE_SIZE_SCHEMA = "optprof.state-size"
-STATE_SIZE_SCHEMA_VERSION = 1
-COMPARE_SCHEMA = "optprof.compare"
-COMPARE_SCHEMA_VERSION = 1
-PREDICT_SCHEMA = "optprof.predict"
-PREDICT_SCHEMA_VERSION = 1
 
 STATUS_OK = "ok"
 STATUS_FAILED = "failed"  # the optimizer ran here and broke: a real problem, exit code 1
@@ -48,20 +45,92 @@ METHOD_META_STEP = "meta step"
 METHOD_META_PLACEHOLDERS = "meta step, placeholder scalars"  # value reads answered by a placeholder
 METHOD_FSDP_FAKE = "FSDP2 on fake tensors, fake process group"  # --gpus N: real sharding, no memory
 
+# Verdicts of `optprof check` (Verdict.verdict).
+VERDICT_OK = "ok"
+VERDICT_REGRESSION = "regression"
+VERDICT_IMPROVED = "improved"
+VERDICT_SKIPPED = "skipped"
+VERDICT_MISSING = "missing"  # the optimizer failed or was unavailable: nothing to compare
+
 ENVIRONMENT_PACKAGES = (
     "torch", "transformers", "adam-mini", "pytorch-optimizer", "bitsandbytes", "torchao",
     "nvidia-ml-py", "psutil", "pandas", "typer", "rich",
 )
 
 
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts that make a result reproducible; cheap (no CUDA initialisation)."""
+    packages: dict[str, str | None] = {}
+    for name in ENVIRONMENT_PACKAGES:
+        try:
+            packages[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            packages[name] = None
+    return {
+        "optprof": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "packages": packages,
+    }
+
+
+def command_config(command: str, selection: Any, optimizers: list[str], opt_args: dict[str, Any]) -> dict[str, Any]:
+    """The head of every report's `config`: the command, the model selection, the optimizers and their args."""
+    return {
+        "command": command,
+        **dataclasses.asdict(selection),
+        "optimizers": optimizers,
+        "opt_args": {k: repr(v) for k, v in opt_args.items()},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
 @dataclass(frozen=True)
-class StateSizeRow:
+class OptimizerRow:
+    """The head of every per-optimizer row: who the optimizer is, how it went, the settings in effect."""
+
     optimizer: str
     package: str
     package_version: str | None
     family: str
     status: str
     reason: str | None = None
+    settings: str | None = None  # memory-relevant settings in effect, e.g. GaLore's rank
+
+
+@dataclass(frozen=True)
+class StepRow(OptimizerRow):
+    """A row about training steps: their shape."""
+
+    micro_batch: int | None = None
+    seq_len: int | None = None
+    grad_accum: int | None = None
+    world_size: int = 1
+
+
+@dataclass(frozen=True)
+class StateSizeRow(OptimizerRow):
     state_bytes: int | None = None
     bytes_per_param: float | None = None
     ratio_vs_adamw: float | None = None
@@ -71,30 +140,13 @@ class StateSizeRow:
     second_moment_entries: int | None = None  # adaptive "learning rates"; None if not adaptive
     second_moment_removed: float | None = None  # share of Adam's one-per-parameter removed
     method: str | None = None  # how the state was obtained, e.g. "meta step"
-    settings: str | None = None  # memory-relevant settings in effect, e.g. GaLore's rank
     world_size: int = 1  # --gpus N: state_bytes is then one rank's (rank 0), sharded by FSDP2
     state_logical_bytes: int | None = None  # the unsharded size of that state (DTensor global shapes)
 
 
 @dataclass(frozen=True)
-class StateSizeReport:
-    model: ModelInfo
-    reference_state_bytes: int | None  # AdamW's, measured in the same run
-    results: tuple[StateSizeRow, ...]
-    config: dict[str, Any]
-    environment: dict[str, Any]
-    created: str
-    schema: str = STATE_SIZE_SCHEMA
-    schema_version: int = STATE_SIZE_SCHEMA_VERSION
-
-    @property
-    def failed(self) -> bool:
-        return any_failed(self.results)
-
-
-@dataclass(frozen=True)
 class RankFigures:
-    """One rank of a distributed trial (`--gpus N`)."""
+    """One rank of a distributed trial (`--gpus N`), as that rank measured it."""
 
     rank: int
     status: str
@@ -108,23 +160,13 @@ class RankFigures:
     rss_peak_bytes: int | None
     loss_first: float | None
     loss_last: float | None
+    energy_j: float | None = None  # this rank's card
 
 
 @dataclass(frozen=True)
-class CompareRow:
+class CompareRow(StepRow):
     """One optimizer's trial. Times are per optimizer step (all micro-batches), in seconds."""
 
-    optimizer: str
-    package: str
-    package_version: str | None
-    family: str
-    status: str
-    reason: str | None = None
-    settings: str | None = None
-    micro_batch: int | None = None
-    seq_len: int | None = None
-    grad_accum: int | None = None
-    world_size: int = 1
     steps: int | None = None  # timed steps
     tokens_per_s: float | None = None  # global: micro_batch * seq_len * grad_accum * world_size / step_s_p50
     step_s_p50: float | None = None
@@ -176,37 +218,33 @@ class CompareRow:
     tokens_per_s_at_common: float | None = None
 
 
+FoldRule = Literal["sum", "max", "mean", "slowest rank", "peak rank", "logical", "derived"]
+
+# How the rows of a distributed trial's ranks fold into one (dist.fold_ranks): the group's total (sum), the
+# worst rank (max), the average (mean), the figures of the rank with the slowest median step (times, so that
+# the phases still add up) or with the largest tensor peak (its breakdown), the unsharded size (logical), or
+# recomputed from the folded figures (derived). A figure not named is rank 0's: the same on every rank
+# (settings, model FLOPs), or rank-specific and listed per rank under `ranks` (losses).
+RANK_FOLD: dict[str, FoldRule] = {
+    "tokens_per_s": "sum", "energy_j": "sum", "alloc_retries": "sum", "ooms": "sum",
+    "step_s_p50": "slowest rank", "step_s_p90": "slowest rank", "forward_s": "slowest rank",
+    "backward_s": "slowest rank", "clip_s": "slowest rank", "optimizer_s": "slowest rank",
+    "optimizer_share": "slowest rank", "step_times_s": "slowest rank",
+    "mfu": "mean",
+    "param_bytes": "max", "grad_bytes": "max", "peak_bytes": "max", "tensor_peak_bytes": "max",
+    "fwd_bwd_peak_bytes": "max", "torch_max_allocated_bytes": "max", "torch_max_reserved_bytes": "max",
+    "rss_peak_bytes": "max", "rss_baseline_bytes": "max", "nvml_device_peak_bytes": "max",
+    "nvml_process_peak_bytes": "max",
+    "breakdown": "peak rank",
+    "state_bytes": "logical",
+    "joules_per_token": "derived",
+}
+
+
 @dataclass(frozen=True)
-class CompareReport:
-    model: ModelInfo
-    results: tuple[CompareRow, ...]
-    config: dict[str, Any]
-    environment: dict[str, Any]
-    device: dict[str, Any]  # the device the trials ran on, as a trial process saw it
-    created: str
-    schema: str = COMPARE_SCHEMA
-    schema_version: int = COMPARE_SCHEMA_VERSION
-
-    @property
-    def failed(self) -> bool:
-        return any_failed(self.results)
-
-
-@dataclass(frozen=True)
-class PredictRow:
+class PredictRow(StepRow):
     """One optimizer's prediction. Every `predicted_` figure comes from fake tensors, not from a device."""
 
-    optimizer: str
-    package: str
-    package_version: str | None
-    family: str
-    status: str
-    reason: str | None = None
-    settings: str | None = None
-    micro_batch: int | None = None
-    seq_len: int | None = None
-    grad_accum: int | None = None
-    world_size: int = 1
     state_bytes: int | None = None  # per device; exact: the real optimizer's state, on fake tensors
     predicted_peak_bytes: int | None = None  # live tensors at the peak, per device, at micro_batch
     predicted_device_bytes: int | None = None  # the peak plus the reserve: what the card must hold
@@ -219,83 +257,281 @@ class PredictRow:
 
 
 @dataclass(frozen=True)
-class PredictReport:
-    model: ModelInfo
-    results: tuple[PredictRow, ...]
-    config: dict[str, Any]
-    assumptions: tuple[str, ...]  # what fake CPU tensors cannot see, and what was assumed instead
-    environment: dict[str, Any]
-    created: str
-    schema: str = PREDICT_SCHEMA
-    schema_version: int = PREDICT_SCHEMA_VERSION
+class Verdict:
+    """One guarded figure of `optprof check`: expected (the profile) against actual (this run)."""
+
+    profile: str
+    optimizer: str
+    measure: str
+    expected: float | None
+    actual: float | None
+    change: float | None  # relative: actual / expected - 1
+    tolerance: float
+    verdict: str
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class OptimizerListing:
+    """One row of `optprof optimizers`."""
+
+    name: str
+    package: str
+    version: str | None
+    family: str
+    available: bool
+    reason: str | None
+    description: str
+
+
+@dataclass(frozen=True)
+class ModelListing:
+    """One row of `optprof models`: a config bundled in profiles/models."""
+
+    name: str
+    description: str
+    aliases: tuple[str, ...]
+
+
+# ------------------------------------------------------------------------------------------- reports
+
+
+@dataclass(frozen=True, kw_only=True)
+class Report:
+    """What every report has. Subclasses name their schema and the field that holds their rows."""
+
+    SCHEMA: ClassVar[str]
+    SCHEMA_VERSION: ClassVar[int] = 1
+    ROWS: ClassVar[str] = "results"  # the field holding one record per optimizer (or verdict, or listing)
+    NAME: ClassVar[str] = "optimizer"  # the field of a row that names it (labelled by `optprof report`)
+
+    environment: dict[str, Any] = field(default_factory=environment)
+    created: str = field(default_factory=now_iso)
+
+    def rows(self) -> tuple[Any, ...]:
+        return getattr(self, self.ROWS)
 
     @property
     def failed(self) -> bool:
-        return any_failed(self.results)
+        """Whether the command should exit 1: a row broke (unavailable, oom and does-not-fit are findings)."""
+        return any(getattr(row, "status", None) == STATUS_FAILED for row in self.rows())
+
+    def to_dict(self) -> dict[str, Any]:
+        body = dataclasses.asdict(self)
+        head = {"schema": self.SCHEMA, "schema_version": self.SCHEMA_VERSION}
+        own = {k: v for k, v in body.items() if k not in ("environment", "created")}
+        return {**head, **own, "environment": body["environment"], "created": body["created"],
+                "failed": self.failed}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """The report `data` holds; a UsageError when it is another kind or a newer schema version."""
+        schema, version = data.get("schema"), data.get("schema_version")
+        if schema != cls.SCHEMA:
+            raise UsageError(f"expected an {cls.SCHEMA} report, got {schema!r}")
+        if not isinstance(version, int) or version > cls.SCHEMA_VERSION:
+            raise UsageError(f"{schema} schema version {version} is newer than this optprof reads "
+                             f"({cls.SCHEMA_VERSION}): upgrade optprof")
+        return _decode(cls, data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        return cls.from_dict(json.loads(text))
+
+    def frame_head(self) -> dict[str, Any]:
+        """Columns repeated on every row of the DataFrame, so that several runs concatenate."""
+        return {}
+
+    def to_frame(self) -> pd.DataFrame:
+        import pandas as pd
+
+        head = self.frame_head()
+        return pd.DataFrame([_flat({**head, **dataclasses.asdict(row)}) for row in self.rows()])
+
+    def to_csv(self) -> str:
+        return self.to_frame().to_csv(index=False)
+
+    def labelled(self, label: str) -> Report:
+        """The same report with every row's name followed by `label` (rows of several runs, side by side)."""
+        rows = tuple(dataclasses.replace(r, **{self.NAME: f"{getattr(r, self.NAME)} ({label})"}) for r in self.rows())
+        return dataclasses.replace(self, **{self.ROWS: rows})
 
 
-Report = StateSizeReport | CompareReport | PredictReport
+@dataclass(frozen=True, kw_only=True)
+class ModelReport(Report):
+    """A report about one model: its description, the command's settings, then one row per optimizer."""
+
+    model: ModelInfo
+    config: dict[str, Any]
+
+    def frame_head(self) -> dict[str, Any]:
+        m = self.model
+        return {"model": m.name, "dtype": m.dtype, "params": m.params, "embedding_params": m.embedding_params,
+                "embedding_fraction": m.embedding_fraction}
 
 
-def any_failed(rows: Any) -> bool:
-    """Whether a report should exit 1: an optimizer broke (unavailable, oom and does-not-fit are findings)."""
-    return any(row.status == STATUS_FAILED for row in rows)
+@dataclass(frozen=True, kw_only=True)
+class StateSizeReport(ModelReport):
+    SCHEMA: ClassVar[str] = "optprof.state-size"
+
+    reference_state_bytes: int | None  # AdamW's, measured in the same run
+    results: tuple[StateSizeRow, ...]
 
 
-def command_config(command: str, selection: Any, optimizers: list[str], opt_args: dict[str, Any]) -> dict[str, Any]:
-    """The head of every report's `config`: the command, the model selection, the optimizers and their args."""
-    return {
-        "command": command,
-        **dataclasses.asdict(selection),
-        "optimizers": optimizers,
-        "opt_args": {k: repr(v) for k, v in opt_args.items()},
-    }
+@dataclass(frozen=True, kw_only=True)
+class CompareReport(ModelReport):
+    SCHEMA: ClassVar[str] = "optprof.compare"
+
+    results: tuple[CompareRow, ...]
+    device: dict[str, Any]  # the device the trials ran on, as a trial process saw it
 
 
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+@dataclass(frozen=True, kw_only=True)
+class PredictReport(ModelReport):
+    SCHEMA: ClassVar[str] = "optprof.predict"
+
+    results: tuple[PredictRow, ...]
+    assumptions: tuple[str, ...]  # what fake CPU tensors cannot see, and what was assumed instead
 
 
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo where there is one (platform.processor() is often empty on Linux)."""
+@dataclass(frozen=True, kw_only=True)
+class CheckReport(Report):
+    SCHEMA: ClassVar[str] = "optprof.check"
+    ROWS: ClassVar[str] = "verdicts"
+
+    verdicts: tuple[Verdict, ...]
+    profiles: tuple[str, ...]
+    strict: bool
+    updated: dict[str, int]  # profile -> values rewritten (--update)
+
+    def fails(self, verdict: Verdict) -> bool:
+        """A regression or a missing figure fails; an improvement past the tolerance only under --strict."""
+        return verdict.verdict in (VERDICT_REGRESSION, VERDICT_MISSING) or (
+            self.strict and verdict.verdict == VERDICT_IMPROVED)
+
+    @property
+    def failed(self) -> bool:
+        return any(self.fails(v) for v in self.verdicts)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizersReport(Report):
+    SCHEMA: ClassVar[str] = "optprof.optimizers"
+    ROWS: ClassVar[str] = "optimizers"
+    NAME: ClassVar[str] = "name"
+
+    optimizers: tuple[OptimizerListing, ...]
+    inclusion_chains: tuple[tuple[str, ...], ...]  # from the optimizer study: A ⊆ B ⊆ C
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelsReport(Report):
+    SCHEMA: ClassVar[str] = "optprof.models"
+    ROWS: ClassVar[str] = "models"
+    NAME: ClassVar[str] = "name"
+
+    models: tuple[ModelListing, ...]
+
+    @classmethod
+    def bundled(cls) -> ModelsReport:
+        """The configs bundled in profiles/models."""
+        from optprof.models import bundled_models
+
+        return cls(models=tuple(ModelListing(b.name, b.description, b.aliases) for b in bundled_models().values()))
+
+
+REPORT_TYPES: dict[str, type[Report]] = {
+    cls.SCHEMA: cls for cls in (StateSizeReport, CompareReport, PredictReport, CheckReport, OptimizersReport,
+                                ModelsReport)
+}
+
+
+def load_report(data: Any, source: str = "the input") -> Report:
+    """Any saved report, by its schema name; a UsageError naming `source` when it is not one."""
+    schema = data.get("schema") if isinstance(data, dict) else None
+    cls = REPORT_TYPES.get(schema) if isinstance(schema, str) else None
+    if cls is None:
+        known = ", ".join(REPORT_TYPES)
+        raise UsageError(f"{source} is not an optprof report (schema {schema!r}; known: {known})")
     try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return cls.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UsageError(f"{source}: a damaged {schema} report ({type(exc).__name__}: {exc})") from exc
 
 
-def environment() -> dict[str, Any]:
-    """Versions and machine facts that make a result reproducible; cheap (no CUDA initialisation)."""
-    packages: dict[str, str | None] = {}
-    for name in ENVIRONMENT_PACKAGES:
-        try:
-            packages[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            packages[name] = None
-    return {
-        "optprof": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "packages": packages,
-    }
+def combined(reports: list[Report], labels: list[str]) -> Report:
+    """Reports of one kind as one: every row labelled by the run it came from, the first run's settings."""
+    kinds = {type(r).SCHEMA for r in reports}
+    if len(kinds) > 1:
+        raise UsageError(f"cannot show reports of different kinds side by side: {', '.join(sorted(kinds))}")
+    parts = [r.labelled(label) for r, label in zip(reports, labels, strict=True)]
+    first = parts[0]
+    merged: dict[str, Any] = {first.ROWS: tuple(row for part in parts for row in part.rows())}
+    if isinstance(first, CheckReport):
+        merged["profiles"] = tuple(p for part in parts for p in part.profiles)  # type: ignore[attr-defined]
+    return dataclasses.replace(first, **merged)
 
 
-def to_dict(report: Report) -> dict[str, Any]:
-    body = dataclasses.asdict(report)
-    ordered = {"schema": body.pop("schema"), "schema_version": body.pop("schema_version")}
-    ordered.update(body)
-    return ordered
+def read_report(path: Path) -> Report:
+    """A report saved as JSON; a UsageError naming the file when it cannot be read or is not a report."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"cannot read '{path}': {exc.strerror or exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"'{path}' is not JSON: {exc}") from exc
+    return load_report(data, f"'{path}'")
 
 
-def to_json(report: Report) -> str:
-    return json.dumps(to_dict(report), indent=2) + "\n"
+def run_labels(paths: list[Path]) -> list[str]:
+    """What labels each run's rows: the file name without suffix, or the whole path where names repeat."""
+    stems = [p.stem for p in paths]
+    return stems if len(set(stems)) == len(stems) else [str(p) for p in paths]
+
+
+def serialise(reports: list[Report], labels: list[str], fmt: str) -> str:
+    """JSON (one report, or an array of them) or CSV (with a `run` column when there are several)."""
+    if fmt == "json":
+        if len(reports) == 1:
+            return reports[0].to_json()
+        return json.dumps([r.to_dict() for r in reports], indent=2) + "\n"
+    if len(reports) == 1:
+        return reports[0].to_csv()
+    import pandas as pd
+
+    frames = [r.to_frame().assign(run=label) for r, label in zip(reports, labels, strict=True)]
+    frame = pd.concat(frames, ignore_index=True)
+    return frame[["run", *[c for c in frame.columns if c != "run"]]].to_csv(index=False)
+
+
+# ----------------------------------------------------------------------------------- (de)serialising
+
+
+def _decode(hint: Any, value: Any) -> Any:
+    """`value` (from JSON) as the type `hint` names: dataclasses, tuples and dicts of them, optionals."""
+    if value is None:
+        return None
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        hints = typing.get_type_hints(hint)
+        known = {f.name: _decode(hints[f.name], value[f.name]) for f in dataclasses.fields(hint)
+                 if f.init and f.name in value}
+        return hint(**known)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _decode(inner[0], value) if len(inner) == 1 else value
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_decode(args[0], item) for item in value)
+        return tuple(_decode(a, item) for a, item in zip(args, value, strict=True))
+    if origin is dict and args:
+        return {key: _decode(args[1], item) for key, item in value.items()}
+    if origin is list and args:
+        return [_decode(args[0], item) for item in value]
+    return value
 
 
 def _flat(record: dict[str, Any]) -> dict[str, Any]:
@@ -313,25 +549,3 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
         else:
             flat[key] = value
     return flat
-
-
-def to_frame(report: Report) -> pd.DataFrame:
-    """One row per optimizer, model columns repeated, so several runs concatenate into one table."""
-    import pandas as pd
-
-    rows = []
-    for row in report.results:
-        record = {
-            "model": report.model.name,
-            "dtype": report.model.dtype,
-            "params": report.model.params,
-            "embedding_params": report.model.embedding_params,
-            "embedding_fraction": report.model.embedding_fraction,
-        }
-        record.update(dataclasses.asdict(row))
-        rows.append(_flat(record))
-    return pd.DataFrame(rows)
-
-
-def to_csv(report: Report) -> str:
-    return to_frame(report).to_csv(index=False)

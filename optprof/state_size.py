@@ -12,15 +12,16 @@ from typing import TYPE_CHECKING
 
 from optprof.config import StateSizeConfig
 from optprof.errors import UsageError, error_text
-from optprof.models import ModelInfo, load_model
-from optprof.optimizers.registry import (
-    REGISTRY,
-    OptimizerEntry,
-    availability,
-    package_version,
-    resolve_optimizers,
+from optprof.models import ModelInfo, load_selection, trainable_parameters
+from optprof.optimizers.registry import REGISTRY, OptimizerEntry, availability, resolve_optimizers
+from optprof.optimizers.state import (
+    StateAccount,
+    account_state,
+    give_meta_gradients,
+    logical_state_bytes,
+    step_on_meta,
 )
-from optprof.optimizers.state import StateAccount, account_state, give_meta_gradients, step_on_meta
+from optprof.parallel import adam_mini_on_cpu_ranks, fake_process_group, fake_tensors, shard_fsdp
 from optprof.results import (
     METHOD_FSDP_FAKE,
     STATUS_FAILED,
@@ -29,8 +30,6 @@ from optprof.results import (
     StateSizeReport,
     StateSizeRow,
     command_config,
-    environment,
-    now_iso,
 )
 
 if TYPE_CHECKING:
@@ -50,14 +49,11 @@ def measure_entry(
     """Build `entry` over the meta `module`, step once, and account its state."""
     give_meta_gradients(module)
     optimizer, method = step_on_meta(lambda: entry.build(module, info, opt_args))
-    params = [p for p in module.parameters() if p.requires_grad]
-    return account_state(optimizer, params, entry.second_moment_keys), method
+    return account_state(optimizer, trainable_parameters(module), entry.second_moment_keys), method
 
 
 def _base_row(entry: OptimizerEntry, opt_args: dict, status: str, reason: str | None = None) -> StateSizeRow:
-    settings = entry.settings(opt_args) if entry.settings else None
-    return StateSizeRow(entry.name, entry.package, package_version(entry.package), entry.family, status,
-                        reason=reason, settings=settings)
+    return StateSizeRow(**entry.row_head(opt_args), status=status, reason=reason)
 
 
 def _row(entry: OptimizerEntry, module: nn.Module, info: ModelInfo, opt_args: dict) -> StateSizeRow:
@@ -141,18 +137,11 @@ def _sharded_rows(config: StateSizeConfig, entries: list[OptimizerEntry], on_row
                   ) -> tuple[ModelInfo, list[StateSizeRow], int]:
     """--gpus N: the model sharded by FSDP2 over a fake process group, on fake tensors; each optimizer steps
     once and rank 0's own state is counted (real sharding, not a division). Also AdamW's, as reference."""
-    from optprof.dist import shard_fsdp
-    from optprof.optimizers.registry import adam_mini_on_cpu_ranks
-    from optprof.optimizers.state import logical_state_bytes
-    from optprof.predict import fake_process_group, fake_tensors
-
-    selection = config.model
     with fake_process_group(config.gpus) as mesh, adam_mini_on_cpu_ranks(), fake_tensors():
-        loaded = load_model(selection.model, dtype=selection.dtype, device="cpu", revision=selection.revision,
-                            trust_remote_code=selection.trust_remote_code)
+        loaded = load_selection(config.model, device="cpu")
         module, info = loaded.module, loaded.info
         shard_fsdp(module, mesh)
-        params = [p for p in module.parameters() if p.requires_grad]
+        params = trainable_parameters(module)
 
         def logical(entry: OptimizerEntry) -> int:
             give_meta_gradients(module)
@@ -180,12 +169,7 @@ def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], Non
     if config.gpus > 1:
         info, rows, reference = _sharded_rows(config, entries, on_row or (lambda row: None))
     else:
-        loaded = load_model(
-            selection.model,
-            dtype=selection.dtype,
-            revision=selection.revision,
-            trust_remote_code=selection.trust_remote_code,
-        )
+        loaded = load_selection(selection)
         module, info = loaded.module, loaded.info
         if info.params == 0:
             raise UsageError(f"model '{selection.model}' has no parameters")
@@ -205,7 +189,5 @@ def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], Non
             "gpus": config.gpus,
             "strategy": config.strategy if config.gpus > 1 else None,
         },
-        environment=environment(),
-        created=now_iso(),
     )
 

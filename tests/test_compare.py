@@ -12,13 +12,20 @@ from rich.console import Console
 from test_cli import run
 
 from optprof import report
-from optprof.cli import parse_bytes
-from optprof.compare import resolve_seq_len, run_compare
-from optprof.config import CompareConfig, ModelSelection, SearchSettings, StateSizeConfig, TrainingSettings
+from optprof.compare import run_compare
+from optprof.config import (
+    CompareConfig,
+    ModelSelection,
+    SearchSettings,
+    StateSizeConfig,
+    TrainingSettings,
+    resolve_seq_len,
+)
 from optprof.errors import UsageError
 from optprof.models import load_model
-from optprof.results import CompareReport, to_csv, to_dict
+from optprof.results import CompareReport
 from optprof.state_size import run_state_size
+from optprof.units import parse_bytes
 
 MUST_SHOW = ("adamw", "adam-mini", "sgd", "momentum", "adafactor")
 TRAINING = TrainingSettings(device="cpu", seq_len=128, steps=3, sample_interval_s=0.005)
@@ -76,14 +83,14 @@ def test_state_ordering(demo_report: CompareReport) -> None:
 
 def test_table_and_csv(demo_report: CompareReport) -> None:
     console = Console(width=160, record=True)
-    console.print(report.render_compare(demo_report))
+    console.print(report.render(demo_report))
     text = console.export_text()
     assert "MB = 10^6 bytes" in text and "live tensors" in text and "adam-mini" in text
     assert "Peak memory by category" in text
-    csv = to_csv(demo_report)
+    csv = demo_report.to_csv()
     header = csv.splitlines()[0].split(",")
     assert {"tokens_per_s", "peak_bytes", "breakdown_activations", "state_bytes"} <= set(header)
-    body = to_dict(demo_report)
+    body = demo_report.to_dict()
     assert (body["schema"], body["schema_version"]) == ("optprof.compare", 1)
     assert body["config"]["seq_len"] == 128 and body["device"]["type"] == "cpu"
 
@@ -103,12 +110,12 @@ def test_accumulation_clipping_checkpointing_and_amp(model_dir: Callable[[str], 
 
 
 def test_default_sequence_length_is_capped_and_checked() -> None:
-    info = load_model("llama-2-7b").info  # 4096 positions
-    assert resolve_seq_len(None, info, "cuda") == 2048
-    assert resolve_seq_len(None, info, "cpu") == 512
-    assert resolve_seq_len(4096, info, "cuda") == 4096
+    context = load_model("llama-2-7b").info.max_position_embeddings  # 4096 positions
+    assert resolve_seq_len(None, context, "cuda") == 2048
+    assert resolve_seq_len(None, context, "cpu") == 512
+    assert resolve_seq_len(4096, context, "cuda") == 4096
     with pytest.raises(UsageError, match="exceeds the model's context length"):
-        resolve_seq_len(4097, info, "cuda")
+        resolve_seq_len(4097, context, "cuda")
 
 
 def test_cli_isolates_trials_and_keeps_the_other_rows(model_dir: Callable[[str], str], capsys) -> None:  # type: ignore[no-untyped-def]
@@ -146,9 +153,9 @@ LIMIT = 200 * 10**6  # demo at 128 tokens: sgd, adam-mini and adamw stop at diff
 
 @pytest.fixture(scope="module")
 def searched() -> CompareReport:
-    training = TrainingSettings(device="cpu", seq_len=128, steps=2)
+    training = TrainingSettings(device="cpu", seq_len=128, steps=2, memory_limit_bytes=LIMIT)
     config = CompareConfig(ModelSelection("demo"), ("sgd", "adam-mini", "adamw"), training,
-                           search=SearchSettings(memory_limit_bytes=LIMIT, max_micro_batch=64))
+                           search=SearchSettings(max_micro_batch=64))
     return run_compare(config, isolate=False)
 
 
@@ -175,6 +182,11 @@ def test_search_records_prove_the_answer(searched: CompareReport) -> None:
         assert row.micro_batch == row.max_micro_batch and row.peak_bytes == at_max.peak_bytes
 
 
+def test_a_searched_report_round_trips_with_its_probes(searched: CompareReport) -> None:
+    again = CompareReport.from_json(searched.to_json())
+    assert again == searched and again.results[0].search[0] == searched.results[0].search[0]
+
+
 def test_tokens_at_the_common_micro_batch(searched: CompareReport) -> None:
     common = min(row.max_micro_batch for row in searched.results)
     for row in searched.results:
@@ -184,9 +196,9 @@ def test_tokens_at_the_common_micro_batch(searched: CompareReport) -> None:
 
 
 def test_not_fitting_at_one_is_a_result(model_dir: Callable[[str], str]) -> None:
-    training = TrainingSettings(device="cpu", seq_len=128, steps=2)
+    training = TrainingSettings(device="cpu", seq_len=128, steps=2, memory_limit_bytes=100 * 10**6)
     config = CompareConfig(ModelSelection("demo"), ("sgd", "adamw"), training,
-                           search=SearchSettings(memory_limit_bytes=100 * 10**6, max_micro_batch=2))
+                           search=SearchSettings(max_micro_batch=2))
     sgd, adamw = run_compare(config, isolate=False).results
     assert sgd.status == "ok" and sgd.max_micro_batch >= 1
     assert adamw.status == "does not fit" and adamw.max_micro_batch == 0 and adamw.trials == 1

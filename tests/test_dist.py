@@ -56,6 +56,12 @@ def test_fsdp_halves_each_ranks_state_and_keeps_the_logical_total(ddp: CompareRe
         assert replicated.state_bytes == sharded.state_bytes == single[replicated.optimizer]
 
 
+def test_rank_figures_round_trip(fsdp: CompareReport) -> None:
+    again = CompareReport.from_json(fsdp.to_json())
+    assert again == fsdp and again.results[0].ranks[1] == fsdp.results[0].ranks[1]
+    assert fsdp.config["rank_fold"]["energy_j"] == "sum"  # the report says how its ranks were folded
+
+
 def test_the_loss_after_one_step_is_the_same_under_ddp_and_fsdp(ddp: CompareReport, fsdp: CompareReport) -> None:
     for replicated, sharded in zip(ddp.results, fsdp.results, strict=True):
         assert replicated.losses[0] == sharded.losses[0]  # same seed: same weights, same tokens per rank
@@ -91,12 +97,19 @@ def test_under_torchrun_rank_zero_writes_one_report() -> None:
 
 
 def test_folding_ranks() -> None:
-    def rank_row(peak: int, tokens: float, status: str = "ok") -> CompareRow:
+    def rank_row(peak: int, tokens: float, status: str = "ok", step_s: float = 0.1, energy_j: float = 50.0,
+                 forward_s: float = 0.02) -> CompareRow:
         return CompareRow("sgd", "torch", None, "sgd", status, reason=None if status == "ok" else "boom",
-                          peak_bytes=peak, tokens_per_s=tokens, step_s_p50=0.1, state_logical_bytes=0)
+                          peak_bytes=peak, tokens_per_s=tokens, step_s_p50=step_s, state_logical_bytes=0,
+                          forward_s=forward_s, energy_j=energy_j, micro_batch=1, seq_len=10, grad_accum=1, steps=2,
+                          notes=("same on every rank",))
 
     folded = fold_ranks([rank_row(100, 10.0), rank_row(120, 12.0)], "fsdp")
     assert (folded.peak_bytes, folded.tokens_per_s, folded.world_size) == (120, 22.0, 2)  # fits only if all fit
+    assert folded.energy_j == 100.0 and folded.joules_per_token == 100.0 / (10 * 2 * 2)  # both cards, all tokens
+    assert folded.notes == ("same on every rank",)
+    slow = fold_ranks([rank_row(100, 10.0), rank_row(120, 8.0, step_s=0.3, forward_s=0.2)], "fsdp")
+    assert (slow.step_s_p50, slow.forward_s) == (0.3, 0.2)  # the slowest rank's times, whole
     broken = fold_ranks([rank_row(100, 10.0), rank_row(120, 12.0, status="oom")], "fsdp")
     assert broken.status == "oom" and broken.reason == "rank 1: boom"
 

@@ -32,8 +32,8 @@ def test_compare_on_cuda_measures_every_source() -> None:
 def test_micro_batch_search_on_cuda_under_a_memory_limit() -> None:
     from optprof.config import SearchSettings
 
-    settings = TrainingSettings(device="cuda", seq_len=512, steps=2)
-    search = SearchSettings(memory_limit_bytes=2 * 2**30, max_micro_batch=512)
+    settings = TrainingSettings(device="cuda", seq_len=512, steps=2, memory_limit_bytes=2 * 2**30)
+    search = SearchSettings(max_micro_batch=512)
     report = run_compare(CompareConfig(ModelSelection("demo"), ("sgd", "adamw"), settings, search=search))
     best = {row.optimizer: row for row in report.results}
     assert best["sgd"].max_micro_batch >= best["adamw"].max_micro_batch >= 1

@@ -18,7 +18,9 @@ from optprof.measure.flops import matmul_weights, model_flops_per_token, peak_fl
 from optprof.measure.isolate import exit_reason, run_isolated
 from optprof.measure.nvml import NvmlReader, TorchDeviceIdentity, find_nvml_device
 from optprof.measure.sampler import MemorySampler
-from optprof.measure.trial import TrialSpec, percentile, run_trial
+from optprof.measure.stats import percentile
+from optprof.measure.tracker import EnergyMeter
+from optprof.measure.trial import TrialSpec, run_trial
 from optprof.models import load_model
 
 TORCH_UUID = "1a2b3c4d-0000-1111-2222-333344445555"  # torch's form: no "GPU-" prefix
@@ -63,22 +65,23 @@ def test_sampler_peaks_per_process_memory_and_energy_delta() -> None:
                      energy_mj=[1_000_000, 1_250_500])
     reader = NvmlReader(nvml, nvml.cards[1], PID)
     rss = iter([100, 300, 200] + [150] * 10_000)
-    with MemorySampler(0.001, reader, rss=lambda: next(rss)) as sampler:
+    with EnergyMeter(reader) as energy, MemorySampler(0.001, reader, rss=lambda: next(rss)) as sampler:
         time.sleep(0.05)
     result = sampler.result
     assert result is not None and result.samples >= 2
     assert result.nvml_device_peak_bytes == 30 * GIB
     assert result.nvml_process_peak_bytes == 9 * GIB  # the other process's 50 GiB is not ours
-    assert result.energy_j == pytest.approx(250.5)  # mJ counter, read at both ends
+    assert energy.result == pytest.approx(250.5)  # mJ counter, read at both ends
     assert result.rss_peak_bytes == 300
 
 
 def test_sampler_without_process_figures_or_energy_counter() -> None:
     nvml = two_cards(processes=[{PID: None}], energy_mj=None)  # containers often hide per-process memory
-    with MemorySampler(0.001, NvmlReader(nvml, nvml.cards[1], PID)) as sampler:
+    reader = NvmlReader(nvml, nvml.cards[1], PID)
+    with EnergyMeter(reader) as energy, MemorySampler(0.001, reader) as sampler:
         pass
     assert sampler.result is not None
-    assert sampler.result.nvml_process_peak_bytes is None and sampler.result.energy_j is None
+    assert sampler.result.nvml_process_peak_bytes is None and energy.result is None
     assert sampler.result.rss_peak_bytes > 0  # the real RSS of this process
 
 

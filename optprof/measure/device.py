@@ -6,12 +6,16 @@ GPU branches on a machine without CUDA.
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from optprof.measure.nvml import TorchDeviceIdentity
+from optprof.measure.nvml import NvmlBackend, NvmlReader, TorchDeviceIdentity, find_nvml_device
 from optprof.results import cpu_name
+
+NvmlFactory = Callable[[], tuple[NvmlBackend | None, str | None]]
 
 
 @dataclass(frozen=True)
@@ -134,3 +138,34 @@ class CudaDevice:
 
 def open_device(kind: str, index: int = 0) -> Device:
     return CudaDevice(index) if kind == "cuda" else CpuDevice()
+
+
+def device_facts(device: Device) -> dict[str, Any]:
+    """The device as a report describes it."""
+    import torch
+
+    facts: dict[str, Any] = {"type": device.type, "name": device.name(), "total_memory_bytes": device.total_memory(),
+                             "torch_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        facts["cuda"] = torch.version.cuda
+    return facts
+
+
+def nvml_reader_for(device: Device, factory: NvmlFactory) -> tuple[NvmlReader | None, dict[str, Any], str | None]:
+    """(NVML reader for this process on the device's card, facts for the report, why NVML is not used).
+
+    The card is found by UUID or PCI bus id (never by index: NVML numbers cards physically)."""
+    if device.type != "cuda":
+        return None, {}, None
+    backend, why = factory()
+    if backend is None:
+        return None, {}, why
+    identity = device.identity()
+    assert identity is not None
+    try:
+        handle, matched_by = find_nvml_device(backend, identity)
+    except LookupError as exc:
+        return None, {}, str(exc)
+    facts = {"nvml_name": backend.name(handle), "nvml_matched_by": matched_by, "driver": backend.driver_version(),
+             "uuid": identity.uuid, "pci_bus_id": identity.pci_bus_id}
+    return NvmlReader(backend, handle, os.getpid()), facts, None

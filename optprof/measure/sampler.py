@@ -1,4 +1,5 @@
 """A background thread that samples memory while the timed steps run: process RSS, and NVML on a GPU.
+(Energy is a counter, read at both ends by tracker.EnergyMeter, not sampled.)
 
 Sampling only reads counters (/proc for RSS, NVML calls that release the GIL), so it barely touches the
 steps it watches; the benchmark measures how much (tokens/s with and without it).
@@ -29,7 +30,6 @@ class SamplerResult:
     rss_peak_bytes: int
     nvml_device_peak_bytes: int | None = None  # whole card, every process on it
     nvml_process_peak_bytes: int | None = None  # this process on the card (CUDA context included)
-    energy_j: float | None = None  # card energy over the sampled interval
 
 
 class MemorySampler:
@@ -46,7 +46,6 @@ class MemorySampler:
         self._rss_peak = 0
         self._device_peak: int | None = None
         self._process_peak: int | None = None
-        self._energy_start: int | None = None
         self._started = 0.0
         self.result: SamplerResult | None = None
 
@@ -66,8 +65,6 @@ class MemorySampler:
 
     def __enter__(self) -> MemorySampler:
         self._started = time.perf_counter()
-        if self.nvml is not None:
-            self._energy_start = self.nvml.energy_mj()
         self._sample()
         self._thread = threading.Thread(target=self._run, name="optprof-sampler", daemon=True)
         self._thread.start()
@@ -79,16 +76,10 @@ class MemorySampler:
         if self._thread is not None:
             self._thread.join()
         self._sample()
-        energy_j = None
-        if self.nvml is not None and self._energy_start is not None:
-            end = self.nvml.energy_mj()
-            if end is not None:
-                energy_j = (end - self._energy_start) / 1000.0
         self.result = SamplerResult(
             samples=self._samples,
             duration_s=time.perf_counter() - self._started,
             rss_peak_bytes=self._rss_peak,
             nvml_device_peak_bytes=self._device_peak,
             nvml_process_peak_bytes=self._process_peak,
-            energy_j=energy_j,
         )

@@ -7,12 +7,11 @@ values, and return a torch.optim.Optimizer over every trainable parameter of tha
 from __future__ import annotations
 
 import ast
-import contextlib
 import difflib
 import importlib
 import importlib.metadata
 import importlib.util
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,8 +19,9 @@ import torch
 from torch import nn
 
 from optprof.errors import UsageError
-from optprof.models import ModelInfo, embedding_parameters
+from optprof.models import ModelInfo, embedding_parameters, trainable_parameters
 from optprof.optimizers.adam_mini_paper import AdamMiniPaper, paper_partition
+from optprof.results import OptimizerListing, OptimizersReport
 
 Builder = Callable[[nn.Module, ModelInfo, Mapping[str, Any]], torch.optim.Optimizer]
 
@@ -56,15 +56,16 @@ class OptimizerEntry:
     second_moment_keys: frozenset[str] = frozenset()  # state keys holding the adaptive denominators
     settings: Callable[[Mapping[str, Any]], str] | None = None  # the memory-relevant settings in effect
 
-
-def _params(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
+    def row_head(self, opt_args: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields every report's row starts with: who the optimizer is and the settings in effect."""
+        return {"optimizer": self.name, "package": self.package, "package_version": package_version(self.package),
+                "family": self.family, "settings": self.settings(opt_args) if self.settings else None}
 
 
 def _package_optimizer(module: str, cls_name: str, **fixed: Any) -> Builder:
     def build(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
         cls = getattr(importlib.import_module(module), cls_name)
-        return cls(_params(model), **{**fixed, **args})
+        return cls(trainable_parameters(model), **{**fixed, **args})
 
     return build
 
@@ -78,23 +79,6 @@ def distributed_world_size() -> int:
     import torch.distributed as dist
 
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@contextlib.contextmanager
-def adam_mini_on_cpu_ranks() -> Iterator[None]:
-    """adam-mini all-reduces a CPU tensor by copying it to `torch.cuda.current_device()`, which fails where
-    there is no CUDA. With ranks on CPU (gloo, or predict's fake process group) that device is the CPU."""
-    import torch
-
-    if torch.cuda.is_available() or distributed_world_size() == 1:
-        yield
-        return
-    original = torch.cuda.current_device
-    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment, return-value]
-    try:
-        yield
-    finally:
-        torch.cuda.current_device = original  # type: ignore[assignment]
 
 
 def _adam_mini(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
@@ -132,7 +116,7 @@ def _hf_adafactor(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) ->
 
     # An explicit lr needs relative_step off; transformers' defaults otherwise (no first moment).
     defaults = {"lr": 1e-3, "relative_step": False, "scale_parameter": False, "warmup_init": False}
-    return Adafactor(_params(model), **{**defaults, **args})
+    return Adafactor(trainable_parameters(model), **{**defaults, **args})
 
 
 GALORE_DEFAULT_RANK = 128  # GaLore README's example; --opt-arg rank=N to change it
@@ -150,9 +134,9 @@ def _galore(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch
     galore_args = {**GALORE_GROUP_DEFAULTS, **{k: v for k, v in args.items() if k in GALORE_GROUP_DEFAULTS}}
     optimizer_args = {k: v for k, v in args.items() if k not in GALORE_GROUP_DEFAULTS}
     skip = {id(p) for p in embedding_parameters(model)}
-    projected = [p for p in _params(model) if p.dim() == 2 and id(p) not in skip]
+    projected = [p for p in trainable_parameters(model) if p.dim() == 2 and id(p) not in skip]
     projected_ids = {id(p) for p in projected}
-    rest = [p for p in _params(model) if id(p) not in projected_ids]
+    rest = [p for p in trainable_parameters(model) if id(p) not in projected_ids]
     groups = [{"params": rest}, {"params": projected, **galore_args}]
     return GaLore(groups, **optimizer_args)
 
@@ -160,17 +144,17 @@ def _galore(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch
 def _bnb_adamw8bit(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
     import bitsandbytes as bnb
 
-    return bnb.optim.AdamW8bit(_params(model), **args)
+    return bnb.optim.AdamW8bit(trainable_parameters(model), **args)
 
 
 def _torchao_adamw8bit(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
     from torchao.optim import AdamW8bit
 
-    return AdamW8bit(_params(model), **args)
+    return AdamW8bit(trainable_parameters(model), **args)
 
 
-def _entries() -> dict[str, OptimizerEntry]:
-    torch_entries = [
+def _torch_entries() -> list[OptimizerEntry]:
+    return [
         OptimizerEntry("sgd", "torch", "torch", SGD_FAMILY, "SGD, no momentum: no state",
                        _torch_optimizer("SGD", lr=1e-3)),
         OptimizerEntry("momentum", "torch", "torch", SGD_FAMILY, "SGD with heavy-ball momentum 0.9",
@@ -193,7 +177,10 @@ def _entries() -> dict[str, OptimizerEntry]:
                        "transformers' Adafactor (factored second moment, no momentum)", _hf_adafactor,
                        frozenset({"exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"})),
     ]
-    mini_entries = [
+
+
+def _adam_mini_entries() -> list[OptimizerEntry]:
+    return [
         OptimizerEntry("adam-mini", "adam-mini", "adam_mini", BLOCKWISE,
                        "official Adam-mini: one v per head (Q, K), per neuron elsewhere, per row of embeddings",
                        _adam_mini, frozenset({"vmean", "v"})),
@@ -201,8 +188,11 @@ def _entries() -> dict[str, OptimizerEntry]:
                        "Adam-mini per the paper (Alg. 1-4): full v for embedding and output, one per block else",
                        _adam_mini_paper, frozenset({"v"})),
     ]
+
+
+def _package_entries() -> list[OptimizerEntry]:
     po = "pytorch-optimizer"
-    package_entries = [
+    return [
         OptimizerEntry("came", po, "pytorch_optimizer", FACTORED, "CAME: confidence-guided factored Adam",
                        _package_optimizer("pytorch_optimizer", "CAME", lr=2e-4),
                        frozenset({"exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"})),
@@ -231,10 +221,10 @@ def _entries() -> dict[str, OptimizerEntry]:
                        "torchao AdamW8bit: 8-bit moments as a tensor subclass", _torchao_adamw8bit,
                        ADAM_SECOND_MOMENT),
     ]
-    return {e.name: e for e in [*torch_entries, *mini_entries, *package_entries]}
 
 
-REGISTRY: dict[str, OptimizerEntry] = _entries()
+REGISTRY: dict[str, OptimizerEntry] = {e.name: e for e in [*_torch_entries(), *_adam_mini_entries(),
+                                                           *_package_entries()]}
 
 DEFAULT_OPTIMIZERS = ("adamw", "adam-mini", "adam-mini-paper", "adafactor", "sgd", "momentum")
 
@@ -258,6 +248,16 @@ def availability(entry: OptimizerEntry) -> str | None:
     return None
 
 
+def optimizers_report() -> OptimizersReport:
+    """What `optprof optimizers` lists: every registered optimizer, and whether it can run here."""
+    rows = []
+    for entry in REGISTRY.values():
+        reason = availability(entry)
+        rows.append(OptimizerListing(entry.name, entry.package, package_version(entry.package), entry.family,
+                                     reason is None, reason, entry.description))
+    return OptimizersReport(optimizers=tuple(rows), inclusion_chains=INCLUSION_CHAINS)
+
+
 def is_import_path(name: str) -> bool:
     return ":" in name
 
@@ -276,7 +276,7 @@ def custom_entry(path: str) -> OptimizerEntry:
         raise UsageError(f"'{path}' is not a torch.optim.Optimizer subclass")
 
     def build(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
-        return cls(_params(model), **args)
+        return cls(trainable_parameters(model), **args)
 
     package = module_name.partition(".")[0]
     return OptimizerEntry(path, package, module_name, CUSTOM, f"{cls_name} from {module_name}", build,

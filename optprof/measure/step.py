@@ -1,0 +1,155 @@
+"""The training step every command runs: forward and backward per micro-batch, clipping, optimizer step.
+
+`compare` runs it on a device and times it; `predict` runs the same step on fake tensors. Hooks let a
+tracker look in at the start of each forward and at the end of backward without the step knowing why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from optprof.config import TrainingSettings
+from optprof.measure.device import Device
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """One optimizer step's phases, in seconds; forward and backward summed over the micro-batches."""
+
+    forward_s: float
+    backward_s: float
+    clip_s: float
+    optimizer_s: float
+    total_s: float
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    text = str(exc)
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
+
+
+def release_freed_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps it), so RSS in the timed steps starts from live data."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def storage_bytes(tensors: Iterable[Any]) -> int:
+    """Bytes of the distinct storages behind `tensors` (tied weights count once; a DTensor: its local shard)."""
+    seen: dict[int, int] = {}
+    for tensor in tensors:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        storage = local.untyped_storage()
+        seen[storage._cdata] = storage.nbytes()
+    return sum(seen.values())
+
+
+def make_batches(vocab_size: int, training: TrainingSettings, torch_device: str, rank: int = 0) -> list[torch.Tensor]:
+    """`grad_accum` batches of random token ids, the same for every optimizer (seeded; each rank its own)."""
+    import torch
+
+    assert training.seq_len is not None
+    tokens = torch.Generator().manual_seed(training.seed + rank)
+    shape = (training.micro_batch, training.seq_len)
+    return [torch.randint(0, vocab_size, shape, generator=tokens).to(torch_device) for _ in range(training.grad_accum)]
+
+
+class TrainStep:
+    """forward + backward for each micro-batch, gradient clipping, optimizer step + zero_grad: timed by phase."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                 batches: list[torch.Tensor], device: Device, training: TrainingSettings) -> None:
+        import torch
+
+        self.model = model
+        self.optimizer = optimizer
+        self.params = params
+        self.batches = batches
+        self.device = device
+        self.training = training
+        self.amp_dtype = getattr(torch, AMP_DTYPES[training.amp]) if training.amp else None
+        self.scaler = torch.amp.GradScaler(device.type) if training.amp == "fp16" else None  # fp16 underflows
+        self.losses: list[float] = []
+        self.before_forward: Callable[[], None] | None = None  # the tracked step resets MemTracker here
+        self.after_backward: Callable[[], None] | None = None  # reads the forward+backward peak
+        self.grad_bytes: int | None = None  # measured when measure_grads is set (untimed steps only)
+        self.measure_grads = False
+
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        import torch
+
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _forward_backward(self) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any]], torch.Tensor]:
+        """Each micro-batch's forward and backward: the device marks around each phase, and the loss (read
+        only after the step's synchronize: reading it here would stall the host inside the timed step)."""
+        device, scaler = self.device, self.scaler
+        forward: list[tuple[Any, Any]] = []
+        backward: list[tuple[Any, Any]] = []
+        loss_sum: torch.Tensor | None = None
+        for batch in self.batches:
+            if self.before_forward is not None:
+                self.before_forward()
+            a = device.mark()
+            with self._autocast():
+                loss = self.model(input_ids=batch, labels=batch, use_cache=False).loss / len(self.batches)
+            b = device.mark()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            c = device.mark()
+            forward.append((a, b))
+            backward.append((b, c))
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        assert loss_sum is not None
+        return forward, backward, loss_sum
+
+    def _clip_and_step(self) -> tuple[Any, Any, Any]:
+        """Clipping, then the optimizer step and zero_grad; the marks at their start and end."""
+        import torch
+
+        device, scaler = self.device, self.scaler
+        clip_start = device.mark()
+        if self.training.grad_clip is not None:
+            if scaler is not None:
+                scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.params, self.training.grad_clip)
+        step_start = device.mark()
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return clip_start, step_start, device.mark()
+
+    def run(self) -> StepTimes:
+        device = self.device
+        start = device.mark()
+        forward, backward, loss = self._forward_backward()
+        if self.measure_grads:
+            self.grad_bytes = storage_bytes(p.grad for p in self.params if p.grad is not None)
+        if self.after_backward is not None:
+            self.after_backward()
+        clip_start, step_start, end = self._clip_and_step()
+        device.synchronize()
+        self.losses.append(float(loss))
+        return StepTimes(
+            forward_s=sum(device.seconds(x, y) for x, y in forward),
+            backward_s=sum(device.seconds(x, y) for x, y in backward),
+            clip_s=device.seconds(clip_start, step_start),
+            optimizer_s=device.seconds(step_start, end),
+            total_s=device.seconds(start, end),
+        )

@@ -1,0 +1,221 @@
+"""Trackers: context managers around training steps, each leaving a frozen result in `.result` on exit.
+
+- `TensorPeakTracker`: torch's MemTracker (FSDPMemTracker when sharded) over one step: the peak of live
+  tensor bytes, by category. Works on fake tensors too, which is how `predict` predicts.
+- `AllocatorPeakTracker`: the CUDA caching allocator's peaks over the steps (None on a CPU).
+- `EnergyMeter`: the card's NVML energy counter, read at both ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from optprof.measure.device import AllocatorStats, Device
+from optprof.measure.nvml import NvmlReader
+from optprof.measure.sampler import SamplerResult
+from optprof.measure.step import TrainStep
+from optprof.optimizers.state import state_tensors
+from optprof.results import PEAK_RSS, PEAK_TENSOR, PEAK_TORCH_RESERVED
+
+# MemTracker's and FSDPMemTracker's category names, folded into the breakdown's
+TRACKER_PARAMETERS = ("PARAM", "BUFFER", "SHARDED_PARAM", "UNSHARDED_PARAM")
+TRACKER_GRADIENTS = ("GRAD", "SHARDED_GRAD", "UNSHARDED_GRAD")
+
+
+@dataclass(frozen=True)
+class TrackedPeak:
+    tensor_peak_bytes: int
+    breakdown: dict[str, int]
+    grad_bytes: int | None
+    fwd_bwd_peak_bytes: int  # the peak up to the end of backward
+
+
+def tracker_breakdown(snapshot: dict[Any, int], state_bytes: int) -> dict[str, int]:
+    """MemTracker's categories at the peak, folded into parameters, gradients, state, activations, temporaries.
+
+    MemTracker files everything created inside optimizer.step() as optimizer memory, and tensors we registered
+    ourselves (inputs, optimizer helpers outside `optimizer.state`) as other. All of the state is alive at the
+    peak (it persists between steps), so the state is `state_bytes` and the rest of those two is temporary.
+    """
+    by_name = {getattr(k, "name", str(k)): v for k, v in snapshot.items()}
+
+    def total(names: tuple[str, ...]) -> int:
+        return sum(by_name.get(name, 0) for name in names)
+
+    state = min(state_bytes, total(("OPT", "OTH")))
+    parameters = total(TRACKER_PARAMETERS)
+    gradients = total(TRACKER_GRADIENTS)
+    activations = total(("ACT",))
+    return {
+        "parameters": parameters,
+        "gradients": gradients,
+        "optimizer_state": state,
+        "activations": activations,
+        # backward temporaries, FSDP's all-gather and reduce-scatter buffers, inputs, step temporaries
+        "temporaries": sum(by_name.values()) - parameters - gradients - state - activations,
+    }
+
+
+def peak_tracker(base: type, *args: Any) -> Any:
+    """torch's MemTracker (or FSDPMemTracker, `base`), minus its per-module peak snapshots, which optprof
+    does not use and which cost a pass over every module at every op (about 20 s for one Llama-2-7B step
+    on fake tensors). Where this torch lacks the method replaced, the plain (slower) tracker."""
+    if not hasattr(base, "_update_peak_stats"):
+        return base(*args)
+
+    class PeakOnly(base):  # type: ignore[misc, valid-type]
+        def _update_peak_stats(self, peak_state: Any) -> None:
+            for dev, snap in self._curr_mem_snap.items():
+                if self._peak_mem.get(dev, 0) < snap["Total"]:
+                    self._peak_mem[dev] = snap["Total"]
+                    self._peak_mem_snap[dev] = dict(snap)
+
+    return PeakOnly(*args)
+
+
+def _memory_tracker(step: TrainStep) -> Any:
+    """FSDPMemTracker for a sharded model (FSDP's own categories and buffers), else a MemTracker."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+    from torch.distributed._tools.mem_tracker import MemTracker
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(step.model, FSDPModule):
+        tracker = peak_tracker(FSDPMemTracker, step.model, step.optimizer)
+        tracker.track_inputs(tuple(step.batches))
+        return tracker
+    tracker = peak_tracker(MemTracker)
+    # Registered as "other" first; registering the optimizer afterwards re-labels its own state.
+    tracker.track_external(*state_tensors(step.optimizer, step.params), *step.batches)
+    tracker.track_external(step.model, step.optimizer)
+    return tracker
+
+
+class TensorPeakTracker:
+    """`with TensorPeakTracker(step, state_bytes): step.run()` -> `.result`, a TrackedPeak. Tracking slows the
+    step, so a tracked step is never a timed one."""
+
+    def __init__(self, step: TrainStep, state_bytes: int) -> None:
+        self.step = step
+        self.state_bytes = state_bytes
+        self.tracker = _memory_tracker(step)
+        self._fwd_bwd: list[int] = []
+        self.result: TrackedPeak | None = None
+
+    def _peak_snapshot(self) -> dict[Any, int]:
+        import torch
+
+        placement = torch.device(self.step.device.torch_device)
+        peaks = [snap for dev, snap in self.tracker.get_tracker_snapshot("peak").items() if dev.type == placement.type]
+        if not peaks:
+            raise RuntimeError("MemTracker saw no tensors on the trial's device")
+        return peaks[0]
+
+    def __enter__(self) -> TensorPeakTracker:
+        step = self.step
+        step.before_forward = self.tracker.reset_mod_stats  # MemTracker refuses a second root forward otherwise
+        step.after_backward = lambda: self._fwd_bwd.append(int(self._peak_snapshot().get("Total", 0)))
+        step.measure_grads = True
+        self.tracker.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        step = self.step
+        try:
+            self.tracker.__exit__(*exc)
+        finally:
+            step.before_forward = step.after_backward = None
+            step.measure_grads = False
+        if exc[0] is not None:
+            return
+        snapshot = self._peak_snapshot()
+        categories = {k: int(v) for k, v in snapshot.items() if k != "Total"}
+        self.result = TrackedPeak(int(snapshot.get("Total", 0)), tracker_breakdown(categories, self.state_bytes),
+                                  step.grad_bytes, self._fwd_bwd[0])
+
+
+def tracked_step(step: TrainStep, state_bytes: int) -> TrackedPeak:
+    """One untimed step under MemTracker: the peak of live tensor bytes and what they were."""
+    with TensorPeakTracker(step, state_bytes) as tracked:
+        step.run()
+    assert tracked.result is not None
+    return tracked.result
+
+
+@dataclass(frozen=True)
+class AllocatorPeak:
+    stats: AllocatorStats
+    allocated_after_first_backward: int | None  # the allocator's peak through the first tracked backward
+
+    @property
+    def fwd_bwd_peak_bytes(self) -> int | None:
+        """The forward+backward peak, DERIVED in reserved terms: the allocated peak through the first backward
+        plus what the allocator held beyond live tensors over all the steps."""
+        if self.allocated_after_first_backward is None:
+            return None
+        return self.allocated_after_first_backward + self.stats.max_reserved_bytes - self.stats.max_allocated_bytes
+
+
+class AllocatorPeakTracker:
+    """The caching allocator's peaks over the steps run inside (`.result` None where there is no allocator)."""
+
+    def __init__(self, device: Device, step: TrainStep) -> None:
+        self.device = device
+        self.step = step
+        self._after_backward: list[int] = []
+        self.result: AllocatorPeak | None = None
+
+    def _note_backward(self) -> None:
+        stats = self.device.allocator_stats()
+        if stats is not None:
+            self._after_backward.append(stats.max_allocated_bytes)
+        self.step.after_backward = None  # the first backward only
+
+    def __enter__(self) -> AllocatorPeakTracker:
+        self.device.synchronize()
+        self.device.reset_peaks()
+        self.step.after_backward = self._note_backward
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.step.after_backward = None
+        stats = self.device.allocator_stats()
+        if stats is not None:
+            self.result = AllocatorPeak(stats, self._after_backward[0] if self._after_backward else None)
+
+
+class EnergyMeter:
+    """Joules the card used between enter and exit (`.result`; None without NVML or an energy counter)."""
+
+    def __init__(self, reader: NvmlReader | None) -> None:
+        self.reader = reader
+        self._start: int | None = None
+        self.result: float | None = None
+
+    def __enter__(self) -> EnergyMeter:
+        self._start = self.reader.energy_mj() if self.reader is not None else None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.reader is None or self._start is None:
+            return
+        end = self.reader.energy_mj()
+        if end is not None:
+            self.result = (end - self._start) / 1000.0  # the counter is in millijoules
+
+
+def choose_peak(allocator: AllocatorPeak | None, tracked: TrackedPeak | None,
+                sampled: SamplerResult | None) -> tuple[int | None, str | None, int | None]:
+    """The best peak figure for the device, its name, and the forward+backward peak in the same terms.
+
+    On CUDA, what the caching allocator reserved: exact, and what counts against the card. On CPU, the live
+    tensor bytes of the tracked step: RSS is sampled and overstates (glibc keeps freed memory), so it is the
+    last resort.
+    """
+    if allocator is not None:
+        return allocator.stats.max_reserved_bytes, PEAK_TORCH_RESERVED, allocator.fwd_bwd_peak_bytes
+    if tracked is not None:
+        return tracked.tensor_peak_bytes, PEAK_TENSOR, tracked.fwd_bwd_peak_bytes
+    if sampled is not None:
+        return sampled.rss_peak_bytes, PEAK_RSS, None
+    return None, None, None

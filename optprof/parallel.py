@@ -1,0 +1,112 @@
+"""How a model is spread over ranks, and the stand-ins that let one CPU process act as N ranks.
+
+- `wrap_for_strategy`: DDP replicates, FSDP2 (`shard_fsdp`) shards one unit per transformer block.
+- `fake_process_group`: N ranks in one process (torch's fake backend), for state-size and predict.
+- `fake_tensors`: FakeTensorMode with placeholder scalars, so a 7B step runs without memory.
+- `adam_mini_on_cpu_ranks`: adam-mini assumes CUDA for its all-reduce; on CPU ranks it gets the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from optprof.config import DeviceKind, Strategy
+from optprof.optimizers.registry import distributed_world_size
+from optprof.optimizers.state import PlaceholderScalars
+
+
+def shard_fsdp(model: Any, mesh: Any) -> None:
+    """FSDP2 as it is usually applied: each transformer block its own unit (transformers names the block
+    classes in `_no_split_modules`), then the root for the rest (embeddings, final norm, head)."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or ())
+    for module in model.modules():
+        if type(module).__name__ in blocks:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def wrap_for_strategy(model: Any, strategy: Strategy, device_type: DeviceKind, device_index: int | None) -> Any:
+    """The model as the ranks of the current process group train it: DDP replicates it, FSDP2 shards it in
+    place."""
+    import torch.distributed as dist
+
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device_index] if device_type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shard_fsdp(model, init_device_mesh(device_type, (dist.get_world_size(),)))
+    return model
+
+
+@contextlib.contextmanager
+def fake_process_group(world_size: int) -> Iterator[Any]:
+    """`world_size` ranks in this one process (torch's fake backend: collectives return at once); yields the
+    device mesh. Every rank of an FSDP run holds the same shapes, so rank 0 stands for all."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    if dist.is_initialized():
+        raise RuntimeError("a process group already exists in this process")
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield init_device_mesh("cpu", (world_size,))
+    finally:
+        dist.destroy_process_group()
+
+
+def _is_tracing_without_fake(tensor: Any = None) -> bool:
+    from transformers.utils.import_utils import is_jit_tracing, is_torchdynamo_compiling
+
+    return bool(is_torchdynamo_compiling() or is_jit_tracing())
+
+
+@contextlib.contextmanager
+def _transformers_treat_fake_as_real() -> Iterator[None]:
+    """transformers takes fake tensors for graph tracing and then builds explicit attention masks, which
+    a real run does not: turn that off, so the fake step allocates what the real one does."""
+    import transformers.utils.import_utils as import_utils
+
+    original = import_utils.is_tracing
+    patched = [m for m in list(sys.modules.values())
+               if getattr(m, "__name__", "").startswith("transformers") and getattr(m, "is_tracing", None) is original]
+    for module in patched:
+        module.is_tracing = _is_tracing_without_fake  # type: ignore[attr-defined]
+    try:
+        yield
+    finally:
+        for module in patched:
+            module.is_tracing = original  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def fake_tensors() -> Iterator[None]:
+    """Everything created inside is a fake tensor; value reads get placeholders (as on meta)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True), PlaceholderScalars(), _transformers_treat_fake_as_real():
+        yield
+
+
+@contextlib.contextmanager
+def adam_mini_on_cpu_ranks() -> Iterator[None]:
+    """adam-mini all-reduces a CPU tensor by copying it to `torch.cuda.current_device()`, which fails where
+    there is no CUDA. With ranks on CPU (gloo, or the fake process group) that device is the CPU."""
+    import torch
+
+    if torch.cuda.is_available() or distributed_world_size() == 1:
+        yield
+        return
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: "cpu"  # type: ignore[assignment, return-value]
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = original  # type: ignore[assignment]
