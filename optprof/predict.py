@@ -43,6 +43,19 @@ ASSUMPTIONS_CUDA = (
 )
 
 
+def no_overflow_scaler() -> Any:
+    """fp16's GradScaler on the path of a step without overflow. On fake tensors `found_inf.item()` reads a
+    placeholder (non-zero), which would make the scaler skip optimizer.step(), and with it the optimizer's
+    state and the step's temporaries: a prediction 57 MB low with no state on the demo model."""
+    from torch.amp import GradScaler
+
+    class NoOverflowScaler(GradScaler):
+        def _maybe_opt_step(self, optimizer: Any, optimizer_state: Any, *args: Any, **kwargs: Any) -> Any:
+            return optimizer.step(*args, **kwargs)
+
+    return NoOverflowScaler("cpu")
+
+
 def _base_row(entry: OptimizerEntry, config: PredictConfig, training: TrainingSettings) -> PredictRow:
     return PredictRow(**entry.row_head(config.opt_args), status=STATUS_OK, micro_batch=training.micro_batch,
                       seq_len=training.seq_len, grad_accum=training.grad_accum, world_size=config.gpus)
@@ -76,7 +89,8 @@ class FakeTrainer:
         # CPU kernels on fake tensors; device-side settings (amp dtype) still follow the target
         training = dataclasses.replace(self.training, micro_batch=micro_batch, device="cpu")
         batches = make_batches(self.info.vocab_size, training, "cpu")
-        return TrainStep(self.model, self.optimizer, self.params, batches, CpuDevice(), training)
+        scaler = no_overflow_scaler() if training.amp == "fp16" else None
+        return TrainStep(self.model, self.optimizer, self.params, batches, CpuDevice(), training, scaler)
 
     def peak(self, micro_batch: int) -> TrackedPeak:
         return tracked_step(self._step(micro_batch), self.state_bytes)  # FSDPMemTracker when sharded

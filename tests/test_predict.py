@@ -10,8 +10,9 @@ import torch.distributed as dist
 from test_cli import run
 
 from optprof.compare import run_compare
-from optprof.config import CompareConfig, ModelSelection, PredictConfig, TrainingSettings
+from optprof.config import CompareConfig, ModelSelection, PredictConfig, StateSizeConfig, TrainingSettings
 from optprof.predict import run_predict
+from optprof.state_size import run_state_size
 
 TRIO = ("adamw", "adam-mini", "sgd")
 
@@ -32,6 +33,22 @@ def test_predicted_peak_matches_the_measured_tensor_peak(name: str, model_dir: C
         assert fake.predicted_peak_bytes == pytest.approx(real.tensor_peak_bytes, rel=0.02)
         assert fake.state_bytes == real.state_bytes
         assert fake.predicted_breakdown == pytest.approx(real.breakdown, rel=0.02, abs=1024)
+
+
+@pytest.mark.parametrize(("amp", "dtype"), [("fp16", "float32"), ("bf16", "float32"), (None, "float16")])
+def test_mixed_and_half_precision_predictions_match_state_size_and_the_measured_peak(amp: str | None,
+                                                                                      dtype: str) -> None:
+    """fp16 once predicted no state at all: its loss scaler read a placeholder as an overflow and skipped
+    the optimizer step. Every precision: the state state-size measures, the peak compare measures."""
+    training = TrainingSettings(device="cpu", seq_len=64, steps=1, amp=amp)  # type: ignore[arg-type]
+    selection = ModelSelection("demo", dtype)  # type: ignore[arg-type]
+    predicted = run_predict(PredictConfig(selection, ("adamw",), training)).results[0]
+    measured = run_compare(CompareConfig(selection, ("adamw",), training), isolate=False).results[0]
+    state_dtype = "float32" if amp else dtype  # amp keeps float32 master weights (and so float32 state)
+    sized = run_state_size(StateSizeConfig(ModelSelection("demo", state_dtype), ("adamw",))).results[0]  # type: ignore[arg-type]
+    assert predicted.status == measured.status == "ok", (predicted.reason, measured.reason)
+    assert predicted.state_bytes == sized.state_bytes == measured.state_bytes > 0
+    assert predicted.predicted_peak_bytes == pytest.approx(measured.tensor_peak_bytes, rel=0.02)
 
 
 def test_demo_model_prediction_within_two_percent() -> None:

@@ -70,7 +70,9 @@ class TrainStep:
     """forward + backward for each micro-batch, gradient clipping, optimizer step + zero_grad: timed by phase."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
-                 batches: list[torch.Tensor], device: Device, training: TrainingSettings) -> None:
+                 batches: list[torch.Tensor], device: Device, training: TrainingSettings,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
+        """`scaler`: fp16's loss scaler, when the caller needs its own (predict's never skips a step)."""
         import torch
 
         self.model = model
@@ -80,7 +82,9 @@ class TrainStep:
         self.device = device
         self.training = training
         self.amp_dtype = getattr(torch, AMP_DTYPES[training.amp]) if training.amp else None
-        self.scaler = torch.amp.GradScaler(device.type) if training.amp == "fp16" else None  # fp16 underflows
+        if training.amp == "fp16" and scaler is None:  # fp16 gradients underflow without loss scaling
+            scaler = torch.amp.GradScaler(device.type)
+        self.scaler = scaler if training.amp == "fp16" else None
         self.losses: list[float] = []
         self.before_forward: Callable[[], None] | None = None  # the tracked step resets MemTracker here
         self.after_backward: Callable[[], None] | None = None  # reads the forward+backward peak
