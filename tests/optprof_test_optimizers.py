@@ -105,3 +105,45 @@ class KilledOnRankOne(torch.optim.SGD):
         if dist.is_initialized() and dist.get_rank() == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         return super().step(closure)
+
+
+class FailsOnceForItsOwnReason(torch.optim.SGD):
+    """Its first step fails with an error of its own (not a value read); a second instance would step fine.
+    A retry would hide the real reason and report a state that the first instance never had."""
+
+    instances = 0
+
+    def __init__(self, params, lr: float = 0.1) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(params, lr=lr)
+        FailsOnceForItsOwnReason.instances += 1
+        self.first = FailsOnceForItsOwnReason.instances == 1
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        if self.first:
+            raise ValueError("needs a warm-start checkpoint")
+        for group in self.param_groups:
+            for p in group["params"]:
+                self.state[p]["buffer"] = torch.zeros_like(p)
+        return None
+
+
+class ReadsAValue(torch.optim.SGD):
+    """Reads its gradient norm back to Python, as trust-ratio optimizers do; then keeps one buffer each."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        for group in self.param_groups:
+            for p in group["params"]:
+                if float(p.grad.norm()) >= 0:  # a value read: on meta it needs a placeholder
+                    self.state[p]["buffer"] = torch.zeros_like(p)
+        return None
+
+
+class ReadsAValueThenBreaks(ReadsAValue):
+    """Reads a value, and under placeholders fails for a reason of its own."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        super().step(closure)
+        raise KeyError("no such group setting")

@@ -138,10 +138,29 @@ def test_placeholders_are_reported() -> None:
     assert row.method == METHOD_META_PLACEHOLDERS
 
 
+def test_only_a_value_read_is_retried_under_placeholders() -> None:
+    """Another first-step error is the optimizer's own: its row says it, and no retry steers it elsewhere."""
+    import optprof_test_optimizers
+
+    optprof_test_optimizers.FailsOnceForItsOwnReason.instances = 0
+    own = "optprof_test_optimizers:FailsOnceForItsOwnReason"
+    reads = "optprof_test_optimizers:ReadsAValue"
+    breaks = "optprof_test_optimizers:ReadsAValueThenBreaks"
+    rows = state_size("demo", own, reads, breaks)
+    assert rows[own].status == STATUS_FAILED and rows[own].reason == "ValueError: needs a warm-start checkpoint"
+    assert rows[reads].status == STATUS_OK and rows[reads].method == METHOD_META_PLACEHOLDERS
+    assert rows[reads].state_bytes == 4 * rows["report"].model.params
+    assert rows[breaks].status == STATUS_FAILED
+    assert rows[breaks].reason.startswith("RuntimeError: KeyError: 'no such group setting' (on a retry with "
+                                          "placeholder scalars; the first step had failed reading a value: ")
+
+
 def test_shared_storage_counted_once_and_helper_objects_walked() -> None:
     rows = state_size("demo", "optprof_test_optimizers:TwoBuffers")
     row = rows["optprof_test_optimizers:TwoBuffers"]
     assert row.status == STATUS_OK
+    # its state's names are unknown to optprof: no second-moment figure rather than a made-up 0 / "100% removed"
+    assert row.second_moment_entries is None and row.second_moment_removed is None
     assert row.state_bytes == 3 * 4 * rows["report"].model.params  # a, b, helper.buffer; a_again is a
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from optprof.errors import error_text
 from optprof.results import METHOD_META_PLACEHOLDERS, METHOD_META_STEP
 
 MAX_DEPTH = 6  # how deep to look inside helper objects kept in the state (GaLore's projector: 2)
@@ -62,22 +63,38 @@ def give_meta_gradients(model: nn.Module) -> None:
             param.grad = torch.empty_like(param)
 
 
+# What reading a value of a meta tensor raises (`.item()`, `bool()`, `float()`): the one error that
+# PlaceholderScalars answers, so the one a retry under placeholders may fix.
+META_VALUE_READ = "Tensor.item() cannot be called on meta tensors"
+
+
+def is_value_read(exc: BaseException) -> bool:
+    return isinstance(exc, RuntimeError) and META_VALUE_READ in str(exc)
+
+
 def step_on_meta(build: Callable[[], torch.optim.Optimizer]) -> tuple[torch.optim.Optimizer, str]:
     """Build the optimizer and call step() once so that lazily created state exists.
 
-    A plain step first; if the optimizer reads a value back, a fresh optimizer steps again under
-    placeholder scalars (the state it creates is the same: shapes and dtypes do not depend on values).
+    A plain step first. Only if it read a value back does a fresh optimizer step again under placeholder
+    scalars (the state it creates is the same: shapes and dtypes do not depend on values); any other error
+    is the optimizer's own and propagates, so the row's reason is the real one.
     """
     optimizer = build()
     try:
         with eager_compile():
             optimizer.step()
         return optimizer, METHOD_META_STEP
-    except Exception:
-        pass
+    except Exception as exc:
+        if not is_value_read(exc):
+            raise
+        first = exc
     optimizer = build()
-    with eager_compile(), PlaceholderScalars():
-        optimizer.step()
+    try:
+        with eager_compile(), PlaceholderScalars():
+            optimizer.step()
+    except Exception as exc:
+        raise RuntimeError(f"{error_text(exc)} (on a retry with placeholder scalars; the first step had "
+                           f"failed reading a value: {error_text(first)})") from exc
     return optimizer, METHOD_META_PLACEHOLDERS
 
 
