@@ -279,8 +279,9 @@ def custom_entry(path: str) -> OptimizerEntry:
         return cls(trainable_parameters(model), **args)
 
     package = module_name.partition(".")[0]
-    return OptimizerEntry(path, package, module_name, CUSTOM, f"{cls_name} from {module_name}", build,
-                          ADAM_SECOND_MOMENT)
+    # No second-moment keys: optprof does not know what this optimizer names its state, so its
+    # second-moment cells stay empty (unknown), rather than 0 entries read off Adam's names.
+    return OptimizerEntry(path, package, module_name, CUSTOM, f"{cls_name} from {module_name}", build)
 
 
 def resolve_optimizers(selection: list[str]) -> list[OptimizerEntry]:
