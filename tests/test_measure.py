@@ -133,6 +133,25 @@ def test_trial_through_the_gpu_branches_without_cuda(model_dir: Callable[[str], 
     assert row.fwd_bwd_peak_bytes == 3 * GIB + (4 * GIB - 3 * GIB)
 
 
+def test_a_multi_rank_rows_energy_is_the_sum_over_its_cards(model_dir: Callable[[str], str]) -> None:
+    """Each rank reads its own card's energy counter (fake NVML); the group's row sums them, and J/token is
+    the group's energy over the group's tokens (before, rank 0's energy stood for all)."""
+    from optprof.dist import fold_ranks
+
+    rows = []
+    for joules in (100.0, 250.0):  # rank 0's card, rank 1's card
+        nvml = two_cards(processes=[{PID: 5 * GIB}], energy_mj=[2_000_000, 2_000_000 + int(1000 * joules)])
+        cuda = FakeCuda({"allocated_bytes.all.peak": 3 * GIB, "reserved_bytes.all.peak": 4 * GIB})
+        outcome = run_trial(tiny_spec(model_dir("tiny-llama"), "sgd"), nvml=lambda nvml=nvml: (nvml, None),
+                            device=CudaOnCpu(cuda))
+        assert outcome.row.energy_j == pytest.approx(joules)
+        rows.append(outcome.row)
+    folded = fold_ranks(rows, "ddp")
+    assert folded.energy_j == pytest.approx(350.0)
+    assert [rank.energy_j for rank in folded.ranks] == pytest.approx([100.0, 250.0])
+    assert folded.joules_per_token == pytest.approx(350.0 / (16 * 2 * 2))  # 16 tokens x 2 steps x 2 ranks
+
+
 def test_memory_limit_caps_the_cuda_allocator(model_dir: Callable[[str], str]) -> None:
     cuda = FakeCuda({"reserved_bytes.all.peak": GIB})
     spec = tiny_spec(model_dir("tiny-llama"), "sgd", memory_limit_bytes=20 * GIB)
