@@ -145,17 +145,6 @@ def state_size(
     _finish(result, output_format, output, file_format, units, save_profile, "state-size")
 
 
-def _micro_batch(text: str | None, kind: config.DeviceKind, limited: bool) -> int | None:
-    """--micro-batch: a fixed size, or None for the search ('auto'; the default on cuda or with a limit)."""
-    if text == "auto" or (text is None and (kind == "cuda" or limited)):
-        return None
-    if text is None:
-        return 1
-    if not text.isdigit() or int(text) < 1:
-        raise UsageError(f"--micro-batch: expected a whole number of at least 1, or 'auto'; got '{text}'")
-    return int(text)
-
-
 DeviceOpt = Annotated[DeviceKind | None, typer.Option(
     "--device", help="Where to train (default: cuda when available, else cpu).")]
 MicroBatchOpt = Annotated[str | None, typer.Option(
@@ -184,6 +173,8 @@ GpusOpt = Annotated[int | None, typer.Option(
 StrategyOpt = Annotated[Strategy, typer.Option(
     "--strategy", help="With several ranks: ddp (replicate) or fsdp (FSDP2, shard).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights and tokens (the same for every optimizer).")]
+PredictOpt = Annotated[bool, typer.Option("--predict/--no-predict", help="Also predict each row's peak on fake "
+                                          "tensors (in this process) and report its error against the measured one.")]
 
 
 @app.command("compare")
@@ -195,7 +186,7 @@ def compare(
     gradient_checkpointing: CheckpointingOpt = False, steps: StepsOpt = 10, warmup: WarmupOpt = 2,
     peak_tflops: PeakTflopsOpt = None, breakdown: BreakdownOpt = True, trial_timeout: TrialTimeoutOpt = 1800.0,
     save_profile: SaveProfileOpt = None, gpus: GpusOpt = None, strategy: StrategyOpt = Strategy.fsdp,
-    seed: SeedOpt = 0, revision: RevisionOpt = None, trust_remote_code: TrustOpt = False,
+    seed: SeedOpt = 0, predict: PredictOpt = True, revision: RevisionOpt = None, trust_remote_code: TrustOpt = False,
     output_format: FormatOpt = OutputFormat.table, output: OutputOpt = None, units: UnitsOpt = None,
 ) -> None:
     """Train MODEL for a few real steps under each optimizer and measure memory, time and throughput.
@@ -215,7 +206,7 @@ def compare(
     kind = config.resolve_device(device.value if device else None)  # type: ignore[arg-type]
     world, joined = resolve_ranks(kind, gpus)
     limit = None if memory_limit is None else parse_bytes(memory_limit, "--memory-limit")
-    fixed = _micro_batch(micro_batch, kind, limit is not None)
+    fixed = config.resolve_micro_batch(micro_batch, kind, limit is not None)
     if save_profile is not None and fixed is None:
         raise UsageError("--save-profile needs a fixed --micro-batch (a profile names one)")
     training = config.TrainingSettings(
@@ -225,7 +216,8 @@ def compare(
     run_config = config.CompareConfig(
         _selection(model, dtype, revision, trust_remote_code), tuple(optimizer or ()), training,
         parse_opt_args(opt_arg or []), search=config.SearchSettings(max_micro_batch, search_margin) if fixed is None
-        else None, gpus=world, strategy=strategy.value, torchrun=joined, trial_timeout_s=trial_timeout)  # type: ignore[arg-type]
+        else None, gpus=world, strategy=strategy.value, torchrun=joined, trial_timeout_s=trial_timeout,  # type: ignore[arg-type]
+        predict=predict)
     file_format = _file_format(output_format, output)
     err = report.console(stderr=True)
     with torchrun_group(kind, joined) as reporter, err.status(f"comparing optimizers on {model} ...") as status:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from optprof.config import (
+    SHARDED_STRATEGIES,
     CompareConfig,
     PredictConfig,
     SearchSettings,
@@ -33,6 +35,7 @@ from optprof.results import (
     STATUS_UNAVAILABLE,
     CompareReport,
     CompareRow,
+    PredictRow,
     command_config,
 )
 from optprof.search import Probe, search_max_micro_batch
@@ -95,7 +98,7 @@ def _probe(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSetting
            micro_batch: int) -> Probe:
     """Does one step at `micro_batch` fit? A short trial: warm-up, one step, and on a CPU the tracked step."""
     settings = dataclasses.replace(training, micro_batch=micro_batch, steps=1, sampler=False,
-                                   breakdown=training.device == "cpu")
+                                   breakdown=training.device == "cpu", time_optimizer_step=False)
     run = runner.run(entry, settings, f"micro-batch {micro_batch}: ")
     row = run.row
     limit = training.memory_limit_bytes or run.device.get("total_memory_bytes")
@@ -108,31 +111,66 @@ def _probe(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSetting
     raise TrialFailed(row)
 
 
-def _predicted_start(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
-                     search: SearchSettings) -> int | None:
-    """The largest micro-batch `predict` expects to fit (fake tensors, in this process), to start the search
-    near it; None when the limit is not known here (a CUDA card's own memory) or the prediction fails."""
-    if training.memory_limit_bytes is None:
-        return None
-    config = PredictConfig(runner.config.model, (entry.name,), training, runner.config.opt_args,
-                           gpu_memory_bytes=training.memory_limit_bytes, reserve_bytes=default_reserve(training.device),
-                           max_micro_batch=search.max_micro_batch)
+def _prediction(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
+                search: SearchSettings | None = None) -> tuple[PredictRow | None, str | None]:
+    """`predict` for this optimizer (fake tensors, in this process): the row, or why there is none. With a
+    search and a known limit, it also predicts the largest micro-batch, where the search then starts."""
+    config = runner.config
+    if not config.predict:
+        return None, "--no-predict"
+    if config.torchrun or (config.gpus > 1 and config.strategy not in SHARDED_STRATEGIES):
+        return None, f"predict emulates {', '.join(SHARDED_STRATEGIES)} on spawned ranks only"
+    limit = training.memory_limit_bytes if search is not None else None
+    predict_config = PredictConfig(config.model, (entry.name,), training, config.opt_args, gpu_memory_bytes=limit,
+                                   reserve_bytes=default_reserve(training.device), gpus=config.gpus,
+                                   strategy=config.strategy, max_micro_batch=search.max_micro_batch if search else 256)
 
     def progress(text: str) -> None:
         if runner.on_progress is not None:
             runner.on_progress(entry.name, f"predicting: {text}")
 
-    row = predict_optimizer(config, entry, training, progress)
-    return row.predicted_max_micro_batch or None
+    row = predict_optimizer(predict_config, entry, training, progress)
+    return (row, None) if row.status == STATUS_OK else (None, f"predict {row.status}: {row.reason}")
+
+
+def prediction_errors(row: CompareRow, predicted_peak: int, reserve_bytes: int) -> dict[str, float]:
+    """(predicted / measured - 1) against each figure measured here: live tensors against the tensor peak
+    and the allocator's allocated and reserved peaks; peak + reserve against NVML's count of this process."""
+    pairs = {"tensor_peak_bytes": (predicted_peak, row.tensor_peak_bytes),
+             "torch_max_allocated_bytes": (predicted_peak, row.torch_max_allocated_bytes),
+             "torch_max_reserved_bytes": (predicted_peak, row.torch_max_reserved_bytes),
+             "nvml_process_peak_bytes": (predicted_peak + reserve_bytes, row.nvml_process_peak_bytes)}
+    return {name: predicted / measured - 1 for name, (predicted, measured) in pairs.items() if measured}
+
+
+def _checked_against_prediction(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
+                                row: CompareRow, predicted: PredictRow | None) -> CompareRow:
+    """The row with the predicted peak at its micro-batch and the prediction's error against each measured
+    figure; the search's prediction when it stepped that size, else a prediction made now."""
+    if row.status != STATUS_OK or row.micro_batch is None:
+        return row
+    peak = predicted.predicted_peaks.get(row.micro_batch) if predicted is not None else None
+    if peak is None:
+        at_size, why = _prediction(runner, entry, dataclasses.replace(training, micro_batch=row.micro_batch))
+        if at_size is None:
+            return dataclasses.replace(row, notes=(*row.notes, f"no prediction to check against: {why}"))
+        peak = at_size.predicted_peak_bytes
+    assert peak is not None
+    return dataclasses.replace(row, predicted_peak_bytes=peak,
+                               prediction_errors=prediction_errors(row, peak, default_reserve(training.device)))
 
 
 def _searched_row(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
                   search: SearchSettings) -> CompareRow:
     """The largest micro-batch that fits, then a full trial at the size chosen, with the search recorded."""
-    start = _predicted_start(runner, entry, training, search)
+    predicted, why = _prediction(runner, entry, training, search)
+    start = predicted.predicted_max_micro_batch if predicted is not None else None
+    if training.memory_limit_bytes is None:
+        why = "the limit is the card's own memory, which only the trial processes see"
+    cold = () if start else (f"the search started without a prediction: {why or 'predicted 0'}",)
     try:
         found = search_max_micro_batch(lambda b: _probe(runner, entry, training, search, b),
-                                       cap=search.max_micro_batch, start=start, margin=search.margin)
+                                       cap=search.max_micro_batch, start=start or None, margin=search.margin)
     except TrialFailed as failure:
         return failure.row
     limit = next((p.limit_bytes for p in found.probes if p.limit_bytes is not None), None)
@@ -144,11 +182,12 @@ def _searched_row(runner: TrialRunner, entry: OptimizerEntry, training: Training
         short = first.peak_bytes - limit if first.peak_bytes is not None and limit is not None else None
         row = dataclasses.replace(base_row(entry, runner.config.opt_args, training), status=STATUS_NO_FIT,
                                   micro_batch=1, reason=f"does not fit at micro-batch 1 ({first.reason})",
-                                  short_by_bytes=short)
+                                  short_by_bytes=short, notes=cold)
         return dataclasses.replace(row, **recorded)
     measured = dataclasses.replace(training, micro_batch=found.chosen_micro_batch)
     row = runner.run(entry, measured, f"measuring at micro-batch {found.chosen_micro_batch}: ").row
-    return dataclasses.replace(row, **recorded)
+    row = dataclasses.replace(row, **recorded, notes=(*cold, *row.notes))
+    return _checked_against_prediction(runner, entry, training, row, predicted)
 
 
 def _with_common_micro_batch(runner: TrialRunner, entries: list[OptimizerEntry], rows: list[CompareRow],
@@ -183,22 +222,18 @@ def run_compare(
 
     `isolate=False` runs the trials in this process (tests only).
     """
-    check_training(config.training, config.model.dtype)
-    if config.search is not None and config.training.memory_limit_bytes is None and config.training.device != "cuda":
-        raise UsageError("--micro-batch auto on a CPU needs --memory-limit: there is no device memory to fill")
-    if config.search is not None and config.torchrun:
-        raise UsageError("under torchrun, give a fixed --micro-batch: the search relaunches ranks in fresh processes")
-    if config.gpus > 1 and not isolate:
-        raise UsageError("--gpus N runs its ranks in fresh processes")
+    _check(config, isolate)
     entries = resolve_optimizers(list(config.optimizers))  # unknown names fail before anything is built
-    selection = config.model
-    info = load_selection(selection).info  # on meta: checks the model, cheaply
+    info = load_selection(config.model).info  # on meta: checks the model, cheaply
     training = dataclasses.replace(config.training, seq_len=resolve_seq_len(
         config.training.seq_len, info.max_position_embeddings, config.training.device))
     runner = TrialRunner(config, isolate, quiet, on_progress)
 
-    rows: list[CompareRow] = []
-    for entry in entries:
+    order = list(range(len(entries)))
+    random.Random().shuffle(order)  # so that drift on a shared machine does not follow the optimizers' order
+    by_index: dict[int, CompareRow] = {}
+    for index in order:
+        entry = entries[index]
         reason = availability(entry)
         if reason is not None:  # no process needed to say so
             row = dataclasses.replace(base_row(entry, config.opt_args, training), status=STATUS_UNAVAILABLE,
@@ -206,26 +241,51 @@ def run_compare(
         elif config.search is not None:
             row = _searched_row(runner, entry, training, config.search)
         else:
-            row = runner.run(entry, training).row
-        rows.append(row)
+            row = _checked_against_prediction(runner, entry, training, runner.run(entry, training).row, None)
+        by_index[index] = row
         if on_row is not None:
             on_row(row)
+    rows = [by_index[i] for i in range(len(entries))]
     if config.search is not None:
         rows = _with_common_micro_batch(runner, entries, rows, training)
+    return CompareReport(model=info, results=tuple(rows), device=runner.device, fwd_bwd_spread=fwd_bwd_spread(rows),
+                         config=_report_config(config, training, entries, [entries[i].name for i in order], isolate))
+
+
+def _check(config: CompareConfig, isolate: bool) -> None:
+    check_training(config.training, config.model.dtype)
+    if config.search is not None and config.training.memory_limit_bytes is None and config.training.device != "cuda":
+        raise UsageError("--micro-batch auto on a CPU needs --memory-limit: there is no device memory to fill")
+    if config.search is not None and config.torchrun:
+        raise UsageError("under torchrun, give a fixed --micro-batch: the search relaunches ranks in fresh processes")
+    if config.gpus > 1 and not isolate:
+        raise UsageError("--gpus N runs its ranks in fresh processes")
+
+
+def _report_config(config: CompareConfig, training: TrainingSettings, entries: list[OptimizerEntry],
+                   order: list[str], isolate: bool) -> dict:
+    """What the run was asked to do, as the report records it (trial_order: the order the trials ran in)."""
     distributed = config.gpus > 1 or config.torchrun
-    return CompareReport(
-        model=info,
-        results=tuple(rows),
-        config={
-            **command_config("compare", selection, [e.name for e in entries], config.opt_args),
-            **dataclasses.asdict(training),
-            "micro_batch_search": None if config.search is None else dataclasses.asdict(config.search),
-            "trial_timeout_s": config.trial_timeout_s,
-            "isolated": isolate,
-            "gpus": config.gpus,
-            "strategy": config.strategy if distributed else None,
-            "torchrun": config.torchrun,
-            "rank_fold": dict(RANK_FOLD) if distributed else None,
-        },
-        device=runner.device,
-    )
+    return {
+        **command_config("compare", config.model, [e.name for e in entries], config.opt_args),
+        **dataclasses.asdict(training),
+        "micro_batch_search": None if config.search is None else dataclasses.asdict(config.search),
+        "trial_timeout_s": config.trial_timeout_s,
+        "isolated": isolate,
+        "gpus": config.gpus,
+        "strategy": config.strategy if distributed else None,
+        "torchrun": config.torchrun,
+        "rank_fold": dict(RANK_FOLD) if distributed else None,
+        "trial_order": order,
+    }
+
+
+def fwd_bwd_spread(rows: list[CompareRow]) -> float | None:
+    """max / min - 1 of forward + backward time across the trials at the most common micro-batch."""
+    sizes = [r.micro_batch for r in rows if r.status == STATUS_OK and r.forward_s is not None]
+    if not sizes:
+        return None
+    size = max(set(sizes), key=sizes.count)
+    times = [r.forward_s + r.backward_s for r in rows  # type: ignore[operator]
+             if r.status == STATUS_OK and r.micro_batch == size and r.forward_s is not None]
+    return max(times) / min(times) - 1 if len(times) >= 2 and min(times) > 0 else None

@@ -56,6 +56,7 @@ class TrainingSettings:
     sample_interval_s: float = 0.02  # background memory sampler period (RSS, NVML)
     sampler: bool = True  # False only to measure the sampler's own cost
     breakdown: bool = True  # one extra untimed step under torch's MemTracker: tensor-level peak by category
+    time_optimizer_step: bool = True  # repeat optimizer.step() on one set of gradients: optimizer_step_s, ±95%
     peak_tflops: float | None = None  # device peak for MFU when optprof does not know the device
     memory_limit_bytes: int | None = None  # what a step may use; CUDA caps the allocator here (a smaller card)
     seed: int = 0  # same weights and tokens for every optimizer
@@ -81,6 +82,7 @@ class CompareConfig:
     strategy: Strategy = "fsdp"  # with gpus > 1
     torchrun: bool = False  # already a rank of a torchrun group: join it instead of spawning ranks
     trial_timeout_s: float = 1800.0  # one optimizer's trial, start-up included; then it is stopped and failed
+    predict: bool = True  # also predict each row's peak on fake tensors, here, and report the error
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,17 @@ def resolve_device(requested: DeviceKind | None) -> DeviceKind:
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
         raise UsageError(f"--device cuda: no CUDA device is available (torch {torch.__version__}, {build})")
     return requested
+
+
+def resolve_micro_batch(text: str | None, device: DeviceKind, limited: bool) -> int | None:
+    """--micro-batch: a fixed size, or None for the search ('auto': the default on cuda or with a limit)."""
+    if text == "auto" or (text is None and (device == "cuda" or limited)):
+        return None
+    if text is None:
+        return 1
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"--micro-batch: expected a whole number of at least 1, or 'auto'; got '{text}'")
+    return int(text)
 
 
 def default_reserve(device: DeviceKind) -> int:

@@ -142,6 +142,8 @@ def rank_figures(rank: int, row: CompareRow) -> RankFigures:
 def _fold(rule: FoldRule, name: str, rows: list[CompareRow]) -> Any:
     values = [getattr(row, name) for row in rows]
     present = [v for v in values if v is not None]
+    if rule == "sum" and len(present) == len(rows) and present and isinstance(present[0], tuple):
+        return tuple(sum(bounds) for bounds in zip(*present, strict=True))  # an interval: bound by bound
     if rule == "sum":
         return sum(present) if len(present) == len(rows) else None
     if rule == "max":

@@ -202,6 +202,14 @@ def _first_attr(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
+def config_values(config: PretrainedConfig, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The values of those of `keys` the config (or its text part) has: what `overrides` in load_model sets."""
+    found: dict[str, Any] = {}
+    for part in (_text_config(config), config):
+        found |= {key: getattr(part, key) for key in keys if hasattr(part, key) and key not in found}
+    return found
+
+
 def attention_shape(config: PretrainedConfig) -> tuple[int, int, int, int]:
     """(hidden_size, heads, kv_heads, head_dim); head_dim need not equal hidden_size / heads (Gemma)."""
     text = _text_config(config)

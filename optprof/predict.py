@@ -18,7 +18,7 @@ from optprof.errors import error_text
 from optprof.measure.device import CpuDevice
 from optprof.measure.step import TrainStep, make_batches
 from optprof.measure.tracker import TrackedPeak, tracked_step
-from optprof.models import load_selection, trainable_parameters
+from optprof.models import config_values, load_selection, trainable_parameters
 from optprof.optimizers.registry import OptimizerEntry, availability, resolve_optimizers
 from optprof.optimizers.state import account_state
 from optprof.parallel import adam_mini_on_cpu_ranks, fake_process_group, fake_tensors, shard_fsdp
@@ -35,8 +35,7 @@ ASSUMPTIONS_COMMON = (
     "inputs are dense random tokens (no padding, no packing), as compare uses",
 )
 ASSUMPTIONS_CUDA = (
-    "CUDA kernels were not run: the step used CPU kernels on fake tensors. Attention dropout was set to 0 so "
-    "that SDPA takes the flash-style path, whose memory matches CUDA's flash / memory-efficient kernels",
+    "CUDA kernels were not run: the step used CPU kernels on fake tensors",
     "autocast (--amp) follows CPU autocast's op lists, which differ slightly from CUDA's",
     "the reserve (--reserve) stands for the CUDA context, library workspaces and allocator slack, which "
     "tensors do not show",
@@ -130,6 +129,8 @@ def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: Tr
     at_max = None
     if found is not None and found.max_micro_batch:
         at_max = next(p.peak_bytes for p in found.probes if p.micro_batch == found.max_micro_batch)
+    peaks = {training.micro_batch: at.tensor_peak_bytes}
+    peaks |= {p.micro_batch: p.peak_bytes for p in (found.probes if found else ()) if p.peak_bytes is not None}
     return dataclasses.replace(
         base,
         state_bytes=trainer.state_bytes,
@@ -140,6 +141,7 @@ def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: Tr
         predicted_max_capped=None if found is None else found.capped,
         trials=None if found is None else found.trials,
         predicted_peak_at_max_bytes=at_max,
+        predicted_peaks=dict(sorted(peaks.items())),
         predict_s=time.perf_counter() - started,
     )
 
@@ -149,7 +151,8 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
     check_training(config.training, config.model.dtype)
     entries = resolve_optimizers(list(config.optimizers))
     selection = config.model
-    info = load_selection(selection).info
+    loaded = load_selection(selection)
+    info = loaded.info
     training = dataclasses.replace(config.training, seq_len=resolve_seq_len(
         config.training.seq_len, info.max_position_embeddings, config.training.device))
     rows = []
@@ -162,6 +165,11 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
         if on_row is not None:
             on_row(rows[-1])
     assumptions = ASSUMPTIONS_COMMON + (ASSUMPTIONS_CUDA if training.device == "cuda" else ())
+    dropout = config_values(loaded.config, ATTENTION_DROPOUT_KEYS) if training.device == "cuda" else {}
+    zeroed = [f"{key} {value:g}" for key, value in dropout.items() if value]  # only where there was dropout
+    if zeroed:
+        assumptions += (f"attention dropout ({', '.join(zeroed)}) was set to 0 so that SDPA takes the "
+                        "flash-style path, whose memory matches CUDA's flash / memory-efficient kernels",)
     if config.gpus > 1:
         assumptions += (f"FSDP2 over {config.gpus} ranks ran in one process on a fake process group (no "
                         "communication); the figures are per rank, for rank 0, and every rank holds the same shapes",)

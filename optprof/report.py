@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from optprof.baseline import MEASURES
+from optprof.measure.stats import is_different
 from optprof.results import (
     BREAKDOWN_KEYS,
     METHOD_FSDP_FAKE,
@@ -138,14 +139,41 @@ def _compare_title(report: CompareReport, searched: bool) -> str:
     return f"Training step, measured on {report.device.get('name') or 'the device'}{shape}"
 
 
-def _compare_columns(table: Table, unit: str, searched: bool, common: int | None, with_mfu: bool) -> None:
+def _compare_columns(table: Table, unit: str, searched: bool, common: int | None, with_mfu: bool,
+                     against: bool) -> None:
     table.add_column("optimizer", style="bold", no_wrap=True)
-    columns = [f"state\n{unit}", f"peak\n{unit}", *(("max\nµbatch", "search\ntrials") if searched else ()),
-               "tokens/s", *((f"tokens/s\nat µb {common or '-'}",) if searched else ()), "step p50\nms", "p90\nms",
-               "fwd/bwd/opt\n% of step", *(("MFU",) if with_mfu else ())]
+    vs = ("vs\nAdamW",) if against else ()
+    columns = [f"state\n{unit}", f"peak\n{unit}", *(("max\nµbatch", "probes") if searched else ()),
+               "tokens/s\n± 95%", *vs, *((f"tokens/s\nat µb {common or '-'}",) if searched else ()),
+               "opt. step\nms ± 95%", *vs, "fwd/bwd/opt\n% of step", *(("MFU",) if with_mfu else ())]
     for column in columns:
         table.add_column(column, justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
+
+
+def _with_interval(value: float | None, bounds: tuple[float, float] | None, scale: float, digits: int) -> str:
+    """'2,861 ±6%': the median and the larger side of its 95% interval, relative (the bounds are in JSON)."""
+    if value is None:
+        return "-"
+    text = f"{value * scale:,.{digits}f}"
+    if bounds is None or not value:
+        return text
+    return f"{text} ±{100 * max(value - bounds[0], bounds[1] - value) / value:.0f}%"
+
+
+def _versus(row: CompareRow, reference: CompareRow | None, value: str, interval: str, ratio: bool,
+            drift: float = 0.0) -> str:
+    """The row against AdamW: '≈' where the difference's 95% interval includes zero, or where the change is
+    within the drift between trials; else the change."""
+    if reference is None or row is reference:
+        return "-" if reference is None else "ref."
+    ours, theirs = getattr(row, value), getattr(reference, value)
+    different = is_different(getattr(row, interval), getattr(reference, interval))
+    if different is None or ours is None or not theirs:
+        return "-"
+    if not different or abs(ours / theirs - 1) <= drift:
+        return "≈"
+    return f"{ours / theirs:.2f}x" if ratio else f"{100 * (ours / theirs - 1):+.1f}%"
 
 
 def _breakdown_table(unit: str) -> Table:
@@ -158,14 +186,20 @@ def _breakdown_table(unit: str) -> Table:
     return table
 
 
+def _reference(report: CompareReport) -> CompareRow | None:
+    """AdamW's row (the first run's, with several runs side by side), when it was measured."""
+    return next((r for r in report.results if r.status == "ok" and r.optimizer.split(" (")[0] == "adamw"), None)
+
+
 def compare_table(report: CompareReport, units: str) -> Group:
     unit = UNITS[units][1]
     searched = any(row.max_micro_batch is not None for row in report.results)
     common = next((r.common_micro_batch for r in report.results if r.common_micro_batch), None)
     with_mfu = any(row.mfu is not None for row in report.results)
+    reference = _reference(report)
     table = Table(title=_compare_title(report, searched), title_justify="left", box=box.SIMPLE_HEAD,
                   pad_edge=False, padding=(0, 1))
-    _compare_columns(table, unit, searched, common, with_mfu)
+    _compare_columns(table, unit, searched, common, with_mfu, reference is not None)
     breakdown = _breakdown_table(unit)
     notes: list[Text] = []
     for row in report.results:
@@ -173,10 +207,14 @@ def compare_table(report: CompareReport, units: str) -> Group:
         status = _status_cell(row.optimizer, row.status, [row.reason or "", short, row.settings or "", *row.notes],
                               notes)
         largest, trials, at_common = _search_cells(row)
+        tokens_vs = (_versus(row, reference, "tokens_per_s", "tokens_per_s_ci95", False,
+                             report.fwd_bwd_spread or 0.0),) if reference else ()
+        step_vs = (_versus(row, reference, "optimizer_step_s", "optimizer_step_s_ci95", True),) if reference else ()
         table.add_row(
             row.optimizer, format_bytes(row.state_bytes, units), format_bytes(row.peak_bytes, units),
-            *((largest, trials) if searched else ()), format_rate(row.tokens_per_s),
-            *((at_common,) if searched else ()), format_ms(row.step_s_p50), format_ms(row.step_s_p90),
+            *((largest, trials) if searched else ()), _with_interval(row.tokens_per_s, row.tokens_per_s_ci95, 1, 0),
+            *tokens_vs, *((at_common,) if searched else ()),
+            _with_interval(row.optimizer_step_s, row.optimizer_step_s_ci95, 1000, 1), *step_vs,
             _phase_split(row), *((format_fraction(row.mfu),) if with_mfu else ()), status,
         )
         if row.breakdown:
@@ -192,17 +230,60 @@ def compare_table(report: CompareReport, units: str) -> Group:
     parts: list = [table, _compare_legend(report, units)]
     if breakdown.row_count:
         parts.append(breakdown)
-    return Group(*parts, *notes)
+    return Group(*parts, *_prediction_notes(report, units), *_derived_notes(report), *notes)
 
 
 def _compare_legend(report: CompareReport, units: str) -> Text:
     sources = sorted({PEAK_LABELS.get(r.peak_source or "", "") for r in report.results if r.peak_source})
+    ranks = max((r.world_size for r in report.results), default=1)
+    folded = "" if ranks == 1 else (
+        f" {ranks} ranks fold into each row: tokens/s and energy summed, peaks the largest rank's, times the "
+        "slowest rank's, state the unsharded total (each rank's own figures and the rules are in --format json).")
     return Text(
         f"{_units_note(units)}. peak: {', '.join(sources) or 'none measured'} (the device's best figure; every "
         "source is in --format json). tokens/s: global, micro-batch x sequence x accumulation x ranks / median "
-        "step. fwd/bwd/opt: mean phase times, optimizer = step() + zero_grad() (and clipping).",
+        "step. opt. step: optimizer.step() + zero_grad(), repeated on one set of gradients after the timed steps "
+        "(median). ± 95%: the wider side of the median's distribution-free 95% interval (order statistics; both "
+        "bounds in --format json). vs AdamW: ≈ where the "
+        "difference's 95% interval includes zero, a difference this measurement does not support; for tokens/s "
+        f"also where it is within the drift between trials ({_drift(report)}). "
+        "fwd/bwd/opt: mean phase times, optimizer = step() + zero_grad() (and clipping)." + folded,
         style="dim",
     )
+
+
+def _drift(report: CompareReport) -> str:
+    if report.fwd_bwd_spread is None:
+        return "not measured: one trial"
+    return (f"forward + backward, the same work for every optimizer, took up to {100 * report.fwd_bwd_spread:.1f}% "
+            "longer in one trial than in another")
+
+
+MEASURED_LABELS = {"tensor_peak_bytes": "live tensors", "torch_max_allocated_bytes": "allocated",
+                   "torch_max_reserved_bytes": "reserved", "nvml_process_peak_bytes": "NVML process, vs + reserve"}
+
+
+def _prediction_notes(report: CompareReport, units: str) -> list[Text]:
+    """Each row's predicted peak (fake tensors) against what was measured: how good the predictor is here."""
+    unit = UNITS[units][1]
+    lines = []
+    for row in report.results:
+        if row.predicted_peak_bytes is None:
+            continue
+        errors = ", ".join(f"{MEASURED_LABELS.get(name, name)} {100 * error:+.2f}%"
+                           for name, error in row.prediction_errors.items())
+        search = "" if row.predicted_max_micro_batch is None or row.max_micro_batch is None else (
+            f"; predicted max µbatch {row.predicted_max_micro_batch}, found {row.max_micro_batch}")
+        lines.append(f"{row.optimizer} {format_bytes(row.predicted_peak_bytes, units)} {unit} ({errors}){search}")
+    if not lines:
+        return []
+    return [Text("Predicted peak (fake tensors) against the measured one, error = predicted / measured - 1: "
+                 + "; ".join(lines) + ".", style="dim")]
+
+
+def _derived_notes(report: CompareReport) -> list[Text]:
+    derived = {name: how for row in report.results for name, how in row.derived.items()}
+    return [Text(f"Derived, not measured: {name}: {how}.", style="dim") for name, how in derived.items()]
 
 
 def _search_cells(row: CompareRow) -> tuple[str, str, str]:

@@ -40,6 +40,12 @@ PEAK_TORCH_RESERVED = "torch_max_reserved"  # CUDA: what the caching allocator h
 PEAK_TENSOR = "tensor_peak"  # CPU: live tensor bytes at the peak, from torch's MemTracker
 PEAK_RSS = "rss_peak"  # CPU without the tracked step: sampled, overstates (the C allocator keeps freed memory)
 
+# How a derived figure was obtained (CompareRow.derived): computed from measurements, not read off a counter.
+DERIVED_FWD_BWD_CUDA = ("the allocator's allocated peak through the first timed backward, plus its reserved - "
+                        "allocated gap over the timed steps (CUDA keeps no reserved peak per phase)")
+DERIVED_MFU = ("model FLOPs per token (PaLM formula) x tokens/s / the device's dense data-sheet peak "
+               "(or --peak-tflops)")
+
 # How a state figure was obtained (StateSizeRow.method).
 METHOD_META_STEP = "meta step"
 METHOD_META_PLACEHOLDERS = "meta step, placeholder scalars"  # value reads answered by a placeholder
@@ -169,6 +175,7 @@ class CompareRow(StepRow):
 
     steps: int | None = None  # timed steps
     tokens_per_s: float | None = None  # global: micro_batch * seq_len * grad_accum * world_size / step_s_p50
+    tokens_per_s_ci95: tuple[float, float] | None = None  # from the median step's 95% interval (>= 6 steps)
     step_s_p50: float | None = None
     step_s_p90: float | None = None
     forward_s: float | None = None  # means over the timed steps
@@ -176,6 +183,12 @@ class CompareRow(StepRow):
     clip_s: float | None = None
     optimizer_s: float | None = None  # optimizer.step() and zero_grad()
     optimizer_share: float | None = None  # optimizer_s / mean step time
+    # optimizer.step() + zero_grad repeated on one set of gradients after the timed steps: the median and its
+    # distribution-free 95% interval. Forward and backward are the same for every optimizer at one micro-batch,
+    # so this is where optimizers differ in time.
+    optimizer_step_s: float | None = None
+    optimizer_step_s_ci95: tuple[float, float] | None = None
+    optimizer_step_repetitions: int | None = None
     model_flops_per_token: float | None = None  # PaLM formula: 6 per matmul weight + attention
     mfu: float | None = None  # model FLOPs utilisation; None when the device's peak is unknown
     state_bytes: int | None = None  # measured on the live optimizer, as state-size does
@@ -202,6 +215,10 @@ class CompareRow(StepRow):
     step_times_s: tuple[float, ...] = ()
     sampler_samples: int | None = None
     notes: tuple[str, ...] = ()  # what could not be measured here, and why
+    derived: dict[str, str] = field(default_factory=dict)  # figure -> how it was derived (not measured directly)
+    # The prediction (fake tensors, `predict`) at this row's micro-batch, against what was measured here:
+    predicted_peak_bytes: int | None = None  # live tensors, per device
+    prediction_errors: dict[str, float] = field(default_factory=dict)  # measured figure -> predicted/measured - 1
     # --gpus N: state_bytes is then the logical total (unsharded), per-rank figures are under `ranks`
     strategy: str | None = None
     state_logical_bytes: int | None = None  # the state's unsharded size (DTensor global shapes)
@@ -220,16 +237,18 @@ class CompareRow(StepRow):
 
 FoldRule = Literal["sum", "max", "mean", "slowest rank", "peak rank", "logical", "derived"]
 
-# How the rows of a distributed trial's ranks fold into one (dist.fold_ranks): the group's total (sum), the
+# How the rows of a distributed trial's ranks fold into one (dist.fold_ranks): the group's total (sum; an
+# interval's bounds are summed, which for ranks in lockstep is the group's interval), the
 # worst rank (max), the average (mean), the figures of the rank with the slowest median step (times, so that
 # the phases still add up) or with the largest tensor peak (its breakdown), the unsharded size (logical), or
 # recomputed from the folded figures (derived). A figure not named is rank 0's: the same on every rank
 # (settings, model FLOPs), or rank-specific and listed per rank under `ranks` (losses).
 RANK_FOLD: dict[str, FoldRule] = {
-    "tokens_per_s": "sum", "energy_j": "sum", "alloc_retries": "sum", "ooms": "sum",
+    "tokens_per_s": "sum", "tokens_per_s_ci95": "sum", "energy_j": "sum", "alloc_retries": "sum", "ooms": "sum",
     "step_s_p50": "slowest rank", "step_s_p90": "slowest rank", "forward_s": "slowest rank",
     "backward_s": "slowest rank", "clip_s": "slowest rank", "optimizer_s": "slowest rank",
-    "optimizer_share": "slowest rank", "step_times_s": "slowest rank",
+    "optimizer_share": "slowest rank", "step_times_s": "slowest rank", "optimizer_step_s": "slowest rank",
+    "optimizer_step_s_ci95": "slowest rank", "optimizer_step_repetitions": "slowest rank",
     "mfu": "mean",
     "param_bytes": "max", "grad_bytes": "max", "peak_bytes": "max", "tensor_peak_bytes": "max",
     "fwd_bwd_peak_bytes": "max", "torch_max_allocated_bytes": "max", "torch_max_reserved_bytes": "max",
@@ -253,6 +272,7 @@ class PredictRow(StepRow):
     predicted_max_capped: bool | None = None
     trials: int | None = None  # fake steps the search took
     predicted_peak_at_max_bytes: int | None = None
+    predicted_peaks: dict[int, int] = field(default_factory=dict)  # micro-batch -> peak, every size stepped
     predict_s: float | None = None  # wall time of this optimizer's prediction
 
 
@@ -387,6 +407,10 @@ class CompareReport(ModelReport):
 
     results: tuple[CompareRow, ...]
     device: dict[str, Any]  # the device the trials ran on, as a trial process saw it
+    # Forward + backward is the same work for every optimizer at one micro-batch, so the relative range of its
+    # time across the trials (max / min - 1) is the machine's drift between trials, not an optimizer's
+    # property: tokens/s differences within it are not findings. None with fewer than two such trials.
+    fwd_bwd_spread: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -527,8 +551,8 @@ def _decode(hint: Any, value: Any) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_decode(args[0], item) for item in value)
         return tuple(_decode(a, item) for a, item in zip(args, value, strict=True))
-    if origin is dict and args:
-        return {key: _decode(args[1], item) for key, item in value.items()}
+    if origin is dict and args:  # JSON keys are text: an int key comes back as int
+        return {(int(key) if args[0] is int else key): _decode(args[1], item) for key, item in value.items()}
     if origin is list and args:
         return [_decode(args[0], item) for item in value]
     return value

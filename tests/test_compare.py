@@ -28,7 +28,7 @@ from optprof.state_size import run_state_size
 from optprof.units import parse_bytes
 
 MUST_SHOW = ("adamw", "adam-mini", "sgd", "momentum", "adafactor")
-TRAINING = TrainingSettings(device="cpu", seq_len=128, steps=3, sample_interval_s=0.005)
+TRAINING = TrainingSettings(device="cpu", seq_len=128, steps=6, sample_interval_s=0.005)  # 6: a 95% interval
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +67,48 @@ def test_state_bytes_equal_state_size(demo_report: CompareReport) -> None:
 
 
 def test_peak_holds_parameters_gradients_and_state(demo_report: CompareReport) -> None:
+    buffers = sum(b.numel() * b.element_size() for b in load_model("demo", device="cpu").module.buffers())
     for row in demo_report.results:
         assert row.peak_source == "tensor_peak" and row.peak_bytes == row.tensor_peak_bytes
         assert row.param_bytes == row.grad_bytes == 4 * demo_report.model.params  # float32, untied
         assert row.peak_bytes >= row.param_bytes + row.grad_bytes + row.state_bytes
-        assert sum(row.breakdown.values()) == row.tensor_peak_bytes
-        assert row.breakdown["optimizer_state"] == row.state_bytes
+        # MemTracker's categories against a storage walk; the category holds buffers too (rotary's inv_freq)
+        assert row.breakdown["parameters"] == row.param_bytes + buffers
+        assert 0 <= row.breakdown["temporaries"] < row.tensor_peak_bytes
+
+
+def test_at_a_backward_peak_optimizers_differ_by_their_state_alone() -> None:
+    """At 512 tokens demo's peak falls at the start of backward, where every optimizer holds the same
+    parameters, activations and temporaries and no gradients yet: peaks differ by exactly the state, and
+    the breakdown puts the state there, not in activations or temporaries."""
+    training = TrainingSettings(device="cpu", seq_len=512, steps=1)
+    config = CompareConfig(ModelSelection("demo"), ("sgd", "momentum", "adamw"), training, predict=False)
+    sgd, *others = run_compare(config, isolate=False).results
+    for row in others:
+        assert row.tensor_peak_bytes - sgd.tensor_peak_bytes == row.state_bytes - sgd.state_bytes > 0
+        assert row.breakdown["optimizer_state"] - sgd.breakdown["optimizer_state"] == row.state_bytes
+        assert row.breakdown["activations"] == sgd.breakdown["activations"] > 0
+        assert row.breakdown["temporaries"] == sgd.breakdown["temporaries"]
+
+
+def test_every_row_has_its_intervals_and_the_run_its_order(demo_report: CompareReport) -> None:
+    for row in demo_report.results:
+        low, high = row.tokens_per_s_ci95
+        assert low <= row.tokens_per_s <= high
+        low, high = row.optimizer_step_s_ci95
+        assert low <= row.optimizer_step_s <= high and row.optimizer_step_repetitions >= 10
+        assert row.predicted_peak_bytes == row.tensor_peak_bytes  # the prediction, checked: exact on CPU
+        assert row.prediction_errors == {"tensor_peak_bytes": 0.0}
+    assert sorted(demo_report.config["trial_order"]) == sorted(MUST_SHOW)
+    assert demo_report.config["optimizers"] == list(MUST_SHOW)  # rows and config keep the user's order
+    assert demo_report.fwd_bwd_spread is not None and demo_report.fwd_bwd_spread >= 0
+
+
+def test_optimizer_step_times_order_by_the_work_each_does(demo_report: CompareReport) -> None:
+    """At equal micro-batch the optimizers differ in their step: sgd adds the gradient, momentum keeps a
+    buffer too, AdamW two moments and a division. The repeated step resolves that on a noisy machine."""
+    step = {row.optimizer: row.optimizer_step_s for row in demo_report.results}
+    assert step["sgd"] < step["momentum"] < step["adamw"]
 
 
 def test_state_ordering(demo_report: CompareReport) -> None:
@@ -87,6 +123,9 @@ def test_table_and_csv(demo_report: CompareReport) -> None:
     text = console.export_text()
     assert "MB = 10^6 bytes" in text and "live tensors" in text and "adam-mini" in text
     assert "Peak memory by category" in text
+    narrow = Console(width=report.PIPE_WIDTH, record=True)  # what a pipe or a file gets
+    narrow.print(report.render(demo_report))
+    assert "…" not in narrow.export_text()  # no column cut short
     csv = demo_report.to_csv()
     header = csv.splitlines()[0].split(",")
     assert {"tokens_per_s", "peak_bytes", "breakdown_activations", "state_bytes"} <= set(header)

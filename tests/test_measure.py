@@ -219,6 +219,11 @@ def test_peak_flops_table() -> None:
     assert peak_flops("NVIDIA H100 PCIe", low_precision=True) == 756.0e12  # not the SXM figure
     assert peak_flops("NVIDIA A100-SXM4-80GB", low_precision=False) == 19.5e12
     assert peak_flops("Some Future GPU", low_precision=True) is None
+    # whole words, not substrings: an L40 is not an L4 (1.5x too high MFU), an L4 not an L40, A100 not A10
+    assert peak_flops("NVIDIA L40", low_precision=True) == 181.05e12
+    assert peak_flops("NVIDIA L4", low_precision=True) == 121.0e12
+    assert peak_flops("NVIDIA A10", low_precision=True) == 125.0e12
+    assert peak_flops("NVIDIA L40-48Q", low_precision=False) == 90.5e12  # a vGPU profile name
 
 
 def test_model_flops_count_a_tied_head_once_and_no_embedding_lookup(model_dir: Callable[[str], str]) -> None:
@@ -228,3 +233,23 @@ def test_model_flops_count_a_tied_head_once_and_no_embedding_lookup(model_dir: C
     assert matmul_weights(loaded.module) == layers + 128 * 32  # + the head; wpe and the lookup are not matmuls
     expected = 6 * (layers + 128 * 32) + 12 * info.num_layers * info.num_heads * info.head_dim * 16
     assert model_flops_per_token(loaded.module, info, 16) == expected
+
+
+def test_an_nvml_error_mid_run_is_reported_and_rss_sampling_goes_on() -> None:
+    class FailingLater(FakeNvml):
+        reads = 0
+
+        def memory_used(self, handle: FakeCard) -> int:
+            self.reads += 1
+            if self.reads > 2:
+                raise RuntimeError("NVML_ERROR_GPU_IS_LOST")
+            return super().memory_used(handle)
+
+    nvml = FailingLater(two_cards(used=[7 * GIB], processes=[{PID: 3 * GIB}]).cards)
+    rss = iter(range(100, 10**6))
+    with MemorySampler(0.001, NvmlReader(nvml, nvml.cards[1], PID), rss=lambda: next(rss)) as sampler:
+        time.sleep(0.05)
+    result = sampler.result
+    assert result is not None and result.nvml_error == "RuntimeError: NVML_ERROR_GPU_IS_LOST"
+    assert result.nvml_device_peak_bytes == 7 * GIB and result.nvml_process_peak_bytes == 3 * GIB  # before it
+    assert result.samples > 5 and result.rss_peak_bytes == 100 + result.samples - 1  # the thread kept sampling

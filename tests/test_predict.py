@@ -100,3 +100,14 @@ def test_cli_predict_labels_everything_predicted(capsys) -> None:  # type: ignor
     ):
         code, _, err = run(argv, capsys)
         assert code == 2 and message in err
+
+
+def test_the_dropout_assumption_only_where_the_model_had_dropout() -> None:
+    def dropout_lines(model: str) -> list[str]:
+        training = TrainingSettings(device="cuda", seq_len=32)
+        report = run_predict(PredictConfig(ModelSelection(model), ("sgd",), training))
+        return [line for line in report.assumptions if "dropout" in line]
+
+    assert dropout_lines("demo") == []  # Llama's attention_dropout is 0 already: nothing was changed
+    assert dropout_lines("gpt2") == ["attention dropout (attn_pdrop 0.1) was set to 0 so that SDPA takes the "
+                                     "flash-style path, whose memory matches CUDA's flash / memory-efficient kernels"]

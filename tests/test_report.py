@@ -124,3 +124,38 @@ def test_report_refuses_to_mix_kinds(two_runs: tuple[Path, Path, str], tmp_path:
     models.write_text(ModelsReport.bundled().to_json())
     code, _, err = run(["report", str(two_runs[0]), str(models)], capsys)
     assert code == 2 and "different kinds" in err
+
+
+def test_a_difference_the_intervals_do_not_support_is_shown_as_approximately() -> None:
+    from rich.console import Console
+
+    from optprof import report
+    from optprof.measure.stats import median_ci95
+    from optprof.models import load_model
+    from optprof.results import CompareReport, CompareRow
+
+    assert median_ci95([5.0, 1, 4, 2, 3]) is None  # five values cannot give 95%
+    assert median_ci95([float(v) for v in range(10, 0, -1)]) == (2.0, 9.0)  # ranks 2 and 9 of 10
+    assert median_ci95([float(v) for v in range(1, 21)]) == (6.0, 15.0)  # ranks 6 and 15 of 20
+
+    def row(name: str, tokens: tuple[float, float], step_ms: tuple[float, float], fwd_bwd: float) -> CompareRow:
+        return CompareRow(name, "torch", None, "adaptive", "ok", micro_batch=1, tokens_per_s=sum(tokens) / 2,
+                          tokens_per_s_ci95=tokens, optimizer_step_s=sum(step_ms) / 2000,
+                          optimizer_step_s_ci95=(step_ms[0] / 1000, step_ms[1] / 1000), forward_s=fwd_bwd / 2,
+                          backward_s=fwd_bwd / 2, optimizer_s=0.001)
+
+    rows = (row("adamw", (1000, 1100), (14.0, 16.0), 0.1),
+            row("overlaps", (1050, 1200), (15.5, 17.0), 0.1),  # both intervals overlap AdamW's: ≈ twice
+            row("faster", (1500, 1600), (1.0, 2.0), 0.104))  # separate, and beyond the 4% drift
+    compare = CompareReport(model=load_model("demo").info, results=rows, config={}, device={"name": "cpu"},
+                            fwd_bwd_spread=0.04)
+    console = Console(width=200, record=True)
+    console.print(report.render(compare))
+    lines = {line.split()[0]: line for line in console.export_text().splitlines() if line.strip()}
+    assert lines["overlaps"].count("≈") == 2
+    assert "+47.6%" in lines["faster"] and "0.10x" in lines["faster"] and "≈" not in lines["faster"]
+    within_drift = CompareReport(model=compare.model, results=rows, config={}, device={}, fwd_bwd_spread=0.5)
+    console = Console(width=200, record=True)
+    console.print(report.render(within_drift))
+    faster = next(line for line in console.export_text().splitlines() if line.startswith(" faster"))
+    assert "≈" in faster and "0.10x" in faster  # +47.6% tokens/s is within a 50% drift; the step is not

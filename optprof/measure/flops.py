@@ -7,6 +7,7 @@ scores and values. Recomputation under gradient checkpointing is not model FLOPs
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
     ("A100", 312.0, 19.5),
     ("A800", 312.0, 19.5),
     ("L40S", 362.1, 91.6),
+    ("L40", 181.05, 90.5),
     ("L4", 121.0, 30.3),
     ("A10G", 70.0, 31.2),
     ("A10", 125.0, 31.2),
@@ -35,12 +37,26 @@ PEAK_TFLOPS: tuple[tuple[str, float, float], ...] = (
 )
 
 
+def _words(name: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", name.lower())
+
+
 def peak_flops(device_name: str, low_precision: bool) -> float | None:
-    """The device's dense peak in FLOP/s for bf16/fp16 (`low_precision`) or fp32; None if unknown."""
+    """The device's dense peak in FLOP/s for bf16/fp16 (`low_precision`) or fp32; None if unknown. A table
+    name matches whole words of the device's name in order ("L4" is not "L40", "A10" is not "A100")."""
+    words = _words(device_name)
     for pattern, half, single in PEAK_TFLOPS:
-        if pattern.lower() in device_name.lower():
+        wanted = _words(pattern)
+        if any(words[i:i + len(wanted)] == wanted for i in range(len(words))):
             return (half if low_precision else single) * 1e12
     return None
+
+
+def device_peak_flops(device_name: str, is_cuda: bool, peak_tflops: float | None, low_precision: bool) -> float | None:
+    """The peak MFU divides by: the user's --peak-tflops, else the table's for a known CUDA device."""
+    if peak_tflops:
+        return peak_tflops * 1e12
+    return peak_flops(device_name, low_precision) if is_cuda else None
 
 
 def matmul_weights(module: nn.Module) -> int:

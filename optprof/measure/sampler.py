@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
+from optprof.errors import error_text
 from optprof.measure.nvml import NvmlReader
 
 
@@ -30,6 +31,7 @@ class SamplerResult:
     rss_peak_bytes: int
     nvml_device_peak_bytes: int | None = None  # whole card, every process on it
     nvml_process_peak_bytes: int | None = None  # this process on the card (CUDA context included)
+    nvml_error: str | None = None  # NVML failed mid-run: its figures cover the samples before, RSS goes on
 
 
 class MemorySampler:
@@ -46,6 +48,7 @@ class MemorySampler:
         self._rss_peak = 0
         self._device_peak: int | None = None
         self._process_peak: int | None = None
+        self._nvml_error: str | None = None
         self._started = 0.0
         self.result: SamplerResult | None = None
 
@@ -54,10 +57,14 @@ class MemorySampler:
         self._rss_peak = max(self._rss_peak, self._rss())
         if self.nvml is None:
             return
-        self._device_peak = max(self._device_peak or 0, self.nvml.device_used())
-        used = self.nvml.process_used()
-        if used is not None:
-            self._process_peak = max(self._process_peak or 0, used)
+        try:
+            device_used, process_used = self.nvml.device_used(), self.nvml.process_used()
+        except Exception as exc:  # a driver hiccup must not end the thread (and with it the RSS samples)
+            self._nvml_error, self.nvml = error_text(exc), None
+            return
+        self._device_peak = max(self._device_peak or 0, device_used)
+        if process_used is not None:
+            self._process_peak = max(self._process_peak or 0, process_used)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
@@ -82,4 +89,5 @@ class MemorySampler:
             rss_peak_bytes=self._rss_peak,
             nvml_device_peak_bytes=self._device_peak,
             nvml_process_peak_bytes=self._process_peak,
+            nvml_error=self._nvml_error,
         )

@@ -20,6 +20,11 @@ if TYPE_CHECKING:
     from torch import nn
 
 AMP_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+# Repeating the optimizer step for its own timing: at least this many (the first, which may allocate
+# temporaries, is dropped), then until the median's 95% interval is within this fraction of it, or the budget.
+STEP_REPEATS_MIN = 10
+STEP_REPEATS_MAX = 200
+STEP_REPEATS_BUDGET_S = 1.0  # seconds of repeated steps per trial (a default compare stays about as long)
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,32 @@ class TrainStep:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return clip_start, step_start, device.mark()
+
+    def repeat_optimizer_step(self, precise_enough: Callable[[list[float]], bool]) -> list[float]:
+        """Seconds of `optimizer.step()` + zero_grad, repeated on one set of gradients (for timing only: the
+        weights and state move on, their sizes do not). One untimed forward and backward makes the gradients;
+        each repetition gets them back (untimed) after zero_grad dropped them."""
+        import time
+
+        self._forward_backward()
+        params = list(self.params)
+        grads = [p.grad for p in params]
+        device, times = self.device, []
+        started = time.perf_counter()
+        for repetition in range(STEP_REPEATS_MAX + 1):
+            for param, grad in zip(params, grads, strict=True):
+                param.grad = grad
+            start = device.mark()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            end = device.mark()
+            device.synchronize()
+            if repetition:  # the first may allocate what later ones reuse
+                times.append(device.seconds(start, end))
+            if len(times) >= STEP_REPEATS_MIN and (
+                    precise_enough(times) or time.perf_counter() - started > STEP_REPEATS_BUDGET_S):
+                break
+        return times
 
     def run(self) -> StepTimes:
         device = self.device

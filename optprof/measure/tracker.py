@@ -219,3 +219,26 @@ def choose_peak(allocator: AllocatorPeak | None, tracked: TrackedPeak | None,
     if sampled is not None:
         return sampled.rss_peak_bytes, PEAK_RSS, None
     return None, None, None
+
+
+def memory_figures(allocator: AllocatorPeak | None, tracked: TrackedPeak | None,
+                   sampled: SamplerResult | None) -> dict[str, Any]:
+    """A compare row's memory figures: every source the trial read, and the best peak for the device."""
+    peak_bytes, peak_source, fwd_bwd_peak = choose_peak(allocator, tracked, sampled)
+    stats = allocator.stats if allocator else None
+    return {
+        "peak_bytes": peak_bytes,
+        "peak_source": peak_source,
+        "fwd_bwd_peak_bytes": fwd_bwd_peak,
+        "tensor_peak_bytes": tracked.tensor_peak_bytes if tracked else None,
+        "grad_bytes": tracked.grad_bytes if tracked else None,
+        "breakdown": tracked.breakdown if tracked else {},
+        "torch_max_allocated_bytes": stats.max_allocated_bytes if stats else None,
+        "torch_max_reserved_bytes": stats.max_reserved_bytes if stats else None,
+        "alloc_retries": stats.alloc_retries if stats else None,
+        "ooms": stats.ooms if stats else None,
+        "rss_peak_bytes": sampled.rss_peak_bytes if sampled else None,
+        "nvml_device_peak_bytes": sampled.nvml_device_peak_bytes if sampled else None,
+        "nvml_process_peak_bytes": sampled.nvml_process_peak_bytes if sampled else None,
+        "sampler_samples": sampled.samples if sampled else None,
+    }

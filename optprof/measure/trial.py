@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any
 from optprof.config import ModelSelection, Strategy, TrainingSettings, parameter_dtype
 from optprof.errors import error_text
 from optprof.measure.device import Device, NvmlFactory, device_facts, nvml_reader_for, open_device
-from optprof.measure.flops import model_flops_per_token, peak_flops
+from optprof.measure.flops import device_peak_flops, model_flops_per_token
 from optprof.measure.nvml import NvmlReader, open_backend
 from optprof.measure.sampler import MemorySampler, SamplerResult, process_rss
-from optprof.measure.stats import timing_figures
+from optprof.measure.stats import optimizer_step_figures, precise_enough, timing_figures
 from optprof.measure.step import (
     StepTimes,
     TrainStep,
@@ -34,7 +34,7 @@ from optprof.measure.tracker import (
     AllocatorPeakTracker,
     EnergyMeter,
     TrackedPeak,
-    choose_peak,
+    memory_figures,
     tracked_step,
 )
 from optprof.models import load_selection, trainable_parameters
@@ -42,7 +42,16 @@ from optprof.optimizers.registry import OptimizerEntry, availability, resolve_op
 from optprof.optimizers.state import account_state, logical_state_bytes
 from optprof.parallel import wrap_for_strategy
 from optprof.quiet import quiet_libraries
-from optprof.results import STATUS_FAILED, STATUS_OK, STATUS_OOM, STATUS_UNAVAILABLE, CompareRow
+from optprof.results import (
+    DERIVED_FWD_BWD_CUDA,
+    DERIVED_MFU,
+    PEAK_TORCH_RESERVED,
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_OOM,
+    STATUS_UNAVAILABLE,
+    CompareRow,
+)
 
 if TYPE_CHECKING:
     from optprof.models import ModelInfo
@@ -133,7 +142,6 @@ class _Measured:
 
     sampled: SamplerResult | None
     allocator: AllocatorPeak | None
-    energy_j: float | None
     tracked: TrackedPeak | None
     nvml_note: str | None
     nvml_seen: bool  # NVML was read for this process's card
@@ -162,18 +170,23 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
     if t.breakdown:
         progress("memory breakdown (one tracked step)")
         tracked = tracked_step(step, account.state_bytes)
+    repetitions: list[float] = []
+    if t.time_optimizer_step:  # last: repeated updates on one set of gradients move the weights off the trace
+        progress("repeating the optimizer step for its timing")
+        repetitions = step.repeat_optimizer_step(precise_enough)
     if reader is not None:
         reader.backend.shutdown()
-    measured = _Measured(sampler.result if sampler is not None else None, allocator.result, energy.result,
-                         tracked, nvml_note, reader is not None)
+    measured = _Measured(sampler.result if sampler is not None else None, allocator.result, tracked, nvml_note,
+                         reader is not None)
     assert t.seq_len is not None
     tokens_per_step = t.micro_batch * t.seq_len * t.grad_accum * base.world_size
     timing = timing_figures(times, tokens_per_step)
     row = dataclasses.replace(
         base,
         **timing,
-        **_memory_figures(measured),
-        **_work_figures(spec, step, info, device, tokens_per_step, timing["tokens_per_s"], measured.energy_j),
+        **optimizer_step_figures(repetitions),
+        **memory_figures(measured.allocator, measured.tracked, measured.sampled),
+        **_work_figures(spec, step, info, device, tokens_per_step, timing["tokens_per_s"], energy.result),
         state_bytes=account.state_bytes,
         state_logical_bytes=logical_state_bytes(step.optimizer, step.params),
         param_bytes=storage_bytes(step.model.parameters()),
@@ -183,29 +196,17 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
         losses=tuple(step.losses),
         notes=tuple(_notes(spec, device, measured)),
     )
-    return TrialOutcome(row, {**device_facts(device), **nvml_facts})
+    return TrialOutcome(dataclasses.replace(row, derived=_derived(row)), {**device_facts(device), **nvml_facts})
 
 
-def _memory_figures(m: _Measured) -> dict[str, Any]:
-    """Every memory source the trial read, and the best peak for the device."""
-    peak_bytes, peak_source, fwd_bwd_peak = choose_peak(m.allocator, m.tracked, m.sampled)
-    stats = m.allocator.stats if m.allocator else None
-    return {
-        "peak_bytes": peak_bytes,
-        "peak_source": peak_source,
-        "fwd_bwd_peak_bytes": fwd_bwd_peak,
-        "tensor_peak_bytes": m.tracked.tensor_peak_bytes if m.tracked else None,
-        "grad_bytes": m.tracked.grad_bytes if m.tracked else None,
-        "breakdown": m.tracked.breakdown if m.tracked else {},
-        "torch_max_allocated_bytes": stats.max_allocated_bytes if stats else None,
-        "torch_max_reserved_bytes": stats.max_reserved_bytes if stats else None,
-        "alloc_retries": stats.alloc_retries if stats else None,
-        "ooms": stats.ooms if stats else None,
-        "rss_peak_bytes": m.sampled.rss_peak_bytes if m.sampled else None,
-        "nvml_device_peak_bytes": m.sampled.nvml_device_peak_bytes if m.sampled else None,
-        "nvml_process_peak_bytes": m.sampled.nvml_process_peak_bytes if m.sampled else None,
-        "sampler_samples": m.sampled.samples if m.sampled else None,
-    }
+def _derived(row: CompareRow) -> dict[str, str]:
+    """The row's figures that are computed from measurements rather than measured, and how."""
+    derived = {}
+    if row.peak_source == PEAK_TORCH_RESERVED and row.fwd_bwd_peak_bytes is not None:
+        derived["fwd_bwd_peak_bytes"] = DERIVED_FWD_BWD_CUDA
+    if row.mfu is not None:
+        derived["mfu"] = DERIVED_MFU
+    return derived
 
 
 def _work_figures(spec: TrialSpec, step: TrainStep, info: ModelInfo, device: Device, tokens_per_step: int,
@@ -224,11 +225,8 @@ def _work_figures(spec: TrialSpec, step: TrainStep, info: ModelInfo, device: Dev
 
 
 def _device_peak_flops(spec: TrialSpec, device: Device) -> float | None:
-    t = spec.training
-    if t.peak_tflops:
-        return t.peak_tflops * 1e12
-    low_precision = t.amp is not None or spec.model.dtype in ("bfloat16", "float16")
-    return peak_flops(device.name(), low_precision) if device.type == "cuda" else None
+    low_precision = spec.training.amp is not None or spec.model.dtype in ("bfloat16", "float16")
+    return device_peak_flops(device.name(), device.type == "cuda", spec.training.peak_tflops, low_precision)
 
 
 def _notes(spec: TrialSpec, device: Device, m: _Measured) -> list[str]:
@@ -236,7 +234,9 @@ def _notes(spec: TrialSpec, device: Device, m: _Measured) -> list[str]:
     notes = [m.nvml_note] if m.nvml_note else []
     if spec.strategy == "ddp" and m.allocator is None and m.tracked is not None:
         notes.append(DDP_BUCKETS_NOTE)
-    if m.nvml_seen and m.sampled is not None and m.sampled.nvml_process_peak_bytes is None:
+    if m.sampled is not None and m.sampled.nvml_error is not None:
+        notes.append(f"NVML failed while sampling ({m.sampled.nvml_error}): its peaks cover the time before")
+    elif m.nvml_seen and m.sampled is not None and m.sampled.nvml_process_peak_bytes is None:
         notes.append("NVML did not report this process's memory (in a container it lists host PIDs)")
     if device.type == "cuda" and _device_peak_flops(spec, device) is None:
         notes.append("MFU needs the device's peak FLOP/s: pass --peak-tflops")

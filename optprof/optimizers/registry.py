@@ -243,7 +243,7 @@ def package_version(package: str) -> str | None:
 def availability(entry: OptimizerEntry) -> str | None:
     """None when the entry can be built here, else the reason it cannot (shown to the user)."""
     if importlib.util.find_spec(entry.module) is None:
-        extra = " (pip install 'optprof[quantized]')" if entry.family == QUANTIZED else ""
+        extra = " (in optprof's checkout: pip install -e '.[quantized]')" if entry.family == QUANTIZED else ""
         return f"package {entry.package} is not installed{extra}"
     return None
 
