@@ -266,3 +266,15 @@ def test_cli_micro_batch_and_memory_limit_input(capsys) -> None:  # type: ignore
         assert code == 2 and message in err, argv
     assert parse_bytes("24GiB", "x") == 24 * 2**30 and parse_bytes("1.5 GB", "x") == 1_500_000_000
     assert parse_bytes("4096", "x") == 4096
+
+
+def test_prediction_errors_against_each_cuda_source() -> None:
+    from optprof.compare import prediction_errors
+    from optprof.results import CompareRow
+
+    gib = 2**30
+    row = CompareRow("adamw", "torch", None, "adaptive", "ok", torch_max_allocated_bytes=10 * gib,
+                     torch_max_reserved_bytes=11 * gib, nvml_process_peak_bytes=12 * gib)
+    errors = prediction_errors(row, predicted_peak=10 * gib, reserve_bytes=2 * gib)
+    assert errors == pytest.approx({"torch_max_allocated_bytes": 0.0, "torch_max_reserved_bytes": 10 / 11 - 1,
+                                    "nvml_process_peak_bytes": 0.0})  # peak + reserve against NVML's count
