@@ -184,7 +184,7 @@ def build_model(
             model = AutoModelForCausalLM.from_config(
                 config, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
             )
-    except ValueError as exc:  # transformers' word for "this config has no causal-LM class"
+    except (ValueError, AssertionError) as exc:  # no causal-LM class; or torch refusing the config's sizes
         raise UsageError(f"cannot build a causal LM from this config: {_first_line(exc)}") from exc
     return model
 

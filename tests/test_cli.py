@@ -119,3 +119,15 @@ def test_help_does_not_import_torch() -> None:
     code = "import sys; from optprof.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit: pass\n" \
            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+def test_a_config_transformers_cannot_build_is_one_line_and_exit_2(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from transformers import LlamaConfig
+
+    LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                pad_token_id=500).save_pretrained(tmp_path)  # a padding id outside the vocabulary
+    capsys.readouterr()  # what writing the config printed is not optprof's
+    code, out, err = run(["state-size", str(tmp_path), "-o", "sgd"], capsys)
+    assert code == 2 and out == ""
+    assert err == ("optprof: error: cannot build a causal LM from this config: "
+                   "Padding_idx must be within num_embeddings\n")
