@@ -147,3 +147,21 @@ class ReadsAValueThenBreaks(ReadsAValue):
     def step(self, closure=None):  # type: ignore[no-untyped-def]
         super().step(closure)
         raise KeyError("no such group setting")
+
+
+class CollectiveInStep(torch.optim.SGD):
+    """All-reduces inside every step (as adam-mini does), steady on rank 0 and jittery on rank 1: left to
+    themselves the ranks would stop repeating the step after different counts and leave one in a collective."""
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        import random
+        import time
+
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.all_reduce(torch.zeros(1))
+            if dist.get_rank() == 1:
+                time.sleep(random.uniform(0.0, 0.004))  # never precise to 2%: it would repeat until the budget
+        return super().step(closure)

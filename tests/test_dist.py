@@ -96,6 +96,16 @@ def test_under_torchrun_rank_zero_writes_one_report() -> None:
     assert (row["status"], row["world_size"], row["strategy"], len(row["ranks"])) == ("ok", 2, "ddp", 2)
 
 
+def test_ranks_stop_repeating_the_optimizer_step_together() -> None:
+    """The repeated optimizer step decides when to stop across ranks: a step that holds a collective would
+    otherwise leave the rank that stops late waiting for one that already left."""
+    config = CompareConfig(ModelSelection("demo"), ("optprof_test_optimizers:CollectiveInStep",), TRAINING,
+                           gpus=2, strategy="ddp", predict=False)
+    row = run_compare(config).results[0]
+    assert row.status == "ok", row.reason
+    assert row.optimizer_step_repetitions >= 10
+
+
 def test_folding_ranks() -> None:
     def rank_row(peak: int, tokens: float, status: str = "ok", step_s: float = 0.1, energy_j: float = 50.0,
                  forward_s: float = 0.02) -> CompareRow:

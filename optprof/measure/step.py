@@ -165,10 +165,24 @@ class TrainStep:
             device.synchronize()
             if repetition:  # the first may allocate what later ones reuse
                 times.append(device.seconds(start, end))
-            if len(times) >= STEP_REPEATS_MIN and (
-                    precise_enough(times) or time.perf_counter() - started > STEP_REPEATS_BUDGET_S):
+            done = len(times) >= STEP_REPEATS_MIN and (
+                precise_enough(times) or time.perf_counter() - started > STEP_REPEATS_BUDGET_S)
+            if self._all_done(done):
                 break
         return times
+
+    def _all_done(self, done: bool) -> bool:
+        """Whether every rank is done repeating. A step may hold collectives (adam-mini all-reduces inside
+        it), so ranks must stop after the same repetition: one that stopped alone would leave the others
+        waiting in a collective it never joins."""
+        import torch
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return done
+        pending = torch.tensor([0 if done else 1], device=self.device.torch_device)
+        dist.all_reduce(pending, op=dist.ReduceOp.MAX)
+        return int(pending.item()) == 0
 
     def run(self) -> StepTimes:
         device = self.device
