@@ -12,7 +12,14 @@ from typing import Any
 
 from optprof.baseline import MEASURES, Command, Measure, Profile, find_profiles, judge, update_profile
 from optprof.compare import run_compare
-from optprof.config import CompareConfig, ModelSelection, PredictConfig, StateSizeConfig, TrainingSettings
+from optprof.config import (
+    CompareConfig,
+    ModelSelection,
+    PredictConfig,
+    StateSizeConfig,
+    TrainingSettings,
+    parameter_dtype,
+)
 from optprof.predict import run_predict
 from optprof.results import STATUS_OK, VERDICT_SKIPPED, CheckReport
 from optprof.state_size import default_jobs, run_state_size
@@ -30,10 +37,9 @@ def _rows(command: Command, profile: Profile) -> tuple[Any, ...]:
     selection = ModelSelection(profile.model, profile.dtype)  # type: ignore[arg-type]
     if command == "predict":
         return run_predict(PredictConfig(selection, profile.optimizers, _training(profile, profile.device))).results
-    if command == "state-size":
-        state_dtype = "float32" if profile.amp else profile.dtype  # amp keeps float32 master weights
-        sized = StateSizeConfig(ModelSelection(profile.model, state_dtype), profile.optimizers,  # type: ignore[arg-type]
-                                jobs=default_jobs())
+    if command == "state-size":  # state follows the parameters: amp keeps float32 master weights
+        state_dtype = parameter_dtype(selection, _training(profile, profile.device))
+        sized = StateSizeConfig(ModelSelection(profile.model, state_dtype), profile.optimizers, jobs=default_jobs())
         return run_state_size(sized).results
     return run_compare(CompareConfig(selection, profile.optimizers, _training(profile, "cuda"))).results
 
