@@ -30,10 +30,6 @@ def parse_bytes(text: str, flag: str, allow_zero: bool = False) -> int:
     return int(float(match.group(1)) * BYTE_UNITS[unit])
 
 
-def unit_label(units: str) -> str:
-    return UNITS[units][1]
-
-
 def auto_units(largest_bytes: int) -> str:
     """GB when the largest figure reaches a gigabyte, MB below (the demo model's figures are tens of MB)."""
     return "gb" if largest_bytes >= 1e9 else "mb"
