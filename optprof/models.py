@@ -52,11 +52,16 @@ class ModelInfo:
     tied_embeddings: bool
     hidden_size: int
     num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
+    num_heads: int | None  # None: no attention (a state-space model such as Mamba)
+    num_kv_heads: int | None
+    head_dim: int | None
     vocab_size: int
     max_position_embeddings: int | None
+    # Mixture of experts (None for dense models): routed experts per MoE layer, experts each token uses,
+    # and the parameters one token passes through (every expert's share scaled by top-k / experts).
+    num_experts: int | None = None
+    experts_per_token: int | None = None
+    active_params: int | None = None
 
 
 def profiles_dir() -> Path:
@@ -101,6 +106,7 @@ def load_config(
     model: str, *, revision: str | None = None, trust_remote_code: bool = False
 ) -> tuple[PretrainedConfig, str, str]:
     """Resolve MODEL to (config, source, location) without touching any weights."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig
 
     bundled = find_bundled(model)
@@ -129,7 +135,7 @@ def load_config(
                 model, "its config is neither in the local Hugging Face cache nor reachable on the hub (offline?)"
             ) from exc
         raise UsageError(f"cannot read the config of '{model}': {_first_line(exc)}") from exc
-    except ValueError as exc:  # e.g. an unknown model_type, or remote code not trusted
+    except (ValueError, StrictDataclassError) as exc:  # an unknown model_type, untrusted code, inconsistent sizes
         raise UsageError(f"cannot read the config of '{model}': {_first_line(exc)}") from exc
     return config, source, location
 
@@ -177,6 +183,7 @@ def build_model(
 ) -> nn.Module:
     """Build the causal LM from its config. On meta nothing is allocated, so a 70B model takes a second."""
     import torch
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoModelForCausalLM
 
     try:
@@ -184,7 +191,7 @@ def build_model(
             model = AutoModelForCausalLM.from_config(
                 config, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
             )
-    except (ValueError, AssertionError) as exc:  # no causal-LM class; or torch refusing the config's sizes
+    except (ValueError, AssertionError, StrictDataclassError) as exc:  # no causal-LM class; or sizes refused
         raise UsageError(f"cannot build a causal LM from this config: {_first_line(exc)}") from exc
     return model
 
@@ -210,14 +217,57 @@ def config_values(config: PretrainedConfig, keys: tuple[str, ...]) -> dict[str, 
     return found
 
 
-def attention_shape(config: PretrainedConfig) -> tuple[int, int, int, int]:
-    """(hidden_size, heads, kv_heads, head_dim); head_dim need not equal hidden_size / heads (Gemma)."""
+def hidden_size(config: PretrainedConfig) -> int:
+    return int(_first_attr(_text_config(config), "hidden_size", "n_embd", "d_model", "embedding_dim", default=0))
+
+
+def has_attention(model: nn.Module) -> bool:
+    """Whether any module is an attention layer (by class name: transformers names them all *Attention*)."""
+    return any("attention" in type(module).__name__.lower() for module in model.modules())
+
+
+def attention_shape(config: PretrainedConfig) -> tuple[int, int, int] | None:
+    """(heads, kv_heads, head_dim), or None for a model without attention heads (Mamba, RWKV).
+
+    head_dim need not equal hidden_size / heads (Gemma).
+    """
     text = _text_config(config)
-    hidden = int(_first_attr(text, "hidden_size", "n_embd", "d_model"))
-    heads = int(_first_attr(text, "num_attention_heads", "n_head", "num_heads"))
+    heads = _first_attr(text, "num_attention_heads", "n_head", "num_heads")
+    if not heads:
+        return None
+    heads = int(heads)
     kv_heads = int(_first_attr(text, "num_key_value_heads", "num_kv_heads", "multi_query_group_num", default=heads))
-    head_dim = int(_first_attr(text, "head_dim", default=hidden // heads))
-    return hidden, heads, kv_heads, head_dim
+    head_dim = int(_first_attr(text, "head_dim", default=hidden_size(config) // heads))
+    return heads, kv_heads, head_dim
+
+
+# Config keys for the routed experts of a mixture-of-experts layer, and for how many a token uses.
+EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+EXPERTS_PER_TOKEN_KEYS = ("num_experts_per_tok", "moe_topk", "top_k", "num_selected_experts")
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The routed experts' weights: every parameter under a module named `experts` (shared experts and routers
+    are elsewhere), whether stored as one 3-D tensor per projection or as one module per expert."""
+    found: dict[int, nn.Parameter] = {}
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] == "experts":
+            found |= {id(p): p for p in module.parameters()}
+    return list(found.values())
+
+
+def moe_shape(model: nn.Module, config: PretrainedConfig) -> tuple[int, int, int] | None:
+    """(experts, experts per token, parameters active per token), or None for a dense model."""
+    experts = expert_parameters(model)
+    text = _text_config(config)
+    count = _first_attr(text, *EXPERT_COUNT_KEYS)
+    top_k = _first_attr(text, *EXPERTS_PER_TOKEN_KEYS)
+    if not experts or not count or not top_k:
+        return None
+    total = sum(p.numel() for p in model.parameters())
+    expert_total = sum(p.numel() for p in experts)
+    active = total - expert_total + expert_total * int(top_k) // int(count)
+    return int(count), int(top_k), active
 
 
 def embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -238,7 +288,9 @@ def describe(
     embedding_params = sum(p.numel() for p in embeddings)
     input_emb = getattr(model.get_input_embeddings(), "weight", None)
     output_emb = getattr(model.get_output_embeddings(), "weight", None)
-    hidden, heads, kv_heads, head_dim = attention_shape(config)
+    shape = attention_shape(config) if has_attention(model) else None
+    heads, kv_heads, head_dim = shape or (None, None, None)
+    experts, top_k, active = moe_shape(model, config) or (None, None, None)
     text = _text_config(config)
     return ModelInfo(
         name=name,
@@ -251,13 +303,16 @@ def describe(
         embedding_params=embedding_params,
         embedding_fraction=embedding_params / params if params else 0.0,
         tied_embeddings=input_emb is not None and input_emb is output_emb,
-        hidden_size=hidden,
+        hidden_size=hidden_size(config),
         num_layers=int(_first_attr(text, "num_hidden_layers", "n_layer", "num_layers", default=0)),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         vocab_size=int(_first_attr(text, "vocab_size", default=0)),
         max_position_embeddings=_first_attr(text, "max_position_embeddings", "n_positions"),
+        num_experts=experts,
+        experts_per_token=top_k,
+        active_params=active,
     )
 
 
@@ -307,5 +362,8 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The message's first line, with the next one where the first only announces it (ends in ':')."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -87,12 +88,45 @@ def _transformers_treat_fake_as_real() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def fake_tensors() -> Iterator[None]:
-    """Everything created inside is a fake tensor; value reads get placeholders (as on meta)."""
+def _experts_without_grouped_mm_kernel() -> Iterator[None]:
+    """Mixture-of-experts layers on fake tensors: transformers' default experts path calls torch's grouped_mm,
+    whose shape function insists on CUDA's bfloat16 even for a CPU float32 step. Send it to transformers' own
+    fallback op instead, whose fake kernel gives the same tensors: an output of tokens x top-k rows, and
+    gradients the size of the input and the expert weights. Neither depends on how tokens are routed."""
+    try:
+        import transformers.integrations.moe as moe
+    except ImportError:  # an older transformers: no grouped experts path to redirect
+        yield
+        return
+    original = moe._can_use_grouped_mm
+    moe._can_use_grouped_mm = lambda *args, **kwargs: False
+    try:
+        yield
+    finally:
+        moe._can_use_grouped_mm = original
+
+
+@contextlib.contextmanager
+def _fake_kernel_errors_unlogged() -> Iterator[None]:
+    """FakeTensorMode logs a traceback for each kernel that refuses a fake input before raising; the error
+    itself reaches the row's reason, so the log would only repeat it, page after page."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def fake_tensors() -> Iterator[PlaceholderScalars]:
+    """Everything created inside is a fake tensor; value reads get placeholders (as on meta), counted."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    with FakeTensorMode(allow_non_fake_inputs=True), PlaceholderScalars(), _transformers_treat_fake_as_real():
-        yield
+    with (FakeTensorMode(allow_non_fake_inputs=True), PlaceholderScalars() as scalars,
+          _transformers_treat_fake_as_real(), _experts_without_grouped_mm_kernel(), _fake_kernel_errors_unlogged()):
+        yield scalars
 
 
 @contextlib.contextmanager

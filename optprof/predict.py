@@ -20,14 +20,27 @@ from optprof.measure.step import TrainStep, make_batches
 from optprof.measure.tracker import TrackedPeak, tracked_step
 from optprof.models import config_values, load_selection, trainable_parameters
 from optprof.optimizers.registry import OptimizerEntry, availability, resolve_optimizers
-from optprof.optimizers.state import account_state
+from optprof.optimizers.state import PlaceholderScalars, account_state
 from optprof.parallel import adam_mini_on_cpu_ranks, fake_process_group, fake_tensors, shard_fsdp
-from optprof.results import STATUS_FAILED, STATUS_OK, STATUS_UNAVAILABLE, PredictReport, PredictRow, command_config
+from optprof.results import (
+    STATUS_FAILED,
+    STATUS_OK,
+    STATUS_UNAVAILABLE,
+    STATUS_UNSUPPORTED,
+    PredictReport,
+    PredictRow,
+    command_config,
+)
 from optprof.search import Probe, search_max_micro_batch
 
 # Attention dropout makes CPU SDPA fall back to a kernel that keeps the whole attention matrix; CUDA's
 # flash and memory-efficient kernels do not, so for a CUDA target it is switched off (memory only).
 ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+
+# Why a fake step can fail where a real one runs: the model read integers back to Python (an MoE layer's
+# tokens per expert, to split its input), and fake tensors have no values to give it.
+DATA_DEPENDENT = ("the model reads tensor values back to Python (e.g. tokens per expert, to split its input), "
+                  "which a step on fake tensors cannot know; compare measures it. The fake step failed with: ")
 
 ASSUMPTIONS_COMMON = (
     "the training step ran on fake tensors (torch FakeTensorMode) under torch's MemTracker: the figures "
@@ -103,11 +116,12 @@ def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: Tr
     reason = availability(entry)
     if reason is not None:
         return dataclasses.replace(base, status=STATUS_UNAVAILABLE, reason=reason)
+    scalars: PlaceholderScalars | None = None
     try:
         with contextlib.ExitStack() as stack:
             mesh = stack.enter_context(fake_process_group(config.gpus)) if config.gpus > 1 else None
             stack.enter_context(adam_mini_on_cpu_ranks())
-            stack.enter_context(fake_tensors())
+            scalars = stack.enter_context(fake_tensors())
             progress("building the fake model and warming up")
             trainer = FakeTrainer(config, entry, training, mesh)
             progress(f"micro-batch {training.micro_batch}")
@@ -124,6 +138,9 @@ def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: Tr
 
                 found = search_max_micro_batch(fits, cap=config.max_micro_batch)
     except Exception as exc:
+        if scalars is not None and scalars.integer_reads:
+            return dataclasses.replace(base, status=STATUS_UNSUPPORTED, reason=DATA_DEPENDENT + error_text(exc),
+                                       predict_s=time.perf_counter() - started)
         return dataclasses.replace(base, status=STATUS_FAILED, reason=error_text(exc),
                                    predict_s=time.perf_counter() - started)
     at_max = None

@@ -40,7 +40,7 @@ from optprof.units import (
     format_rate,
 )
 
-STATUS_STYLE = {"ok": "green", "failed": "bold red", "unavailable": "yellow", "oom": "magenta"}
+STATUS_STYLE = {"ok": "green", "failed": "bold red", "unavailable": "yellow", "unsupported": "yellow", "oom": "magenta"}
 
 
 def _units_note(units: str) -> str:
@@ -50,12 +50,15 @@ def _units_note(units: str) -> str:
 def model_line(report: ModelReport) -> Text:
     m = report.model
     tied = "tied" if m.tied_embeddings else "untied"
+    attention = (f"{m.num_heads} heads / {m.num_kv_heads} kv, head dim {m.head_dim}, " if m.num_heads
+                 else "no attention, ")
+    experts = (f"{m.num_experts} experts, {m.experts_per_token} per token: {format_count(m.active_params)} "
+               "parameters active per token; " if m.num_experts else "")
     return Text.assemble(
         (m.name, "bold"),
-        f" ({m.architecture}, {m.dtype}, {m.source}): {format_count(m.params)} parameters; "
+        f" ({m.architecture}, {m.dtype}, {m.source}): {format_count(m.params)} parameters; {experts}"
         f"embedding + output {format_count(m.embedding_params)} ({format_fraction(m.embedding_fraction)}, {tied}); "
-        f"hidden {m.hidden_size}, {m.num_layers} layers, {m.num_heads} heads / {m.num_kv_heads} kv, "
-        f"head dim {m.head_dim}, vocab {m.vocab_size:,}",
+        f"hidden {m.hidden_size}, {m.num_layers} layers, {attention}vocab {m.vocab_size:,}",
     )
 
 

@@ -30,6 +30,7 @@ STATUS_OK = "ok"
 STATUS_FAILED = "failed"  # the optimizer ran here and broke: a real problem, exit code 1
 STATUS_UNAVAILABLE = "unavailable"  # cannot run on this machine (package missing): not an error
 STATUS_OOM = "oom"  # ran out of device memory at this micro-batch: a finding, not an error
+STATUS_UNSUPPORTED = "unsupported"  # this setup cannot run this way (the reason says why): a finding
 STATUS_NO_FIT = "does not fit"  # --micro-batch auto: not even micro-batch 1 fits the memory limit
 
 # The categories of a peak's breakdown (CompareRow.breakdown, PredictRow.predicted_breakdown), in table order.

@@ -26,7 +26,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("measure.nvml",),
     ("parallel",),  # DDP / FSDP2 wrapping, fake process group, fake tensors
     ("optimizers.registry",),
-    ("optimizers.adam_mini_paper", "optimizers.state"),
+    ("optimizers.adam_mini_paper", "optimizers.adam_mini_official", "optimizers.state"),
     ("baseline",),  # profiles and the Measure registry
     ("results",),
     ("models",),

@@ -109,6 +109,15 @@ def test_config_without_causal_lm(tmp_path: Path) -> None:
         load_model(str(tmp_path))
 
 
+def test_config_with_inconsistent_sizes(tmp_path: Path) -> None:
+    """transformers' strict config validation (heads x head_dim must equal expand x hidden): a usage error."""
+    config = {"model_type": "mamba2", "hidden_size": 32, "expand": 2, "num_heads": 4, "head_dim": 8,
+              "num_hidden_layers": 2, "vocab_size": 128}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UsageError, match="must equal"):
+        load_model(str(tmp_path))
+
+
 def test_bad_dtype() -> None:
     with pytest.raises(UsageError, match="unknown dtype 'float64'"):
         load_model("demo", dtype="float64")

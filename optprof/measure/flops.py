@@ -75,6 +75,17 @@ def matmul_weights(module: nn.Module) -> int:
 
 
 def model_flops_per_token(module: nn.Module, info: ModelInfo, seq_len: int) -> float:
-    """Forward plus backward FLOPs per trained token."""
-    attention = 12 * info.num_layers * info.num_heads * info.head_dim * seq_len
-    return 6.0 * matmul_weights(module) + attention
+    """Forward plus backward FLOPs per trained token.
+
+    Routed experts (3-D weights, not Linear modules) count at the share a token uses: top-k of the experts.
+    """
+    from optprof.models import expert_parameters
+
+    weights = float(matmul_weights(module))
+    if info.num_experts and info.experts_per_token:
+        experts = [p for p in expert_parameters(module) if p.dim() >= 2]  # biases are no matmul weights
+        in_linears = sum(p.numel() for p in experts if p.dim() == 2)  # one Linear per expert: counted in full
+        share = info.experts_per_token / info.num_experts
+        weights += sum(p.numel() for p in experts) * share - in_linears
+    attention = 12 * info.num_layers * (info.num_heads or 0) * (info.head_dim or 0) * seq_len
+    return 6.0 * weights + attention

@@ -1,6 +1,10 @@
 """Adam-mini as the paper defines it (Zhang et al. 2024, Algorithms 1-4).
 
 - Algorithm 2: Query and Key are partitioned by head; every other tensor is one block (PyTorch's default).
+  Beyond the paper's dense models: each routed expert is its own block (a 3-D expert tensor splits along
+  its first axis); multi-head latent attention (DeepSeek) splits its per-head up-projections, `q_b_proj`
+  (Query) and `kv_b_proj` (Key and Value of each head), by head, and keeps the compressed down-projections
+  whole; a model without attention (Mamba) has only embedding/output and whole blocks.
 - Algorithm 4: the embedding and output layers ("embd_blocks") keep a full, per-element second moment.
 - Algorithm 1: elsewhere v is a moving average of mean(g * g) over the block, one value per block.
 
@@ -23,6 +27,8 @@ from torch import nn
 
 # Leaf module names of separate query / key projections across common transformers architectures.
 QUERY_KEY_NAMES = frozenset({"q_proj", "k_proj", "wq", "wk", "query", "key", "q_lin", "k_lin", "q", "k"})
+# Multi-head latent attention's per-head up-projections: one block per head (rows are heads x per-head size).
+LATENT_HEAD_NAMES = frozenset({"q_b_proj", "kv_b_proj"})
 # Leaf names of fused projections laid out as [Q | K | V] along the output dimension. GPT-NeoX and
 # Falcon's `query_key_value` interleave heads instead, so they are left to the default partition.
 FUSED_QKV_NAMES = frozenset({"c_attn", "qkv_proj", "Wqkv", "qkv"})
@@ -63,8 +69,15 @@ def _output_axis(module: nn.Module, param: torch.Tensor) -> int:
     return 1 if type(module).__name__ == "Conv1D" else 0
 
 
+def _by_heads(name: str, param: torch.Tensor, heads: int) -> Partition:
+    """Rows cut into `heads` equal blocks; the whole tensor where the rows are not whole heads."""
+    if param.dim() == 2 and param.shape[0] % heads == 0:
+        return Partition(name, False, (Segment(0, 0, param.shape[0], heads),))
+    return _whole(name, param)
+
+
 def paper_partition(
-    model: nn.Module, *, num_heads: int, num_kv_heads: int, head_dim: int
+    model: nn.Module, *, num_heads: int | None, num_kv_heads: int | None, head_dim: int | None
 ) -> list[tuple[torch.Tensor, Partition]]:
     """Algorithms 2 and 4 over a transformers causal LM. Each parameter appears once (tied weights too)."""
     embd_ids = set()
@@ -85,12 +98,15 @@ def paper_partition(
         module = modules.get(module_name)
         if id(param) in embd_ids:
             result.append((param, Partition(name, full=True)))
+        elif param.dim() >= 3:  # routed experts stacked on the first axis: one block each
+            result.append((param, Partition(name, False, (Segment(0, 0, param.shape[0], param.shape[0]),))))
+        elif num_heads is None or num_kv_heads is None or head_dim is None:
+            result.append((param, _whole(name, param)))  # no attention heads to split by
         elif leaf in QUERY_KEY_NAMES:
             heads = num_heads if leaf.startswith(("q", "wq")) else num_kv_heads
-            if param.shape[0] % heads == 0:
-                result.append((param, Partition(name, False, (Segment(0, 0, param.shape[0], heads),))))
-            else:
-                result.append((param, _whole(name, param)))
+            result.append((param, _by_heads(name, param, heads)))
+        elif leaf in LATENT_HEAD_NAMES:
+            result.append((param, _by_heads(name, param, num_heads)))
         elif leaf in FUSED_QKV_NAMES and module is not None:
             axis = _output_axis(module, param)
             q, kv = num_heads * head_dim, num_kv_heads * head_dim

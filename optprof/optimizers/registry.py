@@ -20,6 +20,7 @@ from torch import nn
 
 from optprof.errors import UsageError
 from optprof.models import ModelInfo, embedding_parameters, trainable_parameters
+from optprof.optimizers.adam_mini_official import adam_mini_for_model
 from optprof.optimizers.adam_mini_paper import AdamMiniPaper, paper_partition
 from optprof.results import OptimizerListing, OptimizersReport
 
@@ -82,32 +83,14 @@ def distributed_world_size() -> int:
 
 
 def _adam_mini(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
-    from adam_mini import Adam_mini
-
-    optimizer = Adam_mini(
-        model.named_parameters(),
-        dim=info.hidden_size,
-        n_heads=info.num_heads,
-        n_kv_heads=info.num_kv_heads,
-        verbose=False,
-        **args,
-    )
-    # The package assumes head_dim * heads == hidden (it sets head_numel = dim * dim / n_heads), which
-    # breaks the per-head view of Query/Key on Gemma-style models. A query or key head is head_dim rows
-    # of `hidden` inputs each.
-    optimizer.head_numel = info.head_dim * info.hidden_size
-    # count_block() only prints and asserts dim * dim % n_heads == 0, which is false for such models.
-    optimizer.check_block_name = False
-    # The package takes its world size from torch.cuda.device_count(): wrong for one process on a host
-    # with several GPUs (it would all_gather with no process group) and for ranks on CPU.
-    optimizer.world_size = distributed_world_size()
-    return optimizer
+    return adam_mini_for_model(model, hidden_size=info.hidden_size, num_heads=info.num_heads,
+                               num_kv_heads=info.num_kv_heads, head_dim=info.head_dim,
+                               world_size=distributed_world_size(), **args)
 
 
 def _adam_mini_paper(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
-    partition = paper_partition(
-        model, num_heads=info.num_heads, num_kv_heads=info.num_kv_heads, head_dim=info.head_dim
-    )
+    partition = paper_partition(model, num_heads=info.num_heads, num_kv_heads=info.num_kv_heads,
+                                head_dim=info.head_dim)
     return AdamMiniPaper(partition, **args)
 
 

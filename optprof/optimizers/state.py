@@ -29,14 +29,24 @@ class PlaceholderScalars(TorchDispatchMode):
 
     0.5 rather than 0 or 1 for floats, so that expressions like 1 / (1 - x) stay finite (NAdam's
     mu_product); True for bools (so `mask.all()` says "no padding"), 1 for integers.
+
+    Integer reads are counted: a model that reads counts back to Python (an MoE layer's tokens per expert,
+    to split its input) gets sizes that are not its own, and a later failure is explained by them.
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.integer_reads = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if func is torch.ops.aten._local_scalar_dense.default and _has_no_data(args[0]):
             tensor = args[0]
             if tensor.dtype == torch.bool:
                 return True
-            return 0.5 if tensor.dtype.is_floating_point or tensor.dtype.is_complex else 1
+            if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
+                return 0.5
+            self.integer_reads += 1
+            return 1
         return func(*args, **(kwargs or {}))
 
 
