@@ -238,6 +238,9 @@ def attention_shape(config: PretrainedConfig) -> tuple[int, int, int] | None:
     heads = int(heads)
     kv_heads = int(_first_attr(text, "num_key_value_heads", "num_kv_heads", "multi_query_group_num", default=heads))
     head_dim = int(_first_attr(text, "head_dim", default=hidden_size(config) // heads))
+    latent = (getattr(text, "qk_nope_head_dim", None), getattr(text, "qk_rope_head_dim", None))
+    if all(latent):  # multi-head latent attention: a query/key head is its non-rotary plus rotary part
+        head_dim = int(latent[0]) + int(latent[1])
     return heads, kv_heads, head_dim
 
 
@@ -270,11 +273,22 @@ def moe_shape(model: nn.Module, config: PretrainedConfig) -> tuple[int, int, int
     return int(count), int(top_k), active
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a DistributedDataParallel wrapper (FSDP2 keeps the model's class)."""
+    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+
+
+def embedding_weights(model: nn.Module) -> tuple[nn.Parameter | None, nn.Parameter | None]:
+    """(input embedding weight, output layer weight); the same tensor twice where they are tied."""
+    model = unwrapped(model)
+    return (getattr(model.get_input_embeddings(), "weight", None),
+            getattr(model.get_output_embeddings(), "weight", None))
+
+
 def embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Input embedding and output layer weights, a tied pair counted once."""
     found: list[nn.Parameter] = []
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        weight = getattr(module, "weight", None)
+    for weight in embedding_weights(model):
         if weight is not None and all(weight is not p for p in found):
             found.append(weight)
     return found

@@ -19,7 +19,7 @@ from optprof.measure.device import CpuDevice
 from optprof.measure.step import TrainStep, make_batches
 from optprof.measure.tracker import TrackedPeak, tracked_step
 from optprof.models import config_values, load_selection, trainable_parameters
-from optprof.optimizers.registry import OptimizerEntry, availability, resolve_optimizers
+from optprof.optimizers.registry import OptimizerEntry, availability, resolve_optimizers, sharding_unsupported
 from optprof.optimizers.state import PlaceholderScalars, account_state
 from optprof.parallel import adam_mini_on_cpu_ranks, fake_process_group, fake_tensors, shard_fsdp
 from optprof.results import (
@@ -138,6 +138,10 @@ def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: Tr
 
                 found = search_max_micro_batch(fits, cap=config.max_micro_batch)
     except Exception as exc:
+        unsupported = sharding_unsupported(exc, entry, config.gpus)
+        if unsupported is not None:
+            return dataclasses.replace(base, status=STATUS_UNSUPPORTED, reason=unsupported,
+                                       predict_s=time.perf_counter() - started)
         if scalars is not None and scalars.integer_reads:
             return dataclasses.replace(base, status=STATUS_UNSUPPORTED, reason=DATA_DEPENDENT + error_text(exc),
                                        predict_s=time.perf_counter() - started)
@@ -187,6 +191,12 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
     if zeroed:
         assumptions += (f"attention dropout ({', '.join(zeroed)}) was set to 0 so that SDPA takes the "
                         "flash-style path, whose memory matches CUDA's flash / memory-efficient kernels",)
+    if info.num_experts:
+        assumptions += (f"mixture of experts ({info.num_experts} experts, {info.experts_per_token} per token): the "
+                        "experts run as transformers' grouped experts path (its default), whose tensors have "
+                        "tokens x top-k rows however the tokens are routed, so the prediction holds for any "
+                        "routing, balanced or not (compare reports the routing it saw); an implementation with a "
+                        "capacity per expert (padding or dropping tokens) would differ",)
     if config.gpus > 1:
         assumptions += (f"FSDP2 over {config.gpus} ranks ran in one process on a fake process group (no "
                         "communication); the figures are per rank, for rank 0, and every rank holds the same shapes",)

@@ -233,7 +233,16 @@ def compare_table(report: CompareReport, units: str) -> Group:
     parts: list = [table, _compare_legend(report, units)]
     if breakdown.row_count:
         parts.append(breakdown)
-    return Group(*parts, *_prediction_notes(report, units), *_derived_notes(report), *notes)
+    return Group(*parts, *_prediction_notes(report, units), *_routing_notes(report), *_derived_notes(report), *notes)
+
+
+def _routing_notes(report: CompareReport) -> list[Text]:
+    loads = [f"{row.optimizer} {row.expert_load:.2f}x" for row in report.results if row.expert_load is not None]
+    if not loads:
+        return []
+    return [Text("Routing seen (mixture of experts): the busiest expert's tokens over the mean, worst layer, "
+                 f"timed steps (1.00x = balanced): {', '.join(loads)}. The memory of transformers' grouped "
+                 "experts does not depend on it: every tensor has tokens x top-k rows.", style="dim")]
 
 
 def _compare_legend(report: CompareReport, units: str) -> Text:

@@ -210,6 +210,9 @@ class CompareRow(StepRow):
     energy_j: float | None = None  # NVML energy counter over the timed steps
     joules_per_token: float | None = None
     breakdown: dict[str, int] = field(default_factory=dict)  # the tensor-level peak by category
+    # Mixture of experts: the busiest expert's tokens over the mean over the timed steps, worst layer
+    # (1.0 = balanced). The memory of transformers' grouped experts path does not depend on it.
+    expert_load: float | None = None
     loss_first: float | None = None
     loss_last: float | None = None
     losses: tuple[float, ...] = ()  # every step's loss, warm-up and tracked step included (a sanity trace)
@@ -258,6 +261,7 @@ RANK_FOLD: dict[str, FoldRule] = {
     "breakdown": "peak rank",
     "state_bytes": "logical",
     "joules_per_token": "derived",
+    "expert_load": "max",
 }
 
 

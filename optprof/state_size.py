@@ -13,7 +13,13 @@ from typing import TYPE_CHECKING
 from optprof.config import StateSizeConfig
 from optprof.errors import UsageError, error_text
 from optprof.models import ModelInfo, load_selection, trainable_parameters
-from optprof.optimizers.registry import REGISTRY, OptimizerEntry, availability, resolve_optimizers
+from optprof.optimizers.registry import (
+    REGISTRY,
+    OptimizerEntry,
+    availability,
+    resolve_optimizers,
+    sharding_unsupported,
+)
 from optprof.optimizers.state import (
     StateAccount,
     account_state,
@@ -27,6 +33,7 @@ from optprof.results import (
     STATUS_FAILED,
     STATUS_OK,
     STATUS_UNAVAILABLE,
+    STATUS_UNSUPPORTED,
     StateSizeReport,
     StateSizeRow,
     command_config,
@@ -56,8 +63,8 @@ def _base_row(entry: OptimizerEntry, opt_args: dict, status: str, reason: str | 
     return StateSizeRow(**entry.row_head(opt_args), status=status, reason=reason)
 
 
-def _row(entry: OptimizerEntry, module: nn.Module, info: ModelInfo, opt_args: dict) -> StateSizeRow:
-    """The entry's measured row; unavailable or failed (with the reason) instead of raising."""
+def _row(entry: OptimizerEntry, module: nn.Module, info: ModelInfo, opt_args: dict, ranks: int = 1) -> StateSizeRow:
+    """The entry's measured row; unavailable, unsupported or failed (with the reason) instead of raising."""
     reason = availability(entry)
     if reason is not None:
         return _base_row(entry, opt_args, STATUS_UNAVAILABLE, reason)
@@ -65,6 +72,9 @@ def _row(entry: OptimizerEntry, module: nn.Module, info: ModelInfo, opt_args: di
     try:
         account, method = measure_entry(entry, module, info, opt_args)
     except Exception as exc:
+        unsupported = sharding_unsupported(exc, entry, ranks)
+        if unsupported is not None:
+            return dataclasses.replace(base, status=STATUS_UNSUPPORTED, reason=unsupported)
         return dataclasses.replace(base, status=STATUS_FAILED, reason=error_text(exc))
     entries = account.second_moment_entries
     return dataclasses.replace(
@@ -150,7 +160,7 @@ def _sharded_rows(config: StateSizeConfig, entries: list[OptimizerEntry], on_row
 
         rows = []
         for entry in entries:
-            row = dataclasses.replace(_row(entry, module, info, config.opt_args), world_size=config.gpus)
+            row = dataclasses.replace(_row(entry, module, info, config.opt_args, config.gpus), world_size=config.gpus)
             if row.status == STATUS_OK:
                 row = dataclasses.replace(row, method=METHOD_FSDP_FAKE, state_logical_bytes=logical(entry),
                                           bytes_per_param=(row.state_bytes or 0) / (info.params / config.gpus))

@@ -45,7 +45,7 @@ FAMILIES = (
     "granitemoehybrid", "nemotron_h", "lfm2", "recurrent_gemma", "mamba", "mamba2", "falcon_mamba", "rwkv",
 )
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "granitemoe", "jetmoe", "gpt_oss", "llama4_text",
-       "deepseek_v2", "deepseek_v3", "glm4_moe", "qwen3_next", "jamba")
+       "deepseek_v2", "deepseek_v3", "glm4_moe", "qwen3_next", "jamba", "granitemoehybrid", "nemotron_h")
 NO_ATTENTION = ("mamba", "mamba2", "falcon_mamba", "rwkv")
 
 
@@ -77,6 +77,7 @@ class Sweep:
     family: str
     statuses: dict[tuple[str, str], tuple[str, str | None]] = field(default_factory=dict)
     prediction_error: dict[str, float] = field(default_factory=dict)  # predicted / measured - 1
+    expert_load: dict[str, float | None] = field(default_factory=dict)  # compare's routing seen
 
 
 def sweep(model_type: str, folder: Path, optimizers: tuple[str, ...], seq_len: int = 16) -> Sweep:
@@ -96,6 +97,7 @@ def sweep(model_type: str, folder: Path, optimizers: tuple[str, ...], seq_len: i
         for row in report.results:
             result.statuses[(command, row.optimizer)] = (row.status, row.reason)
     peaks = {row.optimizer: row.tensor_peak_bytes for row in measured.results if row.status == "ok"}
+    result.expert_load = {row.optimizer: row.expert_load for row in measured.results}
     for row in predicted.results:
         if row.status == "ok" and peaks.get(row.optimizer):
             result.prediction_error[row.optimizer] = row.predicted_peak_bytes / peaks[row.optimizer] - 1

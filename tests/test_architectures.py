@@ -12,6 +12,7 @@ from optprof.models import load_model
 from optprof.optimizers.registry import DEFAULT_OPTIMIZERS
 
 PREDICTION_TOLERANCE = 0.02  # predicted vs measured tensor peak on CPU
+ROUTING_COUNTED = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "qwen2_moe")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -24,6 +25,11 @@ def test_family_runs_every_command(family: str, tmp_path: Path) -> None:
     assert all(status == "ok" for (command, _), (status, _) in result.statuses.items() if command != "predict")
     for optimizer, error in result.prediction_error.items():
         assert abs(error) <= PREDICTION_TOLERANCE, (optimizer, error)
+    loads = set(result.expert_load.values())
+    if family in ROUTING_COUNTED:  # transformers' experts modules: compare saw the routing
+        assert all(load is not None and load >= 1.0 for load in loads), loads
+    elif family not in MOE:
+        assert loads == {None}
 
 
 @pytest.mark.parametrize("family", MOE)

@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("dist",),  # N ranks, launched or joined, folded by rule
     ("measure.trial",),
     ("measure.tracker", "measure.stats", "measure.isolate"),
-    ("measure.step", "measure.sampler", "measure.flops"),
+    ("measure.step", "measure.sampler", "measure.flops", "measure.routing"),
     ("measure.device",),
     ("measure.nvml",),
     ("parallel",),  # DDP / FSDP2 wrapping, fake process group, fake tensors

@@ -21,6 +21,18 @@ PUBLISHED_PARAMS = {
     "gpt2-large": 774_030_080,
     "gpt2-xl": 1_557_611_200,
     "phi-3-mini": 3_821_079_552,
+    # Models people train and fine-tune now (#18): totals as their model cards and safetensors index give them.
+    "llama-3.1-8b": 8_030_261_248,
+    "llama-3.1-70b": 70_553_706_496,
+    "qwen2.5-7b": 7_615_616_512,
+    "qwen3-8b": 8_190_735_360,
+    "qwen3-30b-a3b": 30_532_122_624,
+    "mixtral-8x7b": 46_702_792_704,
+    "gpt-oss-20b": 20_914_757_184,
+    "deepseek-v3": 671_026_404_352,  # the main model; the multi-token-prediction module (14B) is not loaded
+    "gemma-2-9b": 9_241_705_984,
+    "phi-3.5-mini": 3_821_079_552,
+    "mamba-2.8b": 2_768_345_600,
 }
 
 

@@ -71,6 +71,19 @@ def test_fsdp_on_a_fake_group_halves_the_state_per_rank() -> None:
     assert any("FSDP2 over 2 ranks" in a for a in sharded.assumptions)
 
 
+def test_an_optimizer_whose_own_code_cannot_shard_is_unsupported(model_dir: Callable[[str], str]) -> None:
+    """tiny-llama has 2 key/value heads: adam-mini's per-head view of k_proj cannot split over 4 shards, and
+    torch's Adafactor cannot take DTensor gradients; both are findings about those packages, not failures."""
+    training = TrainingSettings(device="cpu", seq_len=16)
+    config = PredictConfig(ModelSelection(model_dir("tiny-llama")), ("adamw", "adam-mini", "adafactor"), training,
+                           gpus=4)
+    rows = {row.optimizer: row for row in run_predict(config).results}
+    assert rows["adamw"].status == "ok"
+    for name, package in (("adam-mini", "adam-mini"), ("adafactor", "torch")):
+        assert rows[name].status == "unsupported", rows[name].reason
+        assert rows[name].reason.startswith(f"{package}'s own code cannot run on FSDP2-sharded")
+
+
 def test_largest_micro_batch_and_determinism() -> None:
     config = PredictConfig(ModelSelection("demo"), ("sgd", "adamw"), TrainingSettings(device="cpu", seq_len=128),
                            gpu_memory_bytes=200 * 10**6)

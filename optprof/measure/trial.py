@@ -19,6 +19,7 @@ from optprof.errors import error_text
 from optprof.measure.device import Device, NvmlFactory, device_facts, nvml_reader_for, open_device
 from optprof.measure.flops import device_peak_flops, model_flops_per_token
 from optprof.measure.nvml import NvmlReader, open_backend
+from optprof.measure.routing import RoutingCounter
 from optprof.measure.sampler import MemorySampler, SamplerResult, process_rss
 from optprof.measure.stats import optimizer_step_figures, precise_enough, timing_figures
 from optprof.measure.step import (
@@ -161,7 +162,7 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
     reader, nvml_facts, nvml_note = nvml_reader_for(device, nvml)
     times: list[StepTimes] = []
     with AllocatorPeakTracker(device, step) as allocator, EnergyMeter(reader) as energy, \
-            _sampling(t, reader) as sampler:
+            _sampling(t, reader) as sampler, RoutingCounter(step.model) as routing:
         for i in range(t.steps):
             progress(f"timed step {i + 1}/{t.steps}")
             times.append(step.run())
@@ -188,6 +189,7 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
         **memory_figures(measured.allocator, measured.tracked, measured.sampled),
         **_work_figures(spec, step, info, device, tokens_per_step, timing["tokens_per_s"], energy.result),
         state_bytes=account.state_bytes,
+        expert_load=routing.expert_load,
         state_logical_bytes=logical_state_bytes(step.optimizer, step.params),
         param_bytes=storage_bytes(step.model.parameters()),
         rss_baseline_bytes=rss_baseline,

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from optprof.models import embedding_weights
+
 # The package's code paths, in the order its step() tries them.
 ADAM = "bias"  # per-element v (the package's treatment of biases)
 PER_HEAD = "q_proj"  # one v per head of Query / Key
@@ -103,14 +105,12 @@ def adam_mini_for_model(model: nn.Module, *, hidden_size: int, num_heads: int | 
     # The package takes its world size from torch.cuda.device_count(): wrong for one process on a host with
     # several GPUs (it would all_gather with no process group) and for ranks on CPU.
     optimizer.world_size = world_size
-    embedding_ids = {id(getattr(m, "weight", None)) for m in (model.get_input_embeddings(),
-                                                               model.get_output_embeddings()) if m is not None}
-    output = getattr(model.get_output_embeddings(), "weight", None)
+    embedding, output = embedding_weights(model)
+    embedding_ids = {id(weight) for weight in (embedding, output) if weight is not None}
     for index, group in enumerate(optimizer.param_groups):
         (param,) = group["params"]
         role = decide(optimizer, group["name"], param, embedding_ids)
-        if role == "embedding" and param is output and output is not getattr(model.get_input_embeddings(),
-                                                                              "weight", None):
+        if role == "embedding" and param is output and output is not embedding:
             role = "output"
         if param.dim() >= 3:
             view = _alias(param)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from optprof.models import embedding_weights
+
 # Leaf module names of separate query / key projections across common transformers architectures.
 QUERY_KEY_NAMES = frozenset({"q_proj", "k_proj", "wq", "wk", "query", "key", "q_lin", "k_lin", "q", "k"})
 # Multi-head latent attention's per-head up-projections: one block per head (rows are heads x per-head size).
@@ -80,11 +82,7 @@ def paper_partition(
     model: nn.Module, *, num_heads: int | None, num_kv_heads: int | None, head_dim: int | None
 ) -> list[tuple[torch.Tensor, Partition]]:
     """Algorithms 2 and 4 over a transformers causal LM. Each parameter appears once (tied weights too)."""
-    embd_ids = set()
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        weight = getattr(module, "weight", None)
-        if weight is not None:
-            embd_ids.add(id(weight))
+    embd_ids = {id(weight) for weight in embedding_weights(model) if weight is not None}
 
     modules = dict(model.named_modules())
     seen: set[int] = set()

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from optprof.errors import UsageError
+from optprof.errors import UsageError, error_text
 from optprof.models import ModelInfo, embedding_parameters, trainable_parameters
 from optprof.optimizers.adam_mini_official import adam_mini_for_model
 from optprof.optimizers.adam_mini_paper import AdamMiniPaper, paper_partition
@@ -229,6 +229,37 @@ def availability(entry: OptimizerEntry) -> str | None:
         extra = " (in optprof's checkout: pip install -e '.[quantized]')" if entry.family == QUANTIZED else ""
         return f"package {entry.package} is not installed{extra}"
     return None
+
+
+def _package_folder(entry: OptimizerEntry) -> str | None:
+    """Where the optimizer's own code lives: torch.optim for torch's, the package's folder for others;
+    None for optprof's own optimizers (their failures are optprof's to fix)."""
+    if entry.package == "optprof":
+        return None
+    spec = importlib.util.find_spec("torch.optim" if entry.module == "torch" else entry.module.partition(".")[0])
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return str(next(iter(spec.submodule_search_locations)))
+
+
+def raised_by_optimizer(exc: BaseException, entry: OptimizerEntry) -> bool:
+    """Whether the error came through the optimizer's own code (not the model's, not optprof's)."""
+    folder = _package_folder(entry)
+    trace = exc.__traceback__
+    while folder is not None and trace is not None:
+        if trace.tb_frame.f_code.co_filename.startswith(folder):
+            return True
+        trace = trace.tb_next
+    return False
+
+
+def sharding_unsupported(exc: BaseException, entry: OptimizerEntry, ranks: int) -> str | None:
+    """The `unsupported` reason where the optimizer's own code failed on parameters sharded over `ranks`
+    (DTensor), else None: such an error is a finding about the package, not a failure to fix here."""
+    if ranks <= 1 or not raised_by_optimizer(exc, entry):
+        return None
+    return (f"{entry.package}'s own code cannot run on FSDP2-sharded (DTensor) parameters over {ranks} ranks: "
+            f"{error_text(exc)}")
 
 
 def optimizers_report() -> OptimizersReport:
