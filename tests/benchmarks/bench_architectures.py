@@ -15,10 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the sweep's helpers
 
-from architectures import FAMILIES, sweep  # noqa: E402
+from architectures import FAMILIES, sweep
 
-from optprof.optimizers.registry import DEFAULT_OPTIMIZERS  # noqa: E402
-from optprof.quiet import quiet_libraries  # noqa: E402
+from optprof.optimizers.registry import DEFAULT_OPTIMIZERS
+from optprof.quiet import quiet_libraries
 
 COMMANDS = ("state-size", "predict", "compare")
 
