@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from architectures import write_tiny
 
@@ -56,3 +57,16 @@ def test_each_expert_row_gets_its_own_v_and_the_update_is_the_package_s(tmp_path
     assert state["vmean"].shape == (experts.shape[0] * experts.shape[1], 1)
     optimizer.zero_grad()
     assert experts.grad is None  # the model's own gradient is dropped too, not only the view's
+
+
+def test_expert_views_are_not_counted_as_state_when_sharded(tmp_path: Path) -> None:
+    """Under FSDP2 the 2-D views are DTensors over the shards' storage: parameters, not state."""
+    from optprof.config import ModelSelection, StateSizeConfig
+    from optprof.state_size import run_state_size
+
+    model = ModelSelection(write_tiny("mixtral", tmp_path))
+    single = {r.optimizer: r for r in run_state_size(StateSizeConfig(model, ("adamw", "adam-mini"))).results}
+    sharded = {r.optimizer: r for r in run_state_size(StateSizeConfig(model, ("adamw", "adam-mini"), gpus=2)).results}
+    for name in ("adamw", "adam-mini"):
+        assert sharded[name].status == "ok", sharded[name].reason
+        assert sharded[name].bytes_per_param == pytest.approx(single[name].bytes_per_param, rel=0.01), name

@@ -162,8 +162,11 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def state_tensors(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
     """One tensor per distinct storage the optimizer keeps (`optimizer.state`, its own attributes and its
     param-group settings), parameters and gradients excluded."""
-    excluded = {_storage_key(p) for p in params}
-    excluded |= {_storage_key(p.grad) for p in params if p.grad is not None}
+    # Parameters and gradients are not state: the model's own, and what the optimizer steps over (which may be
+    # views of them, adam-mini's 2-D views of expert tensors); a DTensor by its local shard's storage.
+    stepped = [p for group in optimizer.param_groups for p in group["params"]]
+    owned = [*params, *stepped, *(p.grad for p in [*params, *stepped] if p.grad is not None)]
+    excluded = {_storage_key(t) for t in _leaf_tensors(owned)} | {_storage_key(t) for t in owned}
 
     sources: list[Any] = list(optimizer.state.values())
     sources += [v for k, v in vars(optimizer).items() if k not in ("state", "param_groups", "defaults")]
