@@ -168,8 +168,8 @@ BreakdownOpt = Annotated[bool, typer.Option(
 TrialTimeoutOpt = Annotated[float, typer.Option(
     "--trial-timeout", min=1.0, help="Seconds per optimizer trial, start-up included.")]
 GpusOpt = Annotated[int | None, typer.Option(
-    "--gpus", min=1, help="Ranks per trial (torch.distributed; with --device cpu, CPU processes on gloo). Under "
-    "torchrun: the group's size.")]
+    "--gpus", min=1, help="Ranks per trial (torch.distributed; CPU processes on gloo only with --device cpu). "
+    "Under torchrun: the group's size.")]
 StrategyOpt = Annotated[Strategy, typer.Option(
     "--strategy", help="With several ranks: ddp (replicate) or fsdp (FSDP2, shard).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights and tokens (the same for every optimizer).")]
@@ -204,7 +204,7 @@ def compare(
     from optprof.optimizers.registry import parse_opt_args
 
     kind = config.resolve_device(device.value if device else None)  # type: ignore[arg-type]
-    world, joined = resolve_ranks(kind, gpus)
+    world, joined = resolve_ranks(kind, gpus, device_given=device is not None)
     limit = None if memory_limit is None else parse_bytes(memory_limit, "--memory-limit")
     fixed = config.resolve_micro_batch(micro_batch, kind, limit is not None)
     if save_profile is not None and fixed is None:

@@ -99,14 +99,22 @@ def torchrun_world_size() -> int | None:
     return world if world > 1 and "RANK" in os.environ else None
 
 
-def resolve_ranks(kind: DeviceKind, gpus: int | None) -> tuple[int, bool]:
-    """(ranks per trial, whether this process is already one rank of a torchrun group) for --gpus."""
+def resolve_ranks(kind: DeviceKind, gpus: int | None, device_given: bool = True) -> tuple[int, bool]:
+    """(ranks per trial, whether this process is already one rank of a torchrun group) for --gpus.
+
+    Several ranks on the CPU only when asked for (`--device cpu`): without CUDA, `--gpus N` of a large model
+    would otherwise start N CPU processes that each hold the whole model, until the kernel kills them.
+    """
     import torch
 
     joined = torchrun_world_size()
     if joined is not None and gpus not in (None, joined):
         raise UsageError(f"--gpus {gpus} under torchrun, whose group has {joined} ranks: drop --gpus")
     world = joined or gpus or 1
+    if kind == "cpu" and not device_given and joined is None and world > 1:
+        raise UsageError(f"--gpus {world}: no CUDA device is available here. Add --device cpu to run {world} CPU "
+                         f"ranks (gloo), or run `optprof predict MODEL --gpus {world}` for the per-rank memory "
+                         "without a GPU")
     if kind == "cuda" and joined is None and world > torch.cuda.device_count():
         raise UsageError(f"--gpus {world}: only {torch.cuda.device_count()} CUDA devices are visible")
     return world, joined is not None

@@ -7,9 +7,11 @@ import multiprocessing
 import os
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
+import torch
 from test_cli import run
 
 from optprof.compare import run_compare
@@ -67,6 +69,15 @@ def test_the_loss_after_one_step_is_the_same_under_ddp_and_fsdp(ddp: CompareRepo
         assert replicated.losses[0] == sharded.losses[0]  # same seed: same weights, same tokens per rank
         assert replicated.losses[1] == pytest.approx(sharded.losses[1], rel=1e-5)  # after one optimizer step
         assert replicated.losses[1] != replicated.losses[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_several_ranks_without_cuda_need_device_cpu(capsys) -> None:  # type: ignore[no-untyped-def]
+    """No silent CPU fallback: N CPU processes of a 7B model would each be killed for memory, one by one."""
+    started = time.perf_counter()
+    code, _, err = run(["compare", "meta-llama/Llama-2-7b", "--gpus", "2"], capsys)
+    assert code == 2 and time.perf_counter() - started < 10
+    assert err.count("\n") == 1 and "--device cpu" in err and "optprof predict MODEL --gpus 2" in err
 
 
 def test_a_killed_rank_fails_its_trial_and_leaves_nothing_behind(capsys) -> None:  # type: ignore[no-untyped-def]
