@@ -20,7 +20,7 @@ from optprof.dist import fold_ranks
 from optprof.results import CompareReport, CompareRow
 from optprof.state_size import run_state_size
 
-PAIR = ("adamw", "adam-mini")
+PAIR = ("adamw", "adam-mini", "adam-mini-paper")  # adam-mini-paper: optprof's own, DTensor-aware
 TRAINING = TrainingSettings(device="cpu", seq_len=32, steps=1)
 
 
@@ -69,6 +69,16 @@ def test_the_loss_after_one_step_is_the_same_under_ddp_and_fsdp(ddp: CompareRepo
         assert replicated.losses[0] == sharded.losses[0]  # same seed: same weights, same tokens per rank
         assert replicated.losses[1] == pytest.approx(sharded.losses[1], rel=1e-5)  # after one optimizer step
         assert replicated.losses[1] != replicated.losses[0]
+        # after three steps (2 warm-up, 1 timed); DDP's update is the single-device update on the global batch
+        assert replicated.losses[3] == pytest.approx(sharded.losses[3], abs=1e-5), replicated.optimizer
+
+
+def test_a_package_that_cannot_take_dtensors_is_unsupported_under_fsdp() -> None:
+    """torch's Adafactor does an in-place pow on a partial DTensor: a finding about torch, not a failure."""
+    config = CompareConfig(ModelSelection("demo"), ("adafactor",), TRAINING, gpus=2, strategy="fsdp", predict=False)
+    (row,) = run_compare(config).results
+    assert row.status == "unsupported", row.reason
+    assert "torch's own code cannot run on FSDP2-sharded (DTensor) parameters over 2 ranks" in row.reason
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")

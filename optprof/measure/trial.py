@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from optprof.config import ModelSelection, Strategy, TrainingSettings, parameter_dtype
+from optprof.config import SHARDED_STRATEGIES, ModelSelection, Strategy, TrainingSettings, parameter_dtype
 from optprof.errors import error_text
 from optprof.measure.device import Device, NvmlFactory, device_facts, nvml_reader_for, open_device
 from optprof.measure.flops import device_peak_flops, model_flops_per_token
@@ -39,7 +39,13 @@ from optprof.measure.tracker import (
     tracked_step,
 )
 from optprof.models import load_selection, trainable_parameters
-from optprof.optimizers.registry import OptimizerEntry, availability, resolve_optimizers
+from optprof.optimizers.registry import (
+    OptimizerEntry,
+    availability,
+    distributed_world_size,
+    resolve_optimizers,
+    sharding_unsupported,
+)
 from optprof.optimizers.state import account_state, logical_state_bytes
 from optprof.parallel import wrap_for_strategy
 from optprof.quiet import quiet_libraries
@@ -51,6 +57,7 @@ from optprof.results import (
     STATUS_OK,
     STATUS_OOM,
     STATUS_UNAVAILABLE,
+    STATUS_UNSUPPORTED,
     CompareRow,
 )
 
@@ -102,6 +109,10 @@ def run_trial(spec: TrialSpec, progress: Progress = _silent, nvml: NvmlFactory =
     try:
         return _measure(spec, entry, base, device, progress, nvml, rank)
     except Exception as exc:
+        ranks = distributed_world_size() if spec.strategy in SHARDED_STRATEGIES else 1
+        unsupported = sharding_unsupported(exc, entry, ranks)  # the package's own code on DTensors: a finding
+        if unsupported is not None:
+            return TrialOutcome(dataclasses.replace(base, status=STATUS_UNSUPPORTED, reason=unsupported), {})
         status = STATUS_OOM if is_out_of_memory(exc) else STATUS_FAILED
         return TrialOutcome(dataclasses.replace(base, status=status, reason=error_text(exc)), {})
 

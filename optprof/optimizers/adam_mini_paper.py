@@ -12,6 +12,10 @@ The official `adam-mini` package (>= 1.1) differs: it keeps one v per row of the
 layers (and per neuron for values, projections and MLPs), so it saves more than the paper's Table 1.
 This module exists so that optprof can reproduce the paper's numbers with a real, stepping optimizer.
 
+Sharded (FSDP2, DTensor parameters split along dim 0): each rank updates its own rows; a block's sum of
+squared gradients is all-reduced over the ranks that hold parts of it, so its mean is over the whole block
+and the update equals the single-device one. The per-block v is small and the same on every rank.
+
 Update, per Algorithm 1 (eps inside the square root, as line 15 writes it):
     p -= lr * wd * p;  m = b1 m + (1-b1) g;  v = b2 v + (1-b2) {g*g | mean(g*g)}
     p -= lr * (m / (1 - b1^t)) / sqrt(v / (1 - b2^t) + eps)
@@ -122,11 +126,86 @@ def paper_partition(
     return result
 
 
-def _blocked(tensor: torch.Tensor, segment: Segment) -> torch.Tensor:
-    """The segment as a (blocks, elements per block) matrix; blocks are contiguous along `axis`."""
-    part = tensor.narrow(segment.axis, segment.start, segment.stop - segment.start)
-    part = part.movedim(segment.axis, 0)
-    return part.reshape(segment.blocks, -1)
+@dataclass(frozen=True)
+class Local:
+    """This rank's part of a parameter: the rows [offset, offset + rows) of dim 0, and the process group
+    whose ranks hold the other rows (None when this rank holds it all). FSDP2 shards along dim 0."""
+
+    tensor: torch.Tensor
+    offset: int
+    group: object | None
+
+
+def local_part(tensor: torch.Tensor) -> Local:
+    """A plain tensor as is; a DTensor as its local shard, placed by its global row offset."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if tensor.dim() == 0:  # a scalar parameter: one row of one element
+        tensor = tensor.view(1) if not isinstance(tensor, DTensor) else tensor.to_local().view(1)
+        return Local(tensor, 0, None)
+    if not isinstance(tensor, DTensor):
+        return Local(tensor, 0, None)
+    sharded = [dim for dim, placement in enumerate(tensor.placements) if isinstance(placement, Shard)]
+    if any(not isinstance(pl, Replicate | Shard) or (isinstance(pl, Shard) and pl.dim != 0)
+           for pl in tensor.placements) or len(sharded) > 1:
+        raise NotImplementedError(f"adam-mini-paper shards along dim 0 only, not {tensor.placements}")
+    _, offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    group = tensor.device_mesh.get_group(sharded[0]) if sharded else None
+    return Local(tensor.to_local(), offsets[0] if offsets else 0, group)
+
+
+def _summed(sums: torch.Tensor, group: object | None) -> torch.Tensor:
+    """Per-block sums over every rank that holds part of the blocks (a block may span shards)."""
+    if group is not None:
+        import torch.distributed as dist
+
+        dist.all_reduce(sums, group=group)  # type: ignore[arg-type]
+    return sums
+
+
+def _row_blocks(segment: Segment, rows: int, offset: int) -> tuple[slice, torch.Tensor] | None:
+    """For a segment cut along dim 0: this rank's rows of it (a local slice) and each row's block index."""
+    low, high = max(segment.start, offset), min(segment.stop, offset + rows)
+    if low >= high:
+        return None
+    per_block = (segment.stop - segment.start) // segment.blocks
+    return slice(low - offset, high - offset), (torch.arange(low, high) - segment.start) // per_block
+
+
+def block_mean_squares(grad: Local, segment: Segment, global_shape: torch.Size) -> torch.Tensor:
+    """mean(g * g) over each block of the segment, over the whole block even where it spans shards."""
+    numel = 1
+    for dim, size in enumerate(global_shape):
+        numel *= (segment.stop - segment.start) if dim == segment.axis else size
+    g = grad.tensor
+    if segment.axis == 0:
+        sums = torch.zeros(segment.blocks, dtype=g.dtype, device=g.device)
+        found = _row_blocks(segment, g.shape[0], grad.offset)
+        if found is not None:
+            rows, blocks = found
+            sums.index_add_(0, blocks.to(g.device), g[rows].reshape(blocks.numel(), -1).square().sum(dim=1))
+    else:  # cut along another axis: every local row is in the segment
+        part = g.narrow(segment.axis, segment.start, segment.stop - segment.start).movedim(segment.axis, 0)
+        sums = part.reshape(segment.blocks, -1).square().sum(dim=1)
+    return _summed(sums, grad.group) / (numel // segment.blocks)
+
+
+def apply_block_update(param: Local, m: torch.Tensor, segment: Segment, denom: torch.Tensor, step: float) -> None:
+    """param -= step * m / denom, each element divided by its block's denominator."""
+    if segment.axis == 0:
+        found = _row_blocks(segment, param.tensor.shape[0], param.offset)
+        if found is None:
+            return
+        rows, blocks = found
+        scale = denom[blocks.to(denom.device)].reshape(-1, *([1] * (param.tensor.dim() - 1)))
+        param.tensor[rows].sub_(m[rows] / scale, alpha=step)
+        return
+    target = param.tensor.narrow(segment.axis, segment.start, segment.stop - segment.start).movedim(segment.axis, 0)
+    moved_m = m.narrow(segment.axis, segment.start, segment.stop - segment.start).movedim(segment.axis, 0)
+    per_block = target.shape[0] // segment.blocks
+    scale = denom.repeat_interleave(per_block).reshape(-1, *([1] * (target.dim() - 1)))
+    target.sub_(moved_m / scale, alpha=step)
 
 
 class AdamMiniPaper(torch.optim.Optimizer):
@@ -164,29 +243,28 @@ class AdamMiniPaper(torch.optim.Optimizer):
                 state = self.state[p]
                 if not state:
                     state["step"] = 0
-                    state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    v_shape = p.shape if partition.full else (partition.num_blocks,)
-                    state["v"] = torch.zeros(v_shape, dtype=p.dtype, device=p.device)
+                    state["m"] = torch.zeros_like(p, memory_format=torch.preserve_format)  # sharded as p is
+                    # per block: one value each, the same on every rank (a block may span shards)
+                    state["v"] = (torch.zeros_like(p, memory_format=torch.preserve_format) if partition.full
+                                  else torch.zeros(partition.num_blocks, dtype=p.dtype, device=p.device))
                 state["step"] += 1
                 t = state["step"]
-                grad, m, v = p.grad, state["m"], state["v"]
+                local, grad = local_part(p), local_part(p.grad)
+                m = local_part(state["m"]).tensor
 
                 if weight_decay:
-                    p.mul_(1 - lr * weight_decay)
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                    local.tensor.mul_(1 - lr * weight_decay)
+                m.mul_(beta1).add_(grad.tensor, alpha=1 - beta1)
                 bias1, bias2 = 1 - beta1**t, 1 - beta2**t
                 if partition.full:
-                    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    p.addcdiv_(m, (v / bias2).add_(eps).sqrt_(), value=-lr / bias1)
+                    v = local_part(state["v"]).tensor
+                    v.mul_(beta2).addcmul_(grad.tensor, grad.tensor, value=1 - beta2)
+                    local.tensor.addcdiv_(m, (v / bias2).add_(eps).sqrt_(), value=-lr / bias1)
                     continue
                 offset = 0
                 for segment in partition.segments:
-                    v_seg = v[offset : offset + segment.blocks]
+                    v_seg = state["v"][offset : offset + segment.blocks]
                     offset += segment.blocks
-                    v_seg.mul_(beta2).add_(_blocked(grad, segment).square().mean(dim=1), alpha=1 - beta2)
-                    denom = (v_seg / bias2).add_(eps).sqrt_().unsqueeze(1)  # (blocks, 1) broadcasts
-                    update = _blocked(m, segment) / denom
-                    target = p.narrow(segment.axis, segment.start, segment.stop - segment.start)
-                    moved = target.movedim(segment.axis, 0)
-                    moved.sub_(update.reshape(moved.shape), alpha=lr / bias1)
+                    v_seg.mul_(beta2).add_(block_mean_squares(grad, segment, p.shape), alpha=1 - beta2)
+                    apply_block_update(local, m, segment, (v_seg / bias2).add_(eps).sqrt_(), lr / bias1)
         return loss
