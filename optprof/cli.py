@@ -104,7 +104,8 @@ ShardedGpusOpt = Annotated[int, typer.Option(
     "--gpus", min=1, help="Per-rank figures when sharded over this many ranks (FSDP2 on a fake process group, in "
     "this one process).")]
 ShardedStrategyOpt = Annotated[ShardedStrategy, typer.Option(
-    "--strategy", help="With --gpus > 1: fsdp (FSDP2, one unit per transformer block, then the root).")]
+    "--strategy", help="With --gpus > 1: fsdp (FSDP2, ZeRO-3: one unit per transformer block, then the root) or "
+    "zero2 (FSDP2 keeping parameters gathered after forward: state and gradients sharded).")]
 
 
 def _selection(model: str, dtype: StrEnum, revision: str | None, trust_remote_code: bool) -> ModelSelection:
@@ -171,7 +172,8 @@ GpusOpt = Annotated[int | None, typer.Option(
     "--gpus", min=1, help="Ranks per trial (torch.distributed; CPU processes on gloo only with --device cpu). "
     "Under torchrun: the group's size.")]
 StrategyOpt = Annotated[Strategy, typer.Option(
-    "--strategy", help="With several ranks: ddp (replicate) or fsdp (FSDP2, shard).")]
+    "--strategy", help="With several ranks: ddp (replicate), zero2 (FSDP2 keeping parameters gathered after "
+    "forward: state and gradients sharded) or fsdp (FSDP2, ZeRO-3: everything sharded).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights and tokens (the same for every optimizer).")]
 PredictOpt = Annotated[bool, typer.Option("--predict/--no-predict", help="Also predict each row's peak on fake "
                                           "tensors (in this process) and report its error against the measured one.")]

@@ -11,9 +11,11 @@ from optprof.errors import UsageError
 DeviceKind = Literal["cuda", "cpu"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 Amp = Literal["bf16", "fp16"]
-Strategy = Literal["ddp", "fsdp"]
-STRATEGIES: tuple[Strategy, ...] = ("ddp", "fsdp")
-SHARDED_STRATEGIES: tuple[Strategy, ...] = ("fsdp",)  # what state-size and predict emulate on fake tensors
+# ddp: replicate everything. zero2: FSDP2 that keeps the parameters gathered after forward (reshard_after_forward
+# off): state and gradients sharded, as DeepSpeed's ZeRO stage 2. fsdp: FSDP2 (ZeRO stage 3), the default.
+Strategy = Literal["ddp", "zero2", "fsdp"]
+STRATEGIES: tuple[Strategy, ...] = ("ddp", "zero2", "fsdp")
+SHARDED_STRATEGIES: tuple[Strategy, ...] = ("zero2", "fsdp")  # also emulated on fake tensors (state-size, predict)
 
 # Default sequence length: the model's context length, capped so that a default run stays quick
 # (a CPU step at 2048 tokens is minutes for a 1B model); --seq-len overrides either.

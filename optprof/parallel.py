@@ -1,6 +1,7 @@
 """How a model is spread over ranks, and the stand-ins that let one CPU process act as N ranks.
 
-- `wrap_for_strategy`: DDP replicates, FSDP2 (`shard_fsdp`) shards one unit per transformer block.
+- `wrap_for_strategy`: DDP replicates; FSDP2 (`shard_fsdp`) shards one unit per transformer block, with the
+  parameters kept gathered after forward for zero2.
 - `fake_process_group`: N ranks in one process (torch's fake backend), for state-size and predict.
 - `fake_tensors`: FakeTensorMode with placeholder scalars, so a 7B step runs without memory.
 - `adam_mini_on_cpu_ranks`: adam-mini assumes CUDA for its all-reduce; on CPU ranks it gets the CPU.
@@ -19,16 +20,21 @@ from optprof.optimizers.registry import distributed_world_size
 from optprof.optimizers.state import PlaceholderScalars
 
 
-def shard_fsdp(model: Any, mesh: Any) -> None:
+def shard_fsdp(model: Any, mesh: Any, strategy: Strategy = "fsdp") -> None:
     """FSDP2 as it is usually applied: each transformer block its own unit (transformers names the block
-    classes in `_no_split_modules`), then the root for the rest (embeddings, final norm, head)."""
+    classes in `_no_split_modules`), then the root for the rest (embeddings, final norm, head).
+
+    zero2 keeps each unit's parameters gathered from forward to backward (no re-gather in backward): only
+    the state and the gradients stay sharded.
+    """
     from torch.distributed.fsdp import fully_shard
 
+    reshard = strategy != "zero2"
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     for module in model.modules():
         if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
 
 
 def wrap_for_strategy(model: Any, strategy: Strategy, device_type: DeviceKind, device_index: int | None) -> Any:
@@ -42,7 +48,7 @@ def wrap_for_strategy(model: Any, strategy: Strategy, device_type: DeviceKind, d
         return DistributedDataParallel(model, device_ids=[device_index] if device_type == "cuda" else None)
     from torch.distributed.device_mesh import init_device_mesh
 
-    shard_fsdp(model, init_device_mesh(device_type, (dist.get_world_size(),)))
+    shard_fsdp(model, init_device_mesh(device_type, (dist.get_world_size(),)), strategy)
     return model
 
 

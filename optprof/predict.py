@@ -91,7 +91,7 @@ class FakeTrainer:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.mesh = mesh
         if mesh is not None:
-            shard_fsdp(self.model, mesh)
+            shard_fsdp(self.model, mesh, config.strategy)
         self.params = trainable_parameters(self.model)
         self.optimizer = entry.build(self.model, self.info, config.opt_args)
         self._step(1).run()  # Adam-style state appears in the first step
@@ -198,7 +198,8 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
                         "routing, balanced or not (compare reports the routing it saw); an implementation with a "
                         "capacity per expert (padding or dropping tokens) would differ",)
     if config.gpus > 1:
-        assumptions += (f"FSDP2 over {config.gpus} ranks ran in one process on a fake process group (no "
+        kept = " with parameters kept gathered after forward (zero2)" if config.strategy == "zero2" else ""
+        assumptions += (f"FSDP2{kept} over {config.gpus} ranks ran in one process on a fake process group (no "
                         "communication); the figures are per rank, for rank 0, and every rank holds the same shapes",)
     return PredictReport(
         model=info,

@@ -150,7 +150,7 @@ def _sharded_rows(config: StateSizeConfig, entries: list[OptimizerEntry], on_row
     with fake_process_group(config.gpus) as mesh, adam_mini_on_cpu_ranks(), fake_tensors():
         loaded = load_selection(config.model, device="cpu")
         module, info = loaded.module, loaded.info
-        shard_fsdp(module, mesh)
+        shard_fsdp(module, mesh, config.strategy)
         params = trainable_parameters(module)
 
         def logical(entry: OptimizerEntry) -> int:

@@ -73,6 +73,17 @@ def test_the_loss_after_one_step_is_the_same_under_ddp_and_fsdp(ddp: CompareRepo
         assert replicated.losses[3] == pytest.approx(sharded.losses[3], abs=1e-5), replicated.optimizer
 
 
+def test_zero2_shards_state_and_gradients_like_fsdp(ddp: CompareReport) -> None:
+    config = CompareConfig(ModelSelection("demo"), ("adamw",), TRAINING, gpus=2, strategy="zero2", predict=False)
+    (row,) = run_compare(config).results
+    replicated = ddp.results[0]
+    assert row.status == "ok" and row.strategy == "zero2", row.reason
+    for rank_zero2, rank_ddp in zip(row.ranks, replicated.ranks, strict=True):
+        assert rank_zero2.state_bytes == pytest.approx(rank_ddp.state_bytes / 2, rel=0.01)
+    assert row.breakdown["gradients"] == pytest.approx(replicated.breakdown["gradients"] / 2, rel=0.01)
+    assert row.losses[3] == pytest.approx(replicated.losses[3], abs=1e-5)
+
+
 def test_a_package_that_cannot_take_dtensors_is_unsupported_under_fsdp() -> None:
     """torch's Adafactor does an in-place pow on a partial DTensor: a finding about torch, not a failure."""
     config = CompareConfig(ModelSelection("demo"), ("adafactor",), TRAINING, gpus=2, strategy="fsdp", predict=False)

@@ -71,6 +71,15 @@ def test_fsdp_on_a_fake_group_halves_the_state_per_rank() -> None:
     assert any("FSDP2 over 2 ranks" in a for a in sharded.assumptions)
 
 
+def test_zero2_keeps_parameters_gathered_after_forward() -> None:
+    training = TrainingSettings(device="cpu", seq_len=256)
+    peaks = {strategy: run_predict(PredictConfig(ModelSelection("demo"), ("adamw",), training, gpus=2,
+                                                 strategy=strategy)).results[0] for strategy in ("fsdp", "zero2")}
+    assert peaks["zero2"].state_bytes == peaks["fsdp"].state_bytes  # state sharded alike
+    assert peaks["zero2"].predicted_breakdown["parameters"] > peaks["fsdp"].predicted_breakdown["parameters"]
+    assert peaks["zero2"].predicted_peak_bytes > peaks["fsdp"].predicted_peak_bytes
+
+
 def test_an_optimizer_whose_own_code_cannot_shard_is_unsupported(model_dir: Callable[[str], str]) -> None:
     """tiny-llama has 2 key/value heads: adam-mini's per-head view of k_proj cannot split over 4 shards, and
     torch's Adafactor cannot take DTensor gradients; both are findings about those packages, not failures."""
