@@ -172,8 +172,9 @@ GpusOpt = Annotated[int | None, typer.Option(
     "--gpus", min=1, help="Ranks per trial (torch.distributed; CPU processes on gloo only with --device cpu). "
     "Under torchrun: the group's size.")]
 StrategyOpt = Annotated[Strategy, typer.Option(
-    "--strategy", help="With several ranks: ddp (replicate), zero2 (FSDP2 keeping parameters gathered after "
-    "forward: state and gradients sharded) or fsdp (FSDP2, ZeRO-3: everything sharded).")]
+    "--strategy", help="With several ranks: ddp (replicate), zero1 (DDP, optimizer state sharded by "
+    "ZeroRedundancyOptimizer), zero2 (FSDP2 keeping parameters gathered after forward: state and gradients "
+    "sharded) or fsdp (FSDP2, ZeRO-3: everything sharded).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights and tokens (the same for every optimizer).")]
 PredictOpt = Annotated[bool, typer.Option("--predict/--no-predict", help="Also predict each row's peak on fake "
                                           "tensors (in this process) and report its error against the measured one.")]

@@ -11,10 +11,13 @@ from optprof.errors import UsageError
 DeviceKind = Literal["cuda", "cpu"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 Amp = Literal["bf16", "fp16"]
-# ddp: replicate everything. zero2: FSDP2 that keeps the parameters gathered after forward (reshard_after_forward
-# off): state and gradients sharded, as DeepSpeed's ZeRO stage 2. fsdp: FSDP2 (ZeRO stage 3), the default.
-Strategy = Literal["ddp", "zero2", "fsdp"]
-STRATEGIES: tuple[Strategy, ...] = ("ddp", "zero2", "fsdp")
+# ddp: replicate everything. zero1: DDP with the optimizer state sharded (torch's ZeroRedundancyOptimizer,
+# whole parameters assigned to ranks). zero2: FSDP2 keeping the parameters gathered after forward
+# (reshard_after_forward off): state and gradients sharded, as DeepSpeed's ZeRO stage 2. fsdp: FSDP2 (ZeRO
+# stage 3), the default.
+Strategy = Literal["ddp", "zero1", "zero2", "fsdp"]
+STRATEGIES: tuple[Strategy, ...] = ("ddp", "zero1", "zero2", "fsdp")
+REPLICATED_STRATEGIES: tuple[Strategy, ...] = ("ddp", "zero1")  # the model under DDP
 SHARDED_STRATEGIES: tuple[Strategy, ...] = ("zero2", "fsdp")  # also emulated on fake tensors (state-size, predict)
 
 # Default sequence length: the model's context length, capped so that a default run stays quick

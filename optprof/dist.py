@@ -178,6 +178,9 @@ def fold_ranks(rows: list[CompareRow], strategy: Strategy) -> CompareRow:
         index, row = broken
         return dataclasses.replace(folded, status=row.status, reason=f"rank {index}: {row.reason}")
     figures = {name: _fold(rule, name, rows) for name, rule in RANK_FOLD.items() if rule != "derived"}
+    if strategy == "zero1":  # each rank holds the state of its own parameters: the total is their sum
+        total = sum(row.state_bytes or 0 for row in rows)
+        figures |= {"state_bytes": total, "state_logical_bytes": total}
     folded = dataclasses.replace(folded, **figures,
                                  notes=tuple(dict.fromkeys(note for row in rows for note in row.notes)))
     return dataclasses.replace(folded, joules_per_token=_joules_per_token(folded))

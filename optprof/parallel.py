@@ -12,10 +12,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from optprof.config import DeviceKind, Strategy
+from optprof.config import REPLICATED_STRATEGIES, DeviceKind, Strategy
 from optprof.optimizers.registry import distributed_world_size
 from optprof.optimizers.state import PlaceholderScalars
 
@@ -42,7 +42,7 @@ def wrap_for_strategy(model: Any, strategy: Strategy, device_type: DeviceKind, d
     place."""
     import torch.distributed as dist
 
-    if strategy == "ddp":
+    if strategy in REPLICATED_STRATEGIES:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[device_index] if device_type == "cuda" else None)
@@ -50,6 +50,31 @@ def wrap_for_strategy(model: Any, strategy: Strategy, device_type: DeviceKind, d
 
     shard_fsdp(model, init_device_mesh(device_type, (dist.get_world_size(),)), strategy)
     return model
+
+
+def zero1_optimizer(build: Callable[[], Any]) -> Any:
+    """ZeRO stage 1: torch's ZeroRedundancyOptimizer, each rank keeping the state of its share of the
+    parameters (whole parameters, balanced by size). The local optimizer is the registry's, built for the
+    whole model as usual (model-aware settings intact), then restricted to the rank's share, group by group:
+    ZeRO keeps its parameter groups and the local optimizer's in step, one for one."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    template = build()
+    originals = {id(view): original for view, original in getattr(template, "views", [])}  # adam-mini's views
+    groups = [{**{k: v for k, v in group.items() if k != "params"},
+               "params": [originals.get(id(p), p) for p in group["params"]]} for group in template.param_groups]
+
+    def local_optimizer(shares: list[dict[str, Any]], **_: Any) -> Any:
+        optimizer = build()
+        if hasattr(optimizer, "world_size"):  # adam-mini: its parameters here are whole, so no cross-rank sums
+            optimizer.world_size = 1  # (with them, ranks holding different parameters would wait on each other)
+        to_original = {id(view): id(original) for view, original in getattr(optimizer, "views", [])}
+        for group, share in zip(optimizer.param_groups, shares, strict=True):
+            ids = {id(p) for p in share["params"]}
+            group["params"] = [p for p in group["params"] if to_original.get(id(p), id(p)) in ids]
+        return optimizer
+
+    return ZeroRedundancyOptimizer(groups, optimizer_class=local_optimizer)  # type: ignore[arg-type]
 
 
 @contextlib.contextmanager

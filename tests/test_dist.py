@@ -84,6 +84,17 @@ def test_zero2_shards_state_and_gradients_like_fsdp(ddp: CompareReport) -> None:
     assert row.losses[3] == pytest.approx(replicated.losses[3], abs=1e-5)
 
 
+def test_zero1_shards_whole_parameters_state_across_ranks(ddp: CompareReport) -> None:
+    """ZeroRedundancyOptimizer: each rank the state of its own parameters, the total as on one device."""
+    config = CompareConfig(ModelSelection("demo"), PAIR, TRAINING, gpus=2, strategy="zero1", predict=False)
+    for row, replicated in zip(run_compare(config).results, ddp.results, strict=True):
+        assert row.status == "ok" and row.strategy == "zero1", (row.optimizer, row.reason)
+        per_rank = [rank.state_bytes for rank in row.ranks]
+        assert sum(per_rank) == pytest.approx(replicated.ranks[0].state_bytes, rel=0.001), row.optimizer
+        assert row.state_bytes == sum(per_rank) and max(per_rank) < replicated.ranks[0].state_bytes
+        assert row.losses[3] == pytest.approx(replicated.losses[3], abs=1e-5), row.optimizer
+
+
 def test_a_package_that_cannot_take_dtensors_is_unsupported_under_fsdp() -> None:
     """torch's Adafactor does an in-place pow on a partial DTensor: a finding about torch, not a failure."""
     config = CompareConfig(ModelSelection("demo"), ("adafactor",), TRAINING, gpus=2, strategy="fsdp", predict=False)

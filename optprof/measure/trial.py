@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from optprof.config import SHARDED_STRATEGIES, ModelSelection, Strategy, TrainingSettings, parameter_dtype
+from optprof.config import (
+    REPLICATED_STRATEGIES,
+    SHARDED_STRATEGIES,
+    ModelSelection,
+    Strategy,
+    TrainingSettings,
+    parameter_dtype,
+)
 from optprof.errors import error_text
 from optprof.measure.device import Device, NvmlFactory, device_facts, nvml_reader_for, open_device
 from optprof.measure.flops import device_peak_flops, model_flops_per_token
@@ -47,7 +54,7 @@ from optprof.optimizers.registry import (
     sharding_unsupported,
 )
 from optprof.optimizers.state import account_state, logical_state_bytes
-from optprof.parallel import wrap_for_strategy
+from optprof.parallel import wrap_for_strategy, zero1_optimizer
 from optprof.quiet import quiet_libraries
 from optprof.results import (
     DERIVED_FWD_BWD_CUDA,
@@ -134,7 +141,10 @@ def build_step(spec: TrialSpec, entry: OptimizerEntry, device: Device,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.strategy is not None:
         model = wrap_for_strategy(model, spec.strategy, device.type, rank if device.type == "cuda" else None)
-    optimizer = entry.build(model, info, spec.opt_args)
+    def build() -> Any:
+        return entry.build(model, info, spec.opt_args)
+
+    optimizer = zero1_optimizer(build) if spec.strategy == "zero1" else build()
     batches = make_batches(info.vocab_size, t, device.torch_device, rank)
     return TrainStep(model, optimizer, trainable_parameters(model), batches, device, t), info
 
@@ -245,7 +255,7 @@ def _device_peak_flops(spec: TrialSpec, device: Device) -> float | None:
 def _notes(spec: TrialSpec, device: Device, m: _Measured) -> list[str]:
     """What this trial could not measure here, and why."""
     notes = [m.nvml_note] if m.nvml_note else []
-    if spec.strategy == "ddp" and m.allocator is None and m.tracked is not None:
+    if spec.strategy in REPLICATED_STRATEGIES and m.allocator is None and m.tracked is not None:
         notes.append(DDP_BUCKETS_NOTE)
     if m.sampled is not None and m.sampled.nvml_error is not None:
         notes.append(f"NVML failed while sampling ({m.sampled.nvml_error}): its peaks cover the time before")

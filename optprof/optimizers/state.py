@@ -159,9 +159,16 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """The optimizer that holds this rank's state: ZeroRedundancyOptimizer's inner one (zero1), else itself."""
+    inner = getattr(optimizer, "optim", None)
+    return inner if type(optimizer).__name__ == "ZeroRedundancyOptimizer" and inner is not None else optimizer
+
+
 def state_tensors(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
     """One tensor per distinct storage the optimizer keeps (`optimizer.state`, its own attributes and its
     param-group settings), parameters and gradients excluded."""
+    optimizer = local_optimizer(optimizer)
     # Parameters and gradients are not state: the model's own, and what the optimizer steps over (which may be
     # views of them, adam-mini's 2-D views of expert tensors); a DTensor by its local shard's storage.
     stepped = [p for group in optimizer.param_groups for p in group["params"]]
@@ -185,6 +192,7 @@ def account_state(
     optimizer: torch.optim.Optimizer, params: list[torch.Tensor], second_moment_keys: frozenset[str]
 ) -> StateAccount:
     """Add up the distinct storages the optimizer keeps, by dtype."""
+    optimizer = local_optimizer(optimizer)
     counted = [(t.untyped_storage().nbytes(), _dtype_name(t.dtype)) for t in state_tensors(optimizer, params)]
 
     by_dtype: dict[str, int] = {}
@@ -209,7 +217,9 @@ def account_state(
 
 def logical_state_bytes(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> int:
     """The state's unsharded size: a sharded (DTensor) state tensor counts with its global shape, so FSDP
-    ranks report the figure one device would; everything else counts as account_state counts it."""
+    ranks report the figure one device would; everything else counts as account_state counts it. (zero1's
+    ranks hold whole parameters' state: their logical total is the sum over ranks, which fold_ranks takes.)"""
+    optimizer = local_optimizer(optimizer)
     tops = [v for per_param in optimizer.state.values() for v in per_param.values() if isinstance(v, torch.Tensor)]
     sharded = [t for t in tops if hasattr(t, "to_local")]
     inside = {_storage_key(t.to_local()) for t in sharded}
