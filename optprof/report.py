@@ -66,7 +66,8 @@ def state_size_table(report: StateSizeReport, units: str = "gb") -> Table:
     _, unit = UNITS[units]
     ranks = report.config.get("gpus") or 1
     where = "one real step on the meta device" if ranks == 1 else (
-        f"per rank of {ranks}, FSDP2 sharding on fake tensors (the logical total is in --format json)")
+        f"per rank of {ranks} ({report.config.get('strategy')}), FSDP2 sharding on fake tensors (the logical "
+        "total is in --format json)")
     table = Table(
         title=f"Optimizer state, measured: {where}",
         title_justify="left",
@@ -139,7 +140,8 @@ def _compare_title(report: CompareReport, searched: bool) -> str:
     shape = "" if first is None else (
         f" at {batch} x {first.seq_len} tokens"
         + (f" x {first.grad_accum} accumulated" if (first.grad_accum or 1) > 1 else ""))
-    return f"Training step, measured on {report.device.get('name') or 'the device'}{shape}"
+    ranks = f", {first.world_size} ranks ({first.strategy})" if first is not None and first.world_size > 1 else ""
+    return f"Training step, measured on {report.device.get('name') or 'the device'}{ranks}{shape}"
 
 
 def _compare_columns(table: Table, unit: str, searched: bool, common: int | None, with_mfu: bool,

@@ -58,6 +58,18 @@ def test_fsdp_halves_each_ranks_state_and_keeps_the_logical_total(ddp: CompareRe
         assert replicated.state_bytes == sharded.state_bytes == single[replicated.optimizer]
 
 
+def test_the_table_title_names_ranks_and_strategy(ddp: CompareReport, fsdp: CompareReport) -> None:
+    from rich.console import Console
+
+    from optprof import report
+
+    for result, strategy in ((ddp, "ddp"), (fsdp, "fsdp")):
+        console = Console(width=200, record=True)
+        console.print(report.render(result))
+        title = next(line for line in console.export_text().splitlines() if "Training step, measured" in line)
+        assert f"2 ranks ({strategy})" in title
+
+
 def test_rank_figures_round_trip(fsdp: CompareReport) -> None:
     again = CompareReport.from_json(fsdp.to_json())
     assert again == fsdp and again.results[0].ranks[1] == fsdp.results[0].ranks[1]
