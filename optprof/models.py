@@ -259,17 +259,17 @@ def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(found.values())
 
 
-def moe_shape(model: nn.Module, config: PretrainedConfig) -> tuple[int, int, int] | None:
-    """(experts, experts per token, parameters active per token), or None for a dense model."""
+def moe_shape(model: nn.Module, config: PretrainedConfig, params: int) -> tuple[int, int, int] | None:
+    """(experts, experts per token, parameters active per token), or None for a dense model. `params`: the
+    model's parameter count."""
     experts = expert_parameters(model)
     text = _text_config(config)
     count = _first_attr(text, *EXPERT_COUNT_KEYS)
     top_k = _first_attr(text, *EXPERTS_PER_TOKEN_KEYS)
     if not experts or not count or not top_k:
         return None
-    total = sum(p.numel() for p in model.parameters())
     expert_total = sum(p.numel() for p in experts)
-    active = total - expert_total + expert_total * int(top_k) // int(count)
+    active = params - expert_total + expert_total * int(top_k) // int(count)
     return int(count), int(top_k), active
 
 
@@ -300,11 +300,10 @@ def describe(
     params = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
     embeddings = embedding_parameters(model)
     embedding_params = sum(p.numel() for p in embeddings)
-    input_emb = getattr(model.get_input_embeddings(), "weight", None)
-    output_emb = getattr(model.get_output_embeddings(), "weight", None)
+    input_emb, output_emb = embedding_weights(model)
     shape = attention_shape(config) if has_attention(model) else None
     heads, kv_heads, head_dim = shape or (None, None, None)
-    experts, top_k, active = moe_shape(model, config) or (None, None, None)
+    experts, top_k, active = moe_shape(model, config, params) or (None, None, None)
     text = _text_config(config)
     return ModelInfo(
         name=name,

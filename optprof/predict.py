@@ -139,14 +139,10 @@ def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: Tr
                 found = search_max_micro_batch(fits, cap=config.max_micro_batch)
     except Exception as exc:
         unsupported = sharding_unsupported(exc, entry, config.gpus)
-        if unsupported is not None:
-            return dataclasses.replace(base, status=STATUS_UNSUPPORTED, reason=unsupported,
-                                       predict_s=time.perf_counter() - started)
-        if scalars is not None and scalars.integer_reads:
-            return dataclasses.replace(base, status=STATUS_UNSUPPORTED, reason=DATA_DEPENDENT + error_text(exc),
-                                       predict_s=time.perf_counter() - started)
-        return dataclasses.replace(base, status=STATUS_FAILED, reason=error_text(exc),
-                                   predict_s=time.perf_counter() - started)
+        if unsupported is None and scalars is not None and scalars.integer_reads:
+            unsupported = DATA_DEPENDENT + error_text(exc)
+        return dataclasses.replace(base, status=STATUS_FAILED if unsupported is None else STATUS_UNSUPPORTED,
+                                   reason=unsupported or error_text(exc), predict_s=time.perf_counter() - started)
     at_max = None
     if found is not None and found.max_micro_batch:
         at_max = next(p.peak_bytes for p in found.probes if p.micro_batch == found.max_micro_batch)

@@ -52,10 +52,12 @@ def package_path(optimizer: Any, name: str) -> str:
     return PER_ROW if _contains_any(name, per_row) else WHOLE
 
 
-def decide(optimizer: Any, name: str, param: torch.Tensor, embedding_ids: set[int]) -> str:
-    """The role of one parameter: the package's path by name, corrected to what fits the tensor."""
-    if id(param) in embedding_ids and param.dim() == 2:
-        return "embedding"
+def decide(optimizer: Any, name: str, param: torch.Tensor, embedding: torch.Tensor | None,
+           output: torch.Tensor | None) -> str:
+    """The role of one parameter: the package's path by name, corrected to what fits the tensor. The
+    embedding and output layer are known from the model (a tied pair is the embedding)."""
+    if param.dim() == 2 and (param is embedding or param is output):
+        return "embedding" if param is embedding else "output"
     path = package_path(optimizer, name)
     if path == ADAM:
         return ADAM
@@ -106,12 +108,9 @@ def adam_mini_for_model(model: nn.Module, *, hidden_size: int, num_heads: int | 
     # several GPUs (it would all_gather with no process group) and for ranks on CPU.
     optimizer.world_size = world_size
     embedding, output = embedding_weights(model)
-    embedding_ids = {id(weight) for weight in (embedding, output) if weight is not None}
     for index, group in enumerate(optimizer.param_groups):
         (param,) = group["params"]
-        role = decide(optimizer, group["name"], param, embedding_ids)
-        if role == "embedding" and param is output and output is not embedding:
-            role = "output"
+        role = decide(optimizer, group["name"], param, embedding, output)
         if param.dim() >= 3:
             view = _alias(param)
             optimizer.views.append((view, param))
