@@ -104,8 +104,12 @@ ShardedGpusOpt = Annotated[int, typer.Option(
     "--gpus", min=1, help="Per-rank figures when sharded over this many ranks (FSDP2 on a fake process group, in "
     "this one process).")]
 ShardedStrategyOpt = Annotated[ShardedStrategy, typer.Option(
-    "--strategy", help="With --gpus > 1: fsdp (FSDP2, ZeRO-3: one unit per transformer block, then the root) or "
-    "zero2 (FSDP2 keeping parameters gathered after forward: state and gradients sharded).")]
+    "--strategy", help="With --gpus > 1: fsdp (FSDP2, ZeRO-3: one unit per transformer block, then the root), "
+    "zero2 (FSDP2 keeping parameters gathered after forward: state and gradients sharded) or hsdp (FSDP2 sharded "
+    "inside each shard group, replicated across them).")]
+ShardSizeOpt = Annotated[int | None, typer.Option(
+    "--shard-size", min=1, help="hsdp: ranks per shard group, usually one node's (default: torchrun's "
+    "LOCAL_WORLD_SIZE, else every rank).")]
 
 
 def _selection(model: str, dtype: StrEnum, revision: str | None, trust_remote_code: bool) -> ModelSelection:
@@ -125,6 +129,7 @@ def state_size(
     jobs: Annotated[int | None, typer.Option(
         "--jobs", "-j", min=1, help="Optimizers measured at once (default: CPU cores, at most 4).")] = None,
     save_profile: SaveProfileOpt = None, gpus: ShardedGpusOpt = 1, strategy: ShardedStrategyOpt = ShardedStrategy.fsdp,
+    shard_size: ShardSizeOpt = None,
 ) -> None:
     """Exact optimizer-state bytes per optimizer, measured on the real optimizer over a meta-device model.
 
@@ -138,7 +143,8 @@ def state_size(
 
     run_config = config.StateSizeConfig(
         _selection(model, dtype, revision, trust_remote_code), tuple(optimizer or ()), parse_opt_args(opt_arg or []),
-        jobs=jobs or default_jobs(), gpus=gpus, strategy=strategy.value)  # type: ignore[arg-type]
+        jobs=jobs or default_jobs(), gpus=gpus, strategy=strategy.value,  # type: ignore[arg-type]
+        shard_size=config.resolve_shard_size(strategy.value, gpus, shard_size, None))  # type: ignore[arg-type]
     _one_device(gpus, save_profile)
     file_format = _file_format(output_format, output)
     with report.console(stderr=True).status(f"measuring optimizer state for {model} ...") as status:
@@ -174,10 +180,15 @@ GpusOpt = Annotated[int | None, typer.Option(
 StrategyOpt = Annotated[Strategy, typer.Option(
     "--strategy", help="With several ranks: ddp (replicate), zero1 (DDP, optimizer state sharded by "
     "ZeroRedundancyOptimizer), zero2 (FSDP2 keeping parameters gathered after forward: state and gradients "
-    "sharded) or fsdp (FSDP2, ZeRO-3: everything sharded).")]
+    "sharded), fsdp (FSDP2, ZeRO-3: everything sharded) or hsdp (FSDP2 on a 2-D mesh: sharded inside each shard "
+    "group, replicated across groups).")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for weights and tokens (the same for every optimizer).")]
 PredictOpt = Annotated[bool, typer.Option("--predict/--no-predict", help="Also predict each row's peak on fake "
                                           "tensors (in this process) and report its error against the measured one.")]
+PreflightOpt = Annotated[bool, typer.Option(
+    "--preflight/--no-preflight", help="Before launching a trial, decide on fake tensors (in this process) whether the "
+    "optimizer runs under the strategy (else `unsupported`) and whether the step can fit (over 110% of the memory "
+    "available: `does not fit`).")]
 
 
 @app.command("compare")
@@ -189,7 +200,8 @@ def compare(
     gradient_checkpointing: CheckpointingOpt = False, steps: StepsOpt = 10, warmup: WarmupOpt = 2,
     peak_tflops: PeakTflopsOpt = None, breakdown: BreakdownOpt = True, trial_timeout: TrialTimeoutOpt = 1800.0,
     save_profile: SaveProfileOpt = None, gpus: GpusOpt = None, strategy: StrategyOpt = Strategy.fsdp,
-    seed: SeedOpt = 0, predict: PredictOpt = True, revision: RevisionOpt = None, trust_remote_code: TrustOpt = False,
+    shard_size: ShardSizeOpt = None, seed: SeedOpt = 0, predict: PredictOpt = True, preflight: PreflightOpt = True,
+    revision: RevisionOpt = None, trust_remote_code: TrustOpt = False,
     output_format: FormatOpt = OutputFormat.table, output: OutputOpt = None, units: UnitsOpt = None,
 ) -> None:
     """Train MODEL for a few real steps under each optimizer and measure memory, time and throughput.
@@ -203,7 +215,7 @@ def compare(
     """
     from optprof import report
     from optprof.compare import run_compare
-    from optprof.dist import resolve_ranks, torchrun_group
+    from optprof.dist import ranks_per_node, resolve_ranks, torchrun_group
     from optprof.optimizers.registry import parse_opt_args
 
     kind = config.resolve_device(device.value if device else None)  # type: ignore[arg-type]
@@ -220,7 +232,8 @@ def compare(
         _selection(model, dtype, revision, trust_remote_code), tuple(optimizer or ()), training,
         parse_opt_args(opt_arg or []), search=config.SearchSettings(max_micro_batch, search_margin) if fixed is None
         else None, gpus=world, strategy=strategy.value, torchrun=joined, trial_timeout_s=trial_timeout,  # type: ignore[arg-type]
-        predict=predict)
+        predict=predict, preflight=preflight, shard_size=config.resolve_shard_size(
+            strategy.value, world, shard_size, ranks_per_node() if joined else None))  # type: ignore[arg-type]
     file_format = _file_format(output_format, output)
     err = report.console(stderr=True)
     with torchrun_group(kind, joined) as reporter, err.status(f"comparing optimizers on {model} ...") as status:
@@ -239,7 +252,7 @@ def predict(
     reserve: Annotated[str | None, typer.Option(
         "--reserve", help="Memory per device that tensors do not show: CUDA context, cuBLAS/cuDNN workspaces, "
         "allocator slack (default 2GiB for cuda, 0 for cpu).")] = None,
-    gpus: ShardedGpusOpt = 1, strategy: ShardedStrategyOpt = ShardedStrategy.fsdp,
+    gpus: ShardedGpusOpt = 1, strategy: ShardedStrategyOpt = ShardedStrategy.fsdp, shard_size: ShardSizeOpt = None,
     device: Annotated[DeviceKind, typer.Option(
         "--device", help="The device to predict for (nothing runs on it).")] = DeviceKind.cuda,
     dtype: DtypeOpt = Dtype.float32, amp: AmpOpt = None, seq_len: SeqLenOpt = None,
@@ -266,6 +279,7 @@ def predict(
     run_config = config.PredictConfig(
         _selection(model, dtype, revision, trust_remote_code), tuple(optimizer or ()), training,
         parse_opt_args(opt_arg or []), max_micro_batch=max_micro_batch, gpus=gpus, strategy=strategy.value,  # type: ignore[arg-type]
+        shard_size=config.resolve_shard_size(strategy.value, gpus, shard_size, None),  # type: ignore[arg-type]
         gpu_memory_bytes=None if gpu_memory is None else parse_bytes(gpu_memory, "--gpu-memory"),
         reserve_bytes=config.default_reserve(training.device) if reserve is None else parse_bytes(
             reserve, "--reserve", allow_zero=True))
@@ -313,11 +327,21 @@ def check(
 
 
 @app.command("optimizers")
-def optimizers(output_format: FormatOpt = OutputFormat.table, output: OutputOpt = None) -> None:
+def optimizers(
+    output_format: FormatOpt = OutputFormat.table, output: OutputOpt = None,
+    strategy: Annotated[Strategy | None, typer.Option(
+        "--strategy", help="Add a column: whether each optimizer runs under this strategy, decided by one training "
+        "step on fake tensors over 2 fake ranks (cached per installed versions).")] = None,
+) -> None:
     """List the optimizers optprof can profile: package and version, family, available here or why not."""
-    from optprof.optimizers.registry import optimizers_report
+    from optprof import report
+    from optprof.preflight import optimizers_with_support
 
-    _finish(optimizers_report(), output_format, output, _file_format(output_format, output), None)
+    file_format = _file_format(output_format, output)
+    with report.console(stderr=True).status("listing optimizers ...") as status:
+        result = optimizers_with_support(strategy.value if strategy else None,  # type: ignore[arg-type]
+                                         lambda name: status.update(f"{name}: a fake step under {strategy}"))
+    _finish(result, output_format, output, file_format, None)
 
 
 @app.command("models")

@@ -26,6 +26,7 @@ from optprof.measure.trial import TrialSpec, base_row, run_trial, trial_in_child
 from optprof.models import load_selection
 from optprof.optimizers.registry import OptimizerEntry, availability, resolve_optimizers
 from optprof.predict import predict_optimizer
+from optprof.preflight import no_fit_row, shallow_layers, unsupported_row
 from optprof.results import (
     RANK_FOLD,
     STATUS_FAILED,
@@ -67,6 +68,10 @@ class TrialRunner:
         self.on_progress = on_progress
         self.device: dict[str, Any] = {}  # as the first trial that got a device saw it
 
+    def progress(self, name: str, text: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(name, text)
+
     def run(self, entry: OptimizerEntry, training: TrainingSettings, label: str = "") -> TrialRun:
         def progress(text: str) -> None:
             if self.on_progress is not None:
@@ -75,7 +80,7 @@ class TrialRunner:
         config = self.config
         distributed = config.gpus > 1 or config.torchrun
         spec = TrialSpec(config.model, entry.name, training, config.opt_args,
-                         strategy=config.strategy if distributed else None)
+                         strategy=config.strategy if distributed else None, shard_size=config.shard_size)
         progress("starting")
         if config.torchrun:
             result = Isolated(value=run_joined(spec, progress))
@@ -111,25 +116,33 @@ def _probe(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSetting
     raise TrialFailed(row)
 
 
-def _prediction(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
-                search: SearchSettings | None = None) -> tuple[PredictRow | None, str | None]:
-    """`predict` for this optimizer (fake tensors, in this process): the row, or why there is none. With a
-    search and a known limit, it also predicts the largest micro-batch, where the search then starts."""
+def _predicted(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings, ranks: int,
+               search: SearchSettings | None = None) -> PredictRow:
+    """`predict` for this optimizer over `ranks` (fake tensors, in this process). With a search and a known
+    limit, it also predicts the largest micro-batch, where the search then starts."""
     config = runner.config
-    if not config.predict:
-        return None, "--no-predict"
-    if config.torchrun or (config.gpus > 1 and config.strategy not in SHARDED_STRATEGIES):
-        return None, f"predict emulates {', '.join(SHARDED_STRATEGIES)} on spawned ranks only"
     limit = training.memory_limit_bytes if search is not None else None
     predict_config = PredictConfig(config.model, (entry.name,), training, config.opt_args, gpu_memory_bytes=limit,
-                                   reserve_bytes=default_reserve(training.device), gpus=config.gpus,
-                                   strategy=config.strategy, max_micro_batch=search.max_micro_batch if search else 256)
+                                   reserve_bytes=default_reserve(training.device), gpus=ranks,
+                                   strategy=config.strategy, shard_size=config.shard_size,
+                                   max_micro_batch=search.max_micro_batch if search else 256)
 
     def progress(text: str) -> None:
         if runner.on_progress is not None:
             runner.on_progress(entry.name, f"predicting: {text}")
 
-    row = predict_optimizer(predict_config, entry, training, progress)
+    return predict_optimizer(predict_config, entry, training, progress)
+
+
+def _prediction(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
+                search: SearchSettings | None = None) -> tuple[PredictRow | None, str | None]:
+    """The row's prediction (see `_predicted`), or why there is none."""
+    config = runner.config
+    if not config.predict:
+        return None, "--no-predict"
+    if config.torchrun or (config.gpus > 1 and config.strategy not in SHARDED_STRATEGIES):
+        return None, f"predict emulates {', '.join(SHARDED_STRATEGIES)} on spawned ranks only"
+    row = _predicted(runner, entry, training, config.gpus, search)
     return (row, None) if row.status == STATUS_OK else (None, f"predict {row.status}: {row.reason}")
 
 
@@ -161,9 +174,8 @@ def _checked_against_prediction(runner: TrialRunner, entry: OptimizerEntry, trai
 
 
 def _searched_row(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
-                  search: SearchSettings) -> CompareRow:
+                  search: SearchSettings, predicted: PredictRow | None, why: str | None) -> CompareRow:
     """The largest micro-batch that fits, then a full trial at the size chosen, with the search recorded."""
-    predicted, why = _prediction(runner, entry, training, search)
     start = predicted.predicted_max_micro_batch if predicted is not None else None
     if training.memory_limit_bytes is None:
         why = "the limit is the card's own memory, which only the trial processes see"
@@ -211,6 +223,27 @@ def _with_common_micro_batch(runner: TrialRunner, entries: list[OptimizerEntry],
     return updated
 
 
+def _row(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings, shallow: int | None) -> CompareRow:
+    """One optimizer's row: decided before any launch where it can be (unavailable, unsupported, does not fit),
+    else measured, and checked against its prediction."""
+    config = runner.config
+    reason = availability(entry)
+    if reason is not None:  # no process needed to say so
+        row = base_row(entry, config.opt_args, training)
+        return dataclasses.replace(row, status=STATUS_UNAVAILABLE, reason=reason)
+    unsupported = unsupported_row(config, entry, training, shallow)
+    if unsupported is not None:
+        return unsupported
+    predicted, why = _prediction(runner, entry, training, config.search)
+    no_fit = no_fit_row(config, entry, training, predicted,
+                        lambda text: runner.progress(entry.name, f"preflight: {text}"))
+    if no_fit is not None:
+        return no_fit
+    if config.search is not None:
+        return _searched_row(runner, entry, training, config.search, predicted, why)
+    return _checked_against_prediction(runner, entry, training, runner.run(entry, training).row, predicted)
+
+
 def run_compare(
     config: CompareConfig,
     on_progress: Callable[[str, str], None] | None = None,
@@ -224,24 +257,18 @@ def run_compare(
     """
     _check(config, isolate)
     entries = resolve_optimizers(list(config.optimizers))  # unknown names fail before anything is built
-    info = load_selection(config.model).info  # on meta: checks the model, cheaply
+    loaded = load_selection(config.model)  # on meta: checks the model, cheaply
+    info = loaded.info
     training = dataclasses.replace(config.training, seq_len=resolve_seq_len(
         config.training.seq_len, info.max_position_embeddings, config.training.device))
     runner = TrialRunner(config, isolate, quiet, on_progress)
 
     order = list(range(len(entries)))
     random.Random().shuffle(order)  # so that drift on a shared machine does not follow the optimizers' order
+    shallow = shallow_layers(config, loaded.config)
     by_index: dict[int, CompareRow] = {}
     for index in order:
-        entry = entries[index]
-        reason = availability(entry)
-        if reason is not None:  # no process needed to say so
-            row = dataclasses.replace(base_row(entry, config.opt_args, training), status=STATUS_UNAVAILABLE,
-                                      reason=reason)
-        elif config.search is not None:
-            row = _searched_row(runner, entry, training, config.search)
-        else:
-            row = _checked_against_prediction(runner, entry, training, runner.run(entry, training).row, None)
+        row = _row(runner, entries[index], training, shallow)
         by_index[index] = row
         if on_row is not None:
             on_row(row)
@@ -274,6 +301,7 @@ def _report_config(config: CompareConfig, training: TrainingSettings, entries: l
         "isolated": isolate,
         "gpus": config.gpus,
         "strategy": config.strategy if distributed else None,
+        "shard_size": config.shard_size,
         "torchrun": config.torchrun,
         "rank_fold": dict(RANK_FOLD) if distributed else None,
         "trial_order": order,

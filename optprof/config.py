@@ -14,11 +14,12 @@ Amp = Literal["bf16", "fp16"]
 # ddp: replicate everything. zero1: DDP with the optimizer state sharded (torch's ZeroRedundancyOptimizer,
 # whole parameters assigned to ranks). zero2: FSDP2 keeping the parameters gathered after forward
 # (reshard_after_forward off): state and gradients sharded, as DeepSpeed's ZeRO stage 2. fsdp: FSDP2 (ZeRO
-# stage 3), the default.
-Strategy = Literal["ddp", "zero1", "zero2", "fsdp"]
-STRATEGIES: tuple[Strategy, ...] = ("ddp", "zero1", "zero2", "fsdp")
+# stage 3), the default. hsdp: FSDP2 on a 2-D mesh, sharded inside each shard group (a node, as a rule) and
+# replicated across groups.
+Strategy = Literal["ddp", "zero1", "zero2", "fsdp", "hsdp"]
+STRATEGIES: tuple[Strategy, ...] = ("ddp", "zero1", "zero2", "fsdp", "hsdp")
 REPLICATED_STRATEGIES: tuple[Strategy, ...] = ("ddp", "zero1")  # the model under DDP
-SHARDED_STRATEGIES: tuple[Strategy, ...] = ("zero2", "fsdp")  # also emulated on fake tensors (state-size, predict)
+SHARDED_STRATEGIES: tuple[Strategy, ...] = ("zero2", "fsdp", "hsdp")  # FSDP2; also emulated on fake tensors
 
 # Default sequence length: the model's context length, capped so that a default run stays quick
 # (a CPU step at 2048 tokens is minutes for a 1B model); --seq-len overrides either.
@@ -43,6 +44,7 @@ class StateSizeConfig:
     jobs: int = 1  # optimizers measured at once, in forked worker processes
     gpus: int = 1  # > 1: FSDP2 over a fake process group of this many ranks; state per rank
     strategy: Strategy = "fsdp"
+    shard_size: int | None = None  # hsdp: ranks per shard group (None: all of them)
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,11 @@ class CompareConfig:
     search: SearchSettings | None = None  # None: measure at training.micro_batch
     gpus: int = 1  # ranks per trial (on cpu: processes with gloo)
     strategy: Strategy = "fsdp"  # with gpus > 1
+    shard_size: int | None = None  # hsdp: ranks per shard group (None: all of them)
     torchrun: bool = False  # already a rank of a torchrun group: join it instead of spawning ranks
     trial_timeout_s: float = 1800.0  # one optimizer's trial, start-up included; then it is stopped and failed
     predict: bool = True  # also predict each row's peak on fake tensors, here, and report the error
+    preflight: bool = True  # decide `unsupported` and `does not fit` on fake tensors before launching a trial
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,29 @@ class PredictConfig:
     max_micro_batch: int = 256
     gpus: int = 1  # ranks; > 1 runs FSDP2 over a fake process group in this one process
     strategy: Strategy = "fsdp"  # with gpus > 1: fully_shard per transformer block, then the root
+    shard_size: int | None = None  # hsdp: ranks per shard group (None: all of them)
+    layers: int | None = None  # build only the model's first N layers (a shallow copy); None: all of them
+
+
+def mesh_shape(strategy: Strategy, world_size: int, shard_size: int | None) -> tuple[int, ...]:
+    """The device mesh FSDP2 shards over: (ranks,), or for hsdp (replicas, ranks per shard group)."""
+    if strategy != "hsdp":
+        return (world_size,)
+    shard = shard_size or world_size
+    return (world_size // shard, shard)
+
+
+def resolve_shard_size(strategy: Strategy, world_size: int, requested: int | None,
+                       ranks_per_node: int | None) -> int | None:
+    """hsdp's shard group: as asked, else the ranks of one node (torchrun's LOCAL_WORLD_SIZE), else all ranks."""
+    if strategy != "hsdp":
+        if requested is not None:
+            raise UsageError(f"--shard-size applies to --strategy hsdp, not {strategy}")
+        return None
+    shard = requested or ranks_per_node or world_size
+    if world_size % shard:
+        raise UsageError(f"--shard-size {shard} does not divide the {world_size} ranks into equal shard groups")
+    return shard
 
 
 def resolve_device(requested: DeviceKind | None) -> DeviceKind:

@@ -99,6 +99,12 @@ def torchrun_world_size() -> int | None:
     return world if world > 1 and "RANK" in os.environ else None
 
 
+def ranks_per_node() -> int | None:
+    """torchrun's ranks on this node (LOCAL_WORLD_SIZE), None outside torchrun."""
+    value = os.environ.get("LOCAL_WORLD_SIZE")
+    return int(value) if value and value.isdigit() else None
+
+
 def resolve_ranks(kind: DeviceKind, gpus: int | None, device_given: bool = True) -> tuple[int, bool]:
     """(ranks per trial, whether this process is already one rank of a torchrun group) for --gpus.
 

@@ -344,29 +344,36 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     overrides: dict[str, Any] | None = None,
+    layers: int | None = None,
 ) -> LoadedModel:
     """The one call the commands use: resolve, build on `device`, describe.
 
-    `overrides` set config attributes the config already has (others are ignored), e.g. dropout rates.
+    `overrides` set config attributes the config already has (others are ignored), e.g. dropout rates;
+    `layers` builds only the first layers (a shallow copy, see `first_layers`).
     """
     torch_dtype(dtype)  # validate before the slower config lookup
     config, source, location = load_config(model, revision=revision, trust_remote_code=trust_remote_code)
-    for key, value in (overrides or {}).items():
-        for part in {id(config): config, id(_text_config(config)): _text_config(config)}.values():
-            if hasattr(part, key):
-                setattr(part, key, value)
+    _apply_overrides(config, (overrides or {}) | (first_layers(config, layers) if layers else {}))
     module = build_model(config, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     info = describe(module, config, name=model, source=source, location=location, dtype=dtype)
     return LoadedModel(module, config, info)
 
 
+def _apply_overrides(config: PretrainedConfig, overrides: dict[str, Any]) -> None:
+    """Set each attribute the config (or its text part) already has; others are ignored."""
+    for key, value in overrides.items():
+        for part in {id(config): config, id(_text_config(config)): _text_config(config)}.values():
+            if hasattr(part, key):
+                setattr(part, key, value)
+
+
 def load_selection(
     selection: ModelSelection, *, dtype: str | None = None, device: str = "meta",
-    overrides: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None, layers: int | None = None,
 ) -> LoadedModel:
     """`load_model` for what the user selected; `dtype` overrides the selection's (amp's float32 masters)."""
     return load_model(selection.model, dtype=dtype or selection.dtype, device=device, revision=selection.revision,
-                      trust_remote_code=selection.trust_remote_code, overrides=overrides)
+                      trust_remote_code=selection.trust_remote_code, overrides=overrides, layers=layers)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -380,3 +387,50 @@ def _first_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def first_layers(config: PretrainedConfig, layers: int) -> dict[str, Any]:
+    """Overrides (for `load_model`) that build only the model's first `layers` layers: the layer count, and
+    each per-layer list (layer types, per-layer widths) cut to that length."""
+    text = _text_config(config)
+    key = next((k for k in LAYER_COUNT_KEYS if isinstance(getattr(text, k, None), int)), None)
+    if key is None:
+        raise UsageError("cannot build a shallow copy of this model: its config names no layer count")
+    count = getattr(text, key)
+    if layers >= count:
+        return {}
+    per_layer = {name: list(value[:layers]) for name, value in vars(text).items()
+                 if isinstance(value, list | tuple) and len(value) == count}
+    return {key: layers, **per_layer}
+
+
+def representative_layers(config: PretrainedConfig, trust_remote_code: bool = False) -> int:
+    """The fewest first layers whose copy of the model has every kind of module (by class) and every kind of
+    layer (by each per-layer list's values) the whole model has: a dense prefix before the first MoE layer,
+    attention every eighth layer of a hybrid, and so on. Built on meta, so each try costs little."""
+    import copy
+
+    text = _text_config(config)
+    count = next((getattr(text, k) for k in LAYER_COUNT_KEYS if isinstance(getattr(text, k, None), int)), 1)
+    whole = _module_kinds(build_model(config, device="meta", trust_remote_code=trust_remote_code))
+    lists = [value for value in vars(text).values() if isinstance(value, list | tuple) and len(value) == count]
+    at_least = max((_prefix_with_every_value(values) for values in lists), default=1)
+    for layers in range(at_least, count):
+        shallow = copy.deepcopy(config)
+        _apply_overrides(shallow, first_layers(config, layers))
+        if _module_kinds(build_model(shallow, device="meta", trust_remote_code=trust_remote_code)) >= whole:
+            return layers
+    return count
+
+
+def _prefix_with_every_value(values: list | tuple) -> int:
+    """The length of the shortest prefix that holds every distinct value of `values`."""
+    names = [str(value) for value in values]
+    return max(names.index(name) for name in set(names)) + 1
+
+
+def _module_kinds(model: nn.Module) -> set[str]:
+    return {type(module).__name__ for module in model.modules()}

@@ -1,7 +1,7 @@
 """How a model is spread over ranks, and the stand-ins that let one CPU process act as N ranks.
 
 - `wrap_for_strategy`: DDP replicates; FSDP2 (`shard_fsdp`) shards one unit per transformer block, with the
-  parameters kept gathered after forward for zero2.
+  parameters kept gathered after forward for zero2, over a 2-D mesh (replicas x shard group) for hsdp.
 - `fake_process_group`: N ranks in one process (torch's fake backend), for state-size and predict.
 - `fake_tensors`: FakeTensorMode with placeholder scalars, so a 7B step runs without memory.
 - `adam_mini_on_cpu_ranks`: adam-mini assumes CUDA for its all-reduce; on CPU ranks it gets the CPU.
@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from optprof.config import REPLICATED_STRATEGIES, DeviceKind, Strategy
+from optprof.config import REPLICATED_STRATEGIES, DeviceKind, Strategy, mesh_shape
 from optprof.optimizers.registry import distributed_world_size
 from optprof.optimizers.state import PlaceholderScalars
 
@@ -37,7 +37,18 @@ def shard_fsdp(model: Any, mesh: Any, strategy: Strategy = "fsdp") -> None:
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
 
 
-def wrap_for_strategy(model: Any, strategy: Strategy, device_type: DeviceKind, device_index: int | None) -> Any:
+def device_mesh(device_type: str, strategy: Strategy, world_size: int, shard_size: int | None) -> Any:
+    """The mesh FSDP2 shards over: 1-D, or for hsdp 2-D, where FSDP2 replicates along the first dimension and
+    shards along the second."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = mesh_shape(strategy, world_size, shard_size)
+    names = ("replicate", "shard") if len(shape) == 2 else ("shard",)
+    return init_device_mesh(device_type, shape, mesh_dim_names=names)
+
+
+def wrap_for_strategy(model: Any, strategy: Strategy, device_type: DeviceKind, device_index: int | None,
+                      shard_size: int | None = None) -> Any:
     """The model as the ranks of the current process group train it: DDP replicates it, FSDP2 shards it in
     place."""
     import torch.distributed as dist
@@ -46,9 +57,7 @@ def wrap_for_strategy(model: Any, strategy: Strategy, device_type: DeviceKind, d
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[device_index] if device_type == "cuda" else None)
-    from torch.distributed.device_mesh import init_device_mesh
-
-    shard_fsdp(model, init_device_mesh(device_type, (dist.get_world_size(),)), strategy)
+    shard_fsdp(model, device_mesh(device_type, strategy, dist.get_world_size(), shard_size), strategy)
     return model
 
 
@@ -78,18 +87,17 @@ def zero1_optimizer(build: Callable[[], Any]) -> Any:
 
 
 @contextlib.contextmanager
-def fake_process_group(world_size: int) -> Iterator[Any]:
+def fake_process_group(world_size: int, strategy: Strategy = "fsdp", shard_size: int | None = None) -> Iterator[Any]:
     """`world_size` ranks in this one process (torch's fake backend: collectives return at once); yields the
     device mesh. Every rank of an FSDP run holds the same shapes, so rank 0 stands for all."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     if dist.is_initialized():
         raise RuntimeError("a process group already exists in this process")
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
     try:
-        yield init_device_mesh("cpu", (world_size,))
+        yield device_mesh("cpu", strategy, world_size, shard_size)
     finally:
         dist.destroy_process_group()
 

@@ -13,7 +13,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from optprof.config import PredictConfig, TrainingSettings, check_training, parameter_dtype, resolve_seq_len
+from optprof.config import (
+    SHARDED_STRATEGIES,
+    PredictConfig,
+    TrainingSettings,
+    check_training,
+    parameter_dtype,
+    resolve_seq_len,
+)
 from optprof.errors import error_text
 from optprof.measure.device import CpuDevice
 from optprof.measure.step import TrainStep, make_batches
@@ -21,7 +28,7 @@ from optprof.measure.tracker import TrackedPeak, tracked_step
 from optprof.models import config_values, load_selection, trainable_parameters
 from optprof.optimizers.registry import OptimizerEntry, availability, resolve_optimizers, sharding_unsupported
 from optprof.optimizers.state import PlaceholderScalars, account_state
-from optprof.parallel import adam_mini_on_cpu_ranks, fake_process_group, fake_tensors, shard_fsdp
+from optprof.parallel import adam_mini_on_cpu_ranks, fake_process_group, fake_tensors, shard_fsdp, zero1_optimizer
 from optprof.results import (
     STATUS_FAILED,
     STATUS_OK,
@@ -84,16 +91,21 @@ class FakeTrainer:
         overrides = dict.fromkeys(ATTENTION_DROPOUT_KEYS, 0.0) if training.device == "cuda" else {}
         torch.manual_seed(training.seed)
         loaded = load_selection(config.model, dtype=parameter_dtype(config.model, training), device="cpu",
-                                overrides=overrides)
+                                overrides=overrides, layers=config.layers)
         self.model, self.info = loaded.module, loaded.info
         self.model.train()
         if training.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.mesh = mesh
-        if mesh is not None:
+        if mesh is not None and config.strategy in SHARDED_STRATEGIES:
             shard_fsdp(self.model, mesh, config.strategy)
         self.params = trainable_parameters(self.model)
-        self.optimizer = entry.build(self.model, self.info, config.opt_args)
+
+        def build() -> Any:
+            return entry.build(self.model, self.info, config.opt_args)
+
+        # zero1 (support checks only): the optimizer as rank 0's share, the model unwrapped (no DDP buckets)
+        self.optimizer = zero1_optimizer(build) if mesh is not None and config.strategy == "zero1" else build()
         self._step(1).run()  # Adam-style state appears in the first step
         self.state_bytes = account_state(self.optimizer, self.params, entry.second_moment_keys).state_bytes
 
@@ -117,9 +129,11 @@ def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: Tr
     if reason is not None:
         return dataclasses.replace(base, status=STATUS_UNAVAILABLE, reason=reason)
     scalars: PlaceholderScalars | None = None
+    mesh = None
     try:
         with contextlib.ExitStack() as stack:
-            mesh = stack.enter_context(fake_process_group(config.gpus)) if config.gpus > 1 else None
+            if config.gpus > 1:
+                mesh = stack.enter_context(fake_process_group(config.gpus, config.strategy, config.shard_size))
             stack.enter_context(adam_mini_on_cpu_ranks())
             scalars = stack.enter_context(fake_tensors())
             progress("building the fake model and warming up")
@@ -138,7 +152,7 @@ def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: Tr
 
                 found = search_max_micro_batch(fits, cap=config.max_micro_batch)
     except Exception as exc:
-        unsupported = sharding_unsupported(exc, entry, config.gpus)
+        unsupported = sharding_unsupported(exc, entry, config.gpus, config.strategy)
         if unsupported is None and scalars is not None and scalars.integer_reads:
             unsupported = DATA_DEPENDENT + error_text(exc)
         return dataclasses.replace(base, status=STATUS_FAILED if unsupported is None else STATUS_UNSUPPORTED,
@@ -194,7 +208,9 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
                         "routing, balanced or not (compare reports the routing it saw); an implementation with a "
                         "capacity per expert (padding or dropping tokens) would differ",)
     if config.gpus > 1:
-        kept = " with parameters kept gathered after forward (zero2)" if config.strategy == "zero2" else ""
+        kept = {"zero2": " with parameters kept gathered after forward (zero2)",
+                "hsdp": f" sharded in groups of {config.shard_size or config.gpus} ranks, replicated across them "
+                        "(hsdp)"}.get(config.strategy, "")
         assumptions += (f"FSDP2{kept} over {config.gpus} ranks ran in one process on a fake process group (no "
                         "communication); the figures are per rank, for rank 0, and every rank holds the same shapes",)
     return PredictReport(
@@ -209,6 +225,7 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
             "max_micro_batch": config.max_micro_batch,
             "gpus": config.gpus,
             "strategy": config.strategy if config.gpus > 1 else None,
+            "shard_size": config.shard_size,
         },
         assumptions=assumptions,
     )

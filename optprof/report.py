@@ -22,6 +22,7 @@ from optprof.results import (
     CompareRow,
     ModelReport,
     ModelsReport,
+    OptimizerListing,
     OptimizersReport,
     PredictReport,
     PredictRow,
@@ -62,11 +63,19 @@ def model_line(report: ModelReport) -> Text:
     )
 
 
+def _strategy(config: dict) -> str:
+    """The strategy as a title names it; hsdp with its shard groups."""
+    shard = config.get("shard_size")
+    groups = (config.get("gpus") or 1) // shard if shard else 1
+    return f"hsdp: {groups} replicas x {shard} shards" if config.get("strategy") == "hsdp" and shard else \
+        str(config.get("strategy"))
+
+
 def state_size_table(report: StateSizeReport, units: str = "gb") -> Table:
     _, unit = UNITS[units]
     ranks = report.config.get("gpus") or 1
     where = "one real step on the meta device" if ranks == 1 else (
-        f"per rank of {ranks} ({report.config.get('strategy')}), FSDP2 sharding on fake tensors (the logical "
+        f"per rank of {ranks} ({_strategy(report.config)}), FSDP2 sharding on fake tensors (the logical "
         "total is in --format json)")
     table = Table(
         title=f"Optimizer state, measured: {where}",
@@ -140,7 +149,8 @@ def _compare_title(report: CompareReport, searched: bool) -> str:
     shape = "" if first is None else (
         f" at {batch} x {first.seq_len} tokens"
         + (f" x {first.grad_accum} accumulated" if (first.grad_accum or 1) > 1 else ""))
-    ranks = f", {first.world_size} ranks ({first.strategy})" if first is not None and first.world_size > 1 else ""
+    ranks = f", {first.world_size} ranks ({_strategy(report.config)})" if first is not None and first.world_size > 1 \
+        else ""
     return f"Training step, measured on {report.device.get('name') or 'the device'}{ranks}{shape}"
 
 
@@ -208,7 +218,7 @@ def compare_table(report: CompareReport, units: str) -> Group:
     breakdown = _breakdown_table(unit)
     notes: list[Text] = []
     for row in report.results:
-        short = f"short by {format_bytes(row.short_by_bytes, units)} {unit}" if row.short_by_bytes else ""
+        short = _shortfall(row, units)
         status = _status_cell(row.optimizer, row.status, [row.reason or "", short, row.settings or "", *row.notes],
                               notes)
         largest, trials, at_common = _search_cells(row)
@@ -277,12 +287,22 @@ MEASURED_LABELS = {"tensor_peak_bytes": "live tensors", "torch_max_allocated_byt
                    "torch_max_reserved_bytes": "reserved", "nvml_process_peak_bytes": "NVML process, vs + reserve"}
 
 
+def _shortfall(row: CompareRow, units: str) -> str:
+    """How far a row that does not fit is from fitting: predicted need and what is available, when it was
+    decided before launch; else how far micro-batch 1's measured peak was over the limit."""
+    unit = UNITS[units][1]
+    if row.status == "does not fit" and row.predicted_peak_bytes is not None and row.memory_limit_bytes is not None:
+        return (f"predicted need {format_bytes(row.predicted_peak_bytes, units)} {unit} per rank, "
+                f"{format_bytes(row.memory_limit_bytes, units)} {unit} available")
+    return f"short by {format_bytes(row.short_by_bytes, units)} {unit}" if row.short_by_bytes else ""
+
+
 def _prediction_notes(report: CompareReport, units: str) -> list[Text]:
     """Each row's predicted peak (fake tensors) against what was measured: how good the predictor is here."""
     unit = UNITS[units][1]
     lines = []
     for row in report.results:
-        if row.predicted_peak_bytes is None:
+        if row.predicted_peak_bytes is None or row.status != "ok":  # a row decided before launch: nothing measured
             continue
         errors = ", ".join(f"{MEASURED_LABELS.get(name, name)} {100 * error:+.2f}%"
                            for name, error in row.prediction_errors.items())
@@ -313,7 +333,7 @@ def predict_table(report: PredictReport, units: str) -> Group:
     _, unit = UNITS[units]
     first = next((r for r in report.results if r.status == "ok"), None)
     config = report.config
-    ranks = f", per rank of {config['gpus']} ({config['strategy']})" if config.get("gpus", 1) > 1 else ""
+    ranks = f", per rank of {config['gpus']} ({_strategy(config)})" if config.get("gpus", 1) > 1 else ""
     shape = "" if first is None else f" at micro-batch {first.micro_batch} x {first.seq_len} tokens"
     memory = config.get("gpu_memory_bytes")
     table = Table(title=f"PREDICTED for {config['target_device']}{shape}{ranks}: fake tensors, nothing allocated",
@@ -406,7 +426,8 @@ def check_table(report: CheckReport) -> Group:
 def trial_line(row: CompareRow, units: str = "mb") -> Text:
     """One line per finished trial, printed while the others run."""
     if row.status != "ok":
-        return _failure_line(row.optimizer, row.status, row.reason)
+        short = _shortfall(row, units)
+        return _failure_line(row.optimizer, row.status, f"{row.reason}; {short}" if short else row.reason)
     search = "" if row.max_micro_batch is None else (
         f"max micro-batch {row.max_micro_batch} ({row.trials} probe trials), ")
     return Text.assemble(
@@ -418,15 +439,35 @@ def trial_line(row: CompareRow, units: str = "mb") -> Text:
     )
 
 
+SUPPORT_STYLE = {"ok": "green", "unsupported": "yellow", "unavailable": "dim", "failed": "red"}
+
+
+def _support_cell(row: OptimizerListing) -> Text:
+    """yes, or the status; the reasons follow the table, where they have its full width."""
+    if row.support == "unavailable":
+        return Text("-", style="dim")  # the column before says why
+    return Text("yes" if row.support == "ok" else str(row.support), style=SUPPORT_STYLE.get(row.support or "", ""))
+
+
 def optimizers_table(report: OptimizersReport) -> Group:
     table = Table(title="Optimizers optprof can profile")
-    for column in ("name", "package", "family", "available here", "description"):
+    under = (f"runs under {report.strategy}",) if report.strategy else ()
+    for column in ("name", "package", "family", "available here", *under, "description"):
         table.add_column(column, style="bold" if column == "name" else "")
     for row in report.optimizers:
         available = Text("yes", style="green") if row.available else Text(f"no: {row.reason}", style="yellow")
-        table.add_row(row.name, f"{row.package} {row.version or ''}".strip(), row.family, available,
+        support = (_support_cell(row),) if report.strategy else ()
+        table.add_row(row.name, f"{row.package} {row.version or ''}".strip(), row.family, available, *support,
                       row.description)
-    lines = [Text("Inclusion relations (optimizer study): A ⊆ B means B reduces to A for some hyperparameters")]
+    lines: list[Text] = []
+    if report.strategy:
+        groups = f" in shard groups of {report.support_shard_size}" if report.support_shard_size else ""
+        lines.append(Text(f"runs under {report.strategy}: one training step of {report.support_model} on fake "
+                          f"tensors over {report.support_ranks} fake ranks{groups} (cached per installed versions); "
+                          "compare decides the same way for its own model before launching ranks", style="dim"))
+        lines += [Text(f"  {row.name}: {row.support_reason}", style=SUPPORT_STYLE.get(row.support or "", ""))
+                  for row in report.optimizers if row.support not in ("ok", "unavailable")]
+    lines.append(Text("Inclusion relations (optimizer study): A ⊆ B means B reduces to A for some hyperparameters"))
     lines += [Text("  " + " ⊆ ".join(chain)) for chain in report.inclusion_chains]
     lines.append(Text("Any other optimizer: -o package.module:ClassName [--opt-arg key=value ...]", style="dim"))
     return Group(table, *lines)
@@ -456,7 +497,7 @@ def render(report: Report, units: str | None = None, models: list[tuple[str, Mod
         largest = max([report.reference_state_bytes or 0] + [row.state_bytes or 0 for row in report.results])
         body = state_size_table(report, units or auto_units(largest))
     elif isinstance(report, CompareReport):
-        largest = max((row.peak_bytes or 0 for row in report.results), default=0)
+        largest = max((row.peak_bytes or row.predicted_peak_bytes or 0 for row in report.results), default=0)
         body = compare_table(report, units or auto_units(largest))
     else:
         assert isinstance(report, PredictReport)

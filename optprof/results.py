@@ -307,6 +307,8 @@ class OptimizerListing:
     available: bool
     reason: str | None
     description: str
+    support: str | None = None  # with --strategy: ok, unsupported, failed or unavailable under it
+    support_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -454,6 +456,10 @@ class OptimizersReport(Report):
 
     optimizers: tuple[OptimizerListing, ...]
     inclusion_chains: tuple[tuple[str, ...], ...]  # from the optimizer study: A ⊆ B ⊆ C
+    strategy: str | None = None  # the strategy the support column is about; None: no such column
+    support_ranks: int | None = None  # fake ranks the support was decided on
+    support_shard_size: int | None = None  # hsdp: ranks per shard group there
+    support_model: str | None = None  # the model it was decided on
 
 
 @dataclass(frozen=True, kw_only=True)

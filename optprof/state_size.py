@@ -63,7 +63,8 @@ def _base_row(entry: OptimizerEntry, opt_args: dict, status: str, reason: str | 
     return StateSizeRow(**entry.row_head(opt_args), status=status, reason=reason)
 
 
-def _row(entry: OptimizerEntry, module: nn.Module, info: ModelInfo, opt_args: dict, ranks: int = 1) -> StateSizeRow:
+def _row(entry: OptimizerEntry, module: nn.Module, info: ModelInfo, opt_args: dict, ranks: int = 1,
+         strategy: str = "fsdp") -> StateSizeRow:
     """The entry's measured row; unavailable, unsupported or failed (with the reason) instead of raising."""
     reason = availability(entry)
     if reason is not None:
@@ -72,7 +73,7 @@ def _row(entry: OptimizerEntry, module: nn.Module, info: ModelInfo, opt_args: di
     try:
         account, method = measure_entry(entry, module, info, opt_args)
     except Exception as exc:
-        unsupported = sharding_unsupported(exc, entry, ranks)
+        unsupported = sharding_unsupported(exc, entry, ranks, strategy)
         if unsupported is not None:
             return dataclasses.replace(base, status=STATUS_UNSUPPORTED, reason=unsupported)
         return dataclasses.replace(base, status=STATUS_FAILED, reason=error_text(exc))
@@ -147,7 +148,8 @@ def _sharded_rows(config: StateSizeConfig, entries: list[OptimizerEntry], on_row
                   ) -> tuple[ModelInfo, list[StateSizeRow], int]:
     """--gpus N: the model sharded by FSDP2 over a fake process group, on fake tensors; each optimizer steps
     once and rank 0's own state is counted (real sharding, not a division). Also AdamW's, as reference."""
-    with fake_process_group(config.gpus) as mesh, adam_mini_on_cpu_ranks(), fake_tensors():
+    with (fake_process_group(config.gpus, config.strategy, config.shard_size) as mesh, adam_mini_on_cpu_ranks(),
+          fake_tensors()):
         loaded = load_selection(config.model, device="cpu")
         module, info = loaded.module, loaded.info
         shard_fsdp(module, mesh, config.strategy)
@@ -160,7 +162,8 @@ def _sharded_rows(config: StateSizeConfig, entries: list[OptimizerEntry], on_row
 
         rows = []
         for entry in entries:
-            row = dataclasses.replace(_row(entry, module, info, config.opt_args, config.gpus), world_size=config.gpus)
+            row = _row(entry, module, info, config.opt_args, config.gpus, config.strategy)
+            row = dataclasses.replace(row, world_size=config.gpus)
             if row.status == STATUS_OK:
                 row = dataclasses.replace(row, method=METHOD_FSDP_FAKE, state_logical_bytes=logical(entry),
                                           bytes_per_param=(row.state_bytes or 0) / (info.params / config.gpus))
@@ -198,6 +201,7 @@ def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], Non
             **command_config("state-size", selection, [e.name for e in entries], opt_args),
             "gpus": config.gpus,
             "strategy": config.strategy if config.gpus > 1 else None,
+            "shard_size": config.shard_size,
         },
     )
 

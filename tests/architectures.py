@@ -92,7 +92,9 @@ def sweep(model_type: str, folder: Path, optimizers: tuple[str, ...], seq_len: i
     result = Sweep(model_type)
     state = run_state_size(StateSizeConfig(selection, optimizers))
     predicted = run_predict(PredictConfig(selection, optimizers, training))
-    measured = run_compare(CompareConfig(selection, optimizers, training, predict=False), isolate=False)
+    # predict runs once above; compare's preflight would predict each row again (tested in test_preflight)
+    measured = run_compare(CompareConfig(selection, optimizers, training, predict=False, preflight=False),
+                           isolate=False)
     for command, report in (("state-size", state), ("predict", predicted), ("compare", measured)):
         for row in report.results:
             result.statuses[(command, row.optimizer)] = (row.status, row.reason)

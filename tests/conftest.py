@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Support decisions are cached per user; tests keep theirs apart (and start with none).
+os.environ["OPTPROF_CACHE_DIR"] = tempfile.mkdtemp(prefix="optprof-test-cache-")
 
 import pytest
 import torch

@@ -237,7 +237,7 @@ def test_tokens_at_the_common_micro_batch(searched: CompareReport) -> None:
 def test_not_fitting_at_one_is_a_result(model_dir: Callable[[str], str]) -> None:
     training = TrainingSettings(device="cpu", seq_len=128, steps=2, memory_limit_bytes=100 * 10**6)
     config = CompareConfig(ModelSelection("demo"), ("sgd", "adamw"), training,
-                           search=SearchSettings(max_micro_batch=2))
+                           search=SearchSettings(max_micro_batch=2), preflight=False)  # the search's own finding
     sgd, adamw = run_compare(config, isolate=False).results
     assert sgd.status == "ok" and sgd.max_micro_batch >= 1
     assert adamw.status == "does not fit" and adamw.max_micro_batch == 0 and adamw.trials == 1

@@ -59,15 +59,18 @@ def test_fsdp_halves_each_ranks_state_and_keeps_the_logical_total(ddp: CompareRe
 
 
 def test_the_table_title_names_ranks_and_strategy(ddp: CompareReport, fsdp: CompareReport) -> None:
+    for result, strategy in ((ddp, "ddp"), (fsdp, "fsdp")):
+        assert f"2 ranks ({strategy})" in _title(result)
+
+
+def _title(result: CompareReport) -> str:
     from rich.console import Console
 
     from optprof import report
 
-    for result, strategy in ((ddp, "ddp"), (fsdp, "fsdp")):
-        console = Console(width=200, record=True)
-        console.print(report.render(result))
-        title = next(line for line in console.export_text().splitlines() if "Training step, measured" in line)
-        assert f"2 ranks ({strategy})" in title
+    console = Console(width=200, record=True)
+    console.print(report.render(result))
+    return next(line for line in console.export_text().splitlines() if "Training step, measured" in line)
 
 
 def test_rank_figures_round_trip(fsdp: CompareReport) -> None:
@@ -108,11 +111,28 @@ def test_zero1_shards_whole_parameters_state_across_ranks(ddp: CompareReport) ->
 
 
 def test_a_package_that_cannot_take_dtensors_is_unsupported_under_fsdp() -> None:
-    """torch's Adafactor does an in-place pow on a partial DTensor: a finding about torch, not a failure."""
-    config = CompareConfig(ModelSelection("demo"), ("adafactor",), TRAINING, gpus=2, strategy="fsdp", predict=False)
+    """torch's Adafactor does an in-place pow on a partial DTensor: a finding about torch, not a failure. Here
+    the ranks are launched (--no-preflight), so the finding comes from the real step."""
+    config = CompareConfig(ModelSelection("demo"), ("adafactor",), TRAINING, gpus=2, strategy="fsdp", predict=False,
+                           preflight=False)
     (row,) = run_compare(config).results
     assert row.status == "unsupported", row.reason
-    assert "torch's own code cannot run on FSDP2-sharded (DTensor) parameters over 2 ranks" in row.reason
+    assert "torch's own code cannot run on FSDP2-sharded (DTensor) parameters over 2 ranks (fsdp)" in row.reason
+    assert not any("decided before launching" in note for note in row.notes)
+
+
+def test_hsdp_replicates_across_shard_groups(ddp: CompareReport) -> None:
+    """Two shard groups of one rank each (a 2-D mesh, 2 x 1): every rank holds the whole state, as under DDP,
+    and adam-mini-paper's block sums stay within each group: the same losses as DDP's."""
+    config = CompareConfig(ModelSelection("demo"), PAIR, TRAINING, gpus=2, strategy="hsdp", shard_size=1,
+                           predict=False)
+    report = run_compare(config)
+    for row, replicated in zip(report.results, ddp.results, strict=True):
+        assert row.status == "ok" and row.strategy == "hsdp", (row.optimizer, row.reason)
+        assert [r.state_bytes for r in row.ranks] == [replicated.ranks[0].state_bytes] * 2, row.optimizer
+        assert row.losses[3] == pytest.approx(replicated.losses[3], abs=1e-5), row.optimizer
+    assert report.config["shard_size"] == 1
+    assert "2 ranks (hsdp: 2 replicas x 1 shards)" in _title(report)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
@@ -177,6 +197,15 @@ def test_folding_ranks() -> None:
     assert (slow.step_s_p50, slow.forward_s) == (0.3, 0.2)  # the slowest rank's times, whole
     broken = fold_ranks([rank_row(100, 10.0), rank_row(120, 12.0, status="oom")], "fsdp")
     assert broken.status == "oom" and broken.reason == "rank 1: boom"
+
+
+def test_state_size_under_hsdp_shards_within_a_group_only() -> None:
+    """4 fake ranks in 2 shard groups of 2: each rank holds half the state, not a quarter."""
+    single = run_state_size(StateSizeConfig(ModelSelection("demo"), ("adamw",))).results[0]
+    (row,) = run_state_size(StateSizeConfig(ModelSelection("demo"), ("adamw",), gpus=4, strategy="hsdp",
+                                            shard_size=2)).results
+    assert row.status == "ok", row.reason
+    assert row.state_bytes == pytest.approx(single.state_bytes / 2, rel=0.02)
 
 
 def test_state_size_per_rank_from_real_sharding() -> None:

@@ -17,6 +17,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("report",),  # results -> text: only the CLI renders
     ("check",),
     ("compare", "state_size"),
+    ("preflight",),  # support and fit, decided on fake tensors before anything is launched
     ("predict",),
     ("dist",),  # N ranks, launched or joined, folded by rule
     ("measure.trial",),

@@ -99,6 +99,20 @@ def normalise_bus_id(bus_id: str) -> str:
     return f"{int(domain, 16):04x}:{rest}" if rest else bus_id.strip().lower()
 
 
+def smallest_visible_card(backend: NvmlBackend, visible: str | None) -> int | None:
+    """The memory of the smallest card CUDA may use, read from NVML so that this process never starts CUDA
+    (a context would hold memory on the card while the trials run). `visible`: CUDA_VISIBLE_DEVICES, whose
+    entries are NVML indices or UUIDs; unset, every card. None when NVML sees no card that matches."""
+    handles = [backend.handle(i) for i in range(backend.device_count())]
+    if visible is not None:
+        wanted = [entry.strip() for entry in visible.split(",") if entry.strip()]
+        by_uuid = {normalise_uuid(backend.uuid(h)): h for h in handles}
+        handles = [handles[int(e)] if e.isdigit() and int(e) < len(handles) else by_uuid.get(normalise_uuid(e))
+                   for e in wanted]
+        handles = [h for h in handles if h is not None]
+    return min((backend.memory_total(h) for h in handles), default=None)
+
+
 @dataclass(frozen=True)
 class TorchDeviceIdentity:
     """What torch knows of its device, to find the same card in NVML."""

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 from optprof.config import (
     REPLICATED_STRATEGIES,
-    SHARDED_STRATEGIES,
     ModelSelection,
     Strategy,
     TrainingSettings,
@@ -84,6 +83,7 @@ class TrialSpec:
     training: TrainingSettings
     opt_args: dict[str, Any] = field(default_factory=dict)
     strategy: Strategy | None = None  # inside a process group (--gpus N); None: one device
+    shard_size: int | None = None  # hsdp: ranks per shard group
 
 
 @dataclass(frozen=True)
@@ -116,8 +116,8 @@ def run_trial(spec: TrialSpec, progress: Progress = _silent, nvml: NvmlFactory =
     try:
         return _measure(spec, entry, base, device, progress, nvml, rank)
     except Exception as exc:
-        ranks = distributed_world_size() if spec.strategy in SHARDED_STRATEGIES else 1
-        unsupported = sharding_unsupported(exc, entry, ranks)  # the package's own code on DTensors: a finding
+        ranks = distributed_world_size() if spec.strategy is not None else 1
+        unsupported = sharding_unsupported(exc, entry, ranks, spec.strategy or "ddp")  # a finding, not a failure
         if unsupported is not None:
             return TrialOutcome(dataclasses.replace(base, status=STATUS_UNSUPPORTED, reason=unsupported), {})
         status = STATUS_OOM if is_out_of_memory(exc) else STATUS_FAILED
@@ -140,7 +140,8 @@ def build_step(spec: TrialSpec, entry: OptimizerEntry, device: Device,
     if t.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.strategy is not None:
-        model = wrap_for_strategy(model, spec.strategy, device.type, rank if device.type == "cuda" else None)
+        model = wrap_for_strategy(model, spec.strategy, device.type, rank if device.type == "cuda" else None,
+                                  spec.shard_size)
     def build() -> Any:
         return entry.build(model, info, spec.opt_args)
 

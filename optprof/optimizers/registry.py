@@ -253,13 +253,15 @@ def raised_by_optimizer(exc: BaseException, entry: OptimizerEntry) -> bool:
     return False
 
 
-def sharding_unsupported(exc: BaseException, entry: OptimizerEntry, ranks: int) -> str | None:
-    """The `unsupported` reason where the optimizer's own code failed on parameters sharded over `ranks`
-    (DTensor), else None: such an error is a finding about the package, not a failure to fix here."""
-    if ranks <= 1 or not raised_by_optimizer(exc, entry):
+def sharding_unsupported(exc: BaseException, entry: OptimizerEntry, ranks: int, strategy: str = "fsdp") -> str | None:
+    """The `unsupported` reason where the optimizer's own code failed on the parameters as `strategy` spreads
+    them over `ranks` (DTensor shards; zero1: a share of whole parameters), else None: such an error is a
+    finding about the package, not a failure to fix here."""
+    if ranks <= 1 or strategy == "ddp" or not raised_by_optimizer(exc, entry):
         return None
-    return (f"{entry.package}'s own code cannot run on FSDP2-sharded (DTensor) parameters over {ranks} ranks: "
-            f"{error_text(exc)}")
+    where = ("as ZeroRedundancyOptimizer's local optimizer over a share of the parameters" if strategy == "zero1"
+             else "on FSDP2-sharded (DTensor) parameters")
+    return f"{entry.package}'s own code cannot run {where} over {ranks} ranks ({strategy}): {error_text(exc)}"
 
 
 def optimizers_report() -> OptimizersReport:
