@@ -45,6 +45,7 @@ class StateSizeConfig:
     gpus: int = 1  # > 1: FSDP2 over a fake process group of this many ranks; state per rank
     strategy: Strategy = "fsdp"
     shard_size: int | None = None  # hsdp: ranks per shard group (None: all of them)
+    full_model: bool = False  # step the whole model even where copies of its first layers extrapolate exactly
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from optprof.baseline import MEASURES
 from optprof.measure.stats import is_different
 from optprof.results import (
     BREAKDOWN_KEYS,
+    EXTRAPOLATED,
     METHOD_FSDP_FAKE,
     METHOD_META_STEP,
     CheckReport,
@@ -95,7 +96,8 @@ def state_size_table(report: StateSizeReport, units: str = "gb") -> Table:
     notes: list[Text] = []
     for row in report.results:
         vs = "-" if row.saving_vs_adamw is None else f"{round(-100 * row.saving_vs_adamw, 1) + 0.0:+.1f}%"
-        method = "" if row.method in (None, METHOD_META_STEP, METHOD_FSDP_FAKE) else row.method
+        method = (row.method or "").replace(f", {EXTRAPOLATED}", "")  # said once, under the table
+        method = "" if method in ("", METHOD_META_STEP, METHOD_FSDP_FAKE) else method
         status = _status_cell(row.optimizer, row.status, [row.reason or "", row.settings or "", method], notes)
         table.add_row(
             row.optimizer,
@@ -113,6 +115,13 @@ def state_size_table(report: StateSizeReport, units: str = "gb") -> Table:
         "parameter gone.",
         style="dim",
     )
+    extrapolated = [row.optimizer for row in report.results if EXTRAPOLATED in (row.method or "")]
+    if extrapolated:
+        notes.insert(0, Text(
+            f"{'Every row' if len(extrapolated) == len(report.results) else ', '.join(extrapolated)}: stepped on "
+            f"copies of the model's first 1, 2 and 3 layers and extrapolated to its {report.model.num_layers}: "
+            "the copies' parameters add up to the model's, and every figure was checked affine in the layer count "
+            "(exact; --full-model steps the whole model).", style="dim"))
     return Group(table, legend, *notes)
 
 

@@ -51,6 +51,10 @@ DERIVED_MFU = ("model FLOPs per token (PaLM formula) x tokens/s / the device's d
 METHOD_META_STEP = "meta step"
 METHOD_META_PLACEHOLDERS = "meta step, placeholder scalars"  # value reads answered by a placeholder
 METHOD_FSDP_FAKE = "FSDP2 on fake tensors, fake process group"  # --gpus N: real sharding, no memory
+# Repeated layers: stepped on copies of the model's first 1, 2 and 3 layers, every figure checked affine in the
+# layer count and extrapolated to the whole model (appended to the method); WHOLE_MODEL where that did not hold.
+EXTRAPOLATED = "extrapolated from the first 1, 2 and 3 layers"
+WHOLE_MODEL = "whole model"
 
 # Verdicts of `optprof check` (Verdict.verdict).
 VERDICT_OK = "ok"

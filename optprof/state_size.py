@@ -8,9 +8,10 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from optprof.config import StateSizeConfig
+from optprof.config import ModelSelection, StateSizeConfig
 from optprof.errors import UsageError, error_text
 from optprof.models import ModelInfo, load_selection, trainable_parameters
 from optprof.optimizers.registry import (
@@ -29,11 +30,13 @@ from optprof.optimizers.state import (
 )
 from optprof.parallel import adam_mini_on_cpu_ranks, fake_process_group, fake_tensors, shard_fsdp
 from optprof.results import (
+    EXTRAPOLATED,
     METHOD_FSDP_FAKE,
     STATUS_FAILED,
     STATUS_OK,
     STATUS_UNAVAILABLE,
     STATUS_UNSUPPORTED,
+    WHOLE_MODEL,
     StateSizeReport,
     StateSizeRow,
     command_config,
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 
 REFERENCE = "adamw"
 MAX_JOBS = 4  # measuring is Python-bound; more workers than cores only adds memory
+COPY_LAYERS = (1, 2, 3)  # layers of the copies figures are extrapolated from: two fit a line, the third checks it
 
 
 def default_jobs() -> int:
@@ -59,11 +63,72 @@ def measure_entry(
     return account_state(optimizer, trainable_parameters(module), entry.second_moment_keys), method
 
 
+@dataclass(frozen=True)
+class Subject:
+    """What the optimizers step over: the whole model on meta and, where its figures extrapolate, copies of
+    its first 1, 2 and 3 layers (None: the whole model is stepped, for the reason in `why`)."""
+
+    module: nn.Module
+    info: ModelInfo
+    copies: tuple[tuple[nn.Module, ModelInfo], ...] | None = None
+    why: str | None = None
+
+
+def subject_for(selection: ModelSelection, module: nn.Module, info: ModelInfo, full_model: bool) -> Subject:
+    """The copies a decoder's repeated layers allow: a step costs time per parameter tensor, and a 7B model has
+    32 layers of the same tensors. Only where the copies' parameter counts extrapolate to the whole model's
+    exactly, which a model whose layers differ (a dense prefix before MoE layers) fails."""
+    if full_model:
+        return Subject(module, info, why="--full-model")
+    if info.num_layers <= COPY_LAYERS[-1]:
+        return Subject(module, info, why=f"{info.num_layers} layers: the whole model is as cheap")
+    try:
+        copies = tuple((c.module, c.info) for c in (load_selection(selection, layers=n) for n in COPY_LAYERS))
+    except UsageError as exc:
+        return Subject(module, info, why=str(exc))
+    if _affine_at([copy_info.params for _, copy_info in copies], info.num_layers) != info.params:
+        return Subject(module, info, why="its layers differ: copies of its first layers do not add up to it")
+    return Subject(module, info, copies)
+
+
+def _affine_at(values: list[int], layers: int) -> int | None:
+    """The value at `layers` on the line through `values` at 1, 2 and 3 layers; None when they are not on one."""
+    first, second, third = values
+    step = second - first
+    return first + (layers - 1) * step if third - second == step else None
+
+
+def _extrapolated(accounts: list[StateAccount], layers: int) -> StateAccount | None:
+    """The whole model's account from its copies', when every figure is affine in the layer count."""
+    state = _affine_at([a.state_bytes for a in accounts], layers)
+    tensors = _affine_at([a.tensors for a in accounts], layers)
+    dtypes = {key: _affine_at([a.bytes_by_dtype.get(key, 0) for a in accounts], layers)
+              for key in dict.fromkeys(k for a in accounts for k in a.bytes_by_dtype)}
+    moments = [a.second_moment_entries for a in accounts]
+    entries = None if None in moments else _affine_at(moments, layers)  # type: ignore[arg-type]
+    if state is None or tensors is None or None in dtypes.values() or (entries is None) != (None in moments):
+        return None
+    return StateAccount(state, tensors, {k: v for k, v in dtypes.items() if v}, entries)  # type: ignore[misc]
+
+
+def measure_subject(entry: OptimizerEntry, subject: Subject, opt_args: dict) -> tuple[StateAccount, str]:
+    """`measure_entry` on the copies, extrapolated; on the whole model where there are none or a figure is not
+    affine in the layer count (a buffer sized by the largest tensor, say), which the method then says."""
+    if subject.copies is None:
+        return measure_entry(entry, subject.module, subject.info, opt_args)
+    measured = [measure_entry(entry, module, info, opt_args) for module, info in subject.copies]
+    account = _extrapolated([a for a, _ in measured], subject.info.num_layers)
+    if account is None:
+        account, method = measure_entry(entry, subject.module, subject.info, opt_args)
+        return account, f"{method}, {WHOLE_MODEL} (its state is not affine in the layer count)"
+    return account, f"{measured[-1][1]}, {EXTRAPOLATED}"
+
+
 def _base_row(entry: OptimizerEntry, opt_args: dict, status: str, reason: str | None = None) -> StateSizeRow:
     return StateSizeRow(**entry.row_head(opt_args), status=status, reason=reason)
 
 
-def _row(entry: OptimizerEntry, module: nn.Module, info: ModelInfo, opt_args: dict, ranks: int = 1,
+def _row(entry: OptimizerEntry, subject: Subject, opt_args: dict, ranks: int = 1,
          strategy: str = "fsdp") -> StateSizeRow:
     """The entry's measured row; unavailable, unsupported or failed (with the reason) instead of raising."""
     reason = availability(entry)
@@ -71,7 +136,7 @@ def _row(entry: OptimizerEntry, module: nn.Module, info: ModelInfo, opt_args: di
         return _base_row(entry, opt_args, STATUS_UNAVAILABLE, reason)
     base = _base_row(entry, opt_args, STATUS_OK)
     try:
-        account, method = measure_entry(entry, module, info, opt_args)
+        account, method = measure_subject(entry, subject, opt_args)
     except Exception as exc:
         unsupported = sharding_unsupported(exc, entry, ranks, strategy)
         if unsupported is not None:
@@ -81,11 +146,11 @@ def _row(entry: OptimizerEntry, module: nn.Module, info: ModelInfo, opt_args: di
     return dataclasses.replace(
         base,
         state_bytes=account.state_bytes,
-        bytes_per_param=account.state_bytes / info.params,
+        bytes_per_param=account.state_bytes / subject.info.params,
         state_dtypes=account.bytes_by_dtype,
         state_tensors=account.tensors,
         second_moment_entries=entries,
-        second_moment_removed=None if entries is None else 1.0 - entries / info.params,
+        second_moment_removed=None if entries is None else 1.0 - entries / subject.info.params,
         method=method,
     )
 
@@ -98,7 +163,7 @@ def _with_reference(row: StateSizeRow, reference: int | None) -> StateSizeRow:
 
 
 # What forked workers measure: set in the parent just before the pool forks, read by the children.
-_shared: tuple[list[OptimizerEntry], nn.Module, ModelInfo, dict] | None = None
+_shared: tuple[list[OptimizerEntry], Subject, dict] | None = None
 
 
 def _measure_in_worker(index: int) -> StateSizeRow:
@@ -106,25 +171,24 @@ def _measure_in_worker(index: int) -> StateSizeRow:
 
     torch.set_num_threads(1)
     assert _shared is not None
-    entries, module, info, opt_args = _shared
-    return _row(entries[index], module, info, opt_args)
+    entries, subject, opt_args = _shared
+    return _row(entries[index], subject, opt_args)
 
 
 def _measure_all(
-    entries: list[OptimizerEntry], module: nn.Module, info: ModelInfo, opt_args: dict, jobs: int,
-    on_row: Callable[[StateSizeRow], None],
+    entries: list[OptimizerEntry], subject: Subject, opt_args: dict, jobs: int, on_row: Callable[[StateSizeRow], None],
 ) -> list[StateSizeRow]:
     """One row per entry, in order. With jobs > 1, forked workers share the built meta model (copy-on-write)."""
     jobs = min(jobs, len(entries))
     if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
         rows = []
         for entry in entries:
-            rows.append(_row(entry, module, info, opt_args))
+            rows.append(_row(entry, subject, opt_args))
             on_row(rows[-1])
         return rows
 
     global _shared
-    _shared = (entries, module, info, opt_args)
+    _shared = (entries, subject, opt_args)
     rows_by_index: dict[int, StateSizeRow] = {}
     try:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
@@ -162,7 +226,7 @@ def _sharded_rows(config: StateSizeConfig, entries: list[OptimizerEntry], on_row
 
         rows = []
         for entry in entries:
-            row = _row(entry, module, info, config.opt_args, config.gpus, config.strategy)
+            row = _row(entry, Subject(module, info), config.opt_args, config.gpus, config.strategy)
             row = dataclasses.replace(row, world_size=config.gpus)
             if row.status == STATUS_OK:
                 row = dataclasses.replace(row, method=METHOD_FSDP_FAKE, state_logical_bytes=logical(entry),
@@ -186,10 +250,11 @@ def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], Non
         module, info = loaded.module, loaded.info
         if info.params == 0:
             raise UsageError(f"model '{selection.model}' has no parameters")
-        rows = _measure_all(entries, module, info, opt_args, config.jobs, on_row or (lambda row: None))
+        subject = subject_for(selection, module, info, config.full_model)
+        rows = _measure_all(entries, subject, opt_args, config.jobs, on_row or (lambda row: None))
         reference_row = next((r for r in rows if r.optimizer == REFERENCE and r.status == STATUS_OK), None)
         if reference_row is None:  # not selected (or failed with user args): measure it with defaults
-            account, _ = measure_entry(REGISTRY[REFERENCE], module, info, {})
+            account, _ = measure_subject(REGISTRY[REFERENCE], subject, {})
             reference = account.state_bytes
         else:
             reference = reference_row.state_bytes
@@ -202,6 +267,7 @@ def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], Non
             "gpus": config.gpus,
             "strategy": config.strategy if config.gpus > 1 else None,
             "shard_size": config.shard_size,
+            "full_model": config.full_model,
         },
     )
 

@@ -171,3 +171,14 @@ class CollectiveInStep(torch.optim.SGD):
             if dist.get_rank() == 1:
                 time.sleep(random.uniform(0.0, 0.004))  # never precise to 2%: it would repeat until the budget
         return super().step(closure)
+
+
+class SquareBuffer(torch.optim.SGD):
+    """Keeps one buffer of (parameter tensors)^2 elements: state that is not affine in the layer count, which
+    state-size must then measure on the whole model."""
+
+    def step(self, closure=None):  # type: ignore[no-untyped-def]
+        params = [p for group in self.param_groups for p in group["params"]]
+        if "square" not in self.state[params[0]]:
+            self.state[params[0]]["square"] = torch.zeros(len(params) ** 2, device=params[0].device)
+        return super().step(closure)

@@ -8,7 +8,7 @@ from optprof.errors import UsageError
 from optprof.models import load_model
 from optprof.optimizers.registry import REGISTRY, availability, resolve_optimizers
 from optprof.optimizers.state import account_state
-from optprof.results import METHOD_META_PLACEHOLDERS, STATUS_FAILED, STATUS_OK
+from optprof.results import EXTRAPOLATED, METHOD_META_PLACEHOLDERS, STATUS_FAILED, STATUS_OK, WHOLE_MODEL
 from optprof.state_size import measure_entry, run_state_size
 
 
@@ -135,7 +135,7 @@ def test_meta_accounting_equals_a_real_cpu_step(model_dir, name: str) -> None:  
 
 def test_placeholders_are_reported() -> None:
     row = state_size("demo", "adafactor")["adafactor"]
-    assert row.method == METHOD_META_PLACEHOLDERS
+    assert row.method.startswith(METHOD_META_PLACEHOLDERS)
 
 
 def test_only_a_value_read_is_retried_under_placeholders() -> None:
@@ -148,7 +148,7 @@ def test_only_a_value_read_is_retried_under_placeholders() -> None:
     breaks = "optprof_test_optimizers:ReadsAValueThenBreaks"
     rows = state_size("demo", own, reads, breaks)
     assert rows[own].status == STATUS_FAILED and rows[own].reason == "ValueError: needs a warm-start checkpoint"
-    assert rows[reads].status == STATUS_OK and rows[reads].method == METHOD_META_PLACEHOLDERS
+    assert rows[reads].status == STATUS_OK and rows[reads].method.startswith(METHOD_META_PLACEHOLDERS)
     assert rows[reads].state_bytes == 4 * rows["report"].model.params
     assert rows[breaks].status == STATUS_FAILED
     assert rows[breaks].reason.startswith("RuntimeError: KeyError: 'no such group setting' (on a retry with "
@@ -238,3 +238,47 @@ def test_missing_package_is_an_unavailable_row_not_a_failure() -> None:
     row = _row(missing, loaded.module, loaded.info, {})
     assert row.status == STATUS_UNAVAILABLE
     assert "ghost-pkg is not installed" in row.reason
+
+
+# ---------------------------------------------------------------------------------- repeated layers (issue 14)
+
+
+@pytest.mark.parametrize("model", ["gpt2", "tinyllama-1.1b", "llama-2-7b"])
+def test_copies_of_the_first_layers_give_the_whole_models_figures(model: str) -> None:
+    """Every registered optimizer, extrapolated from 1, 2 and 3 layers and stepped on the whole model: the same
+    bytes, dtypes, tensors and second-moment entries, exactly."""
+    names = tuple(REGISTRY)
+    fast = run_state_size(StateSizeConfig(ModelSelection(model), names)).results
+    whole = run_state_size(StateSizeConfig(ModelSelection(model), names, full_model=True)).results
+    figures = ("status", "reason", "state_bytes", "state_dtypes", "state_tensors", "second_moment_entries",
+               "bytes_per_param")
+    for quick, slow in zip(fast, whole, strict=True):
+        assert {f: getattr(quick, f) for f in figures} == {f: getattr(slow, f) for f in figures}, quick.optimizer
+        if quick.status == "ok":
+            assert quick.method.endswith(EXTRAPOLATED) and EXTRAPOLATED not in slow.method, quick.optimizer
+
+
+def test_state_that_is_not_affine_in_layers_is_measured_on_the_whole_model() -> None:
+    (row,) = run_state_size(StateSizeConfig(ModelSelection("tinyllama-1.1b"),
+                                            ("optprof_test_optimizers:SquareBuffer",))).results
+    assert row.status == "ok" and WHOLE_MODEL in row.method, row.method
+    params = 22 * 9 + 3  # 22 layers of 9 tensors, the embedding, the final norm and the head
+    assert row.state_bytes == 4 * params**2 + 0  # one float32 buffer of (tensors)^2, nothing else (SGD, no momentum)
+
+
+def test_a_model_whose_layers_differ_is_stepped_whole() -> None:
+    """DeepSeek-V3's first three layers are dense: copies of them do not add up to the model."""
+    from optprof.models import load_selection
+    from optprof.state_size import subject_for
+
+    loaded = load_selection(ModelSelection("deepseek-v3"))
+    subject = subject_for(ModelSelection("deepseek-v3"), loaded.module, loaded.info, full_model=False)
+    assert subject.copies is None and "layers differ" in (subject.why or "")
+    assert subject_for(ModelSelection("llama-2-7b"), *_whole("llama-2-7b"), full_model=False).copies is not None
+
+
+def _whole(model: str):  # type: ignore[no-untyped-def]
+    from optprof.models import load_selection
+
+    loaded = load_selection(ModelSelection(model))
+    return loaded.module, loaded.info
