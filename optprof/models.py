@@ -407,6 +407,23 @@ def first_layers(config: PretrainedConfig, layers: int) -> dict[str, Any]:
     return {key: layers, **per_layer}
 
 
+def copies_refused(selection: ModelSelection, info: ModelInfo) -> str | None:
+    """None where copies of the model's first 1, 2 and 3 layers (`layers.COPY_LAYERS`) stand for it: their
+    parameter counts lie on one line that reaches the model's own at its layer count. Else why not: too few
+    layers to gain, no layer count to set, or layers that differ (a dense prefix before MoE layers)."""
+    from optprof.layers import COPY_LAYERS, affine_at
+
+    if info.num_layers <= COPY_LAYERS[-1]:
+        return f"{info.num_layers} layers: the whole model is as cheap"
+    try:
+        counts = [load_selection(selection, layers=n).info.params for n in COPY_LAYERS]
+    except UsageError as exc:
+        return str(exc)
+    if affine_at(counts, info.num_layers) != info.params:
+        return "its layers differ: copies of its first layers do not add up to it"
+    return None
+
+
 def representative_layers(config: PretrainedConfig, trust_remote_code: bool = False) -> int:
     """The fewest first layers whose copy of the model has every kind of module (by class) and every kind of
     layer (by each per-layer list's values) the whole model has: a dense prefix before the first MoE layer,

@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 
 from optprof.config import ModelSelection, StateSizeConfig
 from optprof.errors import UsageError, error_text
-from optprof.models import ModelInfo, load_selection, trainable_parameters
+from optprof.layers import COPY_LAYERS, affine_at, affine_dict
+from optprof.models import ModelInfo, copies_refused, load_selection, trainable_parameters
 from optprof.optimizers.registry import (
     REGISTRY,
     OptimizerEntry,
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
 
 REFERENCE = "adamw"
 MAX_JOBS = 4  # measuring is Python-bound; more workers than cores only adds memory
-COPY_LAYERS = (1, 2, 3)  # layers of the copies figures are extrapolated from: two fit a line, the third checks it
 
 
 def default_jobs() -> int:
@@ -76,39 +76,24 @@ class Subject:
 
 def subject_for(selection: ModelSelection, module: nn.Module, info: ModelInfo, full_model: bool) -> Subject:
     """The copies a decoder's repeated layers allow: a step costs time per parameter tensor, and a 7B model has
-    32 layers of the same tensors. Only where the copies' parameter counts extrapolate to the whole model's
-    exactly, which a model whose layers differ (a dense prefix before MoE layers) fails."""
-    if full_model:
-        return Subject(module, info, why="--full-model")
-    if info.num_layers <= COPY_LAYERS[-1]:
-        return Subject(module, info, why=f"{info.num_layers} layers: the whole model is as cheap")
-    try:
-        copies = tuple((c.module, c.info) for c in (load_selection(selection, layers=n) for n in COPY_LAYERS))
-    except UsageError as exc:
-        return Subject(module, info, why=str(exc))
-    if _affine_at([copy_info.params for _, copy_info in copies], info.num_layers) != info.params:
-        return Subject(module, info, why="its layers differ: copies of its first layers do not add up to it")
+    32 layers of the same tensors (see `models.copies_refused`)."""
+    why = "--full-model" if full_model else copies_refused(selection, info)
+    if why is not None:
+        return Subject(module, info, why=why)
+    copies = tuple((c.module, c.info) for c in (load_selection(selection, layers=n) for n in COPY_LAYERS))
     return Subject(module, info, copies)
-
-
-def _affine_at(values: list[int], layers: int) -> int | None:
-    """The value at `layers` on the line through `values` at 1, 2 and 3 layers; None when they are not on one."""
-    first, second, third = values
-    step = second - first
-    return first + (layers - 1) * step if third - second == step else None
 
 
 def _extrapolated(accounts: list[StateAccount], layers: int) -> StateAccount | None:
     """The whole model's account from its copies', when every figure is affine in the layer count."""
-    state = _affine_at([a.state_bytes for a in accounts], layers)
-    tensors = _affine_at([a.tensors for a in accounts], layers)
-    dtypes = {key: _affine_at([a.bytes_by_dtype.get(key, 0) for a in accounts], layers)
-              for key in dict.fromkeys(k for a in accounts for k in a.bytes_by_dtype)}
+    state = affine_at([a.state_bytes for a in accounts], layers)
+    tensors = affine_at([a.tensors for a in accounts], layers)
+    dtypes = affine_dict([a.bytes_by_dtype for a in accounts], layers)
     moments = [a.second_moment_entries for a in accounts]
-    entries = None if None in moments else _affine_at(moments, layers)  # type: ignore[arg-type]
-    if state is None or tensors is None or None in dtypes.values() or (entries is None) != (None in moments):
+    entries = None if None in moments else affine_at(moments, layers)  # type: ignore[arg-type]
+    if state is None or tensors is None or dtypes is None or (entries is None) != (None in moments):
         return None
-    return StateAccount(state, tensors, {k: v for k, v in dtypes.items() if v}, entries)  # type: ignore[misc]
+    return StateAccount(state, tensors, {k: v for k, v in dtypes.items() if v}, entries)
 
 
 def measure_subject(entry: OptimizerEntry, subject: Subject, opt_args: dict) -> tuple[StateAccount, str]:
