@@ -6,7 +6,10 @@ runs each command a profile needs once and reads the measures from its rows.
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +35,14 @@ def _training(profile: Profile, device: str) -> TrainingSettings:
                             micro_batch=profile.micro_batch, gradient_checkpointing=profile.gradient_checkpointing)
 
 
-def _rows(command: Command, profile: Profile) -> tuple[Any, ...]:
+def _rows(command: Command, profile: Profile, jobs: int) -> tuple[Any, ...]:
     """The result rows of one command run as the profile describes."""
     selection = ModelSelection(profile.model, profile.dtype)  # type: ignore[arg-type]
     if command == "predict":
         return run_predict(PredictConfig(selection, profile.optimizers, _training(profile, profile.device))).results
     if command == "state-size":  # state follows the parameters: amp keeps float32 master weights
         state_dtype = parameter_dtype(selection, _training(profile, profile.device))
-        sized = StateSizeConfig(ModelSelection(profile.model, state_dtype), profile.optimizers, jobs=default_jobs())
+        sized = StateSizeConfig(ModelSelection(profile.model, state_dtype), profile.optimizers, jobs=jobs)
         return run_state_size(sized).results
     return run_compare(CompareConfig(selection, profile.optimizers, _training(profile, "cuda"))).results
 
@@ -55,17 +58,51 @@ def plan_commands(measures: list[Measure]) -> dict[Measure, Command]:
     return plan
 
 
-def measure_profile(profile: Profile, gpu: bool) -> dict[str, dict[str, float | None]]:
+def measure_profile(profile: Profile, gpu: bool, jobs: int = 1) -> dict[str, dict[str, float | None]]:
     """optimizer -> measure -> actual value (None when that optimizer did not produce it)."""
     wanted = [MEASURES[name] for name in MEASURES if name in profile.measures()]
     plan = plan_commands([m for m in wanted if gpu or not m.needs_gpu])
     actual: dict[str, dict[str, float | None]] = {name: {} for name in profile.optimizers}
     for command in dict.fromkeys(plan.values()):
-        for row in _rows(command, profile):
+        for row in _rows(command, profile, jobs):
             for measure in (m for m, c in plan.items() if c == command):
                 value = getattr(row, measure.row_field) if row.status == STATUS_OK else None
                 actual[row.optimizer][measure.name] = value
     return actual
+
+
+def _measure_profiles(profiles: list[Profile], gpu: bool, on_profile: Callable[[Profile], None],
+                      ) -> list[dict[str, dict[str, float | None]]]:
+    """Each profile's actual values, in order. Profiles are independent: on a CPU they run at once in forked
+    workers, one per core, each on one thread. With a GPU they run one after another: trials there want
+    the card to themselves, and a fork after CUDA has started is not safe."""
+    workers = min(default_jobs(), len(profiles))
+    if gpu or workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [_announced(profile, on_profile, gpu, default_jobs()) for profile in profiles]
+    results: dict[int, dict[str, dict[str, float | None]]] = {}
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_one_thread) as pool:
+        futures = {pool.submit(measure_profile, profile, gpu): index for index, profile in enumerate(profiles)}
+        for future in as_completed(futures):
+            index = futures[future]
+            on_profile(profiles[index])
+            try:
+                results[index] = future.result()
+            except BrokenProcessPool:  # a worker died: that profile again, here, where its error shows
+                continue
+    return [results[i] if i in results else _announced(p, on_profile, gpu, default_jobs())
+            for i, p in enumerate(profiles)]
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # the workers share the cores
+
+
+def _announced(profile: Profile, on_profile: Callable[[Profile], None], gpu: bool,
+               jobs: int) -> dict[str, dict[str, float | None]]:
+    on_profile(profile)
+    return measure_profile(profile, gpu, jobs)
 
 
 def run_check(paths: list[Path], *, update: bool = False, strict: bool = False, gpu: bool | None = None,
@@ -76,10 +113,8 @@ def run_check(paths: list[Path], *, update: bool = False, strict: bool = False, 
     gpu = torch.cuda.is_available() if gpu is None else gpu
     verdicts = []
     updated: dict[str, int] = {}
-    for profile in profiles:
-        if on_profile is not None:
-            on_profile(profile)
-        actual = measure_profile(profile, gpu)
+    measured = _measure_profiles(profiles, gpu, on_profile or (lambda profile: None))
+    for profile, actual in zip(profiles, measured, strict=True):
         for optimizer, expected in profile.expected.items():
             for measure, value in expected.items():
                 skipped = NO_GPU if MEASURES[measure].needs_gpu and not gpu else None

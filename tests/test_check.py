@@ -107,3 +107,22 @@ def test_shipped_profiles_cover_the_models_that_matter() -> None:
         assert p.measures() == {"state_bytes", "predicted_peak_bytes"} and set(p.expected) == set(p.optimizers)
     with pytest.raises(UsageError, match="no profiles"):
         find_profiles([profiles_dir() / "models"])
+
+
+def test_profiles_measured_at_once_give_what_one_after_another_gives(profile: Path, tmp_path: Path,
+                                                                      monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Two profiles in forked workers (one per core) and in this process, one by one: the same values, in the
+    order of the files, and each profile announced once."""
+    from optprof import check
+
+    other = tmp_path / "other.toml"
+    other.write_text(profile.read_text().replace('"demo"', '"demo"\n# another profile of the same model'))
+    seen: list[str] = []
+    monkeypatch.setattr(check, "default_jobs", lambda: 2)
+    at_once = run_check([profile, other], gpu=False, on_profile=lambda p: seen.append(p.path.name))
+    monkeypatch.setattr(check, "default_jobs", lambda: 1)
+    one_by_one = run_check([profile, other], gpu=False)
+    assert sorted(seen) == ["demo.toml", "other.toml"]
+    assert [(v.profile, v.optimizer, v.measure, v.actual) for v in at_once.verdicts] == \
+        [(v.profile, v.optimizer, v.measure, v.actual) for v in one_by_one.verdicts]
+    assert all(v.verdict == "ok" for v in at_once.verdicts) and len(at_once.verdicts) == 8

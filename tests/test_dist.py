@@ -9,9 +9,9 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 import torch
+from processes import left_behind
 from test_cli import run
 
 from optprof.compare import run_compare
@@ -153,9 +153,8 @@ def test_a_killed_rank_fails_its_trial_and_leaves_nothing_behind(capsys) -> None
     assert killed["status"] == "failed" and "rank 1" in killed["reason"] and "SIGKILL" in killed["reason"]
     assert sgd["status"] == "ok" and sgd["world_size"] == 2
     assert multiprocessing.active_children() == []
-    left = [p for p in psutil.Process(os.getpid()).children(recursive=True)
-            if "resource_tracker" not in " ".join(p.cmdline())]  # multiprocessing's own helper, not a rank
-    assert left == []
+    assert left_behind() == []
+
 
 
 def test_under_torchrun_rank_zero_writes_one_report() -> None:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import isolate_targets as targets
 import pytest
 from fake_gpu import GIB, CudaOnCpu, FakeCard, FakeCuda, FakeNvml
+from processes import left_behind
 
 from optprof.config import ModelSelection, TrainingSettings
 from optprof.measure.device import CudaDevice
@@ -197,7 +198,7 @@ def test_isolated_exception_crash_and_timeout_leave_no_process() -> None:
     result = run_isolated(targets.sleep_forever, None, timeout_s=3)
     assert result.error is not None and "timed out after 3 s" in result.error
     assert time.monotonic() - started < 30
-    assert multiprocessing.active_children() == []
+    assert multiprocessing.active_children() == [] and left_behind() == []
 
 
 def test_exit_reasons() -> None:
