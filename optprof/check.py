@@ -21,11 +21,12 @@ from optprof.config import (
     PredictConfig,
     StateSizeConfig,
     TrainingSettings,
+    default_jobs,
     parameter_dtype,
 )
 from optprof.predict import run_predict
 from optprof.results import STATUS_OK, VERDICT_SKIPPED, CheckReport
-from optprof.state_size import default_jobs, run_state_size
+from optprof.state_size import run_state_size
 
 NO_GPU = "no GPU on this machine: measured on GPU runners only"
 

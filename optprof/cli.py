@@ -111,6 +111,8 @@ ShardSizeOpt = Annotated[int | None, typer.Option(
     "--shard-size", min=1, help="hsdp: ranks per shard group, usually one node's (default: torchrun's "
     "LOCAL_WORLD_SIZE, else every rank).")]
 
+JobsOpt = Annotated[int | None, typer.Option(
+    "--jobs", "-j", min=1, help="Optimizers measured at once, in forked workers (default: CPU cores, at most 4).")]
 FullModelOpt = Annotated[bool, typer.Option(
     "--full-model", help="Step the whole model, even where copies of its first 1, 2 and 3 layers give the same "
     "figures (each checked affine in the layer count, then extrapolated; faster for deep models).")]
@@ -130,8 +132,7 @@ def state_size(
     model: ModelArg = DEFAULT_MODEL, optimizer: OptimizerOpt = None, opt_arg: OptArgOpt = None,
     dtype: DtypeOpt = Dtype.float32, revision: RevisionOpt = None, trust_remote_code: TrustOpt = False,
     output_format: FormatOpt = OutputFormat.table, output: OutputOpt = None, units: UnitsOpt = None,
-    jobs: Annotated[int | None, typer.Option(
-        "--jobs", "-j", min=1, help="Optimizers measured at once (default: CPU cores, at most 4).")] = None,
+    jobs: JobsOpt = None,
     save_profile: SaveProfileOpt = None, gpus: ShardedGpusOpt = 1, strategy: ShardedStrategyOpt = ShardedStrategy.fsdp,
     shard_size: ShardSizeOpt = None, full_model: FullModelOpt = False,
 ) -> None:
@@ -143,11 +144,11 @@ def state_size(
     """
     from optprof import report
     from optprof.optimizers.registry import parse_opt_args
-    from optprof.state_size import default_jobs, run_state_size
+    from optprof.state_size import run_state_size
 
     run_config = config.StateSizeConfig(
         _selection(model, dtype, revision, trust_remote_code), tuple(optimizer or ()), parse_opt_args(opt_arg or []),
-        jobs=jobs or default_jobs(), gpus=gpus, strategy=strategy.value,  # type: ignore[arg-type]
+        jobs=jobs or config.default_jobs(), gpus=gpus, strategy=strategy.value,  # type: ignore[arg-type]
         shard_size=config.resolve_shard_size(strategy.value, gpus, shard_size, None),  # type: ignore[arg-type]
         full_model=full_model)
     _one_device(gpus, save_profile)
@@ -265,7 +266,7 @@ def predict(
     grad_accum: GradAccumOpt = 1, gradient_checkpointing: CheckpointingOpt = False,
     max_micro_batch: MaxMicroBatchOpt = 256, revision: RevisionOpt = None, trust_remote_code: TrustOpt = False,
     output_format: FormatOpt = OutputFormat.table, output: OutputOpt = None, units: UnitsOpt = None,
-    save_profile: SaveProfileOpt = None,
+    save_profile: SaveProfileOpt = None, jobs: JobsOpt = None,
 ) -> None:
     """Predict peak memory per device (and the largest micro-batch) without a GPU, from fake tensors.
 
@@ -285,6 +286,7 @@ def predict(
         _selection(model, dtype, revision, trust_remote_code), tuple(optimizer or ()), training,
         parse_opt_args(opt_arg or []), max_micro_batch=max_micro_batch, gpus=gpus, strategy=strategy.value,  # type: ignore[arg-type]
         shard_size=config.resolve_shard_size(strategy.value, gpus, shard_size, None),  # type: ignore[arg-type]
+        jobs=jobs or config.default_jobs(),
         gpu_memory_bytes=None if gpu_memory is None else parse_bytes(gpu_memory, "--gpu-memory"),
         reserve_bytes=config.default_reserve(training.device) if reserve is None else parse_bytes(
             reserve, "--reserve", allow_zero=True))

@@ -110,6 +110,17 @@ class PredictConfig:
     strategy: Strategy = "fsdp"  # with gpus > 1: fully_shard per transformer block, then the root
     shard_size: int | None = None  # hsdp: ranks per shard group (None: all of them)
     layers: int | None = None  # build only the model's first N layers (a shallow copy); None: all of them
+    jobs: int = 1  # optimizers predicted at once, in forked worker processes
+
+
+MAX_JOBS = 4  # measuring on meta or fake tensors is Python-bound; more workers than cores only adds memory
+
+
+def default_jobs() -> int:
+    """Optimizers measured at once by default: one per core, at most MAX_JOBS."""
+    import os
+
+    return max(1, min(os.cpu_count() or 1, MAX_JOBS))
 
 
 def mesh_shape(strategy: Strategy, world_size: int, shard_size: int | None) -> tuple[int, ...]:

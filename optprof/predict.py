@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import multiprocessing
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from optprof.config import (
@@ -177,6 +181,51 @@ def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: Tr
     )
 
 
+# What forked workers predict: set in the parent just before the pool forks, read by the children.
+_shared: tuple[PredictConfig, list[OptimizerEntry], TrainingSettings] | None = None
+
+
+def _predict_in_worker(index: int) -> PredictRow:
+    import torch
+
+    torch.set_num_threads(1)  # the workers share the cores
+    assert _shared is not None
+    config, entries, training = _shared
+    return predict_optimizer(config, entries[index], training, lambda text: None)
+
+
+def _predict_all(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
+                 on_progress: Callable[[str, str], None], on_row: Callable[[PredictRow], None]) -> list[PredictRow]:
+    """One row per entry, in order. A fake step is Python-bound and each optimizer's is independent, so with
+    jobs > 1 they run at once in forked workers (nothing here has started CUDA: fake tensors are CPU tensors)."""
+    global _shared
+    jobs = min(config.jobs, len(entries))
+    if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        rows = []
+        for entry in entries:
+            rows.append(predict_optimizer(config, entry, training, functools.partial(on_progress, entry.name)))
+            on_row(rows[-1])
+        return rows
+    _shared = (config, entries, training)
+    by_index: dict[int, PredictRow] = {}
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = {pool.submit(_predict_in_worker, i): i for i in range(len(entries))}
+            for entry in entries:
+                on_progress(entry.name, f"predicting, {jobs} optimizers at once")
+            for future in as_completed(futures):
+                try:
+                    by_index[futures[future]] = future.result()
+                except BrokenProcessPool:
+                    continue  # reported below, as a failed row
+                on_row(by_index[futures[future]])
+    finally:
+        _shared = None
+    died = "the predicting process died (crash or out of memory); retry with --jobs 1 to see the error"
+    return [by_index.get(i) or dataclasses.replace(_base_row(e, config, training), status=STATUS_FAILED, reason=died)
+            for i, e in enumerate(entries)]
+
+
 def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] | None = None,
                 on_row: Callable[[PredictRow], None] | None = None) -> PredictReport:
     check_training(config.training, config.model.dtype)
@@ -186,15 +235,8 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
     info = loaded.info
     training = dataclasses.replace(config.training, seq_len=resolve_seq_len(
         config.training.seq_len, info.max_position_embeddings, config.training.device))
-    rows = []
-    for entry in entries:
-        def progress(text: str, name: str = entry.name) -> None:
-            if on_progress is not None:
-                on_progress(name, text)
-
-        rows.append(predict_optimizer(config, entry, training, progress))
-        if on_row is not None:
-            on_row(rows[-1])
+    rows = _predict_all(config, entries, training, on_progress or (lambda name, text: None),
+                        on_row or (lambda row: None))
     assumptions = ASSUMPTIONS_COMMON + (ASSUMPTIONS_CUDA if training.device == "cuda" else ())
     dropout = config_values(loaded.config, ATTENTION_DROPOUT_KEYS) if training.device == "cuda" else {}
     zeroed = [f"{key} {value:g}" for key, value in dropout.items() if value]  # only where there was dropout

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import os
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -47,11 +46,6 @@ if TYPE_CHECKING:
     from torch import nn
 
 REFERENCE = "adamw"
-MAX_JOBS = 4  # measuring is Python-bound; more workers than cores only adds memory
-
-
-def default_jobs() -> int:
-    return max(1, min(os.cpu_count() or 1, MAX_JOBS))
 
 
 def measure_entry(

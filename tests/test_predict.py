@@ -133,3 +133,17 @@ def test_the_dropout_assumption_only_where_the_model_had_dropout() -> None:
     assert dropout_lines("demo") == []  # Llama's attention_dropout is 0 already: nothing was changed
     assert dropout_lines("gpt2") == ["attention dropout (attn_pdrop 0.1) was set to 0 so that SDPA takes the "
                                      "flash-style path, whose memory matches CUDA's flash / memory-efficient kernels"]
+
+
+def test_optimizers_predicted_at_once_give_what_one_after_another_gives() -> None:
+    """--jobs 2: each optimizer in a forked worker; every figure as in this process, rows in order."""
+    import dataclasses
+
+    training = TrainingSettings(device="cuda", seq_len=64)
+    config = PredictConfig(ModelSelection("demo"), ("sgd", "adamw", "adam-mini"), training, gpu_memory_bytes=10**9,
+                           max_micro_batch=8)
+    at_once = run_predict(dataclasses.replace(config, jobs=2)).results
+    one_by_one = run_predict(config).results
+    assert [r.optimizer for r in at_once] == ["sgd", "adamw", "adam-mini"]
+    for a, b in zip(at_once, one_by_one, strict=True):
+        assert a.status == "ok" and dataclasses.replace(a, predict_s=None) == dataclasses.replace(b, predict_s=None)
