@@ -6,10 +6,7 @@ runs each command a profile needs once and reads the measures from its rows.
 
 from __future__ import annotations
 
-import multiprocessing
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,7 @@ from optprof.config import (
     default_jobs,
     parameter_dtype,
 )
+from optprof.forked import can_fork, forked_map
 from optprof.predict import run_predict
 from optprof.results import STATUS_OK, VERDICT_SKIPPED, CheckReport
 from optprof.state_size import run_state_size
@@ -78,26 +76,13 @@ def _measure_profiles(profiles: list[Profile], gpu: bool, on_profile: Callable[[
     workers, one per core, each on one thread. With a GPU they run one after another: trials there want
     the card to themselves, and a fork after CUDA has started is not safe."""
     workers = min(default_jobs(), len(profiles))
-    if gpu or workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return [_announced(profile, on_profile, gpu, default_jobs()) for profile in profiles]
     results: dict[int, dict[str, dict[str, float | None]]] = {}
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_one_thread) as pool:
-        futures = {pool.submit(measure_profile, profile, gpu): index for index, profile in enumerate(profiles)}
-        for future in as_completed(futures):
-            index = futures[future]
-            on_profile(profiles[index])
-            try:
-                results[index] = future.result()
-            except BrokenProcessPool:  # a worker died: that profile again, here, where its error shows
-                continue
+    if not gpu and workers > 1 and can_fork():
+        results = forked_map(lambda i: measure_profile(profiles[i], gpu), range(len(profiles)), workers,
+                             lambda i, _: on_profile(profiles[i]))
+    # One after another; also a profile whose worker died, here, where its error shows.
     return [results[i] if i in results else _announced(p, on_profile, gpu, default_jobs())
             for i, p in enumerate(profiles)]
-
-
-def _one_thread() -> None:
-    import torch
-
-    torch.set_num_threads(1)  # the workers share the cores
 
 
 def _announced(profile: Profile, on_profile: Callable[[Profile], None], gpu: bool,

@@ -10,11 +10,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import multiprocessing
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from optprof.config import (
@@ -26,6 +23,7 @@ from optprof.config import (
     resolve_seq_len,
 )
 from optprof.errors import error_text
+from optprof.forked import can_fork, forked_map
 from optprof.measure.device import CpuDevice
 from optprof.measure.step import TrainStep, make_batches
 from optprof.measure.tracker import TrackedPeak, tracked_step
@@ -181,46 +179,21 @@ def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: Tr
     )
 
 
-# What forked workers predict: set in the parent just before the pool forks, read by the children.
-_shared: tuple[PredictConfig, list[OptimizerEntry], TrainingSettings] | None = None
-
-
-def _predict_in_worker(index: int) -> PredictRow:
-    import torch
-
-    torch.set_num_threads(1)  # the workers share the cores
-    assert _shared is not None
-    config, entries, training = _shared
-    return predict_optimizer(config, entries[index], training, lambda text: None)
-
-
 def _predict_all(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
                  on_progress: Callable[[str, str], None], on_row: Callable[[PredictRow], None]) -> list[PredictRow]:
     """One row per entry, in order. A fake step is Python-bound and each optimizer's is independent, so with
     jobs > 1 they run at once in forked workers (nothing here has started CUDA: fake tensors are CPU tensors)."""
-    global _shared
     jobs = min(config.jobs, len(entries))
-    if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if jobs <= 1 or not can_fork():
         rows = []
         for entry in entries:
             rows.append(predict_optimizer(config, entry, training, functools.partial(on_progress, entry.name)))
             on_row(rows[-1])
         return rows
-    _shared = (config, entries, training)
-    by_index: dict[int, PredictRow] = {}
-    try:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            futures = {pool.submit(_predict_in_worker, i): i for i in range(len(entries))}
-            for entry in entries:
-                on_progress(entry.name, f"predicting, {jobs} optimizers at once")
-            for future in as_completed(futures):
-                try:
-                    by_index[futures[future]] = future.result()
-                except BrokenProcessPool:
-                    continue  # reported below, as a failed row
-                on_row(by_index[futures[future]])
-    finally:
-        _shared = None
+    for entry in entries:
+        on_progress(entry.name, f"predicting, {jobs} optimizers at once")
+    by_index = forked_map(lambda i: predict_optimizer(config, entries[i], training, lambda text: None),
+                          range(len(entries)), jobs, lambda i, row: on_row(row))
     died = "the predicting process died (crash or out of memory); retry with --jobs 1 to see the error"
     return [by_index.get(i) or dataclasses.replace(_base_row(e, config, training), status=STATUS_FAILED, reason=died)
             for i, e in enumerate(entries)]

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from optprof.config import ModelSelection, StateSizeConfig
 from optprof.errors import UsageError, error_text
+from optprof.forked import can_fork, forked_map
 from optprof.layers import COPY_LAYERS, affine_at, affine_dict
 from optprof.models import ModelInfo, copies_refused, load_selection, trainable_parameters
 from optprof.optimizers.registry import (
@@ -141,48 +139,21 @@ def _with_reference(row: StateSizeRow, reference: int | None) -> StateSizeRow:
     return dataclasses.replace(row, ratio_vs_adamw=ratio, saving_vs_adamw=1.0 - ratio)
 
 
-# What forked workers measure: set in the parent just before the pool forks, read by the children.
-_shared: tuple[list[OptimizerEntry], Subject, dict] | None = None
-
-
-def _measure_in_worker(index: int) -> StateSizeRow:
-    import torch
-
-    torch.set_num_threads(1)
-    assert _shared is not None
-    entries, subject, opt_args = _shared
-    return _row(entries[index], subject, opt_args)
-
-
 def _measure_all(
     entries: list[OptimizerEntry], subject: Subject, opt_args: dict, jobs: int, on_row: Callable[[StateSizeRow], None],
 ) -> list[StateSizeRow]:
     """One row per entry, in order. With jobs > 1, forked workers share the built meta model (copy-on-write)."""
     jobs = min(jobs, len(entries))
-    if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+    if jobs <= 1 or not can_fork():
         rows = []
         for entry in entries:
             rows.append(_row(entry, subject, opt_args))
             on_row(rows[-1])
         return rows
-
-    global _shared
-    _shared = (entries, subject, opt_args)
-    rows_by_index: dict[int, StateSizeRow] = {}
-    try:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
-            # Longest first: package optimizers (imports, Python-heavy steps) sit at the end of the registry,
-            # so submitting in reverse lets the cheap torch ones fill the gaps at the end.
-            futures = {pool.submit(_measure_in_worker, i): i for i in reversed(range(len(entries)))}
-            for future in as_completed(futures):
-                index = futures[future]
-                try:
-                    rows_by_index[index] = future.result()
-                except BrokenProcessPool:
-                    continue  # reported below, as a failed row
-                on_row(rows_by_index[index])
-    finally:
-        _shared = None
+    # Longest first: package optimizers (imports, Python-heavy steps) sit at the end of the registry, so
+    # submitting in reverse lets the cheap torch ones fill the gaps at the end.
+    rows_by_index = forked_map(lambda i: _row(entries[i], subject, opt_args), reversed(range(len(entries))), jobs,
+                               lambda i, row: on_row(row))
     died = "the measuring process died (crash or out of memory); retry with --jobs 1 to see the error"
     return [rows_by_index.get(i) or _base_row(e, opt_args, STATUS_FAILED, died) for i, e in enumerate(entries)]
 

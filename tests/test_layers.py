@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("baseline",),  # profiles and the Measure registry
     ("results",),
     ("models",),
-    ("config", "units", "search", "layers"),
+    ("config", "units", "search", "layers", "forked"),
     ("errors", "quiet", "measure", "optimizers", ""),  # "" is the package itself (__version__)
 )
 RANK = {name: index for index, layer in enumerate(LAYERS) for name in layer}
