@@ -282,3 +282,12 @@ def _whole(model: str):  # type: ignore[no-untyped-def]
 
     loaded = load_selection(ModelSelection(model))
     return loaded.module, loaded.info
+
+
+def test_a_worker_that_dies_is_a_failed_row_and_the_run_goes_on() -> None:
+    """state-size's forked workers (forked.forked_map): a worker killed mid-step loses its row, not the run."""
+    names = ("optprof_test_optimizers:KilledOnStep", "adamw")
+    rows = run_state_size(StateSizeConfig(ModelSelection("demo"), names, jobs=2)).results
+    killed, adamw = rows
+    assert killed.status == STATUS_FAILED and "the measuring process died" in (killed.reason or "")
+    assert adamw.status == STATUS_OK or "the measuring process died" in (adamw.reason or "")  # same broken pool
