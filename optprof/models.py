@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from optprof.config import ModelSelection
 
 DTYPES = ("float32", "bfloat16", "float16")
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # the layer count's name, by family
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
@@ -317,7 +318,7 @@ def describe(
         embedding_fraction=embedding_params / params if params else 0.0,
         tied_embeddings=input_emb is not None and input_emb is output_emb,
         hidden_size=hidden_size(config),
-        num_layers=int(_first_attr(text, "num_hidden_layers", "n_layer", "num_layers", default=0)),
+        num_layers=int(_first_attr(text, *LAYER_COUNT_KEYS, default=0)),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
@@ -389,14 +390,16 @@ def _first_line(exc: BaseException) -> str:
     return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+def _layer_count_key(text: PretrainedConfig) -> str | None:
+    """The config attribute that holds the layer count (its name varies by family), None if there is none."""
+    return next((k for k in LAYER_COUNT_KEYS if isinstance(getattr(text, k, None), int)), None)
 
 
 def first_layers(config: PretrainedConfig, layers: int) -> dict[str, Any]:
     """Overrides (for `load_model`) that build only the model's first `layers` layers: the layer count, and
     each per-layer list (layer types, per-layer widths) cut to that length."""
     text = _text_config(config)
-    key = next((k for k in LAYER_COUNT_KEYS if isinstance(getattr(text, k, None), int)), None)
+    key = _layer_count_key(text)
     if key is None:
         raise UsageError("cannot build a shallow copy of this model: its config names no layer count")
     count = getattr(text, key)
@@ -407,21 +410,22 @@ def first_layers(config: PretrainedConfig, layers: int) -> dict[str, Any]:
     return {key: layers, **per_layer}
 
 
-def copies_refused(selection: ModelSelection, info: ModelInfo) -> str | None:
-    """None where copies of the model's first 1, 2 and 3 layers (`layers.COPY_LAYERS`) stand for it: their
-    parameter counts lie on one line that reaches the model's own at its layer count. Else why not: too few
-    layers to gain, no layer count to set, or layers that differ (a dense prefix before MoE layers)."""
+def layer_copies(selection: ModelSelection, info: ModelInfo) -> tuple[tuple[LoadedModel, ...], str | None]:
+    """Copies of the model's first 1, 2 and 3 layers (`layers.COPY_LAYERS`), on meta, where they stand for it:
+    their parameter counts lie on one line that reaches the model's own at its layer count. Else no copies and
+    why not: too few layers to gain, no layer count to set, or layers that differ (a dense prefix before MoE
+    layers)."""
     from optprof.layers import COPY_LAYERS, affine_at
 
     if info.num_layers <= COPY_LAYERS[-1]:
-        return f"{info.num_layers} layers: the whole model is as cheap"
+        return (), f"{info.num_layers} layers: the whole model is as cheap"
     try:
-        counts = [load_selection(selection, layers=n).info.params for n in COPY_LAYERS]
+        copies = tuple(load_selection(selection, layers=n) for n in COPY_LAYERS)
     except UsageError as exc:
-        return str(exc)
-    if affine_at(counts, info.num_layers) != info.params:
-        return "its layers differ: copies of its first layers do not add up to it"
-    return None
+        return (), str(exc)
+    if affine_at([copy.info.params for copy in copies], info.num_layers) != info.params:
+        return (), "its layers differ: copies of its first layers do not add up to it"
+    return copies, None
 
 
 def representative_layers(config: PretrainedConfig, trust_remote_code: bool = False) -> int:
@@ -431,7 +435,8 @@ def representative_layers(config: PretrainedConfig, trust_remote_code: bool = Fa
     import copy
 
     text = _text_config(config)
-    count = next((getattr(text, k) for k in LAYER_COUNT_KEYS if isinstance(getattr(text, k, None), int)), 1)
+    key = _layer_count_key(text)
+    count = getattr(text, key) if key is not None else 1
     whole = _module_kinds(build_model(config, device="meta", trust_remote_code=trust_remote_code))
     lists = [value for value in vars(text).values() if isinstance(value, list | tuple) and len(value) == count]
     at_least = max((_prefix_with_every_value(values) for values in lists), default=1)

@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 from optprof.config import ModelSelection, StateSizeConfig
 from optprof.errors import UsageError, error_text
 from optprof.forked import can_fork, forked_map
-from optprof.layers import COPY_LAYERS, affine_at, affine_dict
-from optprof.models import ModelInfo, copies_refused, load_selection, trainable_parameters
+from optprof.layers import affine_at, affine_dict
+from optprof.models import ModelInfo, layer_copies, load_selection, trainable_parameters
 from optprof.optimizers.registry import (
     REGISTRY,
     OptimizerEntry,
@@ -68,12 +68,13 @@ class Subject:
 
 def subject_for(selection: ModelSelection, module: nn.Module, info: ModelInfo, full_model: bool) -> Subject:
     """The copies a decoder's repeated layers allow: a step costs time per parameter tensor, and a 7B model has
-    32 layers of the same tensors (see `models.copies_refused`)."""
-    why = "--full-model" if full_model else copies_refused(selection, info)
+    32 layers of the same tensors (see `models.layer_copies`)."""
+    if full_model:
+        return Subject(module, info, why="--full-model")
+    copies, why = layer_copies(selection, info)
     if why is not None:
         return Subject(module, info, why=why)
-    copies = tuple((c.module, c.info) for c in (load_selection(selection, layers=n) for n in COPY_LAYERS))
-    return Subject(module, info, copies)
+    return Subject(module, info, tuple((copy.module, copy.info) for copy in copies))
 
 
 def _extrapolated(accounts: list[StateAccount], layers: int) -> StateAccount | None:
