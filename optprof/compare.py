@@ -74,8 +74,7 @@ class TrialRunner:
 
     def run(self, entry: OptimizerEntry, training: TrainingSettings, label: str = "") -> TrialRun:
         def progress(text: str) -> None:
-            if self.on_progress is not None:
-                self.on_progress(entry.name, label + text)
+            self.progress(entry.name, label + text)
 
         config = self.config
         distributed = config.gpus > 1 or config.torchrun
@@ -127,11 +126,8 @@ def _predicted(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSet
                                    strategy=config.strategy, shard_size=config.shard_size,
                                    max_micro_batch=search.max_micro_batch if search else 256)
 
-    def progress(text: str) -> None:
-        if runner.on_progress is not None:
-            runner.on_progress(entry.name, f"predicting: {text}")
-
-    return predict_optimizer(predict_config, entry, training, progress)
+    return predict_optimizer(predict_config, entry, training,
+                             lambda text: runner.progress(entry.name, f"predicting: {text}"))
 
 
 def _prediction(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
@@ -235,8 +231,15 @@ def _row(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
     if unsupported is not None:
         return unsupported
     predicted, why = _prediction(runner, entry, training, config.search)
-    no_fit = no_fit_row(config, entry, training, predicted,
-                        lambda text: runner.progress(entry.name, f"preflight: {text}"))
+
+    def fit_prediction() -> PredictRow | None:
+        """The row's own prediction, else one made for the fit: one device's for the replicated strategies."""
+        if predicted is not None:
+            return predicted
+        row = _predicted(runner, entry, training, config.gpus if config.strategy in SHARDED_STRATEGIES else 1)
+        return row if row.status == STATUS_OK else None
+
+    no_fit = no_fit_row(config, entry, training, fit_prediction)
     if no_fit is not None:
         return no_fit
     if config.search is not None:

@@ -35,7 +35,6 @@ from optprof.optimizers.registry import REGISTRY, OptimizerEntry, availability, 
 from optprof.predict import DATA_DEPENDENT, predict_optimizer
 from optprof.results import (
     STATUS_NO_FIT,
-    STATUS_OK,
     STATUS_UNAVAILABLE,
     STATUS_UNSUPPORTED,
     CompareRow,
@@ -219,34 +218,21 @@ def unsupported_row(config: CompareConfig, entry: OptimizerEntry, training: Trai
     return _decided_row(config, entry, training, status=STATUS_UNSUPPORTED, reason=reason, notes=(note,))
 
 
-def fit_prediction(config: CompareConfig, entry: OptimizerEntry, training: TrainingSettings,
-                   predicted: PredictRow | None, progress: Callable[[str], None]) -> PredictRow | None:
-    """The prediction the fit is judged on: the row's own where compare made one, else one made here (on one
-    device for the replicated strategies: see `rank_peak_lower_bound`)."""
-    if predicted is not None:
-        return predicted
-    ranks = config.gpus if config.strategy in SHARDED_STRATEGIES else 1
-    predict_config = PredictConfig(config.model, (entry.name,), training, config.opt_args, gpus=ranks,
-                                   strategy=config.strategy, shard_size=config.shard_size)
-    row = predict_optimizer(predict_config, entry, training, progress)
-    return row if row.status == STATUS_OK else None
-
-
 def no_fit_row(config: CompareConfig, entry: OptimizerEntry, training: TrainingSettings,
-               predicted: PredictRow | None, progress: Callable[[str], None]) -> CompareRow | None:
+               prediction: Callable[[], PredictRow | None]) -> CompareRow | None:
     """The `does not fit` row when the predicted per-rank need at the first micro-batch tried is clearly over
-    what a rank may use; None where it may fit (or cannot be known), and the trial runs as usual."""
+    what a rank may use; None where it may fit (or cannot be known), and the trial runs as usual.
+    `prediction` gives the predicted row only when asked (on one device for the replicated strategies: see
+    `rank_peak_lower_bound`), so nothing is predicted where there is nothing to judge."""
     if not config.preflight or config.torchrun:
         return None
     available = capacity(training, config.gpus)
     if available is None:
         return None
-    row = fit_prediction(config, entry, training, predicted, progress)
-    peak = None if row is None else rank_peak_lower_bound(row, config.strategy, config.gpus)
-    if peak is None:
-        return None
-    need = peak  # live tensors: the capacity already leaves out what tensors do not show (the CUDA reserve)
-    if not clearly_over(need, available):
+    row = prediction()
+    # live tensors: the capacity already leaves out what tensors do not show (the CUDA reserve)
+    need = None if row is None else rank_peak_lower_bound(row, config.strategy, config.gpus)
+    if need is None or not clearly_over(need, available):
         return None
     bound = " (at least: predicted on one device)" if config.gpus > 1 and config.strategy not in SHARDED_STRATEGIES \
         else ""

@@ -142,6 +142,7 @@ def build_step(spec: TrialSpec, entry: OptimizerEntry, device: Device,
     if spec.strategy is not None:
         model = wrap_for_strategy(model, spec.strategy, device.type, rank if device.type == "cuda" else None,
                                   spec.shard_size)
+
     def build() -> Any:
         return entry.build(model, info, spec.opt_args)
 
