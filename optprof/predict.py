@@ -108,6 +108,7 @@ class FakeTrainer:
 
         # zero1 (support checks only): the optimizer as rank 0's share, the model unwrapped (no DDP buckets)
         self.optimizer = zero1_optimizer(build) if mesh is not None and config.strategy == "zero1" else build()
+        self._peaks: dict[int, TrackedPeak] = {}  # by micro-batch
         self._step(1).run()  # Adam-style state appears in the first step
         self.state_bytes = account_state(self.optimizer, self.params, entry.second_moment_keys).state_bytes
 
@@ -119,7 +120,11 @@ class FakeTrainer:
         return TrainStep(self.model, self.optimizer, self.params, batches, CpuDevice(), training, scaler)
 
     def peak(self, micro_batch: int) -> TrackedPeak:
-        return tracked_step(self._step(micro_batch), self.state_bytes)  # FSDPMemTracker when sharded
+        """The tracked step's peak (FSDPMemTracker when sharded), traced once per micro-batch: a step on fake
+        tensors is deterministic, and the search probes the asked size again."""
+        if micro_batch not in self._peaks:
+            self._peaks[micro_batch] = tracked_step(self._step(micro_batch), self.state_bytes)
+        return self._peaks[micro_batch]
 
 
 def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: TrainingSettings,

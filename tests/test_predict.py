@@ -105,6 +105,22 @@ def test_largest_micro_batch_and_determinism() -> None:
         assert all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
+@pytest.mark.parametrize("name", ["adamw", "adam-mini", "galore"])
+def test_a_repeated_fake_step_has_the_same_peak_so_each_micro_batch_is_traced_once(name: str) -> None:
+    from optprof.optimizers.registry import resolve_optimizers
+    from optprof.parallel import fake_tensors
+    from optprof.predict import FakeTrainer, tracked_step
+
+    training = TrainingSettings(device="cpu", seq_len=64)
+    config = PredictConfig(ModelSelection("demo"), (name,), training)
+    with fake_tensors():
+        trainer = FakeTrainer(config, resolve_optimizers([name])[0], training)
+        first = trainer.peak(2)
+        again = tracked_step(trainer._step(2), trainer.state_bytes)  # what the cache saves
+        assert trainer.peak(2) is first
+    assert (again.tensor_peak_bytes, again.breakdown) == (first.tensor_peak_bytes, first.breakdown)
+
+
 def test_cli_predict_labels_everything_predicted(capsys) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = run(["predict", "demo", "-o", "sgd", "--seq-len", "64", "--gpu-memory", "4GiB"], capsys)
     assert code == 0 and "PREDICTED for cuda" in out and "Assumed:" in out and "predicted" in out
