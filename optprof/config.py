@@ -29,11 +29,35 @@ DEFAULT_CUDA_RESERVE_BYTES = 2 * 2**30  # CUDA context (~0.5 GiB), cuBLAS/cuDNN 
 
 
 @dataclass(frozen=True)
+class LoraSpec:
+    """--lora r=16[,alpha=32,dropout=0.05,targets=q_proj+v_proj]: peft's LoraConfig; None: peft's default."""
+
+    r: int
+    alpha: int | None = None
+    dropout: float | None = None
+    targets: tuple[str, ...] | None = None  # module names; None: peft's choice for the architecture
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """What trains: every parameter (the default), LoRA adapters on a frozen base, and parameters frozen by name.
+    Frozen parameters keep no gradient and no optimizer state."""
+
+    lora: LoraSpec | None = None
+    freeze: tuple[str, ...] = ()  # globs on parameter names (fnmatch), e.g. *embed_tokens*
+
+    @property
+    def is_full(self) -> bool:
+        return self.lora is None and not self.freeze
+
+
+@dataclass(frozen=True)
 class ModelSelection:
     model: str  # bundled name, hub alias, local folder or hub id
     dtype: Dtype = "float32"  # parameter (and so gradient and state) dtype
     revision: str | None = None  # hub revision; ignored for bundled and local configs
     trust_remote_code: bool = False
+    setup: TrainingSetup = field(default_factory=TrainingSetup)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ local Hugging Face cache. Memory and speed do not depend on weight values, so no
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 import tomllib
@@ -15,7 +16,9 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from optprof.config import TrainingSetup
 from optprof.errors import UsageError
+from optprof.setups import apply_setup, describe_setup
 
 if TYPE_CHECKING:
     import torch
@@ -63,6 +66,13 @@ class ModelInfo:
     num_experts: int | None = None
     experts_per_token: int | None = None
     active_params: int | None = None
+    trainable_params: int | None = None  # what takes gradients and optimizer state (None in old reports: all)
+    setup: str = "full training"  # what trains, in words (setups.describe_setup)
+
+    @property
+    def trained_params(self) -> int:
+        """The parameters an optimizer steps: the trainable ones (all, in full training)."""
+        return self.params if self.trainable_params is None else self.trainable_params
 
 
 def profiles_dir() -> Path:
@@ -327,6 +337,7 @@ def describe(
         num_experts=experts,
         experts_per_token=top_k,
         active_params=active,
+        trainable_params=sum(p.numel() for p in trainable_parameters(model)),
     )
 
 
@@ -346,18 +357,23 @@ def load_model(
     trust_remote_code: bool = False,
     overrides: dict[str, Any] | None = None,
     layers: int | None = None,
+    setup: TrainingSetup | None = None,
 ) -> LoadedModel:
-    """The one call the commands use: resolve, build on `device`, describe.
+    """The one call the commands use: resolve, build on `device`, apply the training setup, describe.
 
     `overrides` set config attributes the config already has (others are ignored), e.g. dropout rates;
-    `layers` builds only the first layers (a shallow copy, see `first_layers`).
+    `layers` builds only the first layers (a shallow copy, see `first_layers`); `setup` says what trains
+    (LoRA adapters, frozen parameters; default: everything).
     """
     torch_dtype(dtype)  # validate before the slower config lookup
     config, source, location = load_config(model, revision=revision, trust_remote_code=trust_remote_code)
     _apply_overrides(config, (overrides or {}) | (first_layers(config, layers) if layers else {}))
     module = build_model(config, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    setup = setup or TrainingSetup()
+    if not setup.is_full:
+        module = apply_setup(module, setup)
     info = describe(module, config, name=model, source=source, location=location, dtype=dtype)
-    return LoadedModel(module, config, info)
+    return LoadedModel(module, config, dataclasses.replace(info, setup=describe_setup(setup, module)))
 
 
 def _apply_overrides(config: PretrainedConfig, overrides: dict[str, Any]) -> None:
@@ -374,7 +390,8 @@ def load_selection(
 ) -> LoadedModel:
     """`load_model` for what the user selected; `dtype` overrides the selection's (amp's float32 masters)."""
     return load_model(selection.model, dtype=dtype or selection.dtype, device=device, revision=selection.revision,
-                      trust_remote_code=selection.trust_remote_code, overrides=overrides, layers=layers)
+                      trust_remote_code=selection.trust_remote_code, overrides=overrides, layers=layers,
+                      setup=selection.setup)
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

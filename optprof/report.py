@@ -28,6 +28,7 @@ from optprof.results import (
     PredictReport,
     PredictRow,
     Report,
+    StatePart,
     StateSizeReport,
 )
 from optprof.units import (
@@ -56,11 +57,16 @@ def model_line(report: ModelReport) -> Text:
                  else "no attention, ")
     experts = (f"{m.num_experts} experts, {m.experts_per_token} per token: {format_count(m.active_params)} "
                "parameters active per token; " if m.num_experts else "")
+    trains = m.trainable_params is not None and m.trainable_params != m.params
+    setup = (f"\n{m.setup}: {format_count(m.trainable_params)} trainable parameters "
+             f"({format_fraction(m.trainable_params / m.params)}), the rest frozen (no gradient, no optimizer state)"
+             if trains and m.params else "")
     return Text.assemble(
         (m.name, "bold"),
         f" ({m.architecture}, {m.dtype}, {m.source}): {format_count(m.params)} parameters; {experts}"
         f"embedding + output {format_count(m.embedding_params)} ({format_fraction(m.embedding_fraction)}, {tied}); "
         f"hidden {m.hidden_size}, {m.num_layers} layers, {attention}vocab {m.vocab_size:,}",
+        (setup, "bold"),
     )
 
 
@@ -98,7 +104,8 @@ def state_size_table(report: StateSizeReport, units: str = "gb") -> Table:
         vs = "-" if row.saving_vs_adamw is None else f"{round(-100 * row.saving_vs_adamw, 1) + 0.0:+.1f}%"
         method = (row.method or "").replace(f", {EXTRAPOLATED}", "")  # said once, under the table
         method = "" if method in ("", METHOD_META_STEP, METHOD_FSDP_FAKE) else method
-        status = _status_cell(row.optimizer, row.status, [row.reason or "", row.settings or "", method], notes)
+        remarks = [row.reason or "", row.settings or "", _parts_text(row.state_parts, units), method]
+        status = _status_cell(row.optimizer, row.status, remarks, notes)
         table.add_row(
             row.optimizer,
             format_bytes(row.state_bytes, units),
@@ -112,7 +119,7 @@ def state_size_table(report: StateSizeReport, units: str = "gb") -> Table:
     legend = Text(
         f"{_units_note(units)}. vs AdamW: change against AdamW measured in the same run. 2nd moment: "
         "adaptive learning rates (second-moment entries) kept; Adam v removed: share of Adam's one per "
-        "parameter gone.",
+        "trainable parameter gone; bytes/param: per trainable parameter.",
         style="dim",
     )
     extrapolated = [row.optimizer for row in report.results if EXTRAPOLATED in (row.method or "")]
@@ -123,6 +130,14 @@ def state_size_table(report: StateSizeReport, units: str = "gb") -> Table:
             "the copies' parameters add up to the model's, and every figure was checked affine in the layer count "
             "(exact; --full-model steps the whole model).", style="dim"))
     return Group(table, legend, *notes)
+
+
+def _parts_text(parts: Sequence[StatePart], units: str) -> str:
+    """'state by part: muon 6.48B params 25.90 GB, adamw 262.41M params 2.10 GB' (what each holds: in JSON)."""
+    _, unit = UNITS[units]
+    return "state by part: " + ", ".join(f"{part.name} {format_count(part.parameters)} params "
+                                         f"{format_bytes(part.state_bytes, units)} {unit}" for part in parts) \
+        if parts else ""
 
 
 def _status_cell(optimizer: str, status: str, remarks: Sequence[str], notes: list[Text]) -> Text:

@@ -108,13 +108,24 @@ def command_config(command: str, selection: Any, optimizers: list[str], opt_args
     """The head of every report's `config`: the command, the model selection, the optimizers and their args."""
     return {
         "command": command,
-        **dataclasses.asdict(selection),
+        **json.loads(json.dumps(dataclasses.asdict(selection))),  # as JSON gives it back (tuples as lists)
         "optimizers": optimizers,
         "opt_args": {k: repr(v) for k, v in opt_args.items()},
     }
 
 
 # ---------------------------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class StatePart:
+    """One part of an optimizer that treats parts of the model differently (Muon's hidden matrices and the
+    AdamW rest): its trainable parameters and the state kept for them."""
+
+    name: str  # muon, adamw, projected (galore), ...
+    holds: str  # which parameters, in words
+    parameters: int  # elements
+    state_bytes: int  # state kept per parameter of this part (step counters included); shared state is in none
 
 
 @dataclass(frozen=True)
@@ -143,16 +154,17 @@ class StepRow(OptimizerRow):
 @dataclass(frozen=True)
 class StateSizeRow(OptimizerRow):
     state_bytes: int | None = None
-    bytes_per_param: float | None = None
+    bytes_per_param: float | None = None  # per trainable parameter
     ratio_vs_adamw: float | None = None
     saving_vs_adamw: float | None = None  # 1 - ratio
     state_dtypes: dict[str, int] = field(default_factory=dict)  # dtype -> bytes
     state_tensors: int | None = None  # distinct storages
     second_moment_entries: int | None = None  # adaptive "learning rates"; None if not adaptive
-    second_moment_removed: float | None = None  # share of Adam's one-per-parameter removed
+    second_moment_removed: float | None = None  # share of Adam's one per trainable parameter removed
     method: str | None = None  # how the state was obtained, e.g. "meta step"
     world_size: int = 1  # --gpus N: state_bytes is then one rank's (rank 0), sharded by FSDP2
     state_logical_bytes: int | None = None  # the unsharded size of that state (DTensor global shapes)
+    state_parts: tuple[StatePart, ...] = ()  # split by part, for optimizers that treat parts differently
 
 
 @dataclass(frozen=True)
@@ -401,7 +413,8 @@ class ModelReport(Report):
     def frame_head(self) -> dict[str, Any]:
         m = self.model
         return {"model": m.name, "dtype": m.dtype, "params": m.params, "embedding_params": m.embedding_params,
-                "embedding_fraction": m.embedding_fraction}
+                "embedding_fraction": m.embedding_fraction, "setup": m.setup,
+                "trainable_params": m.params if m.trainable_params is None else m.trainable_params}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -581,6 +594,8 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
             flat[key] = ";".join(f"{k}={v}" for k, v in value.items())
         elif isinstance(value, dict):
             flat.update({f"{key}_{k}": v for k, v in value.items()})
+        elif key == "state_parts":  # name=parameters:state bytes
+            flat[key] = ";".join(f"{p['name']}={p['parameters']}:{p['state_bytes']}" for p in value)
         elif key == "search":  # probes, compactly: micro-batch:fits or micro-batch:no
             flat[key] = ";".join(f"{p['micro_batch']}:{'fits' if p['fits'] else 'no'}" for p in value)
         elif isinstance(value, list | tuple):

@@ -35,6 +35,7 @@ from optprof.results import (
     STATUS_UNAVAILABLE,
     STATUS_UNSUPPORTED,
     WHOLE_MODEL,
+    StatePart,
     StateSizeReport,
     StateSizeRow,
     command_config,
@@ -84,9 +85,25 @@ def _extrapolated(accounts: list[StateAccount], layers: int) -> StateAccount | N
     dtypes = affine_dict([a.bytes_by_dtype for a in accounts], layers)
     moments = [a.second_moment_entries for a in accounts]
     entries = None if None in moments else affine_at(moments, layers)  # type: ignore[arg-type]
-    if state is None or tensors is None or dtypes is None or (entries is None) != (None in moments):
+    parts = _extrapolated_parts(accounts, layers)
+    if state is None or tensors is None or dtypes is None or (entries is None) != (None in moments) or parts is None:
         return None
-    return StateAccount(state, tensors, {k: v for k, v in dtypes.items() if v}, entries)
+    return StateAccount(state, tensors, {k: v for k, v in dtypes.items() if v}, entries, parts)
+
+
+def _extrapolated_parts(accounts: list[StateAccount], layers: int) -> tuple[StatePart, ...] | None:
+    """Each part's parameters and state at the model's layer count; None where a part is not affine (or the
+    copies name different parts)."""
+    if len({tuple(part.name for part in a.parts) for a in accounts}) != 1:
+        return None
+    parts = []
+    for same in zip(*(a.parts for a in accounts), strict=True):
+        parameters = affine_at([part.parameters for part in same], layers)
+        state = affine_at([part.state_bytes for part in same], layers)
+        if parameters is None or state is None:
+            return None
+        parts.append(dataclasses.replace(same[-1], parameters=parameters, state_bytes=state))
+    return tuple(parts)
 
 
 def measure_subject(entry: OptimizerEntry, subject: Subject, opt_args: dict) -> tuple[StateAccount, str]:
@@ -124,12 +141,13 @@ def _row(entry: OptimizerEntry, subject: Subject, opt_args: dict, ranks: int = 1
     return dataclasses.replace(
         base,
         state_bytes=account.state_bytes,
-        bytes_per_param=account.state_bytes / subject.info.params,
+        bytes_per_param=account.state_bytes / subject.info.trained_params,
         state_dtypes=account.bytes_by_dtype,
         state_tensors=account.tensors,
         second_moment_entries=entries,
-        second_moment_removed=None if entries is None else 1.0 - entries / subject.info.params,
+        second_moment_removed=None if entries is None else 1.0 - entries / subject.info.trained_params,
         method=method,
+        state_parts=account.parts,
     )
 
 
@@ -181,7 +199,7 @@ def _sharded_rows(config: StateSizeConfig, entries: list[OptimizerEntry], on_row
             row = dataclasses.replace(row, world_size=config.gpus)
             if row.status == STATUS_OK:
                 row = dataclasses.replace(row, method=METHOD_FSDP_FAKE, state_logical_bytes=logical(entry),
-                                          bytes_per_param=(row.state_bytes or 0) / (info.params / config.gpus))
+                                          bytes_per_param=(row.state_bytes or 0) / (info.trained_params / config.gpus))
             rows.append(row)
             on_row(row)
         selected = next((r for r in rows if r.optimizer == REFERENCE and r.status == STATUS_OK), None)

@@ -27,10 +27,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("measure.nvml",),
     ("parallel",),  # DDP / FSDP2 wrapping, fake process group, fake tensors
     ("optimizers.registry",),
-    ("optimizers.adam_mini_paper", "optimizers.adam_mini_official", "optimizers.state"),
+    ("optimizers.adam_mini_paper", "optimizers.adam_mini_official", "optimizers.state", "optimizers.recipes"),
+    ("optimizers.hybrid",),  # one optimizer over parts of the model, and what each part holds
     ("baseline",),  # profiles and the Measure registry
     ("results",),
     ("models",),
+    ("setups",),  # what trains: LoRA adapters, frozen parameters
     ("config", "units", "search", "layers", "forked"),
     ("errors", "quiet", "measure", "optimizers", ""),  # "" is the package itself (__version__)
 )

@@ -291,3 +291,13 @@ def test_a_worker_that_dies_is_a_failed_row_and_the_run_goes_on() -> None:
     killed, adamw = rows
     assert killed.status == STATUS_FAILED and "the measuring process died" in (killed.reason or "")
     assert adamw.status == STATUS_OK or "the measuring process died" in (adamw.reason or "")  # same broken pool
+
+
+def test_placeholder_bools_read_exact_equalities_as_false() -> None:
+    """Values are rarely exactly equal: `x == 0` on a meta tensor reads False and `x != 0` True (Prodigy skips its
+    update `if d_de_nom == 0`); other bools stay True (`mask.all()`: no padding)."""
+    from optprof.optimizers.state import PlaceholderScalars
+
+    x = torch.zeros(1, device="meta")
+    with PlaceholderScalars():
+        assert (bool(x == 0), bool(x != 0), bool(x > 0), bool((x < 1).all())) == (False, True, True, True)

@@ -57,21 +57,39 @@ def tracker_breakdown(snapshot: dict[Any, int], state_bytes: int) -> dict[str, i
     }
 
 
+class _NoHook:
+    """Stands for a gradient hook never registered: a frozen parameter (LoRA's base, --freeze) takes none."""
+
+    def remove(self) -> None:
+        pass
+
+
 def peak_tracker(base: type, *args: Any) -> Any:
-    """torch's MemTracker (or FSDPMemTracker, `base`), minus its per-module peak snapshots, which optprof
-    does not use and which cost a pass over every module at every op (about 20 s for one Llama-2-7B step
-    on fake tensors). Where this torch lacks the method replaced, the plain (slower) tracker."""
-    if not hasattr(base, "_update_peak_stats"):
-        return base(*args)
+    """torch's MemTracker (or FSDPMemTracker, `base`) with two changes:
 
-    class PeakOnly(base):  # type: ignore[misc, valid-type]
-        def _update_peak_stats(self, peak_state: Any) -> None:
-            for dev, snap in self._curr_mem_snap.items():
-                if self._peak_mem.get(dev, 0) < snap["Total"]:
-                    self._peak_mem[dev] = snap["Total"]
-                    self._peak_mem_snap[dev] = dict(snap)
+    - without its per-module peak snapshots, which optprof does not use and which cost a pass over every module
+      at every op (about 20 s for one Llama-2-7B step on fake tensors); where this torch lacks the method
+      replaced, they stay;
+    - frozen parameters get no gradient hooks: torch's tracker registers one on every parameter of a module,
+      which raises for a parameter that does not require grad.
+    """
 
-    return PeakOnly(*args)
+    class Tracker(base):  # type: ignore[misc, valid-type]
+        def _track_module_params_and_buffers(self, module: Any, install_grad_hooks: bool = True) -> Any:
+            if install_grad_hooks:
+                for param in module.parameters():
+                    if not param.requires_grad and self._param_to_grad_hook_handles.get(param) is None:
+                        self._param_to_grad_hook_handles[param] = (_NoHook(), _NoHook())
+            return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+        if hasattr(base, "_update_peak_stats"):
+            def _update_peak_stats(self, peak_state: Any) -> None:
+                for dev, snap in self._curr_mem_snap.items():
+                    if self._peak_mem.get(dev, 0) < snap["Total"]:
+                        self._peak_mem[dev] = snap["Total"]
+                        self._peak_mem_snap[dev] = dict(snap)
+
+    return Tracker(*args)
 
 
 def _memory_tracker(step: TrainStep) -> Any:

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from optprof.errors import UsageError, error_text
-from optprof.models import ModelInfo, embedding_parameters, trainable_parameters
+from optprof.models import ModelInfo, trainable_parameters
+from optprof.optimizers import recipes
 from optprof.optimizers.adam_mini_official import adam_mini_for_model
 from optprof.optimizers.adam_mini_paper import AdamMiniPaper, paper_partition
 from optprof.results import OptimizerListing, OptimizersReport
@@ -32,7 +33,9 @@ ADAPTIVE = "adaptive"  # a per-element second moment, as Adam
 BLOCKWISE = "blockwise-adaptive"  # second moment per block (Adam-mini)
 FACTORED = "factored"  # second moment as row and column factors (Adafactor, CAME, SM3)
 SIGN = "sign"  # momentum only, sign update (Lion)
-LOW_RANK = "low-rank"  # state in a projected subspace (GaLore)
+LOW_RANK = "low-rank"  # state in a projected subspace (GaLore, APOLLO)
+ORTHOGONALIZED = "orthogonalized"  # momentum orthogonalized by Newton-Schulz on the hidden matrices (Muon)
+PRECONDITIONED = "preconditioned"  # Kronecker-factored preconditioners per matrix (Shampoo, SOAP)
 QUANTIZED = "quantized"  # 8-bit state
 CUSTOM = "custom"
 
@@ -102,28 +105,6 @@ def _hf_adafactor(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) ->
     return Adafactor(trainable_parameters(model), **{**defaults, **args})
 
 
-GALORE_DEFAULT_RANK = 128  # GaLore README's example; --opt-arg rank=N to change it
-GALORE_GROUP_DEFAULTS = {"rank": GALORE_DEFAULT_RANK, "update_proj_gap": 200, "scale": 0.25, "projection_type": "std"}
-
-
-def _galore_settings(args: Mapping[str, Any]) -> str:
-    return f"rank {args.get('rank', GALORE_DEFAULT_RANK)} on the 2-D weights of the transformer blocks"
-
-
-def _galore(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """GaLore on the 2-D weights of the transformer blocks; embeddings, output and norms stay Adam."""
-    from pytorch_optimizer import GaLore
-
-    galore_args = {**GALORE_GROUP_DEFAULTS, **{k: v for k, v in args.items() if k in GALORE_GROUP_DEFAULTS}}
-    optimizer_args = {k: v for k, v in args.items() if k not in GALORE_GROUP_DEFAULTS}
-    skip = {id(p) for p in embedding_parameters(model)}
-    projected = [p for p in trainable_parameters(model) if p.dim() == 2 and id(p) not in skip]
-    projected_ids = {id(p) for p in projected}
-    rest = [p for p in trainable_parameters(model) if id(p) not in projected_ids]
-    groups = [{"params": rest}, {"params": projected, **galore_args}]
-    return GaLore(groups, **optimizer_args)
-
-
 def _bnb_adamw8bit(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
     import bitsandbytes as bnb
 
@@ -189,8 +170,8 @@ def _package_entries() -> list[OptimizerEntry]:
         OptimizerEntry("adan", po, "pytorch_optimizer", ADAPTIVE, "Adan: Nesterov-style adaptive momentum",
                        _package_optimizer("pytorch_optimizer", "Adan", lr=1e-3), ADAM_SECOND_MOMENT),
         OptimizerEntry("galore", po, "pytorch_optimizer", LOW_RANK,
-                       f"GaLore: Adam in a rank-{GALORE_DEFAULT_RANK} gradient projection (--opt-arg rank=N)",
-                       _galore, ADAM_SECOND_MOMENT, _galore_settings),
+                       f"GaLore: Adam in a rank-{recipes.GALORE_DEFAULT_RANK} gradient projection (--opt-arg rank=N)",
+                       recipes.galore, ADAM_SECOND_MOMENT, recipes.galore_settings),
         OptimizerEntry("novograd", po, "pytorch_optimizer", ADAPTIVE, "NovoGrad: layer-wise second moment",
                        _package_optimizer("pytorch_optimizer", "NovoGrad", lr=1e-3), frozenset({"grads_ema"})),
         OptimizerEntry("schedulefree-adamw", po, "pytorch_optimizer", ADAPTIVE,
@@ -206,8 +187,44 @@ def _package_entries() -> list[OptimizerEntry]:
     ]
 
 
+def _current_entries() -> list[OptimizerEntry]:
+    """The optimizers people choose between in 2026: Muon and its variants, second-order preconditioners,
+    learning-rate-free and multi-momentum Adam, and APOLLO's projected scaling."""
+    po, pkg = "pytorch-optimizer", "pytorch_optimizer"
+    return [
+        OptimizerEntry("muon", "torch", "torch", ORTHOGONALIZED,
+                       "Muon (torch.optim.Muon) on the hidden 2-D matrices, AdamW on the rest", recipes.muon,
+                       ADAM_SECOND_MOMENT, recipes.muon_settings),
+        OptimizerEntry("normuon", po, pkg, ORTHOGONALIZED,
+                       "NorMuon: Muon with a per-neuron second moment; AdamW on non-matrix parameters",
+                       recipes.muon_family("NorMuon"), frozenset({"second_momentum_buffer", "exp_avg_sq"}),
+                       recipes.muon_settings),
+        OptimizerEntry("adamuon", po, pkg, ORTHOGONALIZED,
+                       "AdaMuon: Muon with an element-wise second moment; AdamW on non-matrix parameters",
+                       recipes.muon_family("AdaMuon"), frozenset({"v", "exp_avg_sq"}), recipes.muon_settings),
+        OptimizerEntry("soap", po, pkg, PRECONDITIONED, "SOAP: Adam in Shampoo's eigenbasis (per-matrix factors)",
+                       _package_optimizer(pkg, "SOAP"), frozenset({"exp_avg_sq"})),
+        OptimizerEntry("shampoo", po, pkg, PRECONDITIONED, "Shampoo: Kronecker-factored preconditioner per matrix",
+                       _package_optimizer(pkg, "Shampoo", lr=1e-3)),
+        OptimizerEntry("prodigy", po, pkg, ADAPTIVE, "Prodigy: Adam with the step size estimated (lr 1)",
+                       _package_optimizer(pkg, "Prodigy"), frozenset({"exp_avg_sq"})),
+        OptimizerEntry("ademamix", po, pkg, ADAPTIVE, "AdEMAMix: Adam with a second, slow first moment",
+                       _package_optimizer(pkg, "AdEMAMix"), frozenset({"exp_avg_sq"})),
+        OptimizerEntry("mars", po, pkg, ADAPTIVE, "MARS (AdamW type): variance-reduced Adam, keeps the last gradient",
+                       _package_optimizer(pkg, "MARS"), frozenset({"exp_avg_sq"})),
+        OptimizerEntry("apollo", "apollo-torch", "apollo_torch", LOW_RANK,
+                       "APOLLO (authors' apollo-torch): channel-wise scaling from a rank-256 random projection",
+                       recipes.apollo(recipes.APOLLO_DEFAULTS), frozenset({"exp_avg_sq"}),
+                       recipes.apollo_settings(recipes.APOLLO_DEFAULTS)),
+        OptimizerEntry("apollo-mini", "apollo-torch", "apollo_torch", LOW_RANK,
+                       "APOLLO-Mini (apollo-torch): one scale per tensor from a rank-1 random projection",
+                       recipes.apollo(recipes.APOLLO_MINI_DEFAULTS), frozenset({"exp_avg_sq"}),
+                       recipes.apollo_settings(recipes.APOLLO_MINI_DEFAULTS)),
+    ]
+
+
 REGISTRY: dict[str, OptimizerEntry] = {e.name: e for e in [*_torch_entries(), *_adam_mini_entries(),
-                                                           *_package_entries()]}
+                                                           *_package_entries(), *_current_entries()]}
 
 DEFAULT_OPTIMIZERS = ("adamw", "adam-mini", "adam-mini-paper", "adafactor", "sgd", "momentum")
 

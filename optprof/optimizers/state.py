@@ -8,6 +8,7 @@ memory. Memory layout does not depend on values; the few optimizers that read a 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from optprof.errors import error_text
-from optprof.results import METHOD_META_PLACEHOLDERS, METHOD_META_STEP
+from optprof.optimizers.hybrid import parts_of
+from optprof.results import METHOD_META_PLACEHOLDERS, METHOD_META_STEP, StatePart
 
 MAX_DEPTH = 6  # how deep to look inside helper objects kept in the state (GaLore's projector: 2)
 
@@ -28,26 +30,39 @@ class PlaceholderScalars(TorchDispatchMode):
     neutral placeholder.
 
     0.5 rather than 0 or 1 for floats, so that expressions like 1 / (1 - x) stay finite (NAdam's
-    mu_product); True for bools (so `mask.all()` says "no padding"), 1 for integers.
+    mu_product); 1 for integers. Bools are True (so `mask.all()` says "no padding"), except where an exact
+    equality made them: values are rarely exactly equal, so `x == 0` is False and `x != 0` True (Prodigy
+    returns from its step early `if d_de_nom == 0`, which would skip the update and its temporaries).
 
     Integer reads are counted: a model that reads counts back to Python (an MoE layer's tokens per expert,
     to split its input) gets sizes that are not its own, and a later failure is explained by them.
     """
 
+    EQUALITY = (torch.ops.aten.eq.Scalar, torch.ops.aten.eq.Tensor)
+    INEQUALITY = (torch.ops.aten.ne.Scalar, torch.ops.aten.ne.Tensor)
+
     def __init__(self) -> None:
         super().__init__()
         self.integer_reads = 0
+        # id -> (the one-element bool tensor an (in)equality made, what reading it gives); by id with a weak
+        # reference to tell a reused id apart (a tensor as a dict key would compare with `==` on lookup)
+        self._equalities: dict[int, tuple[weakref.ref[torch.Tensor], bool]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         if func is torch.ops.aten._local_scalar_dense.default and _has_no_data(args[0]):
             tensor = args[0]
             if tensor.dtype == torch.bool:
-                return True
+                made, answer = self._equalities.get(id(tensor), (None, True))
+                return answer if made is not None and made() is tensor else True
             if tensor.dtype.is_floating_point or tensor.dtype.is_complex:
                 return 0.5
             self.integer_reads += 1
             return 1
-        return func(*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
+        equality = func in self.EQUALITY or func in self.INEQUALITY
+        if equality and isinstance(out, torch.Tensor) and out.numel() == 1 and _has_no_data(out):
+            self._equalities[id(out)] = (weakref.ref(out), func in self.INEQUALITY)  # `==` reads False, `!=` True
+        return out
 
 
 def _has_no_data(tensor: torch.Tensor) -> bool:
@@ -116,6 +131,7 @@ class StateAccount:
     tensors: int  # distinct storages
     bytes_by_dtype: dict[str, int] = field(default_factory=dict)
     second_moment_entries: int | None = None  # per-element "learning rates"; None if not adaptive
+    parts: tuple[StatePart, ...] = ()  # by part, where the optimizer treats parts differently (hybrid.parts_of)
 
 
 def _storage_key(tensor: torch.Tensor) -> int:
@@ -212,7 +228,22 @@ def account_state(
         tensors=len(counted),
         bytes_by_dtype=dict(sorted(by_dtype.items(), key=lambda kv: -kv[1])),
         second_moment_entries=entries,
+        parts=part_accounts(optimizer, params),
     )
+
+
+def part_accounts(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> tuple[StatePart, ...]:
+    """The state kept per parameter of each part the optimizer names (none: ()), counted as account_state
+    counts it; state no parameter owns (a buffer in the optimizer itself) belongs to no part."""
+    optimizer = local_optimizer(optimizer)
+    counted = {_storage_key(t): t for t in state_tensors(optimizer, params)}
+    accounts = []
+    for part in parts_of(optimizer):
+        owned = [optimizer.state[p] for p in part.params if p in optimizer.state]
+        keys = {_storage_key(t) for t in _leaf_tensors(owned)}
+        accounts.append(StatePart(part.name, part.holds, sum(p.numel() for p in part.params),
+                                  sum(counted[k].untyped_storage().nbytes() for k in keys if k in counted)))
+    return tuple(accounts)
 
 
 def logical_state_bytes(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> int:

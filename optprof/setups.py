@@ -1,0 +1,128 @@
+"""Training setups: which parameters train. LoRA adapters (peft) on a frozen base, and parameters frozen by
+name. Applied to the model as built, before any optimizer sees it: a frozen parameter has requires_grad off,
+so it takes no gradient and no optimizer state (optimizers are built over `models.trainable_parameters`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from optprof.config import LoraSpec, TrainingSetup
+from optprof.errors import UsageError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+LORA_KEYS = ("r", "alpha", "dropout", "targets")
+
+
+def parse_lora(text: str) -> LoraSpec:
+    """'r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj' (or just '16') -> LoraSpec; one clear error else."""
+    example = "e.g. --lora r=16 or --lora r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj"
+    values: dict[str, str] = {}
+    for item in (part.strip() for part in text.split(",")):
+        key, sep, value = item.partition("=")
+        key, value = (key.strip(), value.strip()) if sep else ("r", key.strip())
+        if key not in LORA_KEYS or not value:
+            raise UsageError(f"bad --lora '{text}': expected {', '.join(LORA_KEYS)} as key=value ({example})")
+        values[key] = value
+    try:
+        spec = LoraSpec(
+            r=int(values["r"]),
+            alpha=int(values["alpha"]) if "alpha" in values else None,
+            dropout=float(values["dropout"]) if "dropout" in values else None,
+            targets=tuple(t for t in values["targets"].split("+") if t) if "targets" in values else None,
+        )
+    except KeyError:
+        raise UsageError(f"bad --lora '{text}': the rank r is required ({example})") from None
+    except ValueError as exc:
+        raise UsageError(f"bad --lora '{text}': {exc} ({example})") from None
+    if spec.r < 1 or (spec.dropout is not None and not 0 <= spec.dropout < 1):
+        raise UsageError(f"bad --lora '{text}': r must be at least 1 and dropout in [0, 1)")
+    return spec
+
+
+def describe_setup(setup: TrainingSetup, model: nn.Module | None = None) -> str:
+    """In words, for the model line and every CSV row: 'full training', 'LoRA r=16, alpha 16, dropout 0 on
+    q_proj+v_proj', ... The LoRA settings are peft's as it resolved them on `model`, defaults included."""
+    parts = []
+    if setup.lora is not None:
+        resolved = getattr(model, "peft_config", {}).get("default")
+        if resolved is not None:
+            targets = "+".join(sorted(resolved.target_modules or ()))
+            parts.append(f"LoRA r={resolved.r}, alpha {resolved.lora_alpha}, dropout {resolved.lora_dropout:g} on "
+                         f"{targets}")
+        else:
+            parts.append(f"LoRA r={setup.lora.r}")
+    if setup.freeze:
+        parts.append(f"frozen: {', '.join(setup.freeze)}")
+    return "; ".join(parts) or "full training"
+
+
+def apply_setup(model: nn.Module, setup: TrainingSetup) -> nn.Module:
+    """The model to train under `setup`: with LoRA, the same transformers model with peft's adapters injected
+    (peft's own wrapper is left aside, so every command handles it as any other model), only the adapters
+    trainable; then the --freeze globs switch their parameters off."""
+    if setup.lora is not None:
+        model = _with_lora(model, setup.lora)
+    for pattern in setup.freeze:
+        matched = [param for name, param in model.named_parameters() if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            example = next(name for name, _ in model.named_parameters())
+            raise UsageError(f"--freeze '{pattern}' matches no parameter name (names look like '{example}')")
+        for param in matched:
+            param.requires_grad_(False)
+    return model
+
+
+@contextlib.contextmanager
+def _movable_fake_parameters(model: nn.Module) -> Iterator[None]:
+    """peft moves each new adapter to its base layer's device and dtype with `Module.to`, and torch's `to` cannot
+    move a fake parameter (it swaps tensors, and fake tensors carry weak references: "Couldn't swap"). For a model
+    of fake tensors (predict), `to` replaces each parameter by its converted copy instead, a shared one once."""
+    import torch
+    from torch import nn
+    from torch._subclasses.fake_tensor import is_fake
+
+    if not any(is_fake(p) for p in model.parameters()):
+        yield
+        return
+    original = nn.Module._apply
+    converted: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id -> (the original, kept alive; its copy)
+
+    def apply_by_replacing(module: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+        for child in module.children() if recurse else ():
+            apply_by_replacing(child, fn)
+        for key, param in module._parameters.items():
+            if param is not None and id(param) not in converted:
+                with torch.no_grad():
+                    converted[id(param)] = (param, nn.Parameter(fn(param), requires_grad=param.requires_grad))
+            if param is not None:
+                module._parameters[key] = converted[id(param)][1]
+        for key, buffer in module._buffers.items():
+            module._buffers[key] = None if buffer is None else fn(buffer)
+        return module
+
+    nn.Module._apply = apply_by_replacing  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module._apply = original  # type: ignore[method-assign]
+
+
+def _with_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    given: dict[str, Any] = {"r": lora.r}
+    given |= {"lora_alpha": lora.alpha} if lora.alpha is not None else {}
+    given |= {"lora_dropout": lora.dropout} if lora.dropout is not None else {}
+    given |= {"target_modules": list(lora.targets)} if lora.targets else {}
+    try:
+        with _movable_fake_parameters(model):
+            wrapped = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **given))
+    except ValueError as exc:  # no default targets for the architecture, or targets that match nothing
+        raise UsageError(f"--lora: {str(exc).splitlines()[0]} (name the modules with targets=a+b)") from None
+    return wrapped.base_model.model  # the transformers model, adapters injected in place

@@ -1,0 +1,92 @@
+"""Training setups (issue 15): LoRA adapters on a frozen base, and parameters frozen by name."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli import run
+
+from optprof.config import CompareConfig, LoraSpec, ModelSelection, PredictConfig, TrainingSettings, TrainingSetup
+from optprof.errors import UsageError
+from optprof.models import build_model, load_config, load_model
+from optprof.setups import parse_lora
+
+
+def peft_trainable(model: str, r: int) -> tuple[int, int, int]:
+    """(trainable, all parameters, adapter tensors) as peft itself counts them on its own wrapper."""
+    from peft import LoraConfig, get_peft_model
+
+    config, _, _ = load_config(model)
+    wrapped = get_peft_model(build_model(config, device="meta"), LoraConfig(r=r, task_type="CAUSAL_LM"))
+    trainable, total = wrapped.get_nb_trainable_parameters()
+    return trainable, total, sum(1 for p in wrapped.parameters() if p.requires_grad)
+
+
+def test_lora_state_on_llama_2_7b_is_adamw_over_the_adapters_only(capsys) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = run(["state-size", "llama-2-7b", "--lora", "r=16", "-o", "adamw", "-f", "json"], capsys)
+    assert code == 0
+    body = json.loads(out)
+    trainable, total, adapter_tensors = peft_trainable("llama-2-7b", 16)
+    assert trainable == 8_388_608 and adapter_tensors == 128  # q_proj and v_proj, A and B, in 32 layers
+    assert (body["model"]["trainable_params"], body["model"]["params"]) == (trainable, total)
+    assert body["model"]["setup"] == "LoRA r=16, alpha 8, dropout 0 on q_proj+v_proj"
+    (adamw,) = body["results"]
+    assert adamw["state_bytes"] == 8 * trainable + 4 * adapter_tensors  # two fp32 moments + a step counter each
+    assert adamw["bytes_per_param"] == pytest.approx(8.0, abs=1e-4)  # per trainable parameter
+
+
+def test_lora_compare_and_predict_on_the_demo_model() -> None:
+    """compare's breakdown holds state (and gradients) for the adapters only, and predict's peak equals compare's
+    measured CPU tensor peak within 2%."""
+    from optprof.compare import run_compare
+    from optprof.predict import run_predict
+
+    selection = ModelSelection("demo", setup=TrainingSetup(lora=LoraSpec(8)))
+    training = TrainingSettings(device="cpu", micro_batch=2, seq_len=64, steps=2)
+    measured = run_compare(CompareConfig(selection, ("adamw", "adam-mini"), training, predict=False))
+    trainable = measured.model.trainable_params
+    assert trainable is not None and 0 < trainable < measured.model.params / 100
+    rows = {row.optimizer: row for row in measured.results}
+    assert all(row.status == "ok" for row in rows.values()), [row.reason for row in rows.values()]
+    adapter_tensors = 2 * 2 * measured.model.num_layers  # A and B of q_proj and v_proj
+    assert rows["adamw"].state_bytes == 8 * trainable + 4 * adapter_tensors
+    assert rows["adam-mini"].state_bytes < rows["adamw"].state_bytes
+    for row in rows.values():
+        assert row.breakdown["optimizer_state"] == row.state_bytes
+        assert row.breakdown["gradients"] <= 4 * trainable  # adapters' fp32 gradients at most
+
+    (predicted,) = run_predict(PredictConfig(selection, ("adamw",), training)).results
+    assert predicted.status == "ok", predicted.reason
+    assert predicted.predicted_peak_bytes == pytest.approx(rows["adamw"].tensor_peak_bytes, rel=0.02)
+
+
+def test_frozen_parameters_keep_no_state(capsys) -> None:  # type: ignore[no-untyped-def]
+    code, out, _ = run(["state-size", "demo", "--freeze", "*embed_tokens*", "--freeze", "lm_head*", "-o", "adamw",
+                        "-f", "json"], capsys)
+    assert code == 0
+    body = json.loads(out)
+    whole = load_model("demo").module
+    frozen = whole.model.embed_tokens.weight.numel() + whole.lm_head.weight.numel()
+    tensors = sum(1 for _ in whole.parameters()) - 2
+    assert body["model"]["trainable_params"] == body["model"]["params"] - frozen
+    assert body["results"][0]["state_bytes"] == 8 * (body["model"]["params"] - frozen) + 4 * tensors
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--freeze", "nothing*"], "matches no parameter name"),
+    (["--lora", "r=x"], "bad --lora 'r=x'"),
+    (["--lora", "alpha=4"], "the rank r is required"),
+    (["--lora", "r=4,targets=nope"], "not found in the base model"),
+])
+def test_bad_setups_get_one_line_and_exit_2(argv: list[str], message: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run(["state-size", "demo", "-o", "adamw", *argv], capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_parse_lora() -> None:
+    assert parse_lora("16") == LoraSpec(16)
+    assert parse_lora("r=16,alpha=32,dropout=0.05,targets=q_proj+v_proj") == LoraSpec(16, 32, 0.05,
+                                                                                        ("q_proj", "v_proj"))
+    with pytest.raises(UsageError):
+        parse_lora("r=0")
