@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev,bnb,apollo]"
+	$(BIN)/python -m pip install --quiet -e ".[dev,bnb,apollo,lomo]"
 	touch $(STAMP)
 
 install: $(STAMP)

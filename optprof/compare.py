@@ -40,6 +40,7 @@ from optprof.results import (
     command_config,
 )
 from optprof.search import Probe, search_max_micro_batch
+from optprof.setups import QLORA_ON_FAKE
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,8 @@ def _prediction(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSe
     config = runner.config
     if not config.predict:
         return None, "--no-predict"
+    if config.model.setup.qlora:
+        return None, QLORA_ON_FAKE
     if config.torchrun or (config.gpus > 1 and config.strategy not in SHARDED_STRATEGIES):
         return None, f"predict emulates {', '.join(SHARDED_STRATEGIES)} on spawned ranks only"
     row = _predicted(runner, entry, training, config.gpus, search)
@@ -234,7 +237,7 @@ def _row(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
 
     def fit_prediction() -> PredictRow | None:
         """The row's own prediction, else one made for the fit: one device's for the replicated strategies."""
-        if predicted is not None:
+        if predicted is not None or runner.config.model.setup.qlora:
             return predicted
         row = _predicted(runner, entry, training, config.gpus if config.strategy in SHARDED_STRATEGIES else 1)
         return row if row.status == STATUS_OK else None

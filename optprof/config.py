@@ -45,6 +45,7 @@ class TrainingSetup:
 
     lora: LoraSpec | None = None
     freeze: tuple[str, ...] = ()  # globs on parameter names (fnmatch), e.g. *embed_tokens*
+    qlora: bool = False  # with lora: the base's linear layers in 4-bit NF4 (bitsandbytes), as QLoRA
 
     @property
     def is_full(self) -> bool:

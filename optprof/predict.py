@@ -22,13 +22,13 @@ from optprof.config import (
     parameter_dtype,
     resolve_seq_len,
 )
-from optprof.errors import error_text
+from optprof.errors import UsageError, error_text
 from optprof.forked import can_fork, forked_map
 from optprof.measure.device import CpuDevice
 from optprof.measure.step import TrainStep, make_batches
 from optprof.measure.tracker import TrackedPeak, tracked_step
 from optprof.models import config_values, load_selection, trainable_parameters
-from optprof.optimizers.registry import OptimizerEntry, availability, resolve_optimizers, sharding_unsupported
+from optprof.optimizers.registry import OptimizerEntry, availability, resolve_optimizers, unsupported_reason
 from optprof.optimizers.state import PlaceholderScalars, account_state
 from optprof.parallel import adam_mini_on_cpu_ranks, fake_process_group, fake_tensors, shard_fsdp, zero1_optimizer
 from optprof.results import (
@@ -41,6 +41,7 @@ from optprof.results import (
     command_config,
 )
 from optprof.search import Probe, search_max_micro_batch
+from optprof.setups import QLORA_ON_FAKE
 
 # Attention dropout makes CPU SDPA fall back to a kernel that keeps the whole attention matrix; CUDA's
 # flash and memory-efficient kernels do not, so for a CUDA target it is switched off (memory only).
@@ -159,7 +160,7 @@ def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: Tr
 
                 found = search_max_micro_batch(fits, cap=config.max_micro_batch)
     except Exception as exc:
-        unsupported = sharding_unsupported(exc, entry, config.gpus, config.strategy)
+        unsupported = unsupported_reason(exc, entry, config.gpus, config.strategy)
         if unsupported is None and scalars is not None and scalars.integer_reads:
             unsupported = DATA_DEPENDENT + error_text(exc)
         return dataclasses.replace(base, status=STATUS_FAILED if unsupported is None else STATUS_UNSUPPORTED,
@@ -207,6 +208,8 @@ def _predict_all(config: PredictConfig, entries: list[OptimizerEntry], training:
 def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] | None = None,
                 on_row: Callable[[PredictRow], None] | None = None) -> PredictReport:
     check_training(config.training, config.model.dtype)
+    if config.model.setup.qlora:
+        raise UsageError(f"--qlora: {QLORA_ON_FAKE}")
     entries = resolve_optimizers(list(config.optimizers))
     selection = config.model
     loaded = load_selection(selection)

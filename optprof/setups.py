@@ -50,22 +50,32 @@ def describe_setup(setup: TrainingSetup, model: nn.Module | None = None) -> str:
     q_proj+v_proj', ... The LoRA settings are peft's as it resolved them on `model`, defaults included."""
     parts = []
     if setup.lora is not None:
+        kind = "QLoRA" if setup.qlora else "LoRA"
         resolved = getattr(model, "peft_config", {}).get("default")
         if resolved is not None:
             targets = "+".join(sorted(resolved.target_modules or ()))
-            parts.append(f"LoRA r={resolved.r}, alpha {resolved.lora_alpha}, dropout {resolved.lora_dropout:g} on "
+            parts.append(f"{kind} r={resolved.r}, alpha {resolved.lora_alpha}, dropout {resolved.lora_dropout:g} on "
                          f"{targets}")
         else:
-            parts.append(f"LoRA r={setup.lora.r}")
+            parts.append(f"{kind} r={setup.lora.r}")
+        if setup.qlora:
+            parts.append("base linear layers in 4-bit NF4 (bitsandbytes, double quantization)")
     if setup.freeze:
         parts.append(f"frozen: {', '.join(setup.freeze)}")
     return "; ".join(parts) or "full training"
 
 
+QLORA_ON_FAKE = ("bitsandbytes' 4-bit parameters (Params4bit) cannot hold a fake tensor, so a QLoRA step cannot run "
+                 "on fake tensors; `compare` measures it (CPU or CUDA)")
+
+
 def apply_setup(model: nn.Module, setup: TrainingSetup) -> nn.Module:
     """The model to train under `setup`: with LoRA, the same transformers model with peft's adapters injected
     (peft's own wrapper is left aside, so every command handles it as any other model), only the adapters
-    trainable; then the --freeze globs switch their parameters off."""
+    trainable, and with QLoRA the base's linear layers quantized first; then the --freeze globs switch their
+    parameters off."""
+    if setup.qlora:
+        _quantize_base(model)
     if setup.lora is not None:
         model = _with_lora(model, setup.lora)
     for pattern in setup.freeze:
@@ -111,6 +121,39 @@ def _movable_fake_parameters(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         nn.Module._apply = original  # type: ignore[method-assign]
+
+
+def _quantize_base(model: nn.Module) -> None:
+    """Every linear layer but the output head as bitsandbytes' Linear4bit: NF4 with double quantization (QLoRA's
+    choice), computing in the model's own dtype, quantized where the weights are (CPU or CUDA). On meta nothing
+    is quantized (no values): the adapters, their gradients and the optimizer state, all state-size reports, are
+    QLoRA's exactly. On fake tensors it cannot be (QLORA_ON_FAKE)."""
+    from torch import nn
+    from torch._subclasses.fake_tensor import is_fake
+
+    weights = [p for p in model.parameters()]
+    if any(is_fake(p) for p in weights):
+        raise UsageError(f"--qlora: {QLORA_ON_FAKE}")
+    if any(p.device.type == "meta" for p in weights):
+        return
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        raise UsageError(f"--qlora needs bitsandbytes ({exc}); pip install -e '.[bnb]' in optprof's checkout") from None
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or child is head:
+                continue
+            weight = child.weight
+            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=weight.dtype, quant_type="nf4", compress_statistics=True,
+                                      device="meta")
+            layer.weight = bnb.nn.Params4bit(weight.data, requires_grad=False, quant_type="nf4",
+                                             compress_statistics=True)
+            if child.bias is not None:
+                layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
+            setattr(parent, name, layer.to(weight.device))  # Params4bit quantizes as it moves
 
 
 def _with_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:

@@ -17,7 +17,7 @@ from optprof.optimizers.registry import (
     OptimizerEntry,
     availability,
     resolve_optimizers,
-    sharding_unsupported,
+    unsupported_reason,
 )
 from optprof.optimizers.state import (
     StateAccount,
@@ -133,7 +133,7 @@ def _row(entry: OptimizerEntry, subject: Subject, opt_args: dict, ranks: int = 1
     try:
         account, method = measure_subject(entry, subject, opt_args)
     except Exception as exc:
-        unsupported = sharding_unsupported(exc, entry, ranks, strategy)
+        unsupported = unsupported_reason(exc, entry, ranks, strategy)
         if unsupported is not None:
             return dataclasses.replace(base, status=STATUS_UNSUPPORTED, reason=unsupported)
         return dataclasses.replace(base, status=STATUS_FAILED, reason=error_text(exc))

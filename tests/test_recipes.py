@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 
@@ -82,3 +83,38 @@ def test_apollo_mini_keeps_far_less_than_apollo_and_adamw() -> None:
     assert rows["apollo-mini"].state_bytes < rows["apollo"].state_bytes < rows["adamw"].state_bytes
     projected = rows["apollo-mini"].state_parts[0]
     assert projected.state_bytes < 0.01 * 8 * projected.parameters  # rank-1 moments, not full-size ones
+
+
+# ------------------------------------------------------------------------- updates inside backward (LOMO)
+
+
+def test_lomo_keeps_no_gradients_and_its_prediction_matches() -> None:
+    """LOMO's fused backward replaces backward and step: no state, no gradients kept, so its peak is below SGD's
+    (which holds every gradient at once), and predict (the same step on fake tensors) finds the same peak."""
+    from optprof.compare import run_compare
+    from optprof.config import CompareConfig, ModelSelection, TrainingSettings
+
+    if availability(REGISTRY["lomo"]) is not None:
+        pytest.skip(availability(REGISTRY["lomo"]))
+    training = TrainingSettings(device="cpu", micro_batch=1, seq_len=32, steps=2)
+    report = run_compare(CompareConfig(ModelSelection("demo"), ("lomo", "sgd"), training))
+    lomo, sgd = report.results
+    assert lomo.status == sgd.status == "ok", (lomo.reason, sgd.reason)
+    assert lomo.state_bytes == 0 and lomo.tensor_peak_bytes < sgd.tensor_peak_bytes
+    assert lomo.breakdown["gradients"] < sgd.breakdown["gradients"]
+    assert lomo.predicted_peak_bytes == pytest.approx(lomo.tensor_peak_bytes, rel=0.02)
+
+    accumulating = run_compare(CompareConfig(ModelSelection("demo"), ("lomo",), dataclasses.replace(
+        training, grad_accum=2), predict=False)).results[0]
+    assert accumulating.status == "unsupported" and "--grad-accum 1" in accumulating.reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="AdaLomo's state is made with .cuda(): here it runs")
+def test_adalomo_without_cuda_is_unsupported_with_the_librarys_reason() -> None:
+    from optprof.config import ModelSelection, StateSizeConfig
+    from optprof.state_size import run_state_size
+
+    if availability(REGISTRY["adalomo"]) is not None:
+        pytest.skip(availability(REGISTRY["adalomo"]))
+    (row,) = run_state_size(StateSizeConfig(ModelSelection("demo"), ("adalomo",))).results
+    assert row.status == "unsupported" and "needs CUDA" in row.reason and "Torch not compiled" in row.reason

@@ -60,6 +60,17 @@ def test_lora_compare_and_predict_on_the_demo_model() -> None:
     assert predicted.status == "ok", predicted.reason
     assert predicted.predicted_peak_bytes == pytest.approx(rows["adamw"].tensor_peak_bytes, rel=0.02)
 
+    # QLoRA: the same adapters and state over a base whose linear layers are 4-bit (about an eighth of fp32)
+    quantized = ModelSelection("demo", setup=TrainingSetup(lora=LoraSpec(8), qlora=True))
+    (qlora,) = run_compare(CompareConfig(quantized, ("adamw",), training)).results
+    assert qlora.status == "ok", qlora.reason
+    assert qlora.state_bytes == rows["adamw"].state_bytes
+    whole = load_model("demo").module
+    linear = sum(m.weight.numel() for m in whole.model.layers.modules() if type(m).__name__ == "Linear")
+    saved = rows["adamw"].breakdown["parameters"] - qlora.breakdown["parameters"]
+    assert 4 * linear * 0.8 < saved < 4 * linear  # fp32 weights gone, NF4 codes and scales in their place
+    assert any("cannot hold a fake tensor" in note for note in qlora.notes)  # not predicted, and said why
+
 
 def test_frozen_parameters_keep_no_state(capsys) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = run(["state-size", "demo", "--freeze", "*embed_tokens*", "--freeze", "lm_head*", "-o", "adamw",
@@ -78,10 +89,22 @@ def test_frozen_parameters_keep_no_state(capsys) -> None:  # type: ignore[no-unt
     (["--lora", "r=x"], "bad --lora 'r=x'"),
     (["--lora", "alpha=4"], "the rank r is required"),
     (["--lora", "r=4,targets=nope"], "not found in the base model"),
+    (["--lora", "r=4", "--qlora", "r=4"], "give one"),
 ])
 def test_bad_setups_get_one_line_and_exit_2(argv: list[str], message: str, capsys) -> None:  # type: ignore[no-untyped-def]
     code, _, err = run(["state-size", "demo", "-o", "adamw", *argv], capsys)
     assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_qlora_state_is_loras_and_predict_says_why_it_cannot(capsys) -> None:  # type: ignore[no-untyped-def]
+    rows = []
+    for flag in ("--lora", "--qlora"):
+        code, out, _ = run(["state-size", "tinyllama-1.1b", flag, "r=8", "-o", "adamw,adam-mini", "-f", "json"], capsys)
+        assert code == 0
+        rows.append([r["state_bytes"] for r in json.loads(out)["results"]])
+    assert rows[0] == rows[1]
+    code, _, err = run(["predict", "demo", "--qlora", "r=8", "-o", "adamw"], capsys)
+    assert code == 2 and "cannot hold a fake tensor" in err and "Traceback" not in err
 
 
 def test_parse_lora() -> None:

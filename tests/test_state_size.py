@@ -7,7 +7,7 @@ from optprof.config import ModelSelection, StateSizeConfig
 from optprof.errors import UsageError
 from optprof.models import load_model
 from optprof.optimizers.registry import REGISTRY, availability, resolve_optimizers
-from optprof.optimizers.state import account_state
+from optprof.optimizers.state import account_state, fused_update
 from optprof.results import EXTRAPOLATED, METHOD_META_PLACEHOLDERS, STATUS_FAILED, STATUS_OK, WHOLE_MODEL
 from optprof.state_size import measure_entry, run_state_size
 
@@ -112,7 +112,10 @@ def test_official_adam_mini_world_size_ignores_visible_gpus(monkeypatch, model_d
     optimizer.step()  # with world_size 4 this raises: the default process group is not initialised
 
 
-CPU_CHECKED = [name for name, e in REGISTRY.items() if availability(e) is None and name != "adamw8bit-torchao"]
+# torchao's (opt-in) compile their real CPU step, 30 s each: checked by hand (adamw4bit-torchao: equal, 2026-11-23)
+# AdaLomo makes its state with .cuda(): without CUDA it is `unsupported` (tests/test_recipes.py)
+CPU_CHECKED = [name for name, e in REGISTRY.items() if availability(e) is None and not name.endswith("-torchao")
+               and (name != "adalomo" or torch.cuda.is_available())]
 
 
 @pytest.mark.parametrize("name", CPU_CHECKED)
@@ -125,8 +128,13 @@ def test_meta_accounting_equals_a_real_cpu_step(model_dir, name: str) -> None:  
     real = load_model(folder, device="cpu")
     model = real.module
     optimizer = REGISTRY[name].build(model, real.info, {})
-    model(torch.randint(0, 128, (2, 8)), labels=torch.randint(0, 128, (2, 8))).loss.backward()
-    optimizer.step()
+    loss = model(torch.randint(0, 128, (2, 8)), labels=torch.randint(0, 128, (2, 8))).loss
+    fused = fused_update(optimizer)
+    if fused is not None:
+        fused(loss)  # LOMO: backward and update in one
+    else:
+        loss.backward()
+        optimizer.step()
     params = [p for p in model.parameters() if p.requires_grad]
     real_account = account_state(optimizer, params, REGISTRY[name].second_moment_keys)
     assert meta_account.state_bytes == real_account.state_bytes

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from optprof.config import TrainingSettings
+from optprof.errors import SetupUnsupported
 from optprof.measure.device import Device
+from optprof.optimizers.state import fused_update
 
 if TYPE_CHECKING:
     import torch
@@ -71,6 +73,20 @@ def make_batches(vocab_size: int, training: TrainingSettings, torch_device: str,
     return [torch.randint(0, vocab_size, shape, generator=tokens).to(torch_device) for _ in range(training.grad_accum)]
 
 
+def _check_fused(training: TrainingSettings) -> None:
+    """What an optimizer that updates inside backward cannot do here (a finding: the row is `unsupported`)."""
+    import torch.distributed as dist
+
+    why = "it updates each weight inside backward, as soon as its gradient exists (no gradient is kept)"
+    if training.grad_accum > 1:
+        raise SetupUnsupported(f"{why}, so gradients cannot accumulate over micro-batches: use --grad-accum 1")
+    if training.grad_clip is not None:
+        raise SetupUnsupported(f"{why}, so --grad-clip cannot clip the whole gradient first (LOMO clips with a "
+                               "second backward of its own)")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise SetupUnsupported(f"{why}, before DDP or FSDP reduce gradients across ranks: one device only")
+
+
 class TrainStep:
     """forward + backward for each micro-batch, gradient clipping, optimizer step + zero_grad: timed by phase."""
 
@@ -95,6 +111,9 @@ class TrainStep:
         self.after_backward: Callable[[], None] | None = None  # reads the forward+backward peak
         self.grad_bytes: int | None = None  # measured when measure_grads is set (untimed steps only)
         self.measure_grads = False
+        self.fused = fused_update(optimizer)
+        if self.fused is not None:
+            _check_fused(training)
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         import torch
@@ -117,7 +136,10 @@ class TrainStep:
             with self._autocast():
                 loss = self.model(input_ids=batch, labels=batch, use_cache=False).loss / len(self.batches)
             b = device.mark()
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if self.fused is not None:
+                self.fused(loss)  # backward, the update inside it
+            else:
+                (scaler.scale(loss) if scaler is not None else loss).backward()
             c = device.mark()
             forward.append((a, b))
             backward.append((b, c))
@@ -136,7 +158,9 @@ class TrainStep:
                 scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.params, self.training.grad_clip)
         step_start = device.mark()
-        if scaler is not None:
+        if self.fused is not None:
+            pass  # the update ran inside backward
+        elif scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
         else:
@@ -150,6 +174,8 @@ class TrainStep:
         each repetition gets them back (untimed) after zero_grad dropped them."""
         import time
 
+        if self.fused is not None:
+            return []  # no step of its own: the update runs inside backward, which the backward time holds
         self._forward_backward()
         params = list(self.params)
         grads = [p.grad for p in params]

@@ -50,7 +50,7 @@ from optprof.optimizers.registry import (
     availability,
     distributed_world_size,
     resolve_optimizers,
-    sharding_unsupported,
+    unsupported_reason,
 )
 from optprof.optimizers.state import account_state, logical_state_bytes
 from optprof.parallel import wrap_for_strategy, zero1_optimizer
@@ -117,7 +117,7 @@ def run_trial(spec: TrialSpec, progress: Progress = _silent, nvml: NvmlFactory =
         return _measure(spec, entry, base, device, progress, nvml, rank)
     except Exception as exc:
         ranks = distributed_world_size() if spec.strategy is not None else 1
-        unsupported = sharding_unsupported(exc, entry, ranks, spec.strategy or "ddp")  # a finding, not a failure
+        unsupported = unsupported_reason(exc, entry, ranks, spec.strategy or "ddp")  # a finding, not a failure
         if unsupported is not None:
             return TrialOutcome(dataclasses.replace(base, status=STATUS_UNSUPPORTED, reason=unsupported), {})
         status = STATUS_OOM if is_out_of_memory(exc) else STATUS_FAILED

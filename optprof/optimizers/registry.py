@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from optprof.errors import UsageError, error_text
+from optprof.errors import SetupUnsupported, UsageError, error_text
 from optprof.models import ModelInfo, trainable_parameters
 from optprof.optimizers import recipes
 from optprof.optimizers.adam_mini_official import adam_mini_for_model
@@ -36,7 +36,8 @@ SIGN = "sign"  # momentum only, sign update (Lion)
 LOW_RANK = "low-rank"  # state in a projected subspace (GaLore, APOLLO)
 ORTHOGONALIZED = "orthogonalized"  # momentum orthogonalized by Newton-Schulz on the hidden matrices (Muon)
 PRECONDITIONED = "preconditioned"  # Kronecker-factored preconditioners per matrix (Shampoo, SOAP)
-QUANTIZED = "quantized"  # 8-bit state
+QUANTIZED = "quantized"  # 8-bit or 4-bit state
+FUSED = "fused-backward"  # updates inside backward, keeps no gradients (LOMO)
 CUSTOM = "custom"
 
 ADAM_SECOND_MOMENT = frozenset({"exp_avg_sq", "max_exp_avg_sq"})
@@ -117,6 +118,23 @@ def _torchao_adamw8bit(model: nn.Module, info: ModelInfo, args: Mapping[str, Any
     return AdamW8bit(trainable_parameters(model), **args)
 
 
+def _torchao_adamw4bit(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
+    from torchao.optim import AdamW4bit
+
+    return AdamW4bit(trainable_parameters(model), **args)
+
+
+def _lomo(cls_name: str) -> Builder:
+    """lomo-optim's optimizers take the model itself: they hook every trainable parameter's gradient."""
+
+    def build(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
+        import lomo_optim
+
+        return getattr(lomo_optim, cls_name)(model, **{"lr": 1e-3, **args})
+
+    return build
+
+
 def _torch_entries() -> list[OptimizerEntry]:
     return [
         OptimizerEntry("sgd", "torch", "torch", SGD_FAMILY, "SGD, no momentum: no state",
@@ -184,6 +202,9 @@ def _package_entries() -> list[OptimizerEntry]:
         OptimizerEntry("adamw8bit-torchao", "torchao", "torchao", QUANTIZED,
                        "torchao AdamW8bit: 8-bit moments as a tensor subclass", _torchao_adamw8bit,
                        ADAM_SECOND_MOMENT),
+        OptimizerEntry("adamw4bit-torchao", "torchao", "torchao", QUANTIZED,
+                       "torchao AdamW4bit: 4-bit moments (block size 128) as a tensor subclass", _torchao_adamw4bit,
+                       ADAM_SECOND_MOMENT),
     ]
 
 
@@ -212,6 +233,12 @@ def _current_entries() -> list[OptimizerEntry]:
                        _package_optimizer(pkg, "AdEMAMix"), frozenset({"exp_avg_sq"})),
         OptimizerEntry("mars", po, pkg, ADAPTIVE, "MARS (AdamW type): variance-reduced Adam, keeps the last gradient",
                        _package_optimizer(pkg, "MARS"), frozenset({"exp_avg_sq"})),
+        OptimizerEntry("lomo", "lomo-optim", "lomo_optim", FUSED,
+                       "LOMO: SGD fused into backward, no gradients kept (its own fused_backward)",
+                       _lomo("Lomo")),
+        OptimizerEntry("adalomo", "lomo-optim", "lomo_optim", FUSED,
+                       "AdaLomo: LOMO with a factored second moment (its state is made with .cuda())",
+                       _lomo("AdaLomo")),  # its moments are attributes keyed by name, not optimizer.state
         OptimizerEntry("apollo", "apollo-torch", "apollo_torch", LOW_RANK,
                        "APOLLO (authors' apollo-torch): channel-wise scaling from a rank-256 random projection",
                        recipes.apollo(recipes.APOLLO_DEFAULTS), frozenset({"exp_avg_sq"}),
@@ -270,11 +297,23 @@ def raised_by_optimizer(exc: BaseException, entry: OptimizerEntry) -> bool:
     return False
 
 
-def sharding_unsupported(exc: BaseException, entry: OptimizerEntry, ranks: int, strategy: str = "fsdp") -> str | None:
-    """The `unsupported` reason where the optimizer's own code failed on the parameters as `strategy` spreads
-    them over `ranks` (DTensor shards; zero1: a share of whole parameters), else None: such an error is a
-    finding about the package, not a failure to fix here."""
-    if ranks <= 1 or strategy == "ddp" or not raised_by_optimizer(exc, entry):
+# What a library raises where its code needs CUDA and there is none (torch's own words).
+NEEDS_CUDA = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver", "No CUDA GPUs are available")
+
+
+def unsupported_reason(exc: BaseException, entry: OptimizerEntry, ranks: int, strategy: str = "fsdp") -> str | None:
+    """The `unsupported` reason (a finding about the optimizer, not a failure to fix here), else None:
+    - the setup asked for is one the optimizer cannot run in (SetupUnsupported, e.g. LOMO with --grad-accum);
+    - the optimizer's own code needs CUDA where there is none (AdaLomo creates its state with `.cuda()`);
+    - the optimizer's own code failed on the parameters as `strategy` spreads them over `ranks` (DTensor
+      shards; zero1: a share of whole parameters)."""
+    if isinstance(exc, SetupUnsupported):
+        return str(exc)
+    if not raised_by_optimizer(exc, entry):
+        return None
+    if any(text in str(exc) for text in NEEDS_CUDA):
+        return f"{entry.package}'s own code needs CUDA: {error_text(exc)}"
+    if ranks <= 1 or strategy == "ddp":
         return None
     where = ("as ZeroRedundancyOptimizer's local optimizer over a share of the parameters" if strategy == "zero1"
              else "on FSDP2-sharded (DTensor) parameters")

@@ -97,6 +97,24 @@ def is_value_read(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and META_VALUE_READ in str(exc)
 
 
+def fused_update(optimizer: Any) -> Callable[[Any], None] | None:
+    """How an optimizer that updates inside backward (LOMO, AdaLomo: no gradients kept) takes the loss: its
+    `fused_backward(loss, lr)` replaces `loss.backward()` and `step()`. None for every other optimizer."""
+    method = getattr(optimizer, "fused_backward", None)
+    if method is None:
+        return None
+    return lambda loss: method(loss, optimizer.lr)
+
+
+def _step(optimizer: torch.optim.Optimizer) -> None:
+    """One update over the gradients present: `step()`, or for an optimizer that updates inside backward (LOMO)
+    its own end-of-backward update over every gradient still there (what `fused_backward` calls last)."""
+    if fused_update(optimizer) is None:
+        optimizer.step()
+    else:
+        optimizer.grad_func(0)  # type: ignore[attr-defined]
+
+
 def step_on_meta(build: Callable[[], torch.optim.Optimizer]) -> tuple[torch.optim.Optimizer, str]:
     """Build the optimizer and call step() once so that lazily created state exists.
 
@@ -107,7 +125,7 @@ def step_on_meta(build: Callable[[], torch.optim.Optimizer]) -> tuple[torch.opti
     optimizer = build()
     try:
         with eager_compile():
-            optimizer.step()
+            _step(optimizer)
         return optimizer, METHOD_META_STEP
     except Exception as exc:
         if not is_value_read(exc):
@@ -116,7 +134,7 @@ def step_on_meta(build: Callable[[], torch.optim.Optimizer]) -> tuple[torch.opti
     optimizer = build()
     try:
         with eager_compile(), PlaceholderScalars():
-            optimizer.step()
+            _step(optimizer)
     except Exception as exc:
         raise RuntimeError(f"{error_text(exc)} (on a retry with placeholder scalars; the first step had "
                            f"failed reading a value: {error_text(first)})") from exc
