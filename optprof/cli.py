@@ -124,19 +124,24 @@ LoraOpt = Annotated[str | None, typer.Option(
 QloraOpt = Annotated[str | None, typer.Option(
     "--qlora", help="As --lora, with the base's linear layers in 4-bit NF4 (bitsandbytes, double quantization): "
     "compare runs it on CPU or CUDA; state-size gives its exact state; predict cannot (fake tensors).")]
+AttentionOpt = Annotated[str | None, typer.Option(
+    "--attention", help="transformers' attention implementation, e.g. eager (its activations hold the attention "
+    "matrix; needed by optimizers that differentiate the gradients, such as sophiah) or sdpa (the default).")]
 FreezeOpt = Annotated[list[str] | None, typer.Option(
     "--freeze", help="Freeze the parameters whose names match this glob (repeatable), e.g. '*embed_tokens*': no "
     "gradient, no optimizer state.")]
 
 
 def _selection(model: str, dtype: StrEnum, revision: str | None, trust_remote_code: bool, lora: str | None = None,
-               freeze: list[str] | None = None, qlora: str | None = None) -> ModelSelection:
+               freeze: list[str] | None = None, qlora: str | None = None, attention: str | None = None,
+               ) -> ModelSelection:
     from optprof.setups import parse_lora
 
     if lora is not None and qlora is not None:
         raise UsageError("--lora and --qlora: give one (--qlora is LoRA on a 4-bit base)")
     spec = lora if qlora is None else qlora
-    setup = config.TrainingSetup(parse_lora(spec) if spec is not None else None, tuple(freeze or ()), qlora is not None)
+    setup = config.TrainingSetup(parse_lora(spec) if spec is not None else None, tuple(freeze or ()), qlora is not None,
+                                 attention)
     return config.ModelSelection(model, dtype.value, revision, trust_remote_code, setup)  # type: ignore[arg-type]
 
 
@@ -153,7 +158,7 @@ def state_size(
     jobs: JobsOpt = None,
     save_profile: SaveProfileOpt = None, gpus: ShardedGpusOpt = 1, strategy: ShardedStrategyOpt = ShardedStrategy.fsdp,
     shard_size: ShardSizeOpt = None, full_model: FullModelOpt = False, lora: LoraOpt = None, qlora: QloraOpt = None,
-    freeze: FreezeOpt = None,
+    freeze: FreezeOpt = None, attention: AttentionOpt = None,
 ) -> None:
     """Exact optimizer-state bytes per optimizer, measured on the real optimizer over a meta-device model.
 
@@ -166,7 +171,7 @@ def state_size(
     from optprof.state_size import run_state_size
 
     run_config = config.StateSizeConfig(
-        _selection(model, dtype, revision, trust_remote_code, lora, freeze, qlora), tuple(optimizer or ()),
+        _selection(model, dtype, revision, trust_remote_code, lora, freeze, qlora, attention), tuple(optimizer or ()),
         parse_opt_args(opt_arg or []),
         jobs=jobs or config.default_jobs(), gpus=gpus, strategy=strategy.value,  # type: ignore[arg-type]
         shard_size=config.resolve_shard_size(strategy.value, gpus, shard_size, None),  # type: ignore[arg-type]
@@ -228,7 +233,7 @@ def compare(
     save_profile: SaveProfileOpt = None, gpus: GpusOpt = None, strategy: StrategyOpt = Strategy.fsdp,
     shard_size: ShardSizeOpt = None, seed: SeedOpt = 0, predict: PredictOpt = True, preflight: PreflightOpt = True,
     revision: RevisionOpt = None, trust_remote_code: TrustOpt = False, lora: LoraOpt = None, qlora: QloraOpt = None,
-    freeze: FreezeOpt = None,
+    freeze: FreezeOpt = None, attention: AttentionOpt = None,
     output_format: FormatOpt = OutputFormat.table, output: OutputOpt = None, units: UnitsOpt = None,
 ) -> None:
     """Train MODEL for a few real steps under each optimizer and measure memory, time and throughput.
@@ -258,7 +263,8 @@ def compare(
         grad_accum=grad_accum, grad_clip=grad_clip, gradient_checkpointing=gradient_checkpointing, steps=steps,
         warmup=warmup, breakdown=breakdown, peak_tflops=peak_tflops, memory_limit_bytes=limit, seed=seed)
     run_config = config.CompareConfig(
-        _selection(model, dtype, revision, trust_remote_code, lora, freeze, qlora), tuple(optimizer or ()), training,
+        _selection(model, dtype, revision, trust_remote_code, lora, freeze, qlora, attention),
+        tuple(optimizer or ()), training,
         parse_opt_args(opt_arg or []), search=config.SearchSettings(max_micro_batch, search_margin) if fixed is None
         else None, gpus=world, strategy=strategy.value, torchrun=joined, trial_timeout_s=trial_timeout,  # type: ignore[arg-type]
         predict=predict, preflight=preflight, shard_size=config.resolve_shard_size(
@@ -290,7 +296,7 @@ def predict(
     max_micro_batch: MaxMicroBatchOpt = 256, revision: RevisionOpt = None, trust_remote_code: TrustOpt = False,
     output_format: FormatOpt = OutputFormat.table, output: OutputOpt = None, units: UnitsOpt = None,
     save_profile: SaveProfileOpt = None, jobs: JobsOpt = None, lora: LoraOpt = None, qlora: QloraOpt = None,
-    freeze: FreezeOpt = None,
+    freeze: FreezeOpt = None, attention: AttentionOpt = None,
 ) -> None:
     """Predict peak memory per device (and the largest micro-batch) without a GPU, from fake tensors.
 
@@ -307,7 +313,8 @@ def predict(
         device=device.value, amp=amp.value if amp else None, seq_len=seq_len, micro_batch=micro_batch,  # type: ignore[arg-type]
         grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing)
     run_config = config.PredictConfig(
-        _selection(model, dtype, revision, trust_remote_code, lora, freeze, qlora), tuple(optimizer or ()), training,
+        _selection(model, dtype, revision, trust_remote_code, lora, freeze, qlora, attention),
+        tuple(optimizer or ()), training,
         parse_opt_args(opt_arg or []), max_micro_batch=max_micro_batch, gpus=gpus, strategy=strategy.value,  # type: ignore[arg-type]
         shard_size=config.resolve_shard_size(strategy.value, gpus, shard_size, None),  # type: ignore[arg-type]
         jobs=jobs or config.default_jobs(),

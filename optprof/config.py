@@ -46,10 +46,12 @@ class TrainingSetup:
     lora: LoraSpec | None = None
     freeze: tuple[str, ...] = ()  # globs on parameter names (fnmatch), e.g. *embed_tokens*
     qlora: bool = False  # with lora: the base's linear layers in 4-bit NF4 (bitsandbytes), as QLoRA
+    attention: str | None = None  # transformers' attn_implementation (eager, sdpa); None: transformers' default
 
     @property
     def is_full(self) -> bool:
-        return self.lora is None and not self.freeze
+        """Every parameter trains, as the model was built: nothing to apply."""
+        return self.lora is None and not self.freeze and self.attention is None
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,8 @@ def describe_setup(setup: TrainingSetup, model: nn.Module | None = None) -> str:
             parts.append("base linear layers in 4-bit NF4 (bitsandbytes, double quantization)")
     if setup.freeze:
         parts.append(f"frozen: {', '.join(setup.freeze)}")
+    if setup.attention is not None:
+        parts.append(f"{setup.attention} attention")
     return "; ".join(parts) or "full training"
 
 
@@ -74,6 +76,11 @@ def apply_setup(model: nn.Module, setup: TrainingSetup) -> nn.Module:
     (peft's own wrapper is left aside, so every command handles it as any other model), only the adapters
     trainable, and with QLoRA the base's linear layers quantized first; then the --freeze globs switch their
     parameters off."""
+    if setup.attention is not None:
+        try:
+            model.set_attn_implementation(setup.attention)
+        except (ValueError, ImportError) as exc:
+            raise UsageError(f"--attention {setup.attention}: {str(exc).splitlines()[0]}") from None
     if setup.qlora:
         _quantize_base(model)
     if setup.lora is not None:

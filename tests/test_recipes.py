@@ -118,3 +118,24 @@ def test_adalomo_without_cuda_is_unsupported_with_the_librarys_reason() -> None:
         pytest.skip(availability(REGISTRY["adalomo"]))
     (row,) = run_state_size(StateSizeConfig(ModelSelection("demo"), ("adalomo",))).results
     assert row.status == "unsupported" and "needs CUDA" in row.reason and "Torch not compiled" in row.reason
+
+
+# ------------------------------------------------------------------------- a step that differentiates gradients
+
+
+def test_sophiah_keeps_the_gradient_graph_and_needs_a_second_derivative() -> None:
+    """SophiaH's Hutchinson estimate differentiates the gradients: backward keeps their graph (the finding: it
+    costs memory). SDPA's CPU kernel has no second derivative, so there it is `unsupported` with that reason;
+    with eager attention it runs, and predict finds its peak."""
+    from optprof.compare import run_compare
+    from optprof.config import CompareConfig, ModelSelection, TrainingSettings, TrainingSetup
+
+    training = TrainingSettings(device="cpu", micro_batch=1, seq_len=32, steps=2)
+    (default,) = run_compare(CompareConfig(ModelSelection("demo"), ("sophiah",), training, predict=False)).results
+    assert default.status == "unsupported" and "no second derivative" in default.reason
+
+    eager = ModelSelection("demo", setup=TrainingSetup(attention="eager"))
+    sophia, adamw = run_compare(CompareConfig(eager, ("sophiah", "adamw"), training)).results
+    assert sophia.status == adamw.status == "ok", (sophia.reason, adamw.reason)
+    assert sophia.tensor_peak_bytes > adamw.tensor_peak_bytes
+    assert sophia.predicted_peak_bytes == pytest.approx(sophia.tensor_peak_bytes, rel=0.02)

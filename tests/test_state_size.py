@@ -7,7 +7,7 @@ from optprof.config import ModelSelection, StateSizeConfig
 from optprof.errors import UsageError
 from optprof.models import load_model
 from optprof.optimizers.registry import REGISTRY, availability, resolve_optimizers
-from optprof.optimizers.state import account_state, fused_update
+from optprof.optimizers.state import account_state, fused_update, needs_gradient_graph
 from optprof.results import EXTRAPOLATED, METHOD_META_PLACEHOLDERS, STATUS_FAILED, STATUS_OK, WHOLE_MODEL
 from optprof.state_size import measure_entry, run_state_size
 
@@ -128,12 +128,14 @@ def test_meta_accounting_equals_a_real_cpu_step(model_dir, name: str) -> None:  
     real = load_model(folder, device="cpu")
     model = real.module
     optimizer = REGISTRY[name].build(model, real.info, {})
+    if needs_gradient_graph(optimizer):
+        model.set_attn_implementation("eager")  # SDPA's fused kernels have no second derivative
     loss = model(torch.randint(0, 128, (2, 8)), labels=torch.randint(0, 128, (2, 8))).loss
     fused = fused_update(optimizer)
     if fused is not None:
         fused(loss)  # LOMO: backward and update in one
     else:
-        loss.backward()
+        loss.backward(create_graph=needs_gradient_graph(optimizer))  # SophiaH differentiates the gradients
         optimizer.step()
     params = [p for p in model.parameters() if p.requires_grad]
     real_account = account_state(optimizer, params, REGISTRY[name].second_moment_keys)

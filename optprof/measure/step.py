@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from optprof.config import TrainingSettings
 from optprof.errors import SetupUnsupported
 from optprof.measure.device import Device
-from optprof.optimizers.state import fused_update
+from optprof.optimizers.state import fused_update, needs_gradient_graph
 
 if TYPE_CHECKING:
     import torch
@@ -87,6 +87,19 @@ def _check_fused(training: TrainingSettings) -> None:
         raise SetupUnsupported(f"{why}, before DDP or FSDP reduce gradients across ranks: one device only")
 
 
+def _second_derivative_step(optimizer: Any) -> None:
+    """The step of an optimizer that differentiates the gradients. Where a kernel of the model has no second
+    derivative (CPU and CUDA fused attention have none), that is a finding about this setup, not a bug."""
+    try:
+        optimizer.step()
+    except RuntimeError as exc:
+        if not ("derivative for" in str(exc) and "not implemented" in str(exc)):
+            raise
+        raise SetupUnsupported(f"its step differentiates the gradients (a Hessian estimate), and a kernel of the "
+                               f"model has no second derivative ({str(exc).splitlines()[0]}); --attention eager "
+                               "can run it") from exc
+
+
 class TrainStep:
     """forward + backward for each micro-batch, gradient clipping, optimizer step + zero_grad: timed by phase."""
 
@@ -114,6 +127,7 @@ class TrainStep:
         self.fused = fused_update(optimizer)
         if self.fused is not None:
             _check_fused(training)
+        self.create_graph = needs_gradient_graph(optimizer)  # SophiaH: its step differentiates the gradients
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         import torch
@@ -139,7 +153,7 @@ class TrainStep:
             if self.fused is not None:
                 self.fused(loss)  # backward, the update inside it
             else:
-                (scaler.scale(loss) if scaler is not None else loss).backward()
+                (scaler.scale(loss) if scaler is not None else loss).backward(create_graph=self.create_graph)
             c = device.mark()
             forward.append((a, b))
             backward.append((b, c))
@@ -163,6 +177,8 @@ class TrainStep:
         elif scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
+        elif self.create_graph:
+            _second_derivative_step(self.optimizer)
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -174,8 +190,10 @@ class TrainStep:
         each repetition gets them back (untimed) after zero_grad dropped them."""
         import time
 
-        if self.fused is not None:
-            return []  # no step of its own: the update runs inside backward, which the backward time holds
+        if self.fused is not None or self.create_graph:
+            # LOMO has no step of its own (the update runs inside backward, which the backward time holds);
+            # SophiaH's step needs a fresh gradient graph, which one set of gradients gives only once
+            return []
         self._forward_backward()
         params = list(self.params)
         grads = [p.grad for p in params]

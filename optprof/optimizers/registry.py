@@ -23,6 +23,7 @@ from optprof.models import ModelInfo, trainable_parameters
 from optprof.optimizers import recipes
 from optprof.optimizers.adam_mini_official import adam_mini_for_model
 from optprof.optimizers.adam_mini_paper import AdamMiniPaper, paper_partition
+from optprof.optimizers.state import with_gradient_graph
 from optprof.results import OptimizerListing, OptimizersReport
 
 Builder = Callable[[nn.Module, ModelInfo, Mapping[str, Any]], torch.optim.Optimizer]
@@ -122,6 +123,12 @@ def _torchao_adamw4bit(model: nn.Module, info: ModelInfo, args: Mapping[str, Any
     from torchao.optim import AdamW4bit
 
     return AdamW4bit(trainable_parameters(model), **args)
+
+
+def _sophia_h(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
+    from pytorch_optimizer import SophiaH
+
+    return with_gradient_graph(SophiaH(trainable_parameters(model), **args))
 
 
 def _lomo(cls_name: str) -> Builder:
@@ -233,6 +240,9 @@ def _current_entries() -> list[OptimizerEntry]:
                        _package_optimizer(pkg, "AdEMAMix"), frozenset({"exp_avg_sq"})),
         OptimizerEntry("mars", po, pkg, ADAPTIVE, "MARS (AdamW type): variance-reduced Adam, keeps the last gradient",
                        _package_optimizer(pkg, "MARS"), frozenset({"exp_avg_sq"})),
+        OptimizerEntry("sophiah", po, pkg, ADAPTIVE,
+                       "SophiaH: Hutchinson estimate of the Hessian diagonal in the step (backward keeps the "
+                       "gradients' graph)", _sophia_h, frozenset({"hessian_moment"})),
         OptimizerEntry("lomo", "lomo-optim", "lomo_optim", FUSED,
                        "LOMO: SGD fused into backward, no gradients kept (its own fused_backward)",
                        _lomo("Lomo")),

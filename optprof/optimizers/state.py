@@ -106,13 +106,31 @@ def fused_update(optimizer: Any) -> Callable[[Any], None] | None:
     return lambda loss: method(loss, optimizer.lr)
 
 
+GRADIENT_GRAPH_ATTRIBUTE = "optprof_gradient_graph"  # set by builders of optimizers that differentiate gradients
+
+
+def with_gradient_graph(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    """Mark an optimizer whose step differentiates the gradients (SophiaH's Hutchinson estimate of the Hessian
+    diagonal): backward must keep the gradients' graph (`create_graph=True`), which costs memory."""
+    setattr(optimizer, GRADIENT_GRAPH_ATTRIBUTE, True)
+    return optimizer
+
+
+def needs_gradient_graph(optimizer: Any) -> bool:
+    return bool(getattr(optimizer, GRADIENT_GRAPH_ATTRIBUTE, False))
+
+
 def _step(optimizer: torch.optim.Optimizer) -> None:
-    """One update over the gradients present: `step()`, or for an optimizer that updates inside backward (LOMO)
-    its own end-of-backward update over every gradient still there (what `fused_backward` calls last)."""
-    if fused_update(optimizer) is None:
-        optimizer.step()
-    else:
+    """One update over the gradients present, on meta: `step()`; for an optimizer that updates inside backward
+    (LOMO) its own end-of-backward update over every gradient still there (what `fused_backward` calls last);
+    for one that differentiates the gradients, a Hessian estimate handed in (pytorch-optimizer's `step(hessian=)`,
+    zeros of each parameter's shape), since meta gradients have no graph to differentiate."""
+    if fused_update(optimizer) is not None:
         optimizer.grad_func(0)  # type: ignore[attr-defined]
+    elif needs_gradient_graph(optimizer):
+        optimizer.step(hessian=[torch.zeros_like(p) for g in optimizer.param_groups for p in g["params"]])  # type: ignore[call-arg]
+    else:
+        optimizer.step()
 
 
 def step_on_meta(build: Callable[[], torch.optim.Optimizer]) -> tuple[torch.optim.Optimizer, str]:
