@@ -232,6 +232,9 @@ def compare(
     peak_tflops: PeakTflopsOpt = None, breakdown: BreakdownOpt = True, trial_timeout: TrialTimeoutOpt = 1800.0,
     save_profile: SaveProfileOpt = None, gpus: GpusOpt = None, strategy: StrategyOpt = Strategy.fsdp,
     shard_size: ShardSizeOpt = None, seed: SeedOpt = 0, predict: PredictOpt = True, preflight: PreflightOpt = True,
+    offload_optimizer: Annotated[bool, typer.Option(
+        "--offload-optimizer", help="FSDP2's CPUOffloadPolicy (CUDA, --gpus N with a sharded strategy): sharded "
+        "parameters, gradients and optimizer state in host memory, the step on the CPU.")] = False,
     revision: RevisionOpt = None, trust_remote_code: TrustOpt = False, lora: LoraOpt = None, qlora: QloraOpt = None,
     freeze: FreezeOpt = None, attention: AttentionOpt = None,
     output_format: FormatOpt = OutputFormat.table, output: OutputOpt = None, units: UnitsOpt = None,
@@ -252,6 +255,7 @@ def compare(
 
     kind = config.resolve_device(device.value if device else None)  # type: ignore[arg-type]
     world, joined = resolve_ranks(kind, gpus, device_given=device is not None)
+    config.check_offload(offload_optimizer, kind, world, strategy.value)  # type: ignore[arg-type]
     if qlora is not None and world > 1:
         raise UsageError("--qlora runs on one device for now (FSDP over 4-bit parameters is not set up); drop --gpus")
     limit = None if memory_limit is None else parse_bytes(memory_limit, "--memory-limit")
@@ -267,7 +271,7 @@ def compare(
         tuple(optimizer or ()), training,
         parse_opt_args(opt_arg or []), search=config.SearchSettings(max_micro_batch, search_margin) if fixed is None
         else None, gpus=world, strategy=strategy.value, torchrun=joined, trial_timeout_s=trial_timeout,  # type: ignore[arg-type]
-        predict=predict, preflight=preflight, shard_size=config.resolve_shard_size(
+        predict=predict, preflight=preflight, offload_optimizer=offload_optimizer, shard_size=config.resolve_shard_size(
             strategy.value, world, shard_size, ranks_per_node() if joined else None))  # type: ignore[arg-type]
     file_format = _file_format(output_format, output)
     err = report.console(stderr=True)

@@ -80,7 +80,8 @@ class TrialRunner:
         config = self.config
         distributed = config.gpus > 1 or config.torchrun
         spec = TrialSpec(config.model, entry.name, training, config.opt_args,
-                         strategy=config.strategy if distributed else None, shard_size=config.shard_size)
+                         strategy=config.strategy if distributed else None, shard_size=config.shard_size,
+                         offload_optimizer=config.offload_optimizer)
         progress("starting")
         if config.torchrun:
             result = Isolated(value=run_joined(spec, progress))
@@ -139,6 +140,8 @@ def _prediction(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSe
         return None, "--no-predict"
     if config.model.setup.qlora:
         return None, QLORA_ON_FAKE
+    if config.offload_optimizer:
+        return None, OFFLOAD_NOT_PREDICTED
     if config.torchrun or (config.gpus > 1 and config.strategy not in SHARDED_STRATEGIES):
         return None, f"predict emulates {', '.join(SHARDED_STRATEGIES)} on spawned ranks only"
     row = _predicted(runner, entry, training, config.gpus, search)
@@ -222,6 +225,11 @@ def _with_common_micro_batch(runner: TrialRunner, entries: list[OptimizerEntry],
     return updated
 
 
+# Fake tensors all live on the CPU: a prediction cannot tell the host's share from the device's.
+OFFLOAD_NOT_PREDICTED = ("predict does not separate host from device memory, which --offload-optimizer splits "
+                         "(state, sharded parameters and gradients on the host)")
+
+
 def _row(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings, shallow: int | None) -> CompareRow:
     """One optimizer's row: decided before any launch where it can be (unavailable, unsupported, does not fit),
     else measured, and checked against its prediction."""
@@ -237,7 +245,7 @@ def _row(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
 
     def fit_prediction() -> PredictRow | None:
         """The row's own prediction, else one made for the fit: one device's for the replicated strategies."""
-        if predicted is not None or runner.config.model.setup.qlora:
+        if predicted is not None or runner.config.model.setup.qlora or runner.config.offload_optimizer:
             return predicted
         row = _predicted(runner, entry, training, config.gpus if config.strategy in SHARDED_STRATEGIES else 1)
         return row if row.status == STATUS_OK else None
@@ -308,6 +316,7 @@ def _report_config(config: CompareConfig, training: TrainingSettings, entries: l
         "gpus": config.gpus,
         "strategy": config.strategy if distributed else None,
         "shard_size": config.shard_size,
+        "offload_optimizer": config.offload_optimizer,
         "torchrun": config.torchrun,
         "rank_fold": dict(RANK_FOLD) if distributed else None,
         "trial_order": order,

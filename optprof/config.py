@@ -120,6 +120,7 @@ class CompareConfig:
     trial_timeout_s: float = 1800.0  # one optimizer's trial, start-up included; then it is stopped and failed
     predict: bool = True  # also predict each row's peak on fake tensors, here, and report the error
     preflight: bool = True  # decide `unsupported` and `does not fit` on fake tensors before launching a trial
+    offload_optimizer: bool = False  # FSDP2's CPUOffloadPolicy: sharded parameters, gradients and state on the host
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,21 @@ def mesh_shape(strategy: Strategy, world_size: int, shard_size: int | None) -> t
         return (world_size,)
     shard = shard_size or world_size
     return (world_size // shard, shard)
+
+
+OFFLOAD_ON_CPU = ("--offload-optimizer moves optimizer state from the GPU to host memory; on CPU ranks both are "
+                  "the same memory, so there is nothing it could show: run it on CUDA")
+
+
+def check_offload(offload: bool, device: DeviceKind, gpus: int, strategy: Strategy) -> None:
+    """--offload-optimizer goes through FSDP2's CPUOffloadPolicy: several ranks under a sharded strategy, on CUDA."""
+    if not offload:
+        return
+    if gpus < 2 or strategy not in SHARDED_STRATEGIES:
+        raise UsageError("--offload-optimizer works through FSDP2's CPUOffloadPolicy: use --gpus N (N > 1) with "
+                         f"--strategy {', '.join(SHARDED_STRATEGIES)}")
+    if device != "cuda":
+        raise UsageError(OFFLOAD_ON_CPU)
 
 
 def resolve_shard_size(strategy: Strategy, world_size: int, requested: int | None,

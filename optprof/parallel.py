@@ -20,21 +20,23 @@ from optprof.optimizers.registry import distributed_world_size
 from optprof.optimizers.state import PlaceholderScalars
 
 
-def shard_fsdp(model: Any, mesh: Any, strategy: Strategy = "fsdp") -> None:
+def shard_fsdp(model: Any, mesh: Any, strategy: Strategy = "fsdp", offload: bool = False) -> None:
     """FSDP2 as it is usually applied: each transformer block its own unit (transformers names the block
     classes in `_no_split_modules`), then the root for the rest (embeddings, final norm, head).
 
     zero2 keeps each unit's parameters gathered from forward to backward (no re-gather in backward): only
-    the state and the gradients stay sharded.
+    the state and the gradients stay sharded. `offload`: FSDP2's CPUOffloadPolicy (pinned host memory) keeps
+    the sharded parameters and gradients on the host, so the optimizer steps there and its state lives there.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     reshard = strategy != "zero2"
+    policy = CPUOffloadPolicy(pin_memory=True) if offload else OffloadPolicy()
     blocks = set(getattr(model, "_no_split_modules", None) or ())
     for module in model.modules():
         if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+            fully_shard(module, mesh=mesh, reshard_after_forward=reshard, offload_policy=policy)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, offload_policy=policy)
 
 
 def device_mesh(device_type: str, strategy: Strategy, world_size: int, shard_size: int | None) -> Any:
@@ -48,16 +50,16 @@ def device_mesh(device_type: str, strategy: Strategy, world_size: int, shard_siz
 
 
 def wrap_for_strategy(model: Any, strategy: Strategy, device_type: DeviceKind, device_index: int | None,
-                      shard_size: int | None = None) -> Any:
+                      shard_size: int | None = None, offload: bool = False) -> Any:
     """The model as the ranks of the current process group train it: DDP replicates it, FSDP2 shards it in
-    place."""
+    place (with `offload`, onto the host: see `shard_fsdp`)."""
     import torch.distributed as dist
 
     if strategy in REPLICATED_STRATEGIES:
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[device_index] if device_type == "cuda" else None)
-    shard_fsdp(model, device_mesh(device_type, strategy, dist.get_world_size(), shard_size), strategy)
+    shard_fsdp(model, device_mesh(device_type, strategy, dist.get_world_size(), shard_size), strategy, offload)
     return model
 
 

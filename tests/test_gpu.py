@@ -40,3 +40,20 @@ def test_micro_batch_search_on_cuda_under_a_memory_limit() -> None:
     for row in report.results:
         fitting = [p for p in row.search if p.fits]
         assert all(p.peak_bytes <= 2 * 2**30 for p in fitting)  # reserved, under the allocator's cap
+
+
+def test_offloaded_optimizer_state_leaves_the_device() -> None:
+    """--offload-optimizer (FSDP2's CPUOffloadPolicy) over 2 CUDA ranks: the same state per rank, on the host,
+    so the allocator's device peak drops by at least AdamW's state and the host's RSS holds it."""
+    import torch
+
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 CUDA devices")
+    settings = TrainingSettings(device="cuda", seq_len=256, steps=2)
+    runs = {offload: run_compare(CompareConfig(ModelSelection("demo"), ("adamw",), settings, gpus=2,
+                                               offload_optimizer=offload)).results[0] for offload in (False, True)}
+    kept, offloaded = runs[False], runs[True]
+    assert kept.status == offloaded.status == "ok", (kept.reason, offloaded.reason)
+    assert offloaded.state_bytes == kept.state_bytes
+    assert offloaded.torch_max_allocated_bytes <= kept.torch_max_allocated_bytes - kept.state_bytes
+    assert offloaded.rss_peak_bytes >= kept.rss_peak_bytes + kept.state_bytes // 2

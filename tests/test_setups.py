@@ -113,3 +113,13 @@ def test_parse_lora() -> None:
                                                                                         ("q_proj", "v_proj"))
     with pytest.raises(UsageError):
         parse_lora("r=0")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--gpus", "2", "--offload-optimizer"], "on CPU ranks both are the same memory"),
+    (["--offload-optimizer"], "use --gpus N (N > 1)"),
+    (["--gpus", "2", "--strategy", "ddp", "--offload-optimizer"], "use --gpus N (N > 1)"),
+])
+def test_offloading_where_it_cannot_show_anything_is_refused(argv: list[str], message: str, capsys) -> None:  # type: ignore[no-untyped-def]
+    code, _, err = run(["compare", "demo", "--device", "cpu", "-o", "adamw", *argv], capsys)
+    assert code == 2 and message in err and "Traceback" not in err

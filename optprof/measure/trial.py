@@ -84,6 +84,7 @@ class TrialSpec:
     opt_args: dict[str, Any] = field(default_factory=dict)
     strategy: Strategy | None = None  # inside a process group (--gpus N); None: one device
     shard_size: int | None = None  # hsdp: ranks per shard group
+    offload_optimizer: bool = False  # FSDP2's CPUOffloadPolicy: state on the host
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ def build_step(spec: TrialSpec, entry: OptimizerEntry, device: Device,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.strategy is not None:
         model = wrap_for_strategy(model, spec.strategy, device.type, rank if device.type == "cuda" else None,
-                                  spec.shard_size)
+                                  spec.shard_size, spec.offload_optimizer)
 
     def build() -> Any:
         return entry.build(model, info, spec.opt_args)
