@@ -308,7 +308,8 @@ def raised_by_optimizer(exc: BaseException, entry: OptimizerEntry) -> bool:
 
 
 # What a library raises where its code needs CUDA and there is none (torch's own words).
-NEEDS_CUDA = ("Torch not compiled with CUDA enabled", "Found no NVIDIA driver", "No CUDA GPUs are available")
+NEEDS_CUDA = ("Torch not compiled with CUDA enabled", "not linked with support for cuda", "Found no NVIDIA driver",
+              "No CUDA GPUs are available")
 
 
 def unsupported_reason(exc: BaseException, entry: OptimizerEntry, ranks: int, strategy: str = "fsdp") -> str | None:
