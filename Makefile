@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	$(BIN)/optprof compare
+	$(BIN)/optprof compare --plot compare.png
+	@echo "the figures: compare.png (optprof compare -f html --output compare.html: a page with tables and figures)"
 
 test: install lint
 	$(BIN)/python -m pytest -q

@@ -46,7 +46,7 @@ DeviceKind = _choices("DeviceKind", config.DeviceKind)
 Strategy = _choices("Strategy", config.Strategy)  # compare: real ranks
 ShardedStrategy = StrEnum("ShardedStrategy", {s: s for s in config.SHARDED_STRATEGIES})  # fake-tensor commands
 Units = _choices("Units", Unit)
-OutputFormat = StrEnum("OutputFormat", {"table": "table", "json": "json", "csv": "csv"})
+OutputFormat = StrEnum("OutputFormat", {"table": "table", "json": "json", "csv": "csv", "html": "html"})
 
 _debug = False  # set by --debug: show tracebacks instead of one-line errors
 
@@ -83,9 +83,13 @@ DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Parameter dtype (gradi
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub config's own modelling code to run.")]
 FormatOpt = Annotated[OutputFormat, typer.Option(
-    "--format", "-f", help="table (terminal), json or csv (to stdout or --output).")]
+    "--format", "-f", help="table (terminal), json, csv, or html (one self-contained file: tables, figures, "
+    "environment), to stdout or --output.")]
 OutputOpt = Annotated[Path | None, typer.Option(
     "--output", help="Write json or csv here (format from --format, else the file suffix).")]
+PlotOpt = Annotated[Path | None, typer.Option(
+    "--plot", help="Also draw the report's figures to this PNG (memory by category, micro-batch, state, "
+    "predicted against measured: those that fit).")]
 SaveProfileOpt = Annotated[Path | None, typer.Option(
     "--save-profile", help="Write a profile (TOML) that guards these results, for `optprof check`.")]
 UnitsOpt = Annotated[Units | None, typer.Option(
@@ -155,7 +159,7 @@ def state_size(
     model: ModelArg = DEFAULT_MODEL, optimizer: OptimizerOpt = None, opt_arg: OptArgOpt = None,
     dtype: DtypeOpt = Dtype.float32, revision: RevisionOpt = None, trust_remote_code: TrustOpt = False,
     output_format: FormatOpt = OutputFormat.table, output: OutputOpt = None, units: UnitsOpt = None,
-    jobs: JobsOpt = None,
+    plot: PlotOpt = None, jobs: JobsOpt = None,
     save_profile: SaveProfileOpt = None, gpus: ShardedGpusOpt = 1, strategy: ShardedStrategyOpt = ShardedStrategy.fsdp,
     shard_size: ShardSizeOpt = None, full_model: FullModelOpt = False, lora: LoraOpt = None, qlora: QloraOpt = None,
     freeze: FreezeOpt = None, attention: AttentionOpt = None,
@@ -180,7 +184,7 @@ def state_size(
     file_format = _file_format(output_format, output)
     with report.console(stderr=True).status(f"measuring optimizer state for {model} ...") as status:
         result = run_state_size(run_config, on_row=lambda row: status.update(f"measured {row.optimizer}"))
-    _finish(result, output_format, output, file_format, units, save_profile, "state-size")
+    _finish(result, output_format, output, file_format, units, save_profile, "state-size", plot)
 
 
 DeviceOpt = Annotated[DeviceKind | None, typer.Option(
@@ -232,12 +236,16 @@ def compare(
     peak_tflops: PeakTflopsOpt = None, breakdown: BreakdownOpt = True, trial_timeout: TrialTimeoutOpt = 1800.0,
     save_profile: SaveProfileOpt = None, gpus: GpusOpt = None, strategy: StrategyOpt = Strategy.fsdp,
     shard_size: ShardSizeOpt = None, seed: SeedOpt = 0, predict: PredictOpt = True, preflight: PreflightOpt = True,
+    memory_snapshot: Annotated[Path | None, typer.Option(
+        "--memory-snapshot", help="CUDA only: record the allocator's history over each optimizer's tracked step "
+        "and dump it into this folder, one file per optimizer (and rank), for PyTorch's memory visualiser.")] = None,
     offload_optimizer: Annotated[bool, typer.Option(
         "--offload-optimizer", help="FSDP2's CPUOffloadPolicy (CUDA, --gpus N with a sharded strategy): sharded "
         "parameters, gradients and optimizer state in host memory, the step on the CPU.")] = False,
     revision: RevisionOpt = None, trust_remote_code: TrustOpt = False, lora: LoraOpt = None, qlora: QloraOpt = None,
     freeze: FreezeOpt = None, attention: AttentionOpt = None,
     output_format: FormatOpt = OutputFormat.table, output: OutputOpt = None, units: UnitsOpt = None,
+    plot: PlotOpt = None,
 ) -> None:
     """Train MODEL for a few real steps under each optimizer and measure memory, time and throughput.
 
@@ -256,6 +264,9 @@ def compare(
     kind = config.resolve_device(device.value if device else None)  # type: ignore[arg-type]
     world, joined = resolve_ranks(kind, gpus, device_given=device is not None)
     config.check_offload(offload_optimizer, kind, world, strategy.value)  # type: ignore[arg-type]
+    if memory_snapshot is not None and (kind != "cuda" or not breakdown):
+        raise UsageError("--memory-snapshot records CUDA's allocator over the tracked step: it needs --device cuda "
+                         "and --breakdown" + ("; there is no CUDA allocator on --device cpu" if kind != "cuda" else ""))
     if qlora is not None and world > 1:
         raise UsageError("--qlora runs on one device for now (FSDP over 4-bit parameters is not set up); drop --gpus")
     limit = None if memory_limit is None else parse_bytes(memory_limit, "--memory-limit")
@@ -271,7 +282,9 @@ def compare(
         tuple(optimizer or ()), training,
         parse_opt_args(opt_arg or []), search=config.SearchSettings(max_micro_batch, search_margin) if fixed is None
         else None, gpus=world, strategy=strategy.value, torchrun=joined, trial_timeout_s=trial_timeout,  # type: ignore[arg-type]
-        predict=predict, preflight=preflight, offload_optimizer=offload_optimizer, shard_size=config.resolve_shard_size(
+        predict=predict, preflight=preflight, offload_optimizer=offload_optimizer,
+        memory_snapshot_dir=None if memory_snapshot is None else str(memory_snapshot),
+        shard_size=config.resolve_shard_size(
             strategy.value, world, shard_size, ranks_per_node() if joined else None))  # type: ignore[arg-type]
     file_format = _file_format(output_format, output)
     err = report.console(stderr=True)
@@ -279,7 +292,7 @@ def compare(
         result = run_compare(run_config, on_progress=lambda name, text: status.update(f"{name}: {text}"),
                              on_row=lambda row: err.print(report.trial_line(row)), quiet=not _debug)
     if reporter:  # under torchrun, rank 0 writes the report
-        _finish(result, output_format, output, file_format, units, save_profile, "compare")
+        _finish(result, output_format, output, file_format, units, save_profile, "compare", plot)
 
 
 @app.command("predict")
@@ -299,8 +312,8 @@ def predict(
     grad_accum: GradAccumOpt = 1, gradient_checkpointing: CheckpointingOpt = False,
     max_micro_batch: MaxMicroBatchOpt = 256, revision: RevisionOpt = None, trust_remote_code: TrustOpt = False,
     output_format: FormatOpt = OutputFormat.table, output: OutputOpt = None, units: UnitsOpt = None,
-    save_profile: SaveProfileOpt = None, jobs: JobsOpt = None, lora: LoraOpt = None, qlora: QloraOpt = None,
-    freeze: FreezeOpt = None, attention: AttentionOpt = None,
+    plot: PlotOpt = None, save_profile: SaveProfileOpt = None, jobs: JobsOpt = None, lora: LoraOpt = None,
+    qlora: QloraOpt = None, freeze: FreezeOpt = None, attention: AttentionOpt = None,
 ) -> None:
     """Predict peak memory per device (and the largest micro-batch) without a GPU, from fake tensors.
 
@@ -333,7 +346,7 @@ def predict(
     with err.status(f"predicting on fake tensors for {model} ...") as status:
         result = run_predict(run_config, on_progress=lambda name, text: status.update(f"{name}: {text}"),
                              on_row=lambda row: err.print(report.prediction_line(row)))
-    _finish(result, output_format, output, file_format, units, save_profile, "predict")
+    _finish(result, output_format, output, file_format, units, save_profile, "predict", plot)
 
 
 @app.command("check")
@@ -400,12 +413,15 @@ def report_(
         help="Reports saved with --format json or --output (state-size, compare, predict, check, optimizers, "
         "models). Several of one kind show side by side, each row labelled by its file.")],
     output_format: FormatOpt = OutputFormat.table, output: OutputOpt = None, units: UnitsOpt = None,
+    plot: PlotOpt = None,
 ) -> None:
     """Re-render saved reports: the table again, or JSON / CSV; several runs of one kind side by side."""
     from optprof import report, results
 
     runs = [results.read_report(path) for path in files]
     labels = results.run_labels(files)
+    if plot is not None:
+        _plot(results.combined(runs, labels) if len(runs) > 1 else runs[0], plot, units.value if units else None)
     if output_format.value == "table" and output is None:
         shown = results.combined(runs, labels) if len(runs) > 1 else runs[0]
         described = [(label, run) for label, run in zip(labels, runs, strict=True)
@@ -413,7 +429,15 @@ def report_(
         report.console().print(report.render(shown, units.value if units else None, described))
         return
     fmt = _file_format(output_format, output) or output_format.value
-    text = results.serialise(runs, labels, fmt)
+    if fmt == "html":
+        from optprof.html import html_document
+
+        shown = results.combined(runs, labels) if len(runs) > 1 else runs[0]
+        described = [(label, run) for label, run in zip(labels, runs, strict=True)
+                     if isinstance(run, results.ModelReport)]
+        text = html_document(shown, units.value if units else None, described)
+    else:
+        text = results.serialise(runs, labels, fmt)
     if output is None:
         typer.echo(text, nl=False)
     else:
@@ -426,8 +450,8 @@ def _file_format(output_format: StrEnum, output: Path | None) -> str | None:
     if output_format.value != "table":
         return output_format.value
     suffix = output.suffix.lower().lstrip(".")
-    if suffix not in ("json", "csv"):
-        raise UsageError(f"cannot tell the format of '{output}': use a .json or .csv name, or --format")
+    if suffix not in ("json", "csv", "html"):
+        raise UsageError(f"cannot tell the format of '{output}': use a .json, .csv or .html name, or --format")
     return suffix
 
 
@@ -442,21 +466,50 @@ def _write(path: Path, text: str, what: str) -> None:
 
 
 def _finish(result: Report, output_format: StrEnum, output: Path | None, file_format: str | None,
-            units: StrEnum | None, save_profile: Path | None = None, command: Command | None = None) -> None:
-    """Table to the terminal, data to stdout, or data to --output (the table still shown); the profile;
-    then exit 1 if a row failed."""
+            units: StrEnum | None, save_profile: Path | None = None, command: Command | None = None,
+            plot: Path | None = None) -> None:
+    """Table to the terminal, data to stdout, or data to --output (the table still shown); the plot; the
+    profile; then exit 1 if a row failed."""
     from optprof import report
 
+    if plot is not None:
+        _plot(result, plot, units.value if units else None)
+    chosen = units.value if units else None
     if output is not None and file_format is not None:
-        _write(output, result.to_json() if file_format == "json" else result.to_csv(), file_format)
+        _write(output, _serialised(result, file_format, chosen), file_format)
     if output_format.value == "table":
-        report.console().print(report.render(result, units.value if units else None))
+        report.console().print(report.render(result, chosen))
     elif output is None:
-        typer.echo(result.to_json() if output_format.value == "json" else result.to_csv(), nl=False)
+        typer.echo(_serialised(result, output_format.value, chosen), nl=False)
     if save_profile is not None and command is not None:
         _save_profile(save_profile, result, command)  # type: ignore[arg-type]
     if result.failed:
         raise typer.Exit(1)
+
+
+def _serialised(result: Report, fmt: str, units: str | None) -> str:
+    if fmt == "html":
+        from optprof.html import html_document
+
+        return html_document(result, units)
+    return result.to_json() if fmt == "json" else result.to_csv()
+
+
+def _plot(result: Report, path: Path, units: str | None) -> None:
+    from optprof import report, results
+    from optprof.plots import plot_png
+
+    if not isinstance(result, results.ModelReport):
+        raise UsageError("--plot draws state-size, compare and predict reports")
+    _write_bytes(path, plot_png(result, units))
+    report.console(stderr=True).print(f"wrote plot {path}")
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    try:
+        path.write_bytes(data)
+    except OSError as exc:
+        raise UsageError(f"cannot write '{path}': {exc.strerror or exc}") from exc
 
 
 def _save_profile(path: Path, result: ModelReport, command: Command) -> None:

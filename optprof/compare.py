@@ -81,7 +81,8 @@ class TrialRunner:
         distributed = config.gpus > 1 or config.torchrun
         spec = TrialSpec(config.model, entry.name, training, config.opt_args,
                          strategy=config.strategy if distributed else None, shard_size=config.shard_size,
-                         offload_optimizer=config.offload_optimizer)
+                         offload_optimizer=config.offload_optimizer,
+                         memory_snapshot_dir=config.memory_snapshot_dir)
         progress("starting")
         if config.torchrun:
             result = Isolated(value=run_joined(spec, progress))

@@ -121,6 +121,7 @@ class CompareConfig:
     predict: bool = True  # also predict each row's peak on fake tensors, here, and report the error
     preflight: bool = True  # decide `unsupported` and `does not fit` on fake tensors before launching a trial
     offload_optimizer: bool = False  # FSDP2's CPUOffloadPolicy: sharded parameters, gradients and state on the host
+    memory_snapshot_dir: str | None = None  # CUDA: dump the allocator's history over each tracked step here
 
 
 @dataclass(frozen=True)

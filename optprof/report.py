@@ -517,17 +517,29 @@ def render(report: Report, units: str | None = None, models: list[tuple[str, Mod
     if isinstance(report, ModelsReport):
         return Group(models_table(report))
     assert isinstance(report, ModelReport)
+    chosen = report_units(report, units)
+    if isinstance(report, StateSizeReport):
+        body = state_size_table(report, chosen)
+    elif isinstance(report, CompareReport):
+        body = compare_table(report, chosen)
+    else:
+        assert isinstance(report, PredictReport)
+        body = predict_table(report, chosen)
+    return Group(*_model_lines(report, models), body)
+
+
+def report_units(report: ModelReport, units: str | None = None) -> str:
+    """The byte units a report's tables and plots use: --units, else GB or MB by its largest figure."""
+    if units is not None:
+        return units
     if isinstance(report, StateSizeReport):
         largest = max([report.reference_state_bytes or 0] + [row.state_bytes or 0 for row in report.results])
-        body = state_size_table(report, units or auto_units(largest))
     elif isinstance(report, CompareReport):
         largest = max((row.peak_bytes or row.predicted_peak_bytes or 0 for row in report.results), default=0)
-        body = compare_table(report, units or auto_units(largest))
     else:
         assert isinstance(report, PredictReport)
         largest = max((row.predicted_device_bytes or 0 for row in report.results), default=0)
-        body = predict_table(report, units or auto_units(largest))
-    return Group(*_model_lines(report, models), body)
+    return auto_units(largest)
 
 
 def _model_lines(report: ModelReport, models: list[tuple[str, ModelReport]] | None) -> list[Text]:

@@ -57,3 +57,17 @@ def test_offloaded_optimizer_state_leaves_the_device() -> None:
     assert offloaded.state_bytes == kept.state_bytes
     assert offloaded.torch_max_allocated_bytes <= kept.torch_max_allocated_bytes - kept.state_bytes
     assert offloaded.rss_peak_bytes >= kept.rss_peak_bytes + kept.state_bytes // 2
+
+
+def test_memory_snapshot_per_optimizer(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import pickle
+
+    settings = TrainingSettings(device="cuda", seq_len=128, steps=2)
+    report = run_compare(CompareConfig(ModelSelection("demo"), ("adamw", "sgd"), settings,
+                                       memory_snapshot_dir=str(tmp_path)))
+    for row in report.results:
+        assert row.status == "ok", row.reason
+        path = tmp_path / f"{row.optimizer}.pickle"
+        assert any(str(path) in note for note in row.notes)
+        with path.open("rb") as file:
+            assert "segments" in pickle.load(file)  # the allocator snapshot format

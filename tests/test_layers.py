@@ -14,6 +14,8 @@ PACKAGE = Path(optprof.__file__).parent
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("__main__",),
     ("cli",),
+    ("html",),  # a report as one self-contained HTML file: tables, figures, environment
+    ("plots",),  # results -> pictures (matplotlib, imported only when a plot is asked for)
     ("report",),  # results -> text: only the CLI renders
     ("check",),
     ("compare", "state_size"),
@@ -21,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("predict",),
     ("dist",),  # N ranks, launched or joined, folded by rule
     ("measure.trial",),
-    ("measure.tracker", "measure.stats", "measure.isolate"),
+    ("measure.tracker", "measure.stats", "measure.isolate", "measure.snapshot"),
     ("measure.step", "measure.sampler", "measure.flops", "measure.routing"),
     ("measure.device",),
     ("measure.nvml",),

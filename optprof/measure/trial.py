@@ -27,6 +27,7 @@ from optprof.measure.flops import device_peak_flops, model_flops_per_token
 from optprof.measure.nvml import NvmlReader, open_backend
 from optprof.measure.routing import RoutingCounter
 from optprof.measure.sampler import MemorySampler, SamplerResult, process_rss
+from optprof.measure.snapshot import cuda_memory_history, snapshot_path
 from optprof.measure.stats import optimizer_step_figures, precise_enough, timing_figures
 from optprof.measure.step import (
     StepTimes,
@@ -85,6 +86,7 @@ class TrialSpec:
     strategy: Strategy | None = None  # inside a process group (--gpus N); None: one device
     shard_size: int | None = None  # hsdp: ranks per shard group
     offload_optimizer: bool = False  # FSDP2's CPUOffloadPolicy: state on the host
+    memory_snapshot_dir: str | None = None  # CUDA: the allocator's history over the tracked step, dumped here
 
 
 @dataclass(frozen=True)
@@ -192,9 +194,11 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
             times.append(step.run())
     account = account_state(step.optimizer, step.params, entry.second_moment_keys)
     tracked = None
+    snapshot = snapshot_path(spec.memory_snapshot_dir, entry.name, rank)
     if t.breakdown:
         progress("memory breakdown (one tracked step)")
-        tracked = tracked_step(step, account.state_bytes)
+        with cuda_memory_history(snapshot):
+            tracked = tracked_step(step, account.state_bytes)
     repetitions: list[float] = []
     if t.time_optimizer_step:  # last: repeated updates on one set of gradients move the weights off the trace
         progress("repeating the optimizer step for its timing")
@@ -220,7 +224,9 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
         loss_first=step.losses[0],
         loss_last=step.losses[-1],
         losses=tuple(step.losses),
-        notes=tuple(_notes(spec, device, measured)),
+        notes=tuple(_notes(spec, device, measured)) + ((
+            f"memory snapshot of the tracked step: {snapshot} (open it in PyTorch's memory visualiser)",)
+            if snapshot is not None and tracked is not None else ()),
     )
     return TrialOutcome(dataclasses.replace(row, derived=_derived(row)), {**device_facts(device), **nvml_facts})
 
