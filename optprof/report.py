@@ -243,8 +243,8 @@ def compare_table(report: CompareReport, units: str) -> Group:
     notes: list[Text] = []
     for row in report.results:
         short = _shortfall(row, units)
-        status = _status_cell(row.optimizer, row.status, [row.reason or "", short, row.settings or "", *row.notes],
-                              notes)
+        remarks = [row.reason or "", short, row.settings or "", _parts_text(row.state_parts, units), *row.notes]
+        status = _status_cell(row.optimizer, row.status, remarks, notes)
         largest, trials, at_common = _search_cells(row)
         tokens_vs = (_versus(row, reference, "tokens_per_s", "tokens_per_s_ci95", False,
                              report.fwd_bwd_spread or 0.0),) if reference else ()

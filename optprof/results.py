@@ -209,6 +209,7 @@ class CompareRow(StepRow):
     model_flops_per_token: float | None = None  # PaLM formula: 6 per matmul weight + attention
     mfu: float | None = None  # model FLOPs utilisation; None when the device's peak is unknown
     state_bytes: int | None = None  # measured on the live optimizer, as state-size does
+    state_parts: tuple[StatePart, ...] = ()  # one device: split by part, for optimizers that treat parts differently
     param_bytes: int | None = None
     grad_bytes: int | None = None
     peak_bytes: int | None = None  # the best peak figure for the device; its source in peak_source

@@ -139,3 +139,16 @@ def test_sophiah_keeps_the_gradient_graph_and_needs_a_second_derivative() -> Non
     assert sophia.status == adamw.status == "ok", (sophia.reason, adamw.reason)
     assert sophia.tensor_peak_bytes > adamw.tensor_peak_bytes
     assert sophia.predicted_peak_bytes == pytest.approx(sophia.tensor_peak_bytes, rel=0.02)
+
+
+def test_a_compare_row_splits_muons_state_by_part_as_state_size_does() -> None:
+    from optprof.compare import run_compare
+    from optprof.config import CompareConfig, ModelSelection, StateSizeConfig, TrainingSettings
+    from optprof.state_size import run_state_size
+
+    training = TrainingSettings(device="cpu", micro_batch=1, seq_len=32, steps=2)
+    (row,) = run_compare(CompareConfig(ModelSelection("demo"), ("muon",), training, predict=False)).results
+    (sized,) = run_state_size(StateSizeConfig(ModelSelection("demo"), ("muon",))).results
+    assert row.status == "ok", row.reason
+    assert [part.name for part in row.state_parts] == ["muon", "adamw"]
+    assert row.state_parts == sized.state_parts and sum(p.state_bytes for p in row.state_parts) == row.state_bytes

@@ -217,6 +217,7 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
         **memory_figures(measured.allocator, measured.tracked, measured.sampled),
         **_work_figures(spec, step, info, device, tokens_per_step, timing["tokens_per_s"], energy.result),
         state_bytes=account.state_bytes,
+        state_parts=account.parts if spec.strategy is None else (),  # a rank's parts would be its shard's
         expert_load=routing.expert_load,
         state_logical_bytes=logical_state_bytes(step.optimizer, step.params),
         param_bytes=storage_bytes(step.model.parameters()),
