@@ -76,13 +76,19 @@ def cache_dir() -> Path:
 
 
 def _support_cache_file(strategy: Strategy) -> Path:
-    """One file per strategy and set of installed versions: a new torch, transformers, optprof or optimizer
-    package gets a fresh decision."""
+    """One file per strategy, set of installed versions and optprof source: a new torch, transformers or
+    optimizer package, or a changed builder or training step (same optprof version), gets a fresh decision."""
     packages = sorted({"torch", "transformers", "optprof", *(entry.package for entry in REGISTRY.values())})
     key = json.dumps({"strategy": strategy, "ranks": SUPPORT_RANKS, "shard": SUPPORT_SHARD_SIZE,
-                      "model": SUPPORT_MODEL, "versions": {name: package_version(name) for name in packages}},
-                     sort_keys=True)
+                      "model": SUPPORT_MODEL, "versions": {name: package_version(name) for name in packages},
+                      "source": source_digest()}, sort_keys=True)
     return cache_dir() / f"support-{strategy}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+
+def source_digest() -> str:
+    """A digest of optprof's own source (the builders and the training step decide support too)."""
+    files = sorted(Path(__file__).parent.rglob("*.py"))
+    return hashlib.sha256(b"".join(path.read_bytes() for path in files)).hexdigest()
 
 
 def _read_cache(path: Path) -> dict[str, dict[str, Any]]:

@@ -71,6 +71,9 @@ def test_the_support_matrix_is_cached_per_installed_versions(monkeypatch, tmp_pa
     preflight.support_matrix("fsdp")
     assert len(calls) == 2 * decided  # another torch: decided again
     assert len(list(tmp_path.glob("support-fsdp-*.json"))) == 2
+    monkeypatch.setattr(preflight, "source_digest", lambda: "changed builders")
+    preflight.support_matrix("fsdp")
+    assert len(calls) == 3 * decided  # optprof's own code changed (same version): decided again
 
 
 def test_optimizers_with_a_strategy_lists_every_optimizers_support(monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
