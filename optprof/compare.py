@@ -40,7 +40,6 @@ from optprof.results import (
     command_config,
 )
 from optprof.search import Probe, search_max_micro_batch
-from optprof.setups import QLORA_ON_FAKE
 
 
 @dataclass(frozen=True)
@@ -139,8 +138,6 @@ def _prediction(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSe
     config = runner.config
     if not config.predict:
         return None, "--no-predict"
-    if config.model.setup.qlora:
-        return None, QLORA_ON_FAKE
     if config.offload_optimizer:
         return None, OFFLOAD_NOT_PREDICTED
     if config.torchrun or (config.gpus > 1 and config.strategy not in SHARDED_STRATEGIES):
@@ -246,7 +243,7 @@ def _row(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
 
     def fit_prediction() -> PredictRow | None:
         """The row's own prediction, else one made for the fit: one device's for the replicated strategies."""
-        if predicted is not None or runner.config.model.setup.qlora or runner.config.offload_optimizer:
+        if predicted is not None or runner.config.offload_optimizer:
             return predicted
         row = _predicted(runner, entry, training, config.gpus if config.strategy in SHARDED_STRATEGIES else 1)
         return row if row.status == STATUS_OK else None

@@ -22,7 +22,7 @@ from optprof.config import (
     parameter_dtype,
     resolve_seq_len,
 )
-from optprof.errors import UsageError, error_text
+from optprof.errors import error_text
 from optprof.forked import can_fork, forked_map
 from optprof.measure.device import CpuDevice
 from optprof.measure.step import TrainStep, make_batches
@@ -41,7 +41,7 @@ from optprof.results import (
     command_config,
 )
 from optprof.search import Probe, search_max_micro_batch
-from optprof.setups import QLORA_ON_FAKE
+from optprof.setups import QLORA_PREDICTED, qlora_weight_saving
 
 # Attention dropout makes CPU SDPA fall back to a kernel that keeps the whole attention matrix; CUDA's
 # flash and memory-efficient kernels do not, so for a CUDA target it is switched off (memory only).
@@ -93,9 +93,14 @@ class FakeTrainer:
         self.training = training
         overrides = dict.fromkeys(ATTENTION_DROPOUT_KEYS, 0.0) if training.device == "cuda" else {}
         torch.manual_seed(training.seed)
-        loaded = load_selection(config.model, dtype=parameter_dtype(config.model, training), device="cpu",
+        setup = config.model.setup
+        selection = dataclasses.replace(config.model, setup=dataclasses.replace(setup, qlora=False))  # see below
+        loaded = load_selection(selection, dtype=parameter_dtype(config.model, training), device="cpu",
                                 overrides=overrides, layers=config.layers)
         self.model, self.info = loaded.module, loaded.info
+        # QLoRA: fake tensors cannot hold bitsandbytes' 4-bit weights, so the step runs on the unquantized base
+        # and every peak is lowered by what NF4 storage saves (measured per shape: setups.qlora_weight_saving)
+        self.parameter_saving = qlora_weight_saving(self.model) if setup.qlora else 0
         self.model.train()
         if training.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -124,8 +129,18 @@ class FakeTrainer:
         """The tracked step's peak (FSDPMemTracker when sharded), traced once per micro-batch: a step on fake
         tensors is deterministic, and the search probes the asked size again."""
         if micro_batch not in self._peaks:
-            self._peaks[micro_batch] = tracked_step(self._step(micro_batch), self.state_bytes)
+            self._peaks[micro_batch] = _lowered(tracked_step(self._step(micro_batch), self.state_bytes),
+                                                self.parameter_saving)
         return self._peaks[micro_batch]
+
+
+def _lowered(peak: TrackedPeak, saving: int) -> TrackedPeak:
+    """The peak with `saving` bytes fewer parameters (alive throughout the step, so in every phase's peak)."""
+    if not saving:
+        return peak
+    breakdown = {**peak.breakdown, "parameters": peak.breakdown.get("parameters", 0) - saving}
+    return dataclasses.replace(peak, tensor_peak_bytes=peak.tensor_peak_bytes - saving, breakdown=breakdown,
+                               fwd_bwd_peak_bytes=peak.fwd_bwd_peak_bytes - saving)
 
 
 def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: TrainingSettings,
@@ -208,8 +223,6 @@ def _predict_all(config: PredictConfig, entries: list[OptimizerEntry], training:
 def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] | None = None,
                 on_row: Callable[[PredictRow], None] | None = None) -> PredictReport:
     check_training(config.training, config.model.dtype)
-    if config.model.setup.qlora:
-        raise UsageError(f"--qlora: {QLORA_ON_FAKE}")
     entries = resolve_optimizers(list(config.optimizers))
     selection = config.model
     loaded = load_selection(selection)
@@ -224,6 +237,8 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
     if zeroed:
         assumptions += (f"attention dropout ({', '.join(zeroed)}) was set to 0 so that SDPA takes the "
                         "flash-style path, whose memory matches CUDA's flash / memory-efficient kernels",)
+    if config.model.setup.qlora:
+        assumptions += (QLORA_PREDICTED,)
     if info.num_experts:
         assumptions += (f"mixture of experts ({info.num_experts} experts, {info.experts_per_token} per token): the "
                         "experts run as transformers' grouped experts path (its default), whose tensors have "

@@ -68,7 +68,14 @@ def describe_setup(setup: TrainingSetup, model: nn.Module | None = None) -> str:
     return "; ".join(parts) or "full training"
 
 
-QLORA_ON_FAKE = ("bitsandbytes' 4-bit parameters (Params4bit) cannot hold a fake tensor, so a QLoRA step cannot run "
+QLORA_PREDICTED = ("--qlora: bitsandbytes' 4-bit weights cannot be fake tensors, so the step ran with the base's "
+                   "linear weights unquantized, and each predicted peak is lowered by those weights' bytes less their "
+                   "NF4 storage (packed codes and double-quantized scales, measured by quantizing a zero tensor of "
+                   "each shape on the CPU); bitsandbytes' dequantization temporaries (one layer's weight at a time) "
+                   "are not in it. compare's tensor peak counts the packed codes but not the scales, which are not "
+                   "parameters")
+QLORA_ON_FAKE = ("bitsandbytes' 4-bit parameters (Params4bit) cannot hold a fake tensor (predict lowers its peaks by "
+                 "the NF4 saving instead), so a QLoRA step cannot run "
                  "on fake tensors; `compare` measures it (CPU or CUDA)")
 
 
@@ -162,6 +169,50 @@ def _quantize_base(model: nn.Module) -> None:
             if child.bias is not None:
                 layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
             setattr(parent, name, layer.to(weight.device))  # Params4bit quantizes as it moves
+
+
+def quantized_linears(model: nn.Module) -> list[nn.Module]:
+    """The layers QLoRA quantizes: every plain linear layer but the output head and LoRA's own adapters."""
+    from torch import nn
+
+    head = model.get_output_embeddings()
+    return [module for name, module in model.named_modules()
+            if type(module) is nn.Linear and module is not head and "lora_" not in name]
+
+
+def qlora_weight_saving(model: nn.Module) -> int:
+    """Bytes the base's linear weights shed when QLoRA holds them in NF4: their own bytes less their 4-bit
+    storage (packed codes, double-quantized scales and their constants). The storage is measured, by quantizing
+    a zero tensor of each shape and dtype on the CPU with bitsandbytes (outside any fake-tensor mode), once per
+    shape: this is how predict sees a 4-bit base that fake tensors cannot hold."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    shapes: dict[tuple[tuple[int, ...], Any], int] = {}
+    for layer in quantized_linears(model):
+        key = (tuple(layer.weight.shape), layer.weight.dtype)
+        shapes[key] = shapes.get(key, 0) + 1
+    saved = 0
+    with unset_fake_temporarily():
+        for (shape, dtype), count in shapes.items():
+            whole = dtype.itemsize * int(torch_numel(shape))
+            saved += count * (whole - _nf4_storage_bytes(shape, dtype))
+    return saved
+
+
+def torch_numel(shape: tuple[int, ...]) -> int:
+    numel = 1
+    for size in shape:
+        numel *= size
+    return numel
+
+
+def _nf4_storage_bytes(shape: tuple[int, ...], dtype: Any) -> int:
+    import torch
+    from bitsandbytes.functional import quantize_4bit
+
+    packed, state = quantize_4bit(torch.zeros(shape, dtype=dtype), quant_type="nf4", compress_statistics=True)
+    tensors = [packed, state.absmax, state.code, state.offset, state.state2.absmax, state.state2.code]
+    return sum(t.untyped_storage().nbytes() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def _with_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:
