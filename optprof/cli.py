@@ -127,7 +127,8 @@ LoraOpt = Annotated[str | None, typer.Option(
     "(unset keys: peft's defaults for the architecture).")]
 QloraOpt = Annotated[str | None, typer.Option(
     "--qlora", help="As --lora, with the base's linear layers in 4-bit NF4 (bitsandbytes, double quantization): "
-    "compare runs it on CPU or CUDA; state-size gives its exact state; predict cannot (fake tensors).")]
+    "compare runs it on CPU or CUDA; state-size gives its exact state; predict lowers its peaks by the NF4 "
+    "saving, measured per weight shape (fake tensors cannot hold 4-bit weights).")]
 AttentionOpt = Annotated[str | None, typer.Option(
     "--attention", help="transformers' attention implementation, e.g. eager (its activations hold the attention "
     "matrix; needed by optimizers that differentiate the gradients, such as sophiah) or sdpa (the default).")]
