@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -74,9 +75,8 @@ QLORA_PREDICTED = ("--qlora: bitsandbytes' 4-bit weights cannot be fake tensors,
                    "each shape on the CPU); bitsandbytes' dequantization temporaries (one layer's weight at a time) "
                    "are not in it. compare's tensor peak counts the packed codes but not the scales, which are not "
                    "parameters")
-QLORA_ON_FAKE = ("bitsandbytes' 4-bit parameters (Params4bit) cannot hold a fake tensor (predict lowers its peaks by "
-                 "the NF4 saving instead), so a QLoRA step cannot run "
-                 "on fake tensors; `compare` measures it (CPU or CUDA)")
+QLORA_ON_FAKE = ("bitsandbytes' 4-bit parameters (Params4bit) cannot hold a fake tensor: a model of fake tensors "
+                 "keeps its base unquantized (predict lowers its peaks by the NF4 saving instead)")
 
 
 def apply_setup(model: nn.Module, setup: TrainingSetup) -> nn.Module:
@@ -146,7 +146,7 @@ def _quantize_base(model: nn.Module) -> None:
     from torch import nn
     from torch._subclasses.fake_tensor import is_fake
 
-    weights = [p for p in model.parameters()]
+    weights = list(model.parameters())
     if any(is_fake(p) for p in weights):
         raise UsageError(f"--qlora: {QLORA_ON_FAKE}")
     if any(p.device.type == "meta" for p in weights):
@@ -155,28 +155,25 @@ def _quantize_base(model: nn.Module) -> None:
         import bitsandbytes as bnb
     except ImportError as exc:
         raise UsageError(f"--qlora needs bitsandbytes ({exc}); pip install -e '.[bnb]' in optprof's checkout") from None
-    head = model.get_output_embeddings()
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or child is head:
-                continue
-            weight = child.weight
-            layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=weight.dtype, quant_type="nf4", compress_statistics=True,
-                                      device="meta")
-            layer.weight = bnb.nn.Params4bit(weight.data, requires_grad=False, quant_type="nf4",
-                                             compress_statistics=True)
-            if child.bias is not None:
-                layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
-            setattr(parent, name, layer.to(weight.device))  # Params4bit quantizes as it moves
+    for name, child in quantized_linears(model):
+        weight = child.weight
+        layer = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                  compute_dtype=weight.dtype, quant_type="nf4", compress_statistics=True,
+                                  device="meta")
+        layer.weight = bnb.nn.Params4bit(weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True)
+        if child.bias is not None:
+            layer.bias = nn.Parameter(child.bias.data, requires_grad=False)
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, layer.to(weight.device))  # Params4bit quantizes as it moves
 
 
-def quantized_linears(model: nn.Module) -> list[nn.Module]:
-    """The layers QLoRA quantizes: every plain linear layer but the output head and LoRA's own adapters."""
+def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    """(name, layer) of each layer QLoRA quantizes: every plain linear layer but the output head and LoRA's own
+    adapters. `_quantize_base` quantizes these, and `qlora_weight_saving` counts them."""
     from torch import nn
 
     head = model.get_output_embeddings()
-    return [module for name, module in model.named_modules()
+    return [(name, module) for name, module in model.named_modules()
             if type(module) is nn.Linear and module is not head and "lora_" not in name]
 
 
@@ -188,22 +185,15 @@ def qlora_weight_saving(model: nn.Module) -> int:
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     shapes: dict[tuple[tuple[int, ...], Any], int] = {}
-    for layer in quantized_linears(model):
+    for _, layer in quantized_linears(model):
         key = (tuple(layer.weight.shape), layer.weight.dtype)
         shapes[key] = shapes.get(key, 0) + 1
     saved = 0
     with unset_fake_temporarily():
         for (shape, dtype), count in shapes.items():
-            whole = dtype.itemsize * int(torch_numel(shape))
+            whole = dtype.itemsize * math.prod(shape)
             saved += count * (whole - _nf4_storage_bytes(shape, dtype))
     return saved
-
-
-def torch_numel(shape: tuple[int, ...]) -> int:
-    numel = 1
-    for size in shape:
-        numel *= size
-    return numel
 
 
 def _nf4_storage_bytes(shape: tuple[int, ...], dtype: Any) -> int:

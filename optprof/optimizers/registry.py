@@ -107,24 +107,6 @@ def _hf_adafactor(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) ->
     return Adafactor(trainable_parameters(model), **{**defaults, **args})
 
 
-def _bnb_adamw8bit(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
-    import bitsandbytes as bnb
-
-    return bnb.optim.AdamW8bit(trainable_parameters(model), **args)
-
-
-def _torchao_adamw8bit(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
-    from torchao.optim import AdamW8bit
-
-    return AdamW8bit(trainable_parameters(model), **args)
-
-
-def _torchao_adamw4bit(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
-    from torchao.optim import AdamW4bit
-
-    return AdamW4bit(trainable_parameters(model), **args)
-
-
 def _sophia_h(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
     from pytorch_optimizer import SophiaH
 
@@ -204,14 +186,14 @@ def _package_entries() -> list[OptimizerEntry]:
                        _package_optimizer("pytorch_optimizer", "ScheduleFreeAdamW", lr=1e-3),
                        frozenset({"exp_avg_sq"})),
         OptimizerEntry("adamw8bit-bnb", "bitsandbytes", "bitsandbytes", QUANTIZED,
-                       "bitsandbytes AdamW8bit: blockwise 8-bit moments", _bnb_adamw8bit,
-                       frozenset({"state2"})),
+                       "bitsandbytes AdamW8bit: blockwise 8-bit moments",
+                       _package_optimizer("bitsandbytes.optim", "AdamW8bit"), frozenset({"state2"})),
         OptimizerEntry("adamw8bit-torchao", "torchao", "torchao", QUANTIZED,
-                       "torchao AdamW8bit: 8-bit moments as a tensor subclass", _torchao_adamw8bit,
-                       ADAM_SECOND_MOMENT),
+                       "torchao AdamW8bit: 8-bit moments as a tensor subclass",
+                       _package_optimizer("torchao.optim", "AdamW8bit"), ADAM_SECOND_MOMENT),
         OptimizerEntry("adamw4bit-torchao", "torchao", "torchao", QUANTIZED,
-                       "torchao AdamW4bit: 4-bit moments (block size 128) as a tensor subclass", _torchao_adamw4bit,
-                       ADAM_SECOND_MOMENT),
+                       "torchao AdamW4bit: 4-bit moments (block size 128) as a tensor subclass",
+                       _package_optimizer("torchao.optim", "AdamW4bit"), ADAM_SECOND_MOMENT),
     ]
 
 
