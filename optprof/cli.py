@@ -421,22 +421,23 @@ def report_(
 
     runs = [results.read_report(path) for path in files]
     labels = results.run_labels(files)
+    described = [(label, run) for label, run in zip(labels, runs, strict=True) if isinstance(run, results.ModelReport)]
+    chosen = units.value if units else None
+
+    def shown() -> results.Report:
+        """The runs as one report (they must be of one kind; JSON and CSV also take mixed kinds)."""
+        return results.combined(runs, labels) if len(runs) > 1 else runs[0]
+
     if plot is not None:
-        _plot(results.combined(runs, labels) if len(runs) > 1 else runs[0], plot, units.value if units else None)
+        _plot(shown(), plot, chosen)
     if output_format.value == "table" and output is None:
-        shown = results.combined(runs, labels) if len(runs) > 1 else runs[0]
-        described = [(label, run) for label, run in zip(labels, runs, strict=True)
-                     if isinstance(run, results.ModelReport)]
-        report.console().print(report.render(shown, units.value if units else None, described))
+        report.console().print(report.render(shown(), chosen, described))
         return
     fmt = _file_format(output_format, output) or output_format.value
     if fmt == "html":
         from optprof.html import html_document
 
-        shown = results.combined(runs, labels) if len(runs) > 1 else runs[0]
-        described = [(label, run) for label, run in zip(labels, runs, strict=True)
-                     if isinstance(run, results.ModelReport)]
-        text = html_document(shown, units.value if units else None, described)
+        text = html_document(shown(), chosen, described)
     else:
         text = results.serialise(runs, labels, fmt)
     if output is None:
@@ -459,10 +460,7 @@ def _file_format(output_format: StrEnum, output: Path | None) -> str | None:
 def _write(path: Path, text: str, what: str) -> None:
     from optprof import report
 
-    try:
-        path.write_text(text)
-    except OSError as exc:
-        raise UsageError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+    _save(path, text.encode())
     report.console(stderr=True).print(f"wrote {what} to {path}")
 
 
@@ -502,11 +500,12 @@ def _plot(result: Report, path: Path, units: str | None) -> None:
 
     if not isinstance(result, results.ModelReport):
         raise UsageError("--plot draws state-size, compare and predict reports")
-    _write_bytes(path, plot_png(result, units))
+    _save(path, plot_png(result, units))
     report.console(stderr=True).print(f"wrote plot {path}")
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def _save(path: Path, data: bytes) -> None:
+    """Write `data` to `path`; a path that cannot be written is the user's one-line error."""
     try:
         path.write_bytes(data)
     except OSError as exc:
