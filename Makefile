@@ -35,6 +35,7 @@ bench: install
 	$(BIN)/python tests/benchmarks/bench_state_size.py
 	$(BIN)/python tests/benchmarks/bench_compare.py
 	$(BIN)/python tests/benchmarks/bench_predict.py
+	$(BIN)/python tests/benchmarks/bench_tune.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

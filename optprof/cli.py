@@ -350,6 +350,64 @@ def predict(
     _finish(result, output_format, output, file_format, units, save_profile, "predict", plot)
 
 
+@app.command("tune")
+def tune(
+    model: ModelArg = DEFAULT_MODEL,
+    optimizer: Annotated[list[str] | None, typer.Option(
+        "--optimizer", "-o", help="Optimizers to tune (repeatable or comma-separated). Default: sgd, momentum, "
+        "nesterov, rmsprop, adam, nadam, adamw, adam-mini (the study's inclusion chains, and Adam-mini).")] = None,
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Points of each optimizer's search space, "
+                                        "the same number for every optimizer.")] = 8,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps per trial.")] = 50,
+    micro_batch: Annotated[int, typer.Option("--micro-batch", min=1, help="Sequences per step.")] = 8,
+    seq_len: Annotated[int, typer.Option("--seq-len", min=2, help="Tokens per sequence.")] = 64,
+    eval_sequences: Annotated[int, typer.Option(
+        "--eval-sequences", min=1, help="Held-out windows the final loss averages over.")] = 64,
+    noise_seeds: Annotated[int, typer.Option(
+        "--noise-seeds", min=0, help="Seeds the best point of each optimizer is trained again with: the noise "
+        "margin of the inclusion checks (0: none).")] = 2,
+    space: Annotated[Path | None, typer.Option(
+        "--space", help="TOML file of search spaces: [adam] lr = [1e-4, 1e-2], beta2 = 0.999, eps = {low = 1e-8, "
+        "high = 1e-6, scale = \"log\"} (scales: log, log1m (1 - x on a log scale), linear).")] = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="Text to train on: a folder of files, a text file, or a JSONL file with a `text` field "
+        "(default: the Python standard library's source). Split by document: every 10th held out.")] = None,
+    opt_arg: Annotated[list[str] | None, typer.Option(
+        "--opt-arg", help="key=value passed to every optimizer, not tuned (repeatable).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Weights, batches and the quasi-random points.")] = 0,
+    jobs: Annotated[int | None, typer.Option(
+        "--jobs", "-j", min=1, help="Trials at once, each in a single-threaded worker (default: CPU cores, at most "
+        "4); the losses do not depend on it.")] = None,
+    revision: RevisionOpt = None, trust_remote_code: TrustOpt = False,
+    output_format: FormatOpt = OutputFormat.table, output: OutputOpt = None, units: UnitsOpt = None,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", help="Also draw each optimizer's best training curve and its best loss against trials spent "
+        "to this PNG.")] = None,
+) -> None:
+    """Quality at equal tuning budget (the optimizer study's protocol): tune each optimizer on real text.
+
+    Each optimizer gets the same number of trials at quasi-random points of its own search space, each trained
+    for the same steps on CPU from the same weights, then scored by its loss on held-out text. The best point
+    is trained again with other seeds to measure the noise; the study's inclusion relations (SGD ⊆ momentum ⊆
+    RMSProp / Adam, SGD ⊆ Nesterov ⊆ NAdam) are checked within it. Exit code 1 if a trial failed, 2 on bad
+    input.
+    """
+    from optprof import report
+    from optprof.optimizers.registry import parse_opt_args
+    from optprof.tune import run_tune
+
+    run_config = config.TuneConfig(
+        _selection(model, Dtype.float32, revision, trust_remote_code), tuple(optimizer or ()),
+        config.TuneBudget(trials, steps, micro_batch, seq_len, eval_sequences), parse_opt_args(opt_arg or []),
+        seed=seed, noise_seeds=noise_seeds, jobs=jobs or config.default_jobs(),
+        space_file=None if space is None else str(space), data=None if data is None else str(data))
+    file_format = _file_format(output_format, output)
+    with report.console(stderr=True).status(f"tuning optimizers on {model} ...") as status:
+        result = run_tune(run_config, on_trial=lambda name, trial, done, total: status.update(
+            f"{done}/{total} trials: {name} point {trial.index} seed {trial.seed}: {trial.status}"))
+    _finish(result, output_format, output, file_format, units, plot=plot)
+
+
 @app.command("check")
 def check(
     paths: Annotated[list[Path] | None, typer.Argument(

@@ -142,6 +142,35 @@ class PredictConfig:
     jobs: int = 1  # optimizers predicted at once, in forked worker processes
 
 
+# The optimizers of the study's inclusion relations, and the two whose memory optprof is about.
+DEFAULT_TUNE_OPTIMIZERS = ("sgd", "momentum", "nesterov", "rmsprop", "adam", "nadam", "adamw", "adam-mini")
+
+
+@dataclass(frozen=True)
+class TuneBudget:
+    """What every optimizer gets in `optprof tune`: the same trials, each trained the same way. The defaults keep
+    a default run (demo model, byte tokens, 8 optimizers) within 10 minutes on 2 CPU cores."""
+
+    trials: int = 8  # points of each optimizer's search space
+    steps: int = 50  # optimizer steps per trial, at a constant learning rate
+    micro_batch: int = 8  # sequences per step
+    seq_len: int = 64  # tokens per sequence
+    eval_sequences: int = 64  # held-out windows the final loss averages over (evenly spaced, the same for all)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    model: ModelSelection
+    optimizers: tuple[str, ...]  # empty: DEFAULT_TUNE_OPTIMIZERS
+    budget: TuneBudget = field(default_factory=TuneBudget)
+    opt_args: dict[str, Any] = field(default_factory=dict)  # fixed arguments for every optimizer (not tuned)
+    seed: int = 0  # weights, batches and the quasi-random points
+    noise_seeds: int = 2  # other seeds the best trial of each optimizer runs again with: the noise margin
+    jobs: int = 1  # trials at once, each in a forked single-threaded worker (the figures do not depend on it)
+    space_file: str | None = None  # --space: TOML overriding the default search spaces
+    data: str | None = None  # --data: the user's text; None: the Python standard library's source
+
+
 MAX_JOBS = 4  # measuring on meta or fake tensors is Python-bound; more workers than cores only adds memory
 
 

@@ -7,7 +7,9 @@ Each report gets the panels that fit it, one under another in one image:
 - micro-batch (`--micro-batch auto`, or predict with --gpu-memory): each optimizer's peak against the
   micro-batch, the limit and the largest that fits; tokens/s at the size measured, with its 95% interval;
 - state-size: state per optimizer, grouped by family, against AdamW's;
-- predicted against measured, where a compare row has both.
+- predicted against measured, where a compare row has both;
+- tune: each optimizer's best trial's training loss by step, and the best held-out loss expected against the
+  trials spent.
 """
 
 from __future__ import annotations
@@ -18,7 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optprof.report import report_units
-from optprof.results import BREAKDOWN_KEYS, STATUS_OK, CompareReport, ModelReport, PredictReport, StateSizeReport
+from optprof.results import (
+    BREAKDOWN_KEYS,
+    STATUS_OK,
+    CompareReport,
+    ModelReport,
+    PredictReport,
+    StateSizeReport,
+    TuneReport,
+)
 from optprof.units import UNITS
 
 if TYPE_CHECKING:
@@ -73,6 +83,10 @@ def title(report: ModelReport) -> str:
         where = f"measured on {report.device.get('name') or report.device.get('type', 'the device')}"
     elif isinstance(report, PredictReport):
         where = f"predicted for {report.config.get('target_device')} (fake tensors)"
+    elif isinstance(report, TuneReport):
+        c = report.config
+        where = (f"{c.get('trials')} trials per optimizer of {c.get('steps')} steps, held-out loss "
+                 f"({'byte' if report.corpus.tokenizer == 'bytes' else 'tokenizer'} tokens)")
     else:
         where = "optimizer state, measured on the meta device"
     ranks = report.config.get("gpus") or 1
@@ -87,6 +101,8 @@ def panels_for(report: ModelReport) -> list[Panel]:
     ok = [row for row in report.rows() if row.status == STATUS_OK]
     if isinstance(report, StateSizeReport):
         return [_state_panel] if any(row.state_bytes is not None for row in ok) else []
+    if isinstance(report, TuneReport):
+        return [_best_curves_panel, _budget_panel] if any(row.best_trial is not None for row in ok) else []
     if isinstance(report, PredictReport):
         panels: list[Panel] = [_predicted_memory_panel] if any(row.predicted_breakdown for row in ok) else []
         if any(len(row.predicted_peaks) > 1 for row in ok):
@@ -255,4 +271,41 @@ def _prediction_panel(ax: Axes, report: CompareReport, scale: float, unit: str) 
     ax.set_xticks(positions, [row.optimizer for row in rows])
     ax.set_ylabel(f"peak ({unit})")
     ax.set_title("Predicted against measured tensor peak (label: the prediction's error)", fontsize=10, loc="left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+# ---------------------------------------------------------------------------------------------- tune
+
+
+def _best_curves_panel(ax: Axes, report: TuneReport, scale: float, unit: str) -> None:
+    curves = []
+    for index, row in enumerate(r for r in report.results if r.best_trial is not None):
+        best = next(t for t in row.trials if t.index == row.best_trial)
+        curves.append(best.train_losses)
+        ax.plot(range(1, len(best.train_losses) + 1), best.train_losses, color=f"C{index % 10}", linewidth=1.2,
+                label=f"{row.optimizer} (held-out {row.best_val_loss:.3f})")
+    start = max((curve[0] for curve in curves if curve), default=None)
+    cut = start is not None and any(value > 1.1 * start for curve in curves for value in curve)
+    if cut:  # a spike far above the start would flatten every curve
+        ax.set_ylim(top=1.1 * start)
+    ax.set_xlabel("optimizer step")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_ylabel("training loss (nats/token)")
+    ax.set_title("Training loss of each optimizer's best trial (legend: its held-out loss)"
+                 + ("; axis cut at 110% of the start" if cut else ""), fontsize=10, loc="left")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def _budget_panel(ax: Axes, report: TuneReport, scale: float, unit: str) -> None:
+    budgets = [b.trials for b in report.ranking_by_budget]
+    names = list(dict.fromkeys(name for b in report.ranking_by_budget for name in b.expected_best_val_loss))
+    for index, name in enumerate(names):
+        values = [b.expected_best_val_loss[name] for b in report.ranking_by_budget]
+        ax.plot(budgets, values, marker="o", color=f"C{index % 10}", linewidth=1.2, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(budgets, [str(b) for b in budgets])
+    ax.set_xlabel("trials spent per optimizer")
+    ax.set_ylabel("expected best held-out loss")
+    ax.set_title("Best loss against tuning budget (averaged over every order of the trials)", fontsize=10,
+                 loc="left")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)

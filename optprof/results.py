@@ -337,6 +337,83 @@ class ModelListing:
     aliases: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class CorpusInfo:
+    """The text `optprof tune` trained and evaluated on (split by document, so held-out text is unseen)."""
+
+    source: str  # the folder or file, or the standard library's
+    tokenizer: str  # "bytes" (vocabulary 256) or the folder of the model's tokenizer
+    vocab_size: int
+    train_documents: int
+    held_out_documents: int
+    train_tokens: int
+    held_out_tokens: int
+
+
+@dataclass(frozen=True)
+class TuneTrial:
+    """One tuning trial: a point of the optimizer's search space, trained for the run's budget."""
+
+    index: int  # the point's place in the optimizer's quasi-random sequence (0-based)
+    hyperparameters: dict[str, float]
+    seed: int  # weights and batches; the same for every optimizer's trials, others for the noise re-runs
+    status: str  # ok, or why there is no loss (unsupported, oom, failed)
+    reason: str | None = None
+    val_loss: float | None = None  # held-out loss after the last step, nats per token; None when not finite
+    diverged: bool = False  # a loss went NaN or infinite, or the held-out loss ended above the first loss
+    first_loss: float | None = None  # the training loss before any update
+    train_losses: tuple[float, ...] = ()  # one per step (NaN from where it diverged, the run stopped there)
+    wall_s: float | None = None  # the whole trial: build, train, evaluate
+    tokens_per_s: float | None = None  # training tokens / the median step time, first step excluded
+    state_bytes: int | None = None  # what the optimizer keeps after the last step (as state-size counts it)
+
+
+@dataclass(frozen=True)
+class TuneRow(OptimizerRow):
+    """One optimizer of `optprof tune`: its trials at equal budget, the best of them and its noise."""
+
+    space: dict[str, str] = field(default_factory=dict)  # hyperparameter -> range and scale, as tuned
+    trials: tuple[TuneTrial, ...] = ()
+    best_val_loss: float | None = None  # over the trials that did not diverge
+    best_hyperparameters: dict[str, float] | None = None
+    best_trial: int | None = None  # its index
+    median_val_loss: float | None = None  # over the trials that ran, a diverged one at its first loss
+    val_loss_p25: float | None = None
+    val_loss_p75: float | None = None
+    diverged_fraction: float | None = None  # of the trials that ran
+    noise_val_losses: tuple[float, ...] = ()  # the best trial's hyperparameters with other seeds
+    noise_seeds: tuple[int, ...] = ()
+    noise_range: float | None = None  # max - min of the best's held-out loss over its seed and noise_seeds
+    noise_diverged: int = 0  # re-runs of the best that diverged (left out of noise_range)
+    tokens_per_s: float | None = None  # median over the trials (each trial: one single-threaded worker)
+    tokens_per_s_ci95: tuple[float, float] | None = None
+    state_bytes: int | None = None  # the best trial's optimizer state
+
+
+@dataclass(frozen=True)
+class InclusionCheck:
+    """special ⊆ general (the study's inclusion): the general optimizer, tuned as much, should reach a loss at
+    most the special case's. `holds` within `margin`, the noise the run measured."""
+
+    special: str
+    general: str
+    special_best: float | None
+    general_best: float | None
+    gap: float | None  # general_best - special_best: negative where the general one did better
+    margin: float | None  # the larger of the two optimizers' noise ranges
+    holds: bool | None  # gap <= margin; None where either optimizer has no best loss
+
+
+@dataclass(frozen=True)
+class BudgetRanking:
+    """The optimizers ranked by the best held-out loss expected after `trials` trials, averaged over every
+    order of the trials (exactly: the expected minimum of `trials` drawn without replacement)."""
+
+    trials: int
+    expected_best_val_loss: dict[str, float]
+    ranking: tuple[str, ...]  # best first
+
+
 # ------------------------------------------------------------------------------------------- reports
 
 
@@ -447,6 +524,17 @@ class PredictReport(ModelReport):
 
 
 @dataclass(frozen=True, kw_only=True)
+class TuneReport(ModelReport):
+    SCHEMA: ClassVar[str] = "optprof.tune"
+
+    results: tuple[TuneRow, ...]
+    inclusion: tuple[InclusionCheck, ...]
+    ranking_by_budget: tuple[BudgetRanking, ...]
+    corpus: CorpusInfo
+    notes: tuple[str, ...] = ()  # how the figures were obtained: the protocol's choices
+
+
+@dataclass(frozen=True, kw_only=True)
 class CheckReport(Report):
     SCHEMA: ClassVar[str] = "optprof.check"
     ROWS: ClassVar[str] = "verdicts"
@@ -497,8 +585,8 @@ class ModelsReport(Report):
 
 
 REPORT_TYPES: dict[str, type[Report]] = {
-    cls.SCHEMA: cls for cls in (StateSizeReport, CompareReport, PredictReport, CheckReport, OptimizersReport,
-                                ModelsReport)
+    cls.SCHEMA: cls for cls in (StateSizeReport, CompareReport, PredictReport, TuneReport, CheckReport,
+                                OptimizersReport, ModelsReport)
 }
 
 
@@ -597,6 +685,8 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
             flat.update({f"{key}_{k}": v for k, v in value.items()})
         elif key == "state_parts":  # name=parameters:state bytes
             flat[key] = ";".join(f"{p['name']}={p['parameters']}:{p['state_bytes']}" for p in value)
+        elif key == "trials" and isinstance(value, list | tuple):  # tune: each trial's held-out loss, in order
+            flat[key] = ";".join("nan" if t["val_loss"] is None else f"{t['val_loss']:.6g}" for t in value)
         elif key == "search":  # probes, compactly: micro-batch:fits or micro-batch:no
             flat[key] = ";".join(f"{p['micro_batch']}:{'fits' if p['fits'] else 'no'}" for p in value)
         elif isinstance(value, list | tuple):

@@ -18,11 +18,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("plots",),  # results -> pictures (matplotlib, imported only when a plot is asked for)
     ("report",),  # results -> text: only the CLI renders
     ("check",),
-    ("compare", "state_size"),
+    ("compare", "state_size", "tune"),
     ("preflight",),  # support and fit, decided on fake tensors before anything is launched
     ("predict",),
     ("dist",),  # N ranks, launched or joined, folded by rule
-    ("measure.trial",),
+    ("quality",),  # tune's conclusions: best, noise, inclusion, ranking by budget
+    ("measure.trial", "measure.tuning"),
     ("measure.tracker", "measure.stats", "measure.isolate", "measure.snapshot"),
     ("measure.step", "measure.sampler", "measure.flops", "measure.routing"),
     ("measure.device",),
@@ -31,11 +32,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("optimizers.registry",),
     ("optimizers.adam_mini_paper", "optimizers.adam_mini_official", "optimizers.state", "optimizers.recipes"),
     ("optimizers.hybrid",),  # one optimizer over parts of the model, and what each part holds
-    ("baseline",),  # profiles and the Measure registry
+    ("baseline", "corpus"),  # profiles and the Measure registry; tune's text
     ("results",),
     ("models",),
     ("setups",),  # what trains: LoRA adapters, frozen parameters
-    ("config", "units", "search", "layers", "forked"),
+    ("config", "units", "search", "layers", "forked", "space"),
     ("errors", "quiet", "measure", "optimizers", ""),  # "" is the package itself (__version__)
 )
 RANK = {name: index for index, layer in enumerate(LAYERS) for name in layer}
