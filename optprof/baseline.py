@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from optprof.errors import UsageError
+from optprof.errors import UsageError, read_user_file
 from optprof.results import (
     STATUS_OK,
     VERDICT_IMPROVED,
@@ -109,10 +109,7 @@ def _bad(path: Path, line: int | None, message: str) -> UsageError:
 
 def load_profile(path: Path) -> Profile | None:
     """The profile in `path`; None for a TOML file that is not a profile (no [profile] table)."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise UsageError(f"cannot read profile {path}: {exc.strerror or exc}") from exc
+    text = read_user_file(path, "profile ").decode()
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from optprof.errors import UsageError
+from optprof.errors import UsageError, read_user_file
 from optprof.results import CorpusInfo
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def user_documents(path: Path) -> tuple[str, list[tuple[str, bytes]]]:
         if file.suffix == ".jsonl":
             documents += _jsonl_documents(file)
         else:
-            documents.append((str(file), file.read_bytes()))
+            documents.append((str(file), read_user_file(file, "--data ")))
     if not any(text for _, text in documents):
         raise UsageError(f"--data '{path}' holds no text")
     return str(path), documents
@@ -63,7 +63,8 @@ def user_documents(path: Path) -> tuple[str, list[tuple[str, bytes]]]:
 
 def _jsonl_documents(file: Path) -> list[tuple[str, bytes]]:
     documents = []
-    for number, line in enumerate(file.read_text(errors="replace").splitlines(), start=1):
+    text = read_user_file(file, "--data ").decode(errors="replace")
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:

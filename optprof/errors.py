@@ -1,9 +1,22 @@
 """The exception types that mean something other than a bug: bad input (UsageError), and an optimizer that
 cannot run in the setup asked for (SetupUnsupported)."""
 
+from __future__ import annotations
+
+from pathlib import Path
+
 
 class UsageError(Exception):
     """Bad input from the user: the CLI prints the message on one line and exits with code 2."""
+
+
+def read_user_file(path: Path, what: str = "") -> bytes:
+    """The bytes of a file the user named; one that cannot be read is their one-line error, e.g.
+    "cannot read --space 'x.toml': No such file or directory"."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what}'{path}': {exc.strerror or exc}") from exc
 
 
 def error_text(exc: BaseException) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 
 from optprof import __version__
-from optprof.errors import UsageError
+from optprof.errors import UsageError, read_user_file
 from optprof.models import ModelInfo
 from optprof.search import Probe
 
@@ -619,9 +619,7 @@ def combined(reports: list[Report], labels: list[str]) -> Report:
 def read_report(path: Path) -> Report:
     """A report saved as JSON; a UsageError naming the file when it cannot be read or is not a report."""
     try:
-        data = json.loads(path.read_text())
-    except OSError as exc:
-        raise UsageError(f"cannot read '{path}': {exc.strerror or exc}") from exc
+        data = json.loads(read_user_file(path))
     except json.JSONDecodeError as exc:
         raise UsageError(f"'{path}' is not JSON: {exc}") from exc
     return load_report(data, f"'{path}'")

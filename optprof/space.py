@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from optprof.errors import UsageError
+from optprof.errors import UsageError, read_user_file
 
 Scale = Literal["log", "log1m", "linear"]  # log: log-uniform; log1m: 1 - x log-uniform; linear: uniform
 
@@ -137,9 +137,7 @@ def read_space_file(path: Path, known: set[str]) -> dict[str, dict[str, Hyperpar
     """A --space TOML file: a table per optimizer, a key per hyperparameter, whose value is a fixed number,
     [low, high] (the name's default scale) or {low, high, scale}. It overrides those keys of the defaults."""
     try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise UsageError(f"cannot read --space '{path}': {exc.strerror or exc}") from exc
+        data = tomllib.loads(read_user_file(path, "--space ").decode(errors="replace"))
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"--space '{path}' is not TOML: {exc}") from exc
     spaces: dict[str, dict[str, Hyperparameter]] = {}

@@ -411,3 +411,12 @@ def test_a_byte_model_keeps_no_special_token_past_its_vocabulary() -> None:
 
     config = LlamaConfig(vocab_size=1000, pad_token_id=999, bos_token_id=1, eos_token_id=[2, 500])
     assert byte_vocabulary(config, 256) == {"vocab_size": 256, "pad_token_id": None, "eos_token_id": None}
+
+
+def test_a_file_that_cannot_be_read_is_one_usage_error(tmp_path: Path) -> None:
+    from optprof.errors import read_user_file
+
+    with pytest.raises(UsageError, match=r"cannot read --space '.*': Is a directory"):
+        read_user_file(tmp_path, "--space ")
+    with pytest.raises(UsageError, match="cannot read --space"):
+        read_space_file(tmp_path, set(REGISTRY))
