@@ -557,7 +557,7 @@ def _plot(result: Report, path: Path, units: str | None) -> None:
     from optprof.plots import plot_png
 
     if not isinstance(result, results.ModelReport):
-        raise UsageError("--plot draws state-size, compare and predict reports")
+        raise UsageError("--plot draws state-size, compare, predict and tune reports")
     _save(path, plot_png(result, units))
     report.console(stderr=True).print(f"wrote plot {path}")
 

@@ -31,7 +31,7 @@ TABLE_WIDTH = 140  # terminal columns the tables are laid out for
 
 def html_document(report: Report, units: str | None = None,
                   models: list[tuple[str, ModelReport]] | None = None) -> str:
-    """The whole document: heading, tables, figures (state-size, compare and predict), configuration,
+    """The whole document: heading, tables, figures (state-size, compare, predict and tune), configuration,
     environment."""
     heading = _heading(report)
     sections = [f"<h1>{html.escape(heading)}</h1>", "<h2>Results</h2>", _tables(report, units, models)]

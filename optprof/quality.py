@@ -20,13 +20,18 @@ def usable(trial: TuneTrial) -> bool:
     return trial.status == STATUS_OK and not trial.diverged and trial.val_loss is not None
 
 
+def best_of(trials: Sequence[TuneTrial]) -> TuneTrial | None:
+    """The trial with the lowest held-out loss among those that did not diverge."""
+    return min((t for t in trials if usable(t)), key=lambda t: t.val_loss or 0.0, default=None)
+
+
 def trial_figures(trials: Sequence[TuneTrial]) -> dict[str, Any]:
     """A TuneRow's figures over its trials: the best (of those that did not diverge); the median and quartiles
     over every trial that ran, a diverged one at its first loss (as the ranking counts it); the share that
     diverged; tokens/s; and the best's state."""
     ran = [t for t in trials if t.status == STATUS_OK]
     scores = [s for s in (ranking_score(t) for t in ran) if s is not None]
-    best = min((t for t in ran if usable(t)), key=lambda t: t.val_loss or 0.0, default=None)
+    best = best_of(ran)
     speeds = [t.tokens_per_s for t in ran if t.tokens_per_s is not None]
     shown = best or (ran[0] if ran else None)  # whose state the row shows: the best's, else any that ran
     return {

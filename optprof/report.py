@@ -520,7 +520,7 @@ def hyperparameters_text(values: dict[str, float] | None) -> str:
 
 
 def _loss(value: float | None) -> str:
-    return "-" if value is None else ("inf" if value == float("inf") else f"{value:.3f}")
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _tune_title(report: TuneReport) -> str:
@@ -532,8 +532,8 @@ def _tune_title(report: TuneReport) -> str:
 def _tune_row_cells(row: TuneRow, units: str) -> list[str]:
     spread = ("-" if row.median_val_loss is None else
               f"{_loss(row.median_val_loss)} [{_loss(row.val_loss_p25)}, {_loss(row.val_loss_p75)}]")
-    ran = sum(1 for t in row.trials if t.status == "ok")
-    diverged = "-" if row.diverged_fraction is None else f"{round(row.diverged_fraction * ran)}/{ran}"
+    ran = [t for t in row.trials if t.status == "ok"]
+    diverged = f"{sum(t.diverged for t in ran)}/{len(ran)}" if ran else "-"
     return [_loss(row.best_val_loss), _loss(row.noise_range), hyperparameters_text(row.best_hyperparameters),
             spread, diverged, _with_interval(row.tokens_per_s, row.tokens_per_s_ci95, 1.0, 0),
             format_bytes(row.state_bytes, units)]

@@ -20,6 +20,7 @@ from optprof.measure.tuning import TuneTrialSpec, run_tune_trial
 from optprof.models import load_selection
 from optprof.optimizers.registry import INCLUSION_CHAINS, REGISTRY, OptimizerEntry, availability, resolve_optimizers
 from optprof.quality import (
+    best_of,
     inclusion_checks,
     inclusion_pairs,
     noise_range,
@@ -55,7 +56,8 @@ def run_tune(config: TuneConfig, on_trial: OnTrial | None = None) -> TuneReport:
     corpus = load_corpus(config.model.model, data, declared.info.vocab_size, config.budget.seq_len)
     model_overrides = byte_vocabulary(declared.config, corpus.info.vocab_size) if corpus.info.tokenizer == "bytes" \
         else {}
-    info = load_selection(config.model, overrides=model_overrides).info  # the model as it trains
+    # The model as it trains: rebuilt on meta only where the byte vocabulary changed it.
+    info = load_selection(config.model, overrides=model_overrides).info if model_overrides else declared.info
 
     runnable = [e for e in entries if availability(e) is None]
     points = {e.name: sample(spaces[e.name], config.budget.trials, config.seed, e.name) for e in runnable}
@@ -68,7 +70,7 @@ def run_tune(config: TuneConfig, on_trial: OnTrial | None = None) -> TuneReport:
     first = _run_trials([spec(e, i, config.seed) for i in range(config.budget.trials) for e in runnable],
                         corpus, config.jobs, on_trial)
     trials = {e.name: [t for s, t in first if s.entry is e] for e in runnable}
-    best = {name: _best(found) for name, found in trials.items()}
+    best = {name: best_of(found) for name, found in trials.items()}
     noise_specs = [spec(e, best[e.name].index, config.seed + k)  # type: ignore[union-attr]
                    for e in runnable if best[e.name] is not None for k in range(1, config.noise_seeds + 1)]
     reruns = _run_trials(noise_specs, corpus, config.jobs, on_trial)
@@ -98,17 +100,13 @@ def byte_vocabulary(model_config: Any, vocab: int) -> dict[str, Any]:
 
 def _check(config: TuneConfig) -> None:
     budget = config.budget
-    for name, value in (("--trials", budget.trials), ("--steps", budget.steps), ("--micro-batch", budget.micro_batch),
-                        ("--seq-len", budget.seq_len), ("--eval-sequences", budget.eval_sequences)):
-        if value < 1:
-            raise UsageError(f"{name} must be at least 1, got {value}")
+    for name, value, least in (("--trials", budget.trials, 1), ("--steps", budget.steps, 1),
+                               ("--micro-batch", budget.micro_batch, 1), ("--eval-sequences", budget.eval_sequences, 1),
+                               ("--seq-len", budget.seq_len, 2)):  # one token has no next token to predict
+        if value < least:
+            raise UsageError(f"{name} must be at least {least}, got {value}")
     if config.noise_seeds < 0:
         raise UsageError(f"--noise-seeds must be 0 or more, got {config.noise_seeds}")
-
-
-def _best(trials: list[TuneTrial]) -> TuneTrial | None:
-    index = trial_figures(trials)["best_trial"]
-    return next((t for t in trials if t.index == index), None)
 
 
 @contextlib.contextmanager

@@ -420,3 +420,9 @@ def test_a_file_that_cannot_be_read_is_one_usage_error(tmp_path: Path) -> None:
         read_user_file(tmp_path, "--space ")
     with pytest.raises(UsageError, match="cannot read --space"):
         read_space_file(tmp_path, set(REGISTRY))
+
+
+def test_a_budget_that_cannot_train_is_a_usage_error(model_dir: Callable[[str], str]) -> None:
+    config = TuneConfig(ModelSelection(model_dir("tiny-llama")), ("sgd",), dataclasses.replace(TINY_BUDGET, seq_len=1))
+    with pytest.raises(UsageError, match="--seq-len must be at least 2, got 1"):
+        run_tune(config)

@@ -71,10 +71,9 @@ def held_out_loss(model: nn.Module, windows: torch.Tensor, micro_batch: int) -> 
 
 def run_tune_trial(spec: TuneTrialSpec, train: torch.Tensor, held_out: torch.Tensor) -> TuneTrial:
     """The trial's losses; an error becomes its status (unsupported: the optimizer's own code cannot run here)."""
-    head = TuneTrial(index=spec.index, hyperparameters=spec.hyperparameters, seed=spec.seed, status=STATUS_OK)
     started = time.perf_counter()
     try:
-        return _train(spec, head, train, held_out, started)
+        return _train(spec, train, held_out, started)
     except Exception as exc:
         unsupported = unsupported_reason(exc, spec.entry, 1)
         status = STATUS_UNSUPPORTED if unsupported else STATUS_OOM if is_out_of_memory(exc) else STATUS_FAILED
@@ -82,8 +81,7 @@ def run_tune_trial(spec: TuneTrialSpec, train: torch.Tensor, held_out: torch.Ten
                          reason=unsupported or error_text(exc), wall_s=time.perf_counter() - started)
 
 
-def _train(spec: TuneTrialSpec, head: TuneTrial, train: torch.Tensor, held_out: torch.Tensor,
-           started: float) -> TuneTrial:
+def _train(spec: TuneTrialSpec, train: torch.Tensor, held_out: torch.Tensor, started: float) -> TuneTrial:
     import torch
 
     budget = spec.budget
@@ -108,10 +106,10 @@ def _train(spec: TuneTrialSpec, head: TuneTrial, train: torch.Tensor, held_out: 
     val_loss = None if blew_up else held_out_loss(model, held_out_windows(held_out, budget), budget.micro_batch)
     if val_loss is not None and not math.isfinite(val_loss):
         val_loss = None
-    first = finite[0] if step.losses and math.isfinite(step.losses[0]) else None
+    first = step.losses[0] if step.losses and math.isfinite(step.losses[0]) else None
     diverged = val_loss is None or (first is not None and val_loss > first)
     timed = step_s[1:]  # the first step also allocates the state
     tokens_per_s = budget.micro_batch * budget.seq_len / statistics.median(timed) if timed else None
-    return TuneTrial(index=head.index, hyperparameters=head.hyperparameters, seed=head.seed, status=STATUS_OK,
+    return TuneTrial(index=spec.index, hyperparameters=spec.hyperparameters, seed=spec.seed, status=STATUS_OK,
                      val_loss=val_loss, diverged=diverged, first_loss=first, train_losses=tuple(finite),
                      wall_s=time.perf_counter() - started, tokens_per_s=tokens_per_s, state_bytes=state_bytes)

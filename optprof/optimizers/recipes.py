@@ -123,7 +123,7 @@ def apollo(defaults: Mapping[str, Any]) -> Any:
 
 def apollo_settings(defaults: Mapping[str, Any]) -> Any:
     def settings(args: Mapping[str, Any]) -> str:
-        group = {**defaults, **{k: v for k, v in args.items() if k in defaults}}
+        group, _ = _split_args(args, defaults)
         return (f"rank {group['rank']}, {group['scale_type']}-wise scaling (scale {group['scale']}) on the "
                 f"{HIDDEN}")
 
