@@ -1,13 +1,14 @@
 # Two commands do all the set-up on a fresh machine with Python 3.11:
 #   make run    installs into .venv (torch first) and runs the main job (optprof compare) on the demo model
-#   make test   installs into .venv and runs ruff and the test suite
+#   make test   installs into .venv, then ruff, mypy and every test tier (what CI runs)
+# For the edit loop: make test-fast (ruff and the unit tier only).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0  # a CPU build on local disk; installed first so no dependency pulls another torch
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test check lint bench clean
+.PHONY: install run test test-fast check lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,14 +23,22 @@ run: install
 	$(BIN)/optprof compare --plot compare.png
 	@echo "the figures: compare.png (optprof compare -f html --output compare.html: a page with tables and figures)"
 
-test: install lint
-	$(BIN)/python -m pytest -q
+JOBS ?= 2  # pytest workers (pytest-xdist): the machine's two cores
+
+test: install lint typecheck
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile
+
+test-fast: install lint
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile tests/unit
 
 check: install
 	$(BIN)/optprof check profiles/ --junit check-results.xml
 
 lint: install
 	$(BIN)/ruff check optprof tests
+
+typecheck: install
+	$(BIN)/mypy
 
 bench: install
 	$(BIN)/python tests/benchmarks/bench_state_size.py

@@ -1,3 +1,3 @@
-from optprof.cli import main
+from optprof.cli.app import main
 
 main()

@@ -4,27 +4,61 @@ that several commands resolve the same way (sequence length, training checks, th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from enum import StrEnum
+from typing import Any
 
 from optprof.errors import UsageError
 
-DeviceKind = Literal["cuda", "cpu"]
-Dtype = Literal["float32", "bfloat16", "float16"]
-Amp = Literal["bf16", "fp16"]
-# ddp: replicate everything. zero1: DDP with the optimizer state sharded (torch's ZeroRedundancyOptimizer,
-# whole parameters assigned to ranks). zero2: FSDP2 keeping the parameters gathered after forward
-# (reshard_after_forward off): state and gradients sharded, as DeepSpeed's ZeRO stage 2. fsdp: FSDP2 (ZeRO
-# stage 3), the default. hsdp: FSDP2 on a 2-D mesh, sharded inside each shard group (a node, as a rule) and
-# replicated across groups.
-Strategy = Literal["ddp", "zero1", "zero2", "fsdp", "hsdp"]
-STRATEGIES: tuple[Strategy, ...] = ("ddp", "zero1", "zero2", "fsdp", "hsdp")
-REPLICATED_STRATEGIES: tuple[Strategy, ...] = ("ddp", "zero1")  # the model under DDP
-SHARDED_STRATEGIES: tuple[Strategy, ...] = ("zero2", "fsdp", "hsdp")  # FSDP2; also emulated on fake tensors
+
+class DeviceKind(StrEnum):
+    """Where a step runs (or, for predict, the device it is predicted for)."""
+
+    CUDA = "cuda"
+    CPU = "cpu"
+
+
+class Dtype(StrEnum):
+    """The stored parameter dtype; gradients and optimizer state follow it."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class Amp(StrEnum):
+    """Autocast's dtype over float32 master weights."""
+
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class Strategy(StrEnum):
+    """How ranks share the model.
+
+    ddp: replicate everything. zero1: DDP with the optimizer state sharded (torch's ZeroRedundancyOptimizer,
+    whole parameters assigned to ranks). zero2: FSDP2 keeping the parameters gathered after forward
+    (reshard_after_forward off): state and gradients sharded, as DeepSpeed's ZeRO stage 2. fsdp: FSDP2 (ZeRO
+    stage 3), the default. hsdp: FSDP2 on a 2-D mesh, sharded inside each shard group (a node, as a rule) and
+    replicated across groups.
+    """
+
+    DDP = "ddp"
+    ZERO1 = "zero1"
+    ZERO2 = "zero2"
+    FSDP = "fsdp"
+    HSDP = "hsdp"
+
+
+STRATEGIES: tuple[Strategy, ...] = tuple(Strategy)
+REPLICATED_STRATEGIES: tuple[Strategy, ...] = (Strategy.DDP, Strategy.ZERO1)  # the model under DDP
+# FSDP2; also emulated on fake tensors (state-size and predict)
+SHARDED_STRATEGIES: tuple[Strategy, ...] = (Strategy.ZERO2, Strategy.FSDP, Strategy.HSDP)
 
 # Default sequence length: the model's context length, capped so that a default run stays quick
 # (a CPU step at 2048 tokens is minutes for a 1B model); --seq-len overrides either.
-SEQ_LEN_CAP: dict[DeviceKind, int] = {"cuda": 2048, "cpu": 512}
+SEQ_LEN_CAP: dict[DeviceKind, int] = {DeviceKind.CUDA: 2048, DeviceKind.CPU: 512}
 SEQ_LEN_FALLBACK = 512  # tokens, for models whose config has no context length
+MAX_MICRO_BATCH = 256  # sequences: the micro-batch search never tries more (a cap, so a search ends)
 DEFAULT_CUDA_RESERVE_BYTES = 2 * 2**30  # CUDA context (~0.5 GiB), cuBLAS/cuDNN workspaces, allocator slack
 
 
@@ -57,7 +91,7 @@ class TrainingSetup:
 @dataclass(frozen=True)
 class ModelSelection:
     model: str  # bundled name, hub alias, local folder or hub id
-    dtype: Dtype = "float32"  # parameter (and so gradient and state) dtype
+    dtype: Dtype = Dtype.FLOAT32  # parameter (and so gradient and state) dtype
     revision: str | None = None  # hub revision; ignored for bundled and local configs
     trust_remote_code: bool = False
     setup: TrainingSetup = field(default_factory=TrainingSetup)
@@ -70,7 +104,7 @@ class StateSizeConfig:
     opt_args: dict[str, Any] = field(default_factory=dict)  # passed to every selected optimizer
     jobs: int = 1  # optimizers measured at once, in forked worker processes
     gpus: int = 1  # > 1: FSDP2 over a fake process group of this many ranks; state per rank
-    strategy: Strategy = "fsdp"
+    strategy: Strategy = Strategy.FSDP
     shard_size: int | None = None  # hsdp: ranks per shard group (None: all of them)
     full_model: bool = False  # step the whole model even where copies of its first layers extrapolate exactly
 
@@ -79,7 +113,7 @@ class StateSizeConfig:
 class TrainingSettings:
     """How one training step is run and timed; the same for every optimizer in a comparison."""
 
-    device: DeviceKind = "cpu"  # the CLI picks cuda when available
+    device: DeviceKind = DeviceKind.CPU  # the CLI picks cuda when available
     amp: Amp | None = None  # fp32 master weights with autocast in this dtype; None: pure `dtype`
     seq_len: int | None = None  # tokens per sequence; None: the model's context length, capped (resolve_seq_len)
     micro_batch: int = 1  # sequences per forward/backward
@@ -102,7 +136,7 @@ class SearchSettings:
     """`--micro-batch auto`: find the largest micro-batch whose step fits, then measure there. The limit is
     `TrainingSettings.memory_limit_bytes` (None: the card's memory, CUDA only)."""
 
-    max_micro_batch: int = 256  # the search never tries more
+    max_micro_batch: int = MAX_MICRO_BATCH  # the search never tries more
     margin: float = 0.0  # fraction of the limit to leave free when choosing the size to measure
 
 
@@ -114,7 +148,7 @@ class CompareConfig:
     opt_args: dict[str, Any] = field(default_factory=dict)
     search: SearchSettings | None = None  # None: measure at training.micro_batch
     gpus: int = 1  # ranks per trial (on cpu: processes with gloo)
-    strategy: Strategy = "fsdp"  # with gpus > 1
+    strategy: Strategy = Strategy.FSDP  # with gpus > 1
     shard_size: int | None = None  # hsdp: ranks per shard group (None: all of them)
     torchrun: bool = False  # already a rank of a torchrun group: join it instead of spawning ranks
     trial_timeout_s: float = 1800.0  # one optimizer's trial, start-up included; then it is stopped and failed
@@ -134,9 +168,9 @@ class PredictConfig:
     opt_args: dict[str, Any] = field(default_factory=dict)
     gpu_memory_bytes: int | None = None  # memory per device; None: predict the peak only, no largest micro-batch
     reserve_bytes: int = 0  # per device, beyond tensors: CUDA context, workspaces, allocator slack
-    max_micro_batch: int = 256
+    max_micro_batch: int = MAX_MICRO_BATCH
     gpus: int = 1  # ranks; > 1 runs FSDP2 over a fake process group in this one process
-    strategy: Strategy = "fsdp"  # with gpus > 1: fully_shard per transformer block, then the root
+    strategy: Strategy = Strategy.FSDP  # with gpus > 1: fully_shard per transformer block, then the root
     shard_size: int | None = None  # hsdp: ranks per shard group (None: all of them)
     layers: int | None = None  # build only the model's first N layers (a shallow copy); None: all of them
     jobs: int = 1  # optimizers predicted at once, in forked worker processes
@@ -183,7 +217,7 @@ def default_jobs() -> int:
 
 def mesh_shape(strategy: Strategy, world_size: int, shard_size: int | None) -> tuple[int, ...]:
     """The device mesh FSDP2 shards over: (ranks,), or for hsdp (replicas, ranks per shard group)."""
-    if strategy != "hsdp":
+    if strategy != Strategy.HSDP:
         return (world_size,)
     shard = shard_size or world_size
     return (world_size // shard, shard)
@@ -200,14 +234,14 @@ def check_offload(offload: bool, device: DeviceKind, gpus: int, strategy: Strate
     if gpus < 2 or strategy not in SHARDED_STRATEGIES:
         raise UsageError("--offload-optimizer works through FSDP2's CPUOffloadPolicy: use --gpus N (N > 1) with "
                          f"--strategy {', '.join(SHARDED_STRATEGIES)}")
-    if device != "cuda":
+    if device != DeviceKind.CUDA:
         raise UsageError(OFFLOAD_ON_CPU)
 
 
 def resolve_shard_size(strategy: Strategy, world_size: int, requested: int | None,
                        ranks_per_node: int | None) -> int | None:
     """hsdp's shard group: as asked, else the ranks of one node (torchrun's LOCAL_WORLD_SIZE), else all ranks."""
-    if strategy != "hsdp":
+    if strategy != Strategy.HSDP:
         if requested is not None:
             raise UsageError(f"--shard-size applies to --strategy hsdp, not {strategy}")
         return None
@@ -222,8 +256,8 @@ def resolve_device(requested: DeviceKind | None) -> DeviceKind:
     import torch
 
     if requested is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda" and not torch.cuda.is_available():
+        return DeviceKind.CUDA if torch.cuda.is_available() else DeviceKind.CPU
+    if requested == DeviceKind.CUDA and not torch.cuda.is_available():
         build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
         raise UsageError(f"--device cuda: no CUDA device is available (torch {torch.__version__}, {build})")
     return requested
@@ -231,7 +265,7 @@ def resolve_device(requested: DeviceKind | None) -> DeviceKind:
 
 def resolve_micro_batch(text: str | None, device: DeviceKind, limited: bool) -> int | None:
     """--micro-batch: a fixed size, or None for the search ('auto': the default on cuda or with a limit)."""
-    if text == "auto" or (text is None and (device == "cuda" or limited)):
+    if text == "auto" or (text is None and (device == DeviceKind.CUDA or limited)):
         return None
     if text is None:
         return 1
@@ -242,7 +276,7 @@ def resolve_micro_batch(text: str | None, device: DeviceKind, limited: bool) -> 
 
 def default_reserve(device: DeviceKind) -> int:
     """Bytes per device that tensors do not show: on a CPU the tensor peak decides alone."""
-    return DEFAULT_CUDA_RESERVE_BYTES if device == "cuda" else 0
+    return DEFAULT_CUDA_RESERVE_BYTES if device == DeviceKind.CUDA else 0
 
 
 def resolve_seq_len(requested: int | None, context_length: int | None, device: DeviceKind) -> int:
@@ -255,7 +289,7 @@ def resolve_seq_len(requested: int | None, context_length: int | None, device: D
 
 
 def check_training(training: TrainingSettings, dtype: Dtype) -> None:
-    if training.amp and dtype != "float32":
+    if training.amp and dtype != Dtype.FLOAT32:
         raise UsageError(f"--amp {training.amp} keeps float32 master weights: drop --dtype {dtype}")
     if training.warmup < 2:
         raise UsageError("--warmup must be at least 2: Adam-style state is allocated in the first step")
@@ -263,4 +297,4 @@ def check_training(training: TrainingSettings, dtype: Dtype) -> None:
 
 def parameter_dtype(selection: ModelSelection, training: TrainingSettings) -> Dtype:
     """The dtype parameters (and so gradients and state) are built in: amp keeps float32 master weights."""
-    return "float32" if training.amp else selection.dtype
+    return Dtype.FLOAT32 if training.amp else selection.dtype

@@ -19,6 +19,15 @@ def read_user_file(path: Path, what: str = "") -> bytes:
         raise UsageError(f"cannot read {what}'{path}': {exc.strerror or exc}") from exc
 
 
+def read_user_text(path: Path, what: str = "") -> str:
+    """`read_user_file` as UTF-8 text; bytes that are not UTF-8 are the user's one-line error too."""
+    data = read_user_file(path, what)
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"cannot read {what}'{path}': not UTF-8 text (byte {exc.start})") from exc
+
+
 def error_text(exc: BaseException) -> str:
     """'TypeName: first line of the message', for a failed row's reason."""
     text = str(exc).strip().splitlines()

@@ -6,11 +6,19 @@ Results keep bytes as int and seconds as float; only the report layer calls the 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from enum import StrEnum
 
 from optprof.errors import UsageError
 
-Unit = Literal["gb", "gib", "mb", "mib"]
+
+class Unit(StrEnum):
+    """Byte units of a table: decimal GB / MB or binary GiB / MiB."""
+
+    GB = "gb"
+    GIB = "gib"
+    MB = "mb"
+    MIB = "mib"
+
 
 # Suffixes a size flag accepts (case-insensitive) -> bytes. Decimal (kB, MB, GB) and binary (KiB, MiB, GiB).
 BYTE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,

@@ -12,6 +12,14 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Under pytest-xdist each worker is one of the machine's cores: torch (and every trial it spawns) on one thread,
+# else two workers' OpenMP pools spin against each other and against the trials.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+# Output goes to a pipe, as in CI: pytest-xdist's workers set an 80-column terminal size, which would make rich
+# wrap tables that a pipe gets at full width (render.console.PIPE_WIDTH).
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 # Support decisions are cached per user; tests keep theirs apart (and start with none).
 os.environ["OPTPROF_CACHE_DIR"] = tempfile.mkdtemp(prefix="optprof-test-cache-")
 

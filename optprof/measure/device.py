@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from optprof.config import DeviceKind
 from optprof.measure.nvml import NvmlBackend, NvmlReader, TorchDeviceIdentity, find_nvml_device
-from optprof.results import cpu_name
+from optprof.results.environment import cpu_name
 
 NvmlFactory = Callable[[], tuple[NvmlBackend | None, str | None]]
 
@@ -29,7 +30,7 @@ class AllocatorStats:
 
 
 class Device(Protocol):
-    type: str  # "cuda" or "cpu": autocast's device type, and which figures exist
+    type: DeviceKind  # autocast's device type, and which figures exist
     torch_device: str  # where tensors go, e.g. "cuda:0"
 
     def synchronize(self) -> None: ...
@@ -46,7 +47,7 @@ class Device(Protocol):
 class CpuDevice:
     """CPU kernels run synchronously, so the host clock times them directly."""
 
-    type = "cpu"
+    type = DeviceKind.CPU
     torch_device = "cpu"
 
     def synchronize(self) -> None:
@@ -82,7 +83,7 @@ class CpuDevice:
 class CudaDevice:
     """CUDA work is asynchronous: phases are timed with CUDA events, read after a synchronize."""
 
-    type = "cuda"
+    type = DeviceKind.CUDA
 
     def __init__(self, index: int = 0, cuda: Any = None) -> None:
         if cuda is None:
@@ -137,7 +138,7 @@ class CudaDevice:
 
 
 def open_device(kind: str, index: int = 0) -> Device:
-    return CudaDevice(index) if kind == "cuda" else CpuDevice()
+    return CudaDevice(index) if kind == DeviceKind.CUDA else CpuDevice()
 
 
 def device_facts(device: Device) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch import nn
 
-    from optprof.models import ModelInfo
+    from optprof.model.info import ModelInfo
 
 # Dense (no sparsity) tensor-core peaks in TFLOP/s from the vendors' data sheets: (bf16/fp16, fp32).
 # fp32 is the plain (non-TF32) rate, which torch uses unless TF32 matmuls are enabled.
@@ -65,12 +65,13 @@ def matmul_weights(module: nn.Module) -> int:
     Counted per module, so a weight shared by the input embedding and the output head counts once, for the
     head: an embedding lookup is not a matmul.
     """
-    from torch import nn
+    from torch import Tensor, nn
 
     total = 0
     for sub in module.modules():
         if isinstance(sub, nn.Linear) or type(sub).__name__ == "Conv1D":
-            total += sub.weight.numel()
+            weight = sub.weight
+            total += weight.numel() if isinstance(weight, Tensor) else 0
     return total
 
 
@@ -79,7 +80,7 @@ def model_flops_per_token(module: nn.Module, info: ModelInfo, seq_len: int) -> f
 
     Routed experts (3-D weights, not Linear modules) count at the share a token uses: top-k of the experts.
     """
-    from optprof.models import expert_parameters
+    from optprof.model.info import expert_parameters
 
     weights = float(matmul_weights(module))
     if info.num_experts and info.experts_per_token:

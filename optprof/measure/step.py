@@ -40,13 +40,6 @@ class StepTimes:
     total_s: float
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    import torch
-
-    text = str(exc)
-    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in text or "can't allocate memory" in text
-
-
 def release_freed_memory() -> None:
     """Give freed heap memory back to the OS (glibc keeps it), so RSS in the timed steps starts from live data."""
     with contextlib.suppress(OSError, AttributeError):

@@ -16,7 +16,7 @@ from optprof.measure.nvml import NvmlReader
 from optprof.measure.sampler import SamplerResult
 from optprof.measure.step import TrainStep
 from optprof.optimizers.state import state_tensors
-from optprof.results import PEAK_RSS, PEAK_TENSOR, PEAK_TORCH_RESERVED
+from optprof.results.vocab import PeakSource
 
 # MemTracker's and FSDPMemTracker's category names, folded into the breakdown's
 TRACKER_PARAMETERS = ("PARAM", "BUFFER", "SHARDED_PARAM", "UNSHARDED_PARAM")
@@ -74,7 +74,7 @@ def peak_tracker(base: type, *args: Any) -> Any:
       which raises for a parameter that does not require grad.
     """
 
-    class Tracker(base):  # type: ignore[misc, valid-type]
+    class Tracker(base):
         def _track_module_params_and_buffers(self, module: Any, install_grad_hooks: bool = True) -> Any:
             if install_grad_hooks:
                 for param in module.parameters():
@@ -231,11 +231,11 @@ def choose_peak(allocator: AllocatorPeak | None, tracked: TrackedPeak | None,
     last resort.
     """
     if allocator is not None:
-        return allocator.stats.max_reserved_bytes, PEAK_TORCH_RESERVED, allocator.fwd_bwd_peak_bytes
+        return allocator.stats.max_reserved_bytes, PeakSource.TORCH_RESERVED, allocator.fwd_bwd_peak_bytes
     if tracked is not None:
-        return tracked.tensor_peak_bytes, PEAK_TENSOR, tracked.fwd_bwd_peak_bytes
+        return tracked.tensor_peak_bytes, PeakSource.TENSOR, tracked.fwd_bwd_peak_bytes
     if sampled is not None:
-        return sampled.rss_peak_bytes, PEAK_RSS, None
+        return sampled.rss_peak_bytes, PeakSource.RSS, None
     return None, None, None
 
 

@@ -21,7 +21,7 @@ from optprof.config import (
     TrainingSettings,
     parameter_dtype,
 )
-from optprof.errors import error_text
+from optprof.distributed.sharding import wrap_for_strategy, zero1_optimizer
 from optprof.measure.device import Device, NvmlFactory, device_facts, nvml_reader_for, open_device
 from optprof.measure.flops import device_peak_flops, model_flops_per_token
 from optprof.measure.nvml import NvmlReader, open_backend
@@ -32,7 +32,6 @@ from optprof.measure.stats import optimizer_step_figures, precise_enough, timing
 from optprof.measure.step import (
     StepTimes,
     TrainStep,
-    is_out_of_memory,
     make_batches,
     release_freed_memory,
     storage_bytes,
@@ -45,31 +44,22 @@ from optprof.measure.tracker import (
     memory_figures,
     tracked_step,
 )
-from optprof.models import load_selection, trainable_parameters
+from optprof.model.info import as_transformers, trainable_parameters
+from optprof.model.loading import load_selection
+from optprof.optimizers.outcome import status_of
 from optprof.optimizers.registry import (
     OptimizerEntry,
     availability,
     distributed_world_size,
     resolve_optimizers,
-    unsupported_reason,
 )
 from optprof.optimizers.state import account_state, logical_state_bytes
-from optprof.parallel import wrap_for_strategy, zero1_optimizer
 from optprof.quiet import quiet_libraries
-from optprof.results import (
-    DERIVED_FWD_BWD_CUDA,
-    DERIVED_MFU,
-    PEAK_TORCH_RESERVED,
-    STATUS_FAILED,
-    STATUS_OK,
-    STATUS_OOM,
-    STATUS_UNAVAILABLE,
-    STATUS_UNSUPPORTED,
-    CompareRow,
-)
+from optprof.results.rows import CompareRow
+from optprof.results.vocab import DERIVED_FWD_BWD_CUDA, DERIVED_MFU, PeakSource, Status
 
 if TYPE_CHECKING:
-    from optprof.models import ModelInfo
+    from optprof.model.info import ModelInfo
 
 Progress = Callable[[str], None]
 
@@ -100,7 +90,7 @@ def _silent(text: str) -> None:
 
 
 def base_row(entry: OptimizerEntry, opt_args: dict[str, Any], training: TrainingSettings) -> CompareRow:
-    return CompareRow(**entry.row_head(opt_args), status=STATUS_OK, micro_batch=training.micro_batch,
+    return CompareRow(**entry.row_head(opt_args), status=Status.OK, micro_batch=training.micro_batch,
                       seq_len=training.seq_len, grad_accum=training.grad_accum, steps=training.steps)
 
 
@@ -114,17 +104,14 @@ def run_trial(spec: TrialSpec, progress: Progress = _silent, nvml: NvmlFactory =
     base = base_row(entry, spec.opt_args, spec.training)
     reason = availability(entry)
     if reason is not None:
-        return TrialOutcome(dataclasses.replace(base, status=STATUS_UNAVAILABLE, reason=reason), {})
+        return TrialOutcome(dataclasses.replace(base, status=Status.UNAVAILABLE, reason=reason), {})
     device = device or open_device(spec.training.device, rank)
     try:
         return _measure(spec, entry, base, device, progress, nvml, rank)
     except Exception as exc:
         ranks = distributed_world_size() if spec.strategy is not None else 1
-        unsupported = unsupported_reason(exc, entry, ranks, spec.strategy or "ddp")  # a finding, not a failure
-        if unsupported is not None:
-            return TrialOutcome(dataclasses.replace(base, status=STATUS_UNSUPPORTED, reason=unsupported), {})
-        status = STATUS_OOM if is_out_of_memory(exc) else STATUS_FAILED
-        return TrialOutcome(dataclasses.replace(base, status=status, reason=error_text(exc)), {})
+        status, reason = status_of(exc, entry, ranks, spec.strategy or Strategy.DDP)
+        return TrialOutcome(dataclasses.replace(base, status=status, reason=reason), {})
 
 
 def build_step(spec: TrialSpec, entry: OptimizerEntry, device: Device,
@@ -141,7 +128,7 @@ def build_step(spec: TrialSpec, entry: OptimizerEntry, device: Device,
     model, info = loaded.module, loaded.info
     model.train()
     if t.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        as_transformers(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if spec.strategy is not None:
         model = wrap_for_strategy(model, spec.strategy, device.type, rank if device.type == "cuda" else None,
                                   spec.shard_size, spec.offload_optimizer)
@@ -149,7 +136,7 @@ def build_step(spec: TrialSpec, entry: OptimizerEntry, device: Device,
     def build() -> Any:
         return entry.build(model, info, spec.opt_args)
 
-    optimizer = zero1_optimizer(build) if spec.strategy == "zero1" else build()
+    optimizer = zero1_optimizer(build) if spec.strategy == Strategy.ZERO1 else build()
     batches = make_batches(info.vocab_size, t, device.torch_device, rank)
     return TrainStep(model, optimizer, trainable_parameters(model), batches, device, t), info
 
@@ -235,7 +222,7 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
 def _derived(row: CompareRow) -> dict[str, str]:
     """The row's figures that are computed from measurements rather than measured, and how."""
     derived = {}
-    if row.peak_source == PEAK_TORCH_RESERVED and row.fwd_bwd_peak_bytes is not None:
+    if row.peak_source == PeakSource.TORCH_RESERVED and row.fwd_bwd_peak_bytes is not None:
         derived["fwd_bwd_peak_bytes"] = DERIVED_FWD_BWD_CUDA
     if row.mfu is not None:
         derived["mfu"] = DERIVED_MFU

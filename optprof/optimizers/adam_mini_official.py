@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from optprof.models import embedding_weights
+from optprof.model.info import embedding_weights
 
 # The package's code paths, in the order its step() tries them.
 ADAM = "bias"  # per-element v (the package's treatment of biases)

@@ -23,13 +23,13 @@ Update, per Algorithm 1 (eps inside the square root, as line 15 writes it):
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from optprof.models import embedding_weights
+from optprof.model.info import embedding_weights
 
 # Leaf module names of separate query / key projections across common transformers architectures.
 QUERY_KEY_NAMES = frozenset({"q_proj", "k_proj", "wq", "wk", "query", "key", "q_lin", "k_lin", "q", "k"})
@@ -160,7 +160,7 @@ def _summed(sums: torch.Tensor, group: object | None) -> torch.Tensor:
     if group is not None:
         import torch.distributed as dist
 
-        dist.all_reduce(sums, group=group)  # type: ignore[arg-type]
+        dist.all_reduce(sums, group=group)
     return sums
 
 
@@ -228,7 +228,7 @@ class AdamMiniPaper(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
 
     @torch.no_grad()
-    def step(self, closure=None):  # type: ignore[override]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
         if closure is not None:
             with torch.enable_grad():

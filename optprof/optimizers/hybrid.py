@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from optprof.models import embedding_parameters, trainable_parameters
+from optprof.model.info import embedding_parameters, trainable_parameters
 
 PARTS_ATTRIBUTE = "optprof_parts"  # set on an optimizer whose state splits by part
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from optprof.models import ModelInfo
+from optprof.model.info import ModelInfo
 from optprof.optimizers.hybrid import Hybrid, OptimizerPart, split_hidden, with_parts
 
 HIDDEN = "hidden-layer 2-D matrices"

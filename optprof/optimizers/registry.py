@@ -11,6 +11,7 @@ import difflib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -18,13 +19,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from optprof.errors import SetupUnsupported, UsageError, error_text
-from optprof.models import ModelInfo, trainable_parameters
+from optprof.errors import UsageError
+from optprof.model.info import ModelInfo, trainable_parameters
 from optprof.optimizers import recipes
 from optprof.optimizers.adam_mini_official import adam_mini_for_model
 from optprof.optimizers.adam_mini_paper import AdamMiniPaper, paper_partition
 from optprof.optimizers.state import with_gradient_graph
-from optprof.results import OptimizerListing, OptimizersReport
+from optprof.results.reports import OptimizersReport
+from optprof.results.rows import OptimizerListing
 
 Builder = Callable[[nn.Module, ModelInfo, Mapping[str, Any]], torch.optim.Optimizer]
 
@@ -68,12 +70,28 @@ class OptimizerEntry:
                 "family": self.family, "settings": self.settings(opt_args) if self.settings else None}
 
 
+@dataclass(frozen=True)
+class Forwarding:
+    """A builder that hands the user's --opt-arg keys to one callable (`module.name`), so that a key none of the
+    selected optimizers takes is caught before anything is built."""
+
+    build: Builder
+    module: str
+    name: str
+
+    def __call__(self, model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
+        return self.build(model, info, args)
+
+    def receiver(self) -> Callable[..., Any]:
+        return getattr(importlib.import_module(self.module), self.name)
+
+
 def _package_optimizer(module: str, cls_name: str, **fixed: Any) -> Builder:
     def build(model: nn.Module, info: ModelInfo, args: Mapping[str, Any]) -> torch.optim.Optimizer:
         cls = getattr(importlib.import_module(module), cls_name)
         return cls(trainable_parameters(model), **{**fixed, **args})
 
-    return build
+    return Forwarding(build, module, cls_name)
 
 
 def _torch_optimizer(cls_name: str, **fixed: Any) -> Builder:
@@ -145,7 +163,8 @@ def _torch_entries() -> list[OptimizerEntry]:
         OptimizerEntry("adafactor", "torch", "torch", FACTORED, "torch's Adafactor: row/column second moment",
                        _torch_optimizer("Adafactor", lr=1e-3), frozenset({"row_var", "col_var", "variance"})),
         OptimizerEntry("adafactor-hf", "transformers", "transformers", FACTORED,
-                       "transformers' Adafactor (factored second moment, no momentum)", _hf_adafactor,
+                       "transformers' Adafactor (factored second moment, no momentum)",
+                       Forwarding(_hf_adafactor, "transformers.optimization", "Adafactor"),
                        frozenset({"exp_avg_sq_row", "exp_avg_sq_col", "exp_avg_sq"})),
     ]
 
@@ -154,10 +173,11 @@ def _adam_mini_entries() -> list[OptimizerEntry]:
     return [
         OptimizerEntry("adam-mini", "adam-mini", "adam_mini", BLOCKWISE,
                        "official Adam-mini: one v per head (Q, K), per neuron elsewhere, per row of embeddings",
-                       _adam_mini, frozenset({"vmean", "v"})),
+                       Forwarding(_adam_mini, "adam_mini", "Adam_mini"), frozenset({"vmean", "v"})),
         OptimizerEntry("adam-mini-paper", "optprof", "optprof", BLOCKWISE,
                        "Adam-mini per the paper (Alg. 1-4): full v for embedding and output, one per block else",
-                       _adam_mini_paper, frozenset({"v"})),
+                       Forwarding(_adam_mini_paper, "optprof.optimizers.adam_mini_paper", "AdamMiniPaper"),
+                       frozenset({"v"})),
     ]
 
 
@@ -267,52 +287,6 @@ def availability(entry: OptimizerEntry) -> str | None:
     return None
 
 
-def _package_folder(entry: OptimizerEntry) -> str | None:
-    """Where the optimizer's own code lives: torch.optim for torch's, the package's folder for others;
-    None for optprof's own optimizers (their failures are optprof's to fix)."""
-    if entry.package == "optprof":
-        return None
-    spec = importlib.util.find_spec("torch.optim" if entry.module == "torch" else entry.module.partition(".")[0])
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return str(next(iter(spec.submodule_search_locations)))
-
-
-def raised_by_optimizer(exc: BaseException, entry: OptimizerEntry) -> bool:
-    """Whether the error came through the optimizer's own code (not the model's, not optprof's)."""
-    folder = _package_folder(entry)
-    trace = exc.__traceback__
-    while folder is not None and trace is not None:
-        if trace.tb_frame.f_code.co_filename.startswith(folder):
-            return True
-        trace = trace.tb_next
-    return False
-
-
-# What a library raises where its code needs CUDA and there is none (torch's own words).
-NEEDS_CUDA = ("Torch not compiled with CUDA enabled", "not linked with support for cuda", "Found no NVIDIA driver",
-              "No CUDA GPUs are available")
-
-
-def unsupported_reason(exc: BaseException, entry: OptimizerEntry, ranks: int, strategy: str = "fsdp") -> str | None:
-    """The `unsupported` reason (a finding about the optimizer, not a failure to fix here), else None:
-    - the setup asked for is one the optimizer cannot run in (SetupUnsupported, e.g. LOMO with --grad-accum);
-    - the optimizer's own code needs CUDA where there is none (AdaLomo creates its state with `.cuda()`);
-    - the optimizer's own code failed on the parameters as `strategy` spreads them over `ranks` (DTensor
-      shards; zero1: a share of whole parameters)."""
-    if isinstance(exc, SetupUnsupported):
-        return str(exc)
-    if not raised_by_optimizer(exc, entry):
-        return None
-    if any(text in str(exc) for text in NEEDS_CUDA):
-        return f"{entry.package}'s own code needs CUDA: {error_text(exc)}"
-    if ranks <= 1 or strategy == "ddp":
-        return None
-    where = ("as ZeroRedundancyOptimizer's local optimizer over a share of the parameters" if strategy == "zero1"
-             else "on FSDP2-sharded (DTensor) parameters")
-    return f"{entry.package}'s own code cannot run {where} over {ranks} ranks ({strategy}): {error_text(exc)}"
-
-
 def optimizers_report() -> OptimizersReport:
     """What `optprof optimizers` lists: every registered optimizer, and whether it can run here."""
     rows = []
@@ -386,3 +360,34 @@ def parse_opt_args(pairs: list[str]) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             parsed[key.strip()] = raw.strip()
     return parsed
+
+
+def accepted_keywords(entry: OptimizerEntry) -> frozenset[str] | None:
+    """The --opt-arg keys the entry's optimizer takes; None where that cannot be told (a builder of its own, a
+    package not installed, or a constructor that takes **kwargs)."""
+    receiver = getattr(entry.build, "receiver", None)
+    if receiver is None:
+        return None
+    try:
+        parameters = list(inspect.signature(receiver()).parameters.values())[1:]  # the first: what the builder passes
+    except (ImportError, TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def check_opt_args(entries: list[OptimizerEntry], opt_args: Mapping[str, Any]) -> None:
+    """A UsageError for an --opt-arg key that none of the selected optimizers takes (a typo, as a rule): one line
+    now instead of a failed row per optimizer."""
+    if not opt_args or not entries:
+        return
+    accepted = [accepted_keywords(entry) for entry in entries]
+    if any(keys is None for keys in accepted):
+        return
+    known = sorted(set().union(*(keys for keys in accepted if keys is not None)))
+    for key in opt_args:
+        if all(keys is not None and key not in keys for keys in accepted):
+            names = ", ".join(entry.name for entry in entries)
+            raise UsageError(f"--opt-arg {key}: none of the selected optimizers ({names}) takes it; they take "
+                             f"{', '.join(known)}")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -19,7 +19,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from optprof.errors import error_text
 from optprof.optimizers.hybrid import parts_of
-from optprof.results import METHOD_META_PLACEHOLDERS, METHOD_META_STEP, StatePart
+from optprof.results.rows import StatePart
+from optprof.results.vocab import StateMethod
 
 MAX_DEPTH = 6  # how deep to look inside helper objects kept in the state (GaLore's projector: 2)
 
@@ -128,12 +129,13 @@ def _step(optimizer: torch.optim.Optimizer) -> None:
     if fused_update(optimizer) is not None:
         optimizer.grad_func(0)  # type: ignore[attr-defined]
     elif needs_gradient_graph(optimizer):
-        optimizer.step(hessian=[torch.zeros_like(p) for g in optimizer.param_groups for p in g["params"]])  # type: ignore[call-arg]
+        step: Any = optimizer.step  # SophiaH's step takes the Hessian estimate
+        step(hessian=[torch.zeros_like(p) for g in optimizer.param_groups for p in g["params"]])
     else:
         optimizer.step()
 
 
-def step_on_meta(build: Callable[[], torch.optim.Optimizer]) -> tuple[torch.optim.Optimizer, str]:
+def step_on_meta(build: Callable[[], torch.optim.Optimizer]) -> tuple[torch.optim.Optimizer, StateMethod]:
     """Build the optimizer and call step() once so that lazily created state exists.
 
     A plain step first. Only if it read a value back does a fresh optimizer step again under placeholder
@@ -144,7 +146,7 @@ def step_on_meta(build: Callable[[], torch.optim.Optimizer]) -> tuple[torch.opti
     try:
         with eager_compile():
             _step(optimizer)
-        return optimizer, METHOD_META_STEP
+        return optimizer, StateMethod.META_STEP
     except Exception as exc:
         if not is_value_read(exc):
             raise
@@ -156,7 +158,7 @@ def step_on_meta(build: Callable[[], torch.optim.Optimizer]) -> tuple[torch.opti
     except Exception as exc:
         raise RuntimeError(f"{error_text(exc)} (on a retry with placeholder scalars; the first step had "
                            f"failed reading a value: {error_text(first)})") from exc
-    return optimizer, METHOD_META_PLACEHOLDERS
+    return optimizer, StateMethod.META_PLACEHOLDERS
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ def _leaf_tensors(value: Any, depth: int = 0, seen: set[int] | None = None) -> I
     seen.add(id(value))
     if isinstance(value, torch.Tensor):
         if _is_wrapper_subclass(value):
-            inner_names, _ = value.__tensor_flatten__()
+            inner_names, _ = cast(Any, value).__tensor_flatten__()  # a wrapper subclass's own protocol
             for name in inner_names:
                 inner = getattr(value, name)
                 if isinstance(inner, torch.Tensor):  # DTensor also flattens to its DeviceMesh: not state
@@ -217,7 +219,7 @@ def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return inner if type(optimizer).__name__ == "ZeroRedundancyOptimizer" and inner is not None else optimizer
 
 
-def state_tensors(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> list[torch.Tensor]:
+def state_tensors(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """One tensor per distinct storage the optimizer keeps (`optimizer.state`, its own attributes and its
     param-group settings), parameters and gradients excluded."""
     optimizer = local_optimizer(optimizer)
@@ -241,7 +243,7 @@ def state_tensors(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) 
 
 
 def account_state(
-    optimizer: torch.optim.Optimizer, params: list[torch.Tensor], second_moment_keys: frozenset[str]
+    optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], second_moment_keys: frozenset[str]
 ) -> StateAccount:
     """Add up the distinct storages the optimizer keeps, by dtype."""
     optimizer = local_optimizer(optimizer)
@@ -268,7 +270,7 @@ def account_state(
     )
 
 
-def part_accounts(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> tuple[StatePart, ...]:
+def part_accounts(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> tuple[StatePart, ...]:
     """The state kept per parameter of each part the optimizer names (none: ()), counted as account_state
     counts it; state no parameter owns (a buffer in the optimizer itself) belongs to no part."""
     optimizer = local_optimizer(optimizer)
@@ -282,7 +284,7 @@ def part_accounts(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) 
     return tuple(accounts)
 
 
-def logical_state_bytes(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> int:
+def logical_state_bytes(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor]) -> int:
     """The state's unsharded size: a sharded (DTensor) state tensor counts with its global shape, so FSDP
     ranks report the figure one device would; everything else counts as account_state counts it. (zero1's
     ranks hold whole parameters' state: their logical total is the sum over ranks, which fold_ranks takes.)"""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the sweep's helpers
 
-from architectures import FAMILIES, sweep
+from support.architectures import FAMILIES, sweep
 
 from optprof.optimizers.registry import DEFAULT_OPTIMIZERS
 from optprof.quiet import quiet_libraries

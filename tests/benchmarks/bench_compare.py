@@ -4,18 +4,22 @@ Run on demand (`make bench`); prints figures and whether each target holds. Targ
 - the memory sampler costs under 1% of tokens/s. Measured in one process on one model: blocks of steps
   with the sampler running alternate with blocks without it, so drift and noise hit both alike;
 - repeatability: three `compare` runs (fresh processes), coefficient of variation of tokens/s, reported;
-- `optprof compare` with no arguments (the demo model, default optimizers) finishes in about 2 minutes.
+- `optprof compare` with no arguments (the demo model, default optimizers) finishes in about 2 minutes;
+- the repeated optimizer step orders sgd < momentum < adamw (the work each does), resolved by its intervals;
+- refusals are immediate: an uncached hub id offline, and `--gpus 2` without CUDA, each under 10 s.
 """
 
 from __future__ import annotations
 
+import itertools
+import os
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from optprof.compare import run_compare
+from optprof.commands.compare import run_compare
 from optprof.config import CompareConfig, ModelSelection, TrainingSettings
 from optprof.measure.device import CpuDevice
 from optprof.measure.sampler import MemorySampler
@@ -28,6 +32,8 @@ BLOCKS = 12  # sampler-on and sampler-off blocks, each
 STEPS_PER_BLOCK = 5
 MAIN_JOB_TARGET_S = 120.0
 SAMPLER_TARGET = 0.01
+REFUSAL_TARGET_S = 10.0  # a mistake is reported at once: no network retries, no model built
+ORDER = ("sgd", "momentum", "adamw")  # by the work of their step: a sum, plus a buffer, plus two moments
 
 
 def sampler_overhead(interval_s: float) -> tuple[float, float, float, int]:
@@ -71,6 +77,22 @@ def main_job_seconds() -> tuple[float, int]:
     return time.perf_counter() - start, code
 
 
+def step_order() -> dict[str, tuple[float, tuple[float, float]]]:
+    """optimizer -> (median optimizer step s, its 95% interval) on demo at compare's CPU default."""
+    config = CompareConfig(ModelSelection("demo"), ORDER, TrainingSettings(device="cpu", seq_len=SEQ_LEN))
+    return {row.optimizer: (row.optimizer_step_s or 0.0, row.optimizer_step_s_ci95 or (0.0, 0.0))
+            for row in run_compare(config).results}
+
+
+def refusal_seconds(argv: list[str]) -> tuple[float, int]:
+    """How long a command the user got wrong takes to say so, and its exit code."""
+    optprof = str(Path(sys.executable).with_name("optprof"))
+    start = time.perf_counter()
+    code = subprocess.run([optprof, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode
+    return time.perf_counter() - start, code
+
+
 def main() -> int:
     quiet_libraries()
     ok = True
@@ -87,6 +109,19 @@ def main() -> int:
     for name, values in repeatability().items():
         cv = statistics.stdev(values) / statistics.fmean(values)
         print(f"  {name}: tokens/s {', '.join(f'{v:,.0f}' for v in values)}; CV {100 * cv:.1f}%")
+
+    steps = step_order()
+    ordered = all(steps[a][1][1] < steps[b][1][0] for a, b in itertools.pairwise(ORDER))
+    ok &= ordered
+    print("optimizer step (repeated on one set of gradients), median [95% interval] ms: " + ", ".join(
+        f"{name} {1000 * s:.2f} [{1000 * lo:.2f}, {1000 * hi:.2f}]" for name, (s, (lo, hi)) in steps.items())
+        + ("" if ordered else "  ORDER NOT RESOLVED (sgd < momentum < adamw)"))
+    for label, argv in (("uncached hub id, offline", ["state-size", "someone/not-a-model-anywhere"]),
+                        ("--gpus 2 without CUDA", ["compare", "meta-llama/Llama-2-7b", "--gpus", "2"])):
+        seconds, code = refusal_seconds(argv)
+        meets = seconds < REFUSAL_TARGET_S and code == 2
+        ok &= meets
+        print(f"refusal, {label}: {seconds:.1f} s, exit {code}{'' if meets else '  TARGET MISSED (< 10 s, exit 2)'}")
 
     seconds, code = main_job_seconds()
     meets = seconds <= MAIN_JOB_TARGET_S and code == 0

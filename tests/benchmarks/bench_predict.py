@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from optprof.commands.predict import run_predict
 from optprof.config import DEFAULT_CUDA_RESERVE_BYTES, ModelSelection, PredictConfig, TrainingSettings
-from optprof.predict import run_predict
 from optprof.quiet import quiet_libraries
 
 TARGET_S = 60.0

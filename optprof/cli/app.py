@@ -1,0 +1,110 @@
+"""The `optprof` command: the typer app assembled from one module per command, and the entry point that turns
+user mistakes into one line and exit code 2.
+
+Flags -> config dataclasses -> a command -> a report -> rendered. torch and transformers are imported inside
+the commands so that `optprof --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Annotated, Protocol, cast
+
+import typer
+
+from optprof import __version__
+from optprof.cli import check, compare, listing, predict, report, state_size, tune
+from optprof.cli.inputs import SESSION
+from optprof.cli.options import DebugOpt
+from optprof.errors import UsageError
+from optprof.quiet import quiet_libraries
+
+app = typer.Typer(
+    name="optprof",
+    help="Memory and throughput profiler for LLM training optimizers.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"optprof {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: DebugOpt = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    SESSION.debug = debug
+    if not debug:
+        quiet_libraries()
+
+
+app.command("state-size")(state_size.state_size)
+app.command("compare")(compare.compare)
+app.command("predict")(predict.predict)
+app.command("tune")(tune.tune)
+app.command("check")(check.check)
+app.command("optimizers")(listing.optimizers)
+app.command("models")(listing.models)
+app.command("report")(report.report)
+
+
+class _ClickError(Protocol):
+    """What click's exceptions offer (typer may vendor click, so they are matched by class name)."""
+
+    def show(self) -> None: ...
+
+    def format_message(self) -> str: ...
+
+
+def _click_kind(exc: BaseException) -> str | None:
+    """'help', 'usage' or 'abort' for click's exceptions; typer may vendor click, so match by class name."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "NoArgsIsHelpError" in names:
+        return "help"
+    if "ClickException" in names and "UsageError" in names:
+        return "usage"
+    if "Abort" in names:
+        return "abort"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user mistakes become one line on stderr and exit code 2."""
+    try:
+        code = app(args=argv, prog_name="optprof", standalone_mode=False)
+    except UsageError as exc:
+        if SESSION.debug:
+            traceback.print_exc()
+        typer.echo(f"optprof: error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("optprof: interrupted", err=True)
+        sys.exit(130)
+    except Exception as exc:
+        kind = _click_kind(exc)
+        if kind == "help":  # bare `optprof`: the help, not an error
+            cast(_ClickError, exc).show()
+            sys.exit(0)
+        if kind == "usage":  # a bad flag or value, from click's own parsing
+            typer.echo(f"optprof: error: {cast(_ClickError, exc).format_message()}", err=True)
+            sys.exit(2)
+        if kind == "abort":
+            typer.echo("optprof: aborted", err=True)
+            sys.exit(1)
+        if SESSION.debug:
+            traceback.print_exc()
+        else:
+            typer.echo(f"optprof: internal error: {type(exc).__name__}: {exc} (run with --debug for details)",
+                       err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

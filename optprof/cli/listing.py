@@ -1,0 +1,26 @@
+"""`optprof optimizers` and `optprof models`: what optprof can profile."""
+
+from __future__ import annotations
+
+from optprof.cli.options import FormatOpt, OutputFormat, OutputOpt, StrategyColumnOpt
+from optprof.cli.output import destination, finish
+
+
+def optimizers(output_format: FormatOpt = OutputFormat.TABLE, output: OutputOpt = None,
+               strategy: StrategyColumnOpt = None) -> None:
+    """List the optimizers optprof can profile: package and version, family, available here or why not."""
+    from optprof.commands.preflight import optimizers_with_support
+    from optprof.render.console import console
+
+    to = destination(output_format, output)
+    with console(stderr=True).status("listing optimizers ...") as status:
+        result = optimizers_with_support(strategy, lambda name: status.update(f"{name}: a fake step under {strategy}"))
+    finish(result, to)
+
+
+def models(output_format: FormatOpt = OutputFormat.TABLE, output: OutputOpt = None) -> None:
+    """List the model configs bundled in profiles/models (usable offline, by name or hub alias)."""
+    from optprof.results.reports import ModelsReport
+
+    to = destination(output_format, output)
+    finish(ModelsReport.bundled(), to)

@@ -1,0 +1,98 @@
+"""`optprof predict`: its flags -> PredictConfig -> the report."""
+
+from __future__ import annotations
+
+from optprof.cli.inputs import model_selection, one_device, sharded, whole_number
+from optprof.cli.options import (
+    DEFAULT_MODEL,
+    AmpOpt,
+    AttentionOpt,
+    CheckpointingOpt,
+    DeviceOpt,
+    DtypeOpt,
+    FormatOpt,
+    FreezeOpt,
+    GpuMemoryOpt,
+    GpusOpt,
+    GradAccumOpt,
+    JobsOpt,
+    LoraOpt,
+    MaxMicroBatchOpt,
+    MicroBatchOpt,
+    ModelArg,
+    OptArgOpt,
+    OptimizerOpt,
+    OutputFormat,
+    OutputOpt,
+    PlotOpt,
+    QloraOpt,
+    ReserveOpt,
+    RevisionOpt,
+    SaveProfileOpt,
+    SeqLenOpt,
+    ShardSizeOpt,
+    StrategyOpt,
+    TrustOpt,
+    UnitsOpt,
+)
+from optprof.cli.output import destination, finish
+from optprof.config import (
+    DeviceKind,
+    ModelSelection,
+    PredictConfig,
+    TrainingSettings,
+    default_jobs,
+    default_reserve,
+    resolve_shard_size,
+)
+from optprof.errors import UsageError
+from optprof.units import parse_bytes
+
+
+def predict(
+    model: ModelArg = DEFAULT_MODEL, optimizer: OptimizerOpt = None, opt_arg: OptArgOpt = None,
+    gpu_memory: GpuMemoryOpt = None, reserve: ReserveOpt = None, gpus: GpusOpt = PredictConfig.gpus,
+    strategy: StrategyOpt = PredictConfig.strategy, shard_size: ShardSizeOpt = None,
+    device: DeviceOpt = DeviceKind.CUDA, dtype: DtypeOpt = ModelSelection.dtype, amp: AmpOpt = None,
+    seq_len: SeqLenOpt = None, micro_batch: MicroBatchOpt = str(TrainingSettings.micro_batch),
+    grad_accum: GradAccumOpt = TrainingSettings.grad_accum,
+    gradient_checkpointing: CheckpointingOpt = TrainingSettings.gradient_checkpointing,
+    max_micro_batch: MaxMicroBatchOpt = PredictConfig.max_micro_batch, revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = False, output_format: FormatOpt = OutputFormat.TABLE, output: OutputOpt = None,
+    units: UnitsOpt = None, plot: PlotOpt = None, save_profile: SaveProfileOpt = None, jobs: JobsOpt = None,
+    lora: LoraOpt = None, qlora: QloraOpt = None, freeze: FreezeOpt = None, attention: AttentionOpt = None,
+) -> None:
+    """Predict peak memory per device (and the largest micro-batch) without a GPU, from fake tensors.
+
+    The training step (forward, backward, the real optimizer's step) runs on fake tensors, which have
+    shapes but no memory, under torch's MemTracker; with --gpus N, under FSDP2 on a fake process group.
+    Every figure is labelled predicted, and the output lists what fake CPU tensors cannot see.
+    Exit code 1 if an optimizer failed, 2 on bad input.
+    """
+    from optprof.commands.predict import run_predict
+    from optprof.optimizers.registry import parse_opt_args
+    from optprof.render.console import console
+    from optprof.render.tables import prediction_line
+
+    ranks = gpus or PredictConfig.gpus
+    training = TrainingSettings(
+        device=device, amp=amp, seq_len=seq_len,
+        micro_batch=whole_number(micro_batch or str(TrainingSettings.micro_batch), "--micro-batch"),
+        grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing)
+    run_config = PredictConfig(
+        model_selection(model, dtype, revision, trust_remote_code, lora, freeze, qlora, attention),
+        tuple(optimizer or ()), training, parse_opt_args(opt_arg or []), max_micro_batch=max_micro_batch,
+        gpus=ranks, strategy=sharded(strategy, "predict"),
+        shard_size=resolve_shard_size(strategy, ranks, shard_size, None), jobs=jobs or default_jobs(),
+        gpu_memory_bytes=None if gpu_memory is None else parse_bytes(gpu_memory, "--gpu-memory"),
+        reserve_bytes=default_reserve(device) if reserve is None else parse_bytes(reserve, "--reserve",
+                                                                                   allow_zero=True))
+    if run_config.gpu_memory_bytes is not None and run_config.gpu_memory_bytes <= run_config.reserve_bytes:
+        raise UsageError("--gpu-memory must be larger than --reserve")
+    one_device(ranks, save_profile)
+    to = destination(output_format, output, units, plot)
+    err = console(stderr=True)
+    with err.status(f"predicting on fake tensors for {model} ...") as status:
+        result = run_predict(run_config, on_progress=lambda name, text: status.update(f"{name}: {text}"),
+                             on_row=lambda row: err.print(prediction_line(row)))
+    finish(result, to, save_profile, "predict")

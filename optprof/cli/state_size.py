@@ -1,0 +1,63 @@
+"""`optprof state-size`: its flags -> StateSizeConfig -> the report."""
+
+from __future__ import annotations
+
+from optprof.cli.inputs import model_selection, one_device, sharded
+from optprof.cli.options import (
+    DEFAULT_MODEL,
+    AttentionOpt,
+    DtypeOpt,
+    FormatOpt,
+    FreezeOpt,
+    FullModelOpt,
+    GpusOpt,
+    JobsOpt,
+    LoraOpt,
+    ModelArg,
+    OptArgOpt,
+    OptimizerOpt,
+    OutputFormat,
+    OutputOpt,
+    PlotOpt,
+    QloraOpt,
+    RevisionOpt,
+    SaveProfileOpt,
+    ShardSizeOpt,
+    StrategyOpt,
+    TrustOpt,
+    UnitsOpt,
+)
+from optprof.cli.output import destination, finish
+from optprof.config import ModelSelection, StateSizeConfig, default_jobs, resolve_shard_size
+
+
+def state_size(
+    model: ModelArg = DEFAULT_MODEL, optimizer: OptimizerOpt = None, opt_arg: OptArgOpt = None,
+    dtype: DtypeOpt = ModelSelection.dtype, revision: RevisionOpt = None, trust_remote_code: TrustOpt = False,
+    output_format: FormatOpt = OutputFormat.TABLE, output: OutputOpt = None, units: UnitsOpt = None,
+    plot: PlotOpt = None, jobs: JobsOpt = None, save_profile: SaveProfileOpt = None,
+    gpus: GpusOpt = StateSizeConfig.gpus, strategy: StrategyOpt = StateSizeConfig.strategy,
+    shard_size: ShardSizeOpt = None, full_model: FullModelOpt = StateSizeConfig.full_model, lora: LoraOpt = None,
+    qlora: QloraOpt = None, freeze: FreezeOpt = None, attention: AttentionOpt = None,
+) -> None:
+    """Exact optimizer-state bytes per optimizer, measured on the real optimizer over a meta-device model.
+
+    No GPU and no weights needed: the model is built from its config on the meta device, every parameter
+    gets a meta gradient, each optimizer takes one real step, and everything it keeps is added up.
+    Exit code 1 if an optimizer failed, 2 on bad input.
+    """
+    from optprof.commands.state_size import run_state_size
+    from optprof.optimizers.registry import parse_opt_args
+    from optprof.render.console import console
+
+    ranks = gpus or StateSizeConfig.gpus
+    run_config = StateSizeConfig(
+        model_selection(model, dtype, revision, trust_remote_code, lora, freeze, qlora, attention),
+        tuple(optimizer or ()), parse_opt_args(opt_arg or []), jobs=jobs or default_jobs(),
+        gpus=ranks, strategy=sharded(strategy, "state-size"),
+        shard_size=resolve_shard_size(strategy, ranks, shard_size, None), full_model=full_model)
+    one_device(ranks, save_profile)
+    to = destination(output_format, output, units, plot)
+    with console(stderr=True).status(f"measuring optimizer state for {model} ...") as status:
+        result = run_state_size(run_config, on_row=lambda row: status.update(f"measured {row.optimizer}"))
+    finish(result, to, save_profile, "state-size")

@@ -1,0 +1,283 @@
+"""`optprof predict`: the training step on fake tensors under torch's MemTracker, without a GPU.
+
+FakeTensorMode gives every tensor its shape, dtype and storage size but no memory, so the same code that
+`compare` runs (the model's forward and backward, the real optimizer's step, MemTracker) runs here for a
+7B model on a laptop. What fake CPU tensors cannot see is listed in the report's `assumptions`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from typing import Any
+
+from optprof.commands.micro_batch import search_max_micro_batch
+from optprof.config import (
+    SHARDED_STRATEGIES,
+    DeviceKind,
+    PredictConfig,
+    Strategy,
+    TrainingSettings,
+    check_training,
+    parameter_dtype,
+    resolve_seq_len,
+)
+from optprof.distributed.sharding import (
+    adam_mini_on_cpu_ranks,
+    fake_process_group,
+    fake_tensors,
+    shard_fsdp,
+    zero1_optimizer,
+)
+from optprof.errors import error_text
+from optprof.measure.device import CpuDevice
+from optprof.measure.step import TrainStep, make_batches
+from optprof.measure.tracker import TrackedPeak, tracked_step
+from optprof.model.info import as_transformers, config_values, trainable_parameters
+from optprof.model.loading import load_selection
+from optprof.model.setups import QLORA_PREDICTED, qlora_weight_saving
+from optprof.optimizers.outcome import status_of
+from optprof.optimizers.registry import OptimizerEntry, availability, check_opt_args, resolve_optimizers
+from optprof.optimizers.state import PlaceholderScalars, account_state
+from optprof.processes.forked import run_each
+from optprof.results.reports import PredictReport, command_config
+from optprof.results.rows import PredictRow, Probe
+from optprof.results.vocab import Status
+
+# Attention dropout makes CPU SDPA fall back to a kernel that keeps the whole attention matrix; CUDA's
+# flash and memory-efficient kernels do not, so for a CUDA target it is switched off (memory only).
+ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+
+# Why a fake step can fail where a real one runs: the model read integers back to Python (an MoE layer's
+# tokens per expert, to split its input), and fake tensors have no values to give it.
+DATA_DEPENDENT = ("the model reads tensor values back to Python (e.g. tokens per expert, to split its input), "
+                  "which a step on fake tensors cannot know; compare measures it. The fake step failed with: ")
+
+ASSUMPTIONS_COMMON = (
+    "the training step ran on fake tensors (torch FakeTensorMode) under torch's MemTracker: the figures "
+    "are live tensor bytes, not allocator or driver memory",
+    "inputs are dense random tokens (no padding, no packing), as compare uses",
+)
+ASSUMPTIONS_CUDA = (
+    "CUDA kernels were not run: the step used CPU kernels on fake tensors",
+    "autocast (--amp) follows CPU autocast's op lists, which differ slightly from CUDA's",
+    "the reserve (--reserve) stands for the CUDA context, library workspaces and allocator slack, which "
+    "tensors do not show",
+)
+
+
+def no_overflow_scaler() -> Any:
+    """fp16's GradScaler on the path of a step without overflow. On fake tensors `found_inf.item()` reads a
+    placeholder (non-zero), which would make the scaler skip optimizer.step(), and with it the optimizer's
+    state and the step's temporaries: a prediction 57 MB low with no state on the demo model."""
+    from torch.amp import GradScaler
+
+    class NoOverflowScaler(GradScaler):
+        def _maybe_opt_step(self, optimizer: Any, optimizer_state: Any, *args: Any, **kwargs: Any) -> Any:
+            return optimizer.step(*args, **kwargs)
+
+    return NoOverflowScaler("cpu")
+
+
+def _base_row(entry: OptimizerEntry, config: PredictConfig, training: TrainingSettings) -> PredictRow:
+    return PredictRow(**entry.row_head(config.opt_args), status=Status.OK, micro_batch=training.micro_batch,
+                      seq_len=training.seq_len, grad_accum=training.grad_accum, world_size=config.gpus)
+
+
+class FakeTrainer:
+    """One optimizer over a fake model: warmed up once (lazy state), then a tracked step per micro-batch."""
+
+    def __init__(self, config: PredictConfig, entry: OptimizerEntry, training: TrainingSettings,
+                 mesh: Any = None) -> None:
+        import torch
+
+        self.training = training
+        overrides = dict.fromkeys(ATTENTION_DROPOUT_KEYS, 0.0) if training.device == DeviceKind.CUDA else {}
+        torch.manual_seed(training.seed)
+        setup = config.model.setup
+        selection = dataclasses.replace(config.model, setup=dataclasses.replace(setup, qlora=False))  # see below
+        loaded = load_selection(selection, dtype=parameter_dtype(config.model, training), device="cpu",
+                                overrides=overrides, layers=config.layers)
+        self.model, self.info = loaded.module, loaded.info
+        # QLoRA: fake tensors cannot hold bitsandbytes' 4-bit weights, so the step runs on the unquantized base
+        # and every peak is lowered by what NF4 storage saves (measured per shape: setups.qlora_weight_saving)
+        self.parameter_saving = qlora_weight_saving(self.model) if setup.qlora else 0
+        self.model.train()
+        if training.gradient_checkpointing:
+            hf = as_transformers(self.model)
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.mesh = mesh
+        if mesh is not None and config.strategy in SHARDED_STRATEGIES:
+            shard_fsdp(self.model, mesh, config.strategy)
+        self.params = trainable_parameters(self.model)
+
+        def build() -> Any:
+            return entry.build(self.model, self.info, config.opt_args)
+
+        # zero1 (support checks only): the optimizer as rank 0's share, the model unwrapped (no DDP buckets)
+        self.optimizer = zero1_optimizer(build) if mesh is not None and config.strategy == Strategy.ZERO1 else build()
+        self._peaks: dict[int, TrackedPeak] = {}  # by micro-batch
+        self._step(1).run()  # Adam-style state appears in the first step
+        self.state_bytes = account_state(self.optimizer, self.params, entry.second_moment_keys).state_bytes
+
+    def _step(self, micro_batch: int) -> TrainStep:
+        # CPU kernels on fake tensors; device-side settings (amp dtype) still follow the target
+        training = dataclasses.replace(self.training, micro_batch=micro_batch, device=DeviceKind.CPU)
+        batches = make_batches(self.info.vocab_size, training, "cpu")
+        scaler = no_overflow_scaler() if training.amp == "fp16" else None
+        return TrainStep(self.model, self.optimizer, self.params, batches, CpuDevice(), training, scaler)
+
+    def peak(self, micro_batch: int) -> TrackedPeak:
+        """The tracked step's peak (FSDPMemTracker when sharded), traced once per micro-batch: a step on fake
+        tensors is deterministic, and the search probes the asked size again."""
+        if micro_batch not in self._peaks:
+            self._peaks[micro_batch] = _lowered(tracked_step(self._step(micro_batch), self.state_bytes),
+                                                self.parameter_saving)
+        return self._peaks[micro_batch]
+
+
+def _lowered(peak: TrackedPeak, saving: int) -> TrackedPeak:
+    """The peak with `saving` bytes fewer parameters (alive throughout the step, so in every phase's peak)."""
+    if not saving:
+        return peak
+    breakdown = {**peak.breakdown, "parameters": peak.breakdown.get("parameters", 0) - saving}
+    return dataclasses.replace(peak, tensor_peak_bytes=peak.tensor_peak_bytes - saving, breakdown=breakdown,
+                               fwd_bwd_peak_bytes=peak.fwd_bwd_peak_bytes - saving)
+
+
+def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: TrainingSettings,
+                      progress: Callable[[str], None]) -> PredictRow:
+    """The entry's predicted peak at the micro-batch asked for, and its largest micro-batch when memory is given."""
+    return predict_outcome(config, entry, training, progress)[0]
+
+
+def predict_outcome(config: PredictConfig, entry: OptimizerEntry, training: TrainingSettings,
+                    progress: Callable[[str], None]) -> tuple[PredictRow, bool]:
+    """`predict_optimizer`'s row, and whether the fake step failed because the model read tensor values (fake
+    tensors have none to give it; a real step may well run: preflight leaves that undecided)."""
+    started = time.perf_counter()
+    base = _base_row(entry, config, training)
+    reason = availability(entry)
+    if reason is not None:
+        return dataclasses.replace(base, status=Status.UNAVAILABLE, reason=reason), False
+    scalars: PlaceholderScalars | None = None
+    mesh = None
+    try:
+        with contextlib.ExitStack() as stack:
+            if config.gpus > 1:
+                mesh = stack.enter_context(fake_process_group(config.gpus, config.strategy, config.shard_size))
+            stack.enter_context(adam_mini_on_cpu_ranks())
+            scalars = stack.enter_context(fake_tensors())
+            progress("building the fake model and warming up")
+            trainer = FakeTrainer(config, entry, training, mesh)
+            progress(f"micro-batch {training.micro_batch}")
+            at = trainer.peak(training.micro_batch)
+            found = None
+            if config.gpu_memory_bytes is not None:
+                usable = config.gpu_memory_bytes - config.reserve_bytes
+
+                def fits(micro_batch: int) -> Probe:
+                    progress(f"largest micro-batch: trying {micro_batch}")
+                    peak = trainer.peak(micro_batch)
+                    return Probe(micro_batch, peak.tensor_peak_bytes <= usable, peak.tensor_peak_bytes, usable,
+                                 growing_bytes=peak.fwd_bwd_peak_bytes)
+
+                found = search_max_micro_batch(fits, cap=config.max_micro_batch)
+    except Exception as exc:
+        status, reason = status_of(exc, entry, config.gpus, config.strategy)
+        values_read = status == Status.FAILED and scalars is not None and bool(scalars.integer_reads)
+        if values_read:
+            status, reason = Status.UNSUPPORTED, DATA_DEPENDENT + error_text(exc)
+        return dataclasses.replace(base, status=status, reason=reason, predict_s=time.perf_counter() - started), \
+            values_read
+    at_max = None
+    if found is not None and found.max_micro_batch:
+        at_max = next(p.peak_bytes for p in found.probes if p.micro_batch == found.max_micro_batch)
+    peaks = {training.micro_batch: at.tensor_peak_bytes}
+    peaks |= {p.micro_batch: p.peak_bytes for p in (found.probes if found else ()) if p.peak_bytes is not None}
+    return dataclasses.replace(
+        base,
+        state_bytes=trainer.state_bytes,
+        predicted_peak_bytes=at.tensor_peak_bytes,
+        predicted_device_bytes=at.tensor_peak_bytes + config.reserve_bytes,
+        predicted_breakdown=at.breakdown,
+        predicted_max_micro_batch=None if found is None else found.max_micro_batch,
+        predicted_max_capped=None if found is None else found.capped,
+        trials=None if found is None else found.trials,
+        predicted_peak_at_max_bytes=at_max,
+        predicted_peaks=dict(sorted(peaks.items())),
+        predict_s=time.perf_counter() - started,
+    ), False
+
+
+def _predict_all(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
+                 on_progress: Callable[[str, str], None], on_row: Callable[[PredictRow], None]) -> list[PredictRow]:
+    """One row per entry, in order. A fake step is Python-bound and each optimizer's is independent, so with
+    jobs > 1 they run at once in forked workers (nothing here has started CUDA: fake tensors are CPU tensors)."""
+    def predicted(index: int, here: bool) -> PredictRow:
+        entry = entries[index]
+        progress = functools.partial(on_progress, entry.name) if here else lambda text: None
+        return predict_optimizer(config, entry, training, progress)
+
+    jobs = min(config.jobs, len(entries))
+    for entry in entries if jobs > 1 else ():
+        on_progress(entry.name, f"predicting, {jobs} optimizers at once")
+
+    died = "the predicting process died (crash or out of memory); retry with --jobs 1 to see the error"
+    return run_each(predicted, len(entries), config.jobs, on_result=lambda i, row: on_row(row),
+                    died=lambda i: dataclasses.replace(_base_row(entries[i], config, training), status=Status.FAILED,
+                                                       reason=died))
+
+
+def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] | None = None,
+                on_row: Callable[[PredictRow], None] | None = None) -> PredictReport:
+    check_training(config.training, config.model.dtype)
+    entries = resolve_optimizers(list(config.optimizers))
+    check_opt_args(entries, config.opt_args)
+    selection = config.model
+    loaded = load_selection(selection)
+    info = loaded.info
+    training = dataclasses.replace(config.training, seq_len=resolve_seq_len(
+        config.training.seq_len, info.max_position_embeddings, config.training.device))
+    rows = _predict_all(config, entries, training, on_progress or (lambda name, text: None),
+                        on_row or (lambda row: None))
+    assumptions = ASSUMPTIONS_COMMON + (ASSUMPTIONS_CUDA if training.device == DeviceKind.CUDA else ())
+    dropout = config_values(loaded.config, ATTENTION_DROPOUT_KEYS) if training.device == DeviceKind.CUDA else {}
+    zeroed = [f"{key} {value:g}" for key, value in dropout.items() if value]  # only where there was dropout
+    if zeroed:
+        assumptions += (f"attention dropout ({', '.join(zeroed)}) was set to 0 so that SDPA takes the "
+                        "flash-style path, whose memory matches CUDA's flash / memory-efficient kernels",)
+    if config.model.setup.qlora:
+        assumptions += (QLORA_PREDICTED,)
+    if info.num_experts:
+        assumptions += (f"mixture of experts ({info.num_experts} experts, {info.experts_per_token} per token): the "
+                        "experts run as transformers' grouped experts path (its default), whose tensors have "
+                        "tokens x top-k rows however the tokens are routed, so the prediction holds for any "
+                        "routing, balanced or not (compare reports the routing it saw); an implementation with a "
+                        "capacity per expert (padding or dropping tokens) would differ",)
+    if config.gpus > 1:
+        groups = config.shard_size or config.gpus
+        kept = {Strategy.ZERO2: " with parameters kept gathered after forward (zero2)",
+                Strategy.HSDP: f" sharded in groups of {groups} ranks, replicated across them (hsdp)",
+                }.get(config.strategy, "")
+        assumptions += (f"FSDP2{kept} over {config.gpus} ranks ran in one process on a fake process group (no "
+                        "communication); the figures are per rank, for rank 0, and every rank holds the same shapes",)
+    return PredictReport(
+        model=info,
+        results=tuple(rows),
+        config={
+            **command_config("predict", selection, [e.name for e in entries], config.opt_args),
+            **dataclasses.asdict(training),
+            "target_device": training.device,
+            "gpu_memory_bytes": config.gpu_memory_bytes,
+            "reserve_bytes": config.reserve_bytes,
+            "max_micro_batch": config.max_micro_batch,
+            "gpus": config.gpus,
+            "strategy": config.strategy if config.gpus > 1 else None,
+            "shard_size": config.shard_size,
+        },
+        assumptions=assumptions,
+    )

@@ -1,0 +1,72 @@
+"""Independent pieces of work at once, in forked worker processes: the optimizers of state-size and predict,
+tune's trials, the profiles of check (`run_each`: serially or forked, and a worker that died still gives a row).
+Fork, so that the workers share what the parent already built (a meta model, imported packages) without pickling
+it; only where nothing has started CUDA (meta and fake tensors are CPU-side)."""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, TypeVar
+
+# The work of the pool being run: set just before the pool forks, so each worker finds it in its own memory.
+_work: Callable[[int], Any] | None = None
+
+
+def can_fork() -> bool:
+    return "fork" in multiprocessing.get_all_start_methods()
+
+
+def _run(index: int) -> Any:
+    import torch
+
+    torch.set_num_threads(1)  # the workers share the cores
+    assert _work is not None
+    return _work(index)
+
+
+def forked_map(work: Callable[[int], Any], order: Iterable[int], jobs: int,
+               on_result: Callable[[int, Any], None]) -> dict[int, Any]:
+    """work(i) for each i of `order` (submitted in that order) in `jobs` forked workers; the results by index,
+    each passed to on_result as it arrives. An index whose worker died (a crash, the OOM killer) is missing:
+    the caller says so in its row, or runs it again where the error can show."""
+    global _work
+    _work = work
+    results: dict[int, Any] = {}
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            futures = {pool.submit(_run, index): index for index in order}
+            for future in as_completed(futures):
+                try:
+                    results[futures[future]] = future.result()
+                except BrokenProcessPool:
+                    continue
+                on_result(futures[future], results[futures[future]])
+    finally:
+        _work = None
+    return results
+
+
+R = TypeVar("R")
+
+
+def run_each(work: Callable[[int, bool], R], count: int, jobs: int, died: Callable[[int], R],
+             on_result: Callable[[int, R], None] | None = None, order: Sequence[int] | None = None,
+             always_fork: bool = False) -> list[R]:
+    """[work(i, here) for i in range(count)]: in `jobs` forked workers where that helps (or `always_fork`, so that
+    every piece runs alike) and the platform can fork; else one after another in this process, in index order.
+    `here` tells work whether it runs in this process (where it may report progress). `order` is the order of
+    submission to the workers (longest first packs them best). A piece whose worker died gives `died(i)`: the
+    caller's row saying so, or the piece run again here, where its error can show."""
+    found: dict[int, R] = {}
+    notify = on_result or (lambda index, result: None)
+    if count and can_fork() and (always_fork or min(jobs, count) > 1):
+        found = forked_map(lambda index: work(index, False), order if order is not None else range(count),
+                           max(1, min(jobs, count)), notify)
+    else:
+        for index in range(count):
+            found[index] = work(index, True)
+            notify(index, found[index])
+    return [found[index] if index in found else died(index) for index in range(count)]

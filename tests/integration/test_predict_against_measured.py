@@ -1,0 +1,82 @@
+"""predict against a measured step: the fake-tensor peak equals compare's tensor peak on CPU, across precisions,
+micro-batches and forked workers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from optprof.commands.compare import run_compare
+from optprof.commands.predict import run_predict
+from optprof.commands.state_size import run_state_size
+from optprof.config import CompareConfig, ModelSelection, PredictConfig, StateSizeConfig, TrainingSettings
+
+TRIO = ("adamw", "adam-mini", "sgd")
+
+
+def measured_and_predicted(model: str, seq_len: int, micro_batch: int = 1) -> tuple[dict, dict]:
+    training = TrainingSettings(device="cpu", seq_len=seq_len, micro_batch=micro_batch, steps=1)
+    measured = run_compare(CompareConfig(ModelSelection(model), TRIO, training), isolate=False)
+    predicted = run_predict(PredictConfig(ModelSelection(model), TRIO, training))
+    return ({r.optimizer: r for r in measured.results}, {r.optimizer: r for r in predicted.results})
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])  # GPT-2: tied head, fused c_attn, dropout
+def test_predicted_peak_matches_the_measured_tensor_peak(name: str, model_dir: Callable[[str], str]) -> None:
+    measured, predicted = measured_and_predicted(model_dir(name), seq_len=32, micro_batch=2)
+    for optimizer in TRIO:
+        real, fake = measured[optimizer], predicted[optimizer]
+        assert real.status == fake.status == "ok", (real.reason, fake.reason)
+        assert fake.predicted_peak_bytes == pytest.approx(real.tensor_peak_bytes, rel=0.02)
+        assert fake.state_bytes == real.state_bytes
+        assert fake.predicted_breakdown == pytest.approx(real.breakdown, rel=0.02, abs=1024)
+
+
+@pytest.mark.parametrize(("amp", "dtype"), [("fp16", "float32"), ("bf16", "float32"), (None, "float16")])
+def test_mixed_and_half_precision_predictions_match_state_size_and_the_measured_peak(amp: str | None,
+                                                                                      dtype: str) -> None:
+    """fp16 once predicted no state at all: its loss scaler read a placeholder as an overflow and skipped
+    the optimizer step. Every precision: the state state-size measures, the peak compare measures."""
+    training = TrainingSettings(device="cpu", seq_len=64, steps=1, amp=amp)  # type: ignore[arg-type]
+    selection = ModelSelection("demo", dtype)  # type: ignore[arg-type]
+    predicted = run_predict(PredictConfig(selection, ("adamw",), training)).results[0]
+    measured = run_compare(CompareConfig(selection, ("adamw",), training), isolate=False).results[0]
+    state_dtype = "float32" if amp else dtype  # amp keeps float32 master weights (and so float32 state)
+    sized = run_state_size(StateSizeConfig(ModelSelection("demo", state_dtype), ("adamw",))).results[0]  # type: ignore[arg-type]
+    assert predicted.status == measured.status == "ok", (predicted.reason, measured.reason)
+    assert predicted.state_bytes == sized.state_bytes == measured.state_bytes > 0
+    assert predicted.predicted_peak_bytes == pytest.approx(measured.tensor_peak_bytes, rel=0.02)
+
+
+def test_demo_model_prediction_within_two_percent() -> None:
+    measured, predicted = measured_and_predicted("demo", seq_len=64)
+    for optimizer in TRIO:
+        ratio = predicted[optimizer].predicted_peak_bytes / measured[optimizer].tensor_peak_bytes
+        assert abs(ratio - 1) <= 0.02, (optimizer, ratio)
+
+
+def test_largest_micro_batch_and_determinism() -> None:
+    config = PredictConfig(ModelSelection("demo"), ("sgd", "adamw"), TrainingSettings(device="cpu", seq_len=128),
+                           gpu_memory_bytes=200 * 10**6)
+    first, second = run_predict(config), run_predict(config)
+    sgd, adamw = first.results
+    assert sgd.predicted_max_micro_batch > adamw.predicted_max_micro_batch >= 1
+    assert adamw.predicted_peak_at_max_bytes <= 200 * 10**6
+    keys = ("state_bytes", "predicted_peak_bytes", "predicted_max_micro_batch", "predicted_breakdown")
+    for a, b in zip(first.results, second.results, strict=True):
+        assert all(getattr(a, k) == getattr(b, k) for k in keys)
+
+
+def test_optimizers_predicted_at_once_give_what_one_after_another_gives() -> None:
+    """--jobs 2: each optimizer in a forked worker; every figure as in this process, rows in order."""
+    import dataclasses
+
+    training = TrainingSettings(device="cuda", seq_len=64)
+    config = PredictConfig(ModelSelection("demo"), ("sgd", "adamw", "adam-mini"), training, gpu_memory_bytes=10**9,
+                           max_micro_batch=8)
+    at_once = run_predict(dataclasses.replace(config, jobs=2)).results
+    one_by_one = run_predict(config).results
+    assert [r.optimizer for r in at_once] == ["sgd", "adamw", "adam-mini"]
+    for a, b in zip(at_once, one_by_one, strict=True):
+        assert a.status == "ok" and dataclasses.replace(a, predict_s=None) == dataclasses.replace(b, predict_s=None)
