@@ -263,15 +263,19 @@ def resolve_device(requested: DeviceKind | None) -> DeviceKind:
     return requested
 
 
+def whole_number(text: str, flag: str, alternative: str = "") -> int:
+    """A count of at least 1 given as text (a flag that also takes a word, such as --micro-batch auto)."""
+    if not text.isdigit() or int(text) < 1:
+        raise UsageError(f"{flag}: expected a whole number of at least 1{alternative}; got '{text}'")
+    return int(text)
+
+
 def resolve_micro_batch(text: str | None, device: DeviceKind, limited: bool) -> int | None:
-    """--micro-batch: a fixed size, or None for the search ('auto': the default on cuda or with a limit)."""
+    """compare's --micro-batch: a fixed size, or None for the search ('auto': the default on cuda or with a
+    limit)."""
     if text == "auto" or (text is None and (device == DeviceKind.CUDA or limited)):
         return None
-    if text is None:
-        return 1
-    if not text.isdigit() or int(text) < 1:
-        raise UsageError(f"--micro-batch: expected a whole number of at least 1, or 'auto'; got '{text}'")
-    return int(text)
+    return TrainingSettings.micro_batch if text is None else whole_number(text, "--micro-batch", ", or 'auto'")
 
 
 def default_reserve(device: DeviceKind) -> int:

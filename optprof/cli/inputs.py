@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from optprof.config import SHARDED_STRATEGIES, Dtype, ModelSelection, Strategy, TrainingSetup
+from optprof.config import SHARDED_STRATEGIES, Dtype, ModelSelection, Strategy, TrainingSetup, resolve_shard_size
 from optprof.errors import UsageError
 
 
@@ -36,20 +36,23 @@ def model_selection(model: str, dtype: Dtype, revision: str | None, trust_remote
     return ModelSelection(model, dtype, revision, trust_remote_code, setup)
 
 
-def whole_number(text: str, flag: str) -> int:
-    """A count of at least 1 given as text (flags that also take words, such as --micro-batch auto)."""
-    if not text.isdigit() or int(text) < 1:
-        raise UsageError(f"{flag}: expected a whole number of at least 1; got '{text}'")
-    return int(text)
+@dataclass(frozen=True)
+class FakeRanks:
+    """state-size's and predict's --gpus, --strategy and --shard-size: FSDP2 over a fake process group."""
+
+    ranks: int
+    strategy: Strategy
+    shard_size: int | None
 
 
-def sharded(strategy: Strategy, command: str) -> Strategy:
-    """state-size and predict shard with FSDP2 on fake ranks: ddp and zero1 are compare's to measure."""
+def fake_ranks(gpus: int | None, strategy: Strategy, shard_size: int | None, command: str) -> FakeRanks:
+    """The fake ranks a command shards over; ddp and zero1 are compare's to measure (they replicate the model)."""
     if strategy not in SHARDED_STRATEGIES:
         names = ", ".join(SHARDED_STRATEGIES)
         raise UsageError(f"--strategy {strategy}: {command} shards with FSDP2 ({names}); "
                          f"run `optprof compare --strategy {strategy}` to measure it")
-    return strategy
+    ranks = gpus or 1
+    return FakeRanks(ranks, strategy, resolve_shard_size(strategy, ranks, shard_size, None))
 
 
 def one_device(gpus: int, save_profile: Path | None) -> None:

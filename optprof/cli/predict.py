@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from optprof.cli.inputs import model_selection, one_device, sharded, whole_number
+from optprof.cli.inputs import fake_ranks, model_selection, one_device
 from optprof.cli.options import (
     DEFAULT_MODEL,
     AmpOpt,
@@ -43,7 +43,7 @@ from optprof.config import (
     TrainingSettings,
     default_jobs,
     default_reserve,
-    resolve_shard_size,
+    whole_number,
 )
 from optprof.errors import UsageError
 from optprof.units import parse_bytes
@@ -74,7 +74,7 @@ def predict(
     from optprof.render.console import console
     from optprof.render.tables import prediction_line
 
-    ranks = gpus or PredictConfig.gpus
+    fake = fake_ranks(gpus, strategy, shard_size, "predict")
     training = TrainingSettings(
         device=device, amp=amp, seq_len=seq_len,
         micro_batch=whole_number(micro_batch or str(TrainingSettings.micro_batch), "--micro-batch"),
@@ -82,14 +82,13 @@ def predict(
     run_config = PredictConfig(
         model_selection(model, dtype, revision, trust_remote_code, lora, freeze, qlora, attention),
         tuple(optimizer or ()), training, parse_opt_args(opt_arg or []), max_micro_batch=max_micro_batch,
-        gpus=ranks, strategy=sharded(strategy, "predict"),
-        shard_size=resolve_shard_size(strategy, ranks, shard_size, None), jobs=jobs or default_jobs(),
+        gpus=fake.ranks, strategy=fake.strategy, shard_size=fake.shard_size, jobs=jobs or default_jobs(),
         gpu_memory_bytes=None if gpu_memory is None else parse_bytes(gpu_memory, "--gpu-memory"),
         reserve_bytes=default_reserve(device) if reserve is None else parse_bytes(reserve, "--reserve",
                                                                                    allow_zero=True))
     if run_config.gpu_memory_bytes is not None and run_config.gpu_memory_bytes <= run_config.reserve_bytes:
         raise UsageError("--gpu-memory must be larger than --reserve")
-    one_device(ranks, save_profile)
+    one_device(fake.ranks, save_profile)
     to = destination(output_format, output, units, plot)
     err = console(stderr=True)
     with err.status(f"predicting on fake tensors for {model} ...") as status:

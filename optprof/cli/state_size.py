@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from optprof.cli.inputs import model_selection, one_device, sharded
+from optprof.cli.inputs import fake_ranks, model_selection, one_device
 from optprof.cli.options import (
     DEFAULT_MODEL,
     AttentionOpt,
@@ -28,7 +28,7 @@ from optprof.cli.options import (
     UnitsOpt,
 )
 from optprof.cli.output import destination, finish
-from optprof.config import ModelSelection, StateSizeConfig, default_jobs, resolve_shard_size
+from optprof.config import ModelSelection, StateSizeConfig, default_jobs
 
 
 def state_size(
@@ -50,13 +50,12 @@ def state_size(
     from optprof.optimizers.registry import parse_opt_args
     from optprof.render.console import console
 
-    ranks = gpus or StateSizeConfig.gpus
+    fake = fake_ranks(gpus, strategy, shard_size, "state-size")
     run_config = StateSizeConfig(
         model_selection(model, dtype, revision, trust_remote_code, lora, freeze, qlora, attention),
-        tuple(optimizer or ()), parse_opt_args(opt_arg or []), jobs=jobs or default_jobs(),
-        gpus=ranks, strategy=sharded(strategy, "state-size"),
-        shard_size=resolve_shard_size(strategy, ranks, shard_size, None), full_model=full_model)
-    one_device(ranks, save_profile)
+        tuple(optimizer or ()), parse_opt_args(opt_arg or []), jobs=jobs or default_jobs(), gpus=fake.ranks,
+        strategy=fake.strategy, shard_size=fake.shard_size, full_model=full_model)
+    one_device(fake.ranks, save_profile)
     to = destination(output_format, output, units, plot)
     with console(stderr=True).status(f"measuring optimizer state for {model} ...") as status:
         result = run_state_size(run_config, on_row=lambda row: status.update(f"measured {row.optimizer}"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from optprof.cli.inputs import model_selection, whole_number
+from optprof.cli.inputs import model_selection
 from optprof.cli.options import (
     DEFAULT_MODEL,
     DataOpt,
@@ -27,7 +27,7 @@ from optprof.cli.options import (
     UnitsOpt,
 )
 from optprof.cli.output import destination, finish
-from optprof.config import Dtype, TuneBudget, TuneConfig, default_jobs
+from optprof.config import Dtype, TuneBudget, TuneConfig, default_jobs, whole_number
 
 
 def tune(
