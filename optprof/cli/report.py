@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import typer
+
 from optprof.cli.options import FormatOpt, OutputFormat, OutputOpt, PlotOpt, ReportFilesArg, UnitsOpt
 from optprof.cli.output import file_format, plot, write
 
@@ -9,8 +11,6 @@ from optprof.cli.output import file_format, plot, write
 def report(files: ReportFilesArg, output_format: FormatOpt = OutputFormat.TABLE, output: OutputOpt = None,
            units: UnitsOpt = None, plot_path: PlotOpt = None) -> None:
     """Re-render saved reports: the table again, or JSON / CSV; several runs of one kind side by side."""
-    import typer
-
     from optprof.render.console import console
     from optprof.render.text import render
     from optprof.results.io import combined, read_report, run_labels, serialise

@@ -1,0 +1,35 @@
+"""run_each: the same results serially and in forked workers, and a row for a worker that died."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+from optprof.processes.forked import run_each
+
+
+def squared(index: int, here: bool) -> tuple[int, bool]:
+    return index * index, here
+
+
+def test_serial_and_forked_give_the_same_results_in_index_order() -> None:
+    arrived: list[int] = []
+    forked = run_each(squared, 5, jobs=2, died=lambda i: (-1, False), on_result=lambda i, r: arrived.append(i),
+                      order=[4, 3, 2, 1, 0])
+    serial = run_each(squared, 5, jobs=1, died=lambda i: (-1, True))
+    assert [value for value, _ in forked] == [value for value, _ in serial] == [0, 1, 4, 9, 16]
+    assert {here for _, here in forked} == {False} and {here for _, here in serial} == {True}
+    assert sorted(arrived) == [0, 1, 2, 3, 4]  # each result announced once
+
+
+def test_a_worker_that_dies_gives_its_row_and_the_rest_are_kept_or_said() -> None:
+    def dies_at_two(index: int, here: bool) -> tuple[int, bool]:
+        if index == 2 and not here:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return squared(index, here)
+
+    results = run_each(dies_at_two, 4, jobs=2, died=lambda i: (-i, True))
+    assert results[2] == (-2, True)  # the died row, from the caller
+    # a killed worker breaks the pool: the pieces still pending are said to have died too, never lost
+    assert all(result in ((i * i, False), (-i, True)) for i, result in enumerate(results))
+    assert run_each(squared, 0, jobs=2, died=lambda i: (0, True)) == []
