@@ -47,4 +47,4 @@ bench: install
 	$(BIN)/python tests/benchmarks/bench_tune.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache .hypothesis
