@@ -1,6 +1,6 @@
 """`optprof check`: recompute what each profile guards and judge it against the expected values.
 
-Which command computes which measure is the `Measure` registry's to say (baseline.MEASURES); this module
+Which command computes which measure is the `Measure` registry's to say (results.profiles.MEASURES); this module
 runs each command a profile needs once and reads the measures from its rows.
 """
 

@@ -61,7 +61,7 @@ class Subject:
 
 def subject_for(selection: ModelSelection, module: nn.Module, info: ModelInfo, full_model: bool) -> Subject:
     """The copies a decoder's repeated layers allow: a step costs time per parameter tensor, and a 7B model has
-    32 layers of the same tensors (see `models.layer_copies`)."""
+    32 layers of the same tensors (see `model.layer_copies.layer_copies`)."""
     if full_model:
         return Subject(module, info, why="--full-model")
     copies, why = layer_copies(selection, info)

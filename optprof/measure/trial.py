@@ -1,6 +1,6 @@
 """One trial: real training steps of one optimizer on synthetic tokens, timed and measured, as one row.
 
-A trial runs in the process that calls `run_trial`; `isolate.py` gives each one a fresh process. The order:
+A trial runs in the process that calls `run_trial`; `processes/isolated.py` gives each one a fresh process. The order:
 build the model and optimizer, warm up (lazy state gets allocated), time `steps` steps with the memory
 sampler, the allocator's peaks and the energy counter running, account the optimizer's state, then run one
 more, untimed step under torch's MemTracker for the tensor-level peak and its breakdown.
@@ -264,7 +264,7 @@ def _notes(spec: TrialSpec, device: Device, m: _Measured) -> list[str]:
 
 
 def trial_in_child(spec: TrialSpec, progress: Progress, quiet: bool = True) -> TrialOutcome:
-    """Entry point of a spawned trial process (see isolate.py): library chatter off, then the trial."""
+    """Entry point of a spawned trial process (see processes/isolated.py): library chatter off, then the trial."""
     if quiet:
         quiet_libraries()
     return run_trial(spec, progress)

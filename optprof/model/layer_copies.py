@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 def layer_copies(selection: ModelSelection, info: ModelInfo) -> tuple[tuple[LoadedModel, ...], str | None]:
-    """Copies of the model's first 1, 2 and 3 layers (`layers.COPY_LAYERS`), on meta, where they stand for it:
+    """Copies of the model's first 1, 2 and 3 layers (`COPY_LAYERS`), on meta, where they stand for it:
     their parameter counts lie on one line that reaches the model's own at its layer count. Else no copies and
     why not: too few layers to gain, no layer count to set, or layers that differ (a dense prefix before MoE
     layers)."""

@@ -1,7 +1,7 @@
 """Training setups: which parameters train and how the base is held. LoRA adapters (peft) on a frozen base,
 QLoRA's 4-bit NF4 base (bitsandbytes), parameters frozen by name, and transformers' attention implementation.
 Applied to the model as built, before any optimizer sees it: a frozen parameter has requires_grad off, so it
-takes no gradient and no optimizer state (optimizers are built over `models.trainable_parameters`).
+takes no gradient and no optimizer state (optimizers are built over `model.info.trainable_parameters`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Functions for isolate.run_isolated to run in a spawned child; this module imports nothing heavy."""
+"""Functions for processes.isolated.run_isolated to run in a spawned child; this module imports nothing heavy."""
 
 from __future__ import annotations
 

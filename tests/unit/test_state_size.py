@@ -280,7 +280,7 @@ def _whole(model: str):  # type: ignore[no-untyped-def]
 
 
 def test_a_worker_that_dies_is_a_failed_row_and_the_run_goes_on() -> None:
-    """state-size's forked workers (forked.forked_map): a worker killed mid-step loses its row, not the run."""
+    """state-size's forked workers (processes.forked.run_each): a worker killed mid-step loses its row, not the run."""
     names = ("support.optimizers:KilledOnStep", "adamw")
     rows = run_state_size(StateSizeConfig(ModelSelection("demo"), names, jobs=2)).results
     killed, adamw = rows
