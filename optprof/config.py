@@ -32,6 +32,50 @@ class Amp(StrEnum):
     FP16 = "fp16"
 
 
+class Precision(StrEnum):
+    """A dtype as FSDP2's MixedPrecisionPolicy names it (--mp-policy PARAM[,REDUCE])."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+    @property
+    def dtype(self) -> Dtype:
+        return {Precision.FP32: Dtype.FLOAT32, Precision.BF16: Dtype.BFLOAT16, Precision.FP16: Dtype.FLOAT16}[self]
+
+
+PRECISION_OF_DTYPE = {Dtype.FLOAT32: Precision.FP32, Dtype.BFLOAT16: Precision.BF16, Dtype.FLOAT16: Precision.FP16}
+
+
+class Checkpointing(StrEnum):
+    """Activation checkpointing of the transformer blocks (the classes that `_no_split_modules` names).
+
+    full: every block recomputed in backward. selective-layer: every K-th block (torchtitan's layer SAC).
+    selective-op: inside each block, save the outputs of compute-intensive ops except every second matmul,
+    recompute the rest (torchtitan's op SAC, through torch.utils.checkpoint's selective contexts).
+    """
+
+    NONE = "none"
+    FULL = "full"
+    SELECTIVE_OP = "selective-op"
+    SELECTIVE_LAYER = "selective-layer"
+
+
+class FsdpUnits(StrEnum):
+    """How FSDP2 groups a model's parameters into units (each all-gathered and freed as one).
+
+    blocks: one unit per transformer block, then the root (embeddings, final norm, head), which FSDP2 keeps
+    gathered from forward to backward. ends-gathered: the embeddings their own unit, resharded after forward;
+    the final norm and head one unit kept gathered after forward (torchtitan's and accelerate's layout).
+    ends-sharded: embeddings and head each their own unit, both resharded after forward (torchtune's
+    custom_sharded_layers ['tok_embeddings', 'output']).
+    """
+
+    BLOCKS = "blocks"
+    ENDS_GATHERED = "ends-gathered"
+    ENDS_SHARDED = "ends-sharded"
+
+
 class Strategy(StrEnum):
     """How ranks share the model.
 
@@ -114,12 +158,18 @@ class TrainingSettings:
     """How one training step is run and timed; the same for every optimizer in a comparison."""
 
     device: DeviceKind = DeviceKind.CPU  # the CLI picks cuda when available
-    amp: Amp | None = None  # fp32 master weights with autocast in this dtype; None: pure `dtype`
+    amp: Amp | None = None  # autocast in this dtype over the parameters as stored; None: no autocast
+    mp_param: Precision | None = None  # FSDP2 MixedPrecisionPolicy: gathered parameters' dtype; None: no policy
+    mp_reduce: Precision | None = None  # ... and the gradient reduction's; None: the gathered parameters' dtype
+    fsdp_units: FsdpUnits = FsdpUnits.BLOCKS  # how FSDP2 groups parameters (sharded strategies, --mp-policy)
+    checkpointing: Checkpointing = Checkpointing.NONE  # activation checkpointing of the transformer blocks
+    checkpoint_every: int = 1  # selective-layer: every K-th block is checkpointed
+    loss_chunks: int | None = None  # chunked cross-entropy over N chunks of tokens; None: full fp32 logits
+    recipe: str | None = None  # the named trainer whose settings these are (trainers.RECIPES), if any
     seq_len: int | None = None  # tokens per sequence; None: the model's context length, capped (resolve_seq_len)
     micro_batch: int = 1  # sequences per forward/backward
     grad_accum: int = 1  # micro-batches per optimizer step
     grad_clip: float | None = None  # max gradient norm; None: no clipping (which costs memory and time)
-    gradient_checkpointing: bool = False
     steps: int = 10  # timed optimizer steps
     warmup: int = 2  # untimed steps first: Adam-style state is allocated lazily in the first step
     sample_interval_s: float = 0.02  # background memory sampler period (RSS, NVML)
@@ -174,6 +224,7 @@ class PredictConfig:
     shard_size: int | None = None  # hsdp: ranks per shard group (None: all of them)
     layers: int | None = None  # build only the model's first N layers (a shallow copy); None: all of them
     jobs: int = 1  # optimizers predicted at once, in forked worker processes
+    replicas: int = 1  # ranks that each hold the whole model (a recipe's DDP): the figures are one rank's
 
 
 # The optimizers of the study's inclusion relations, and the two whose memory optprof is about.
@@ -293,12 +344,118 @@ def resolve_seq_len(requested: int | None, context_length: int | None, device: D
 
 
 def check_training(training: TrainingSettings, dtype: Dtype) -> None:
-    if training.amp and dtype != Dtype.FLOAT32:
-        raise UsageError(f"--amp {training.amp} keeps float32 master weights: drop --dtype {dtype}")
+    if training.amp == Amp.FP16 and dtype != Dtype.FLOAT32:
+        raise UsageError(f"--amp fp16 scales the loss, and its scaler cannot unscale {dtype} gradients: use "
+                         "float32 parameters (drop --dtype) or --amp bf16")
     if training.warmup < 2:
         raise UsageError("--warmup must be at least 2: Adam-style state is allocated in the first step")
+    if training.checkpoint_every < 1:
+        raise UsageError("selective-layer:K checkpoints every K-th block: K must be at least 1")
+    if training.loss_chunks is not None and training.loss_chunks < 1:
+        raise UsageError("--loss chunked:N: N must be at least 1")
 
 
 def parameter_dtype(selection: ModelSelection, training: TrainingSettings) -> Dtype:
-    """The dtype parameters (and so gradients and state) are built in: amp keeps float32 master weights."""
-    return Dtype.FLOAT32 if training.amp else selection.dtype
+    """The dtype parameters (and so gradients and state) are built in; autocast and FSDP2's policy only change
+    the dtype the step computes in."""
+    return selection.dtype
+
+
+def checkpointing_text(training: TrainingSettings) -> str:
+    """--activation-checkpointing as the user writes it: none, full, selective-op, selective-layer:K."""
+    if training.checkpointing == Checkpointing.SELECTIVE_LAYER:
+        return f"{training.checkpointing}:{training.checkpoint_every}"
+    return str(training.checkpointing)
+
+
+def loss_text(training: TrainingSettings) -> str:
+    return "default" if training.loss_chunks is None else f"chunked:{training.loss_chunks}"
+
+
+def mp_policy_text(training: TrainingSettings) -> str | None:
+    if training.mp_param is None:
+        return None
+    return f"{training.mp_param},{training.mp_reduce or training.mp_param}"
+
+
+@dataclass(frozen=True)
+class StepPrecision:
+    """The dtype of each thing a step holds or computes, as the settings make it (a derived description)."""
+
+    parameters: Precision  # as stored (FSDP2: the shards)
+    gathered: Precision  # what forward computes with: FSDP2's all-gathered copy, or the parameters
+    compute: Precision  # matmuls' dtype: autocast's where it runs, else the gathered parameters'
+    gradients: Precision  # as kept for the optimizer (FSDP2 casts reduced gradients back to the shards' dtype)
+    reduction: Precision | None  # the gradient all-reduce / reduce-scatter; None: one device, no reduction
+    state: Precision  # optimizer state follows the parameters it updates
+
+    def text(self) -> str:
+        reduce = f", reduce {self.reduction}" if self.reduction is not None else ""
+        return (f"parameters {self.parameters}, gathered {self.gathered}, compute {self.compute}, gradients "
+                f"{self.gradients}{reduce}, state {self.state}")
+
+
+def step_precision(dtype: Dtype, training: TrainingSettings, reduces: bool) -> StepPrecision:
+    """`reduces`: gradients are reduced across ranks (several ranks, or FSDP2 over one)."""
+    stored = PRECISION_OF_DTYPE[dtype]
+    gathered = training.mp_param or stored
+    compute = Precision(training.amp) if training.amp is not None else gathered
+    reduction = (training.mp_reduce or gathered) if reduces else None
+    return StepPrecision(stored, gathered, compute, stored, reduction, stored)
+
+
+def step_record(dtype: Dtype, training: TrainingSettings, reduces: bool, sharded: bool) -> dict[str, Any]:
+    """The step as a report's config records it: each thing's precision, and one line for the model line.
+    `reduces`: gradients are reduced across ranks; `sharded`: FSDP2 runs (its units are named)."""
+    precision = step_precision(dtype, training, reduces)
+    parts = [f"recipe {training.recipe}"] if training.recipe else []
+    parts += [precision.text(), f"autocast {training.amp or 'off'}",
+              f"activation checkpointing {checkpointing_text(training)}",
+              "loss " + ("default (full logits, upcast to fp32)" if training.loss_chunks is None
+                         else f"chunked:{training.loss_chunks} (head and fp32 upcast per chunk of tokens)")]
+    if sharded:
+        parts.append(f"FSDP2 units {training.fsdp_units}")
+    return {"precision": {key: (str(value) if value is not None else None)
+                          for key, value in precision.__dict__.items()},
+            "mp_policy": mp_policy_text(training), "activation_checkpointing": checkpointing_text(training),
+            "loss": loss_text(training), "step": "; ".join(parts)}
+
+
+def _precision(text: str, flag: str) -> Precision:
+    try:
+        return Precision(text.strip().lower())
+    except ValueError:
+        raise UsageError(f"{flag}: unknown precision '{text}': choose fp32, bf16 or fp16") from None
+
+
+def parse_mp_policy(text: str) -> tuple[Precision, Precision | None]:
+    """--mp-policy PARAM[,REDUCE]."""
+    parts = text.split(",")
+    if len(parts) > 2 or not parts[0]:
+        raise UsageError(f"--mp-policy: expected PARAM[,REDUCE], e.g. bf16,fp32; got '{text}'")
+    return _precision(parts[0], "--mp-policy"), (_precision(parts[1], "--mp-policy") if len(parts) == 2 else None)
+
+
+def parse_checkpointing(text: str) -> tuple[Checkpointing, int]:
+    """--activation-checkpointing none | full | selective-op | selective-layer:K."""
+    mode, _, every = text.strip().lower().partition(":")
+    try:
+        choice = Checkpointing(mode)
+    except ValueError:
+        raise UsageError(f"--activation-checkpointing: unknown mode '{text}': choose none, full, selective-op or "
+                         "selective-layer:K") from None
+    if choice == Checkpointing.SELECTIVE_LAYER:
+        return choice, whole_number(every, "--activation-checkpointing selective-layer:K")
+    if every:
+        raise UsageError(f"--activation-checkpointing {mode} takes no ':K' (only selective-layer:K does)")
+    return choice, 1
+
+
+def parse_loss(text: str) -> int | None:
+    """--loss default | chunked:N: the number of chunks, None for the default loss."""
+    kind, _, chunks = text.strip().lower().partition(":")
+    if kind == "default" and not chunks:
+        return None
+    if kind == "chunked":
+        return whole_number(chunks, "--loss chunked:N")
+    raise UsageError(f"--loss: expected default or chunked:N; got '{text}'")

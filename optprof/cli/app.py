@@ -55,6 +55,7 @@ app.command("tune")(tune.tune)
 app.command("check")(check.check)
 app.command("optimizers")(listing.optimizers)
 app.command("models")(listing.models)
+app.command("recipes")(listing.recipes)
 app.command("report")(report.report)
 
 

@@ -2,26 +2,28 @@
 
 from __future__ import annotations
 
-from optprof.cli.inputs import SESSION, model_selection
+from optprof.cli.inputs import SESSION, loaded_dtype, model_selection
 from optprof.cli.options import (
     DEFAULT_MODEL,
+    ActivationCheckpointingOpt,
     AmpOpt,
     AttentionOpt,
     AutoDeviceOpt,
     BreakdownOpt,
     CheckpointingOpt,
-    DtypeOpt,
     FormatOpt,
     FreezeOpt,
     GpusOpt,
     GradAccumOpt,
     GradClipOpt,
     LoraOpt,
+    LossOpt,
     MaxMicroBatchOpt,
     MemoryLimitOpt,
     MemorySnapshotOpt,
     MicroBatchOpt,
     ModelArg,
+    MpPolicyOpt,
     OffloadOpt,
     OptArgOpt,
     OptimizerOpt,
@@ -32,6 +34,9 @@ from optprof.cli.options import (
     PredictOpt,
     PreflightOpt,
     QloraOpt,
+    RecipeDtypeOpt,
+    RecipeOpt,
+    RecipeStrategyOpt,
     RevisionOpt,
     SaveProfileOpt,
     SearchMarginOpt,
@@ -39,7 +44,6 @@ from optprof.cli.options import (
     SeqLenOpt,
     ShardSizeOpt,
     StepsOpt,
-    StrategyOpt,
     TrialTimeoutOpt,
     TrustOpt,
     UnitsOpt,
@@ -49,7 +53,6 @@ from optprof.cli.output import destination, finish
 from optprof.config import (
     CompareConfig,
     DeviceKind,
-    ModelSelection,
     SearchSettings,
     TrainingSettings,
     check_offload,
@@ -58,20 +61,22 @@ from optprof.config import (
     resolve_shard_size,
 )
 from optprof.errors import UsageError
+from optprof.trainers import step_choice
 from optprof.units import parse_bytes
 
 
 def compare(
     model: ModelArg = DEFAULT_MODEL, optimizer: OptimizerOpt = None, opt_arg: OptArgOpt = None,
-    device: AutoDeviceOpt = None, dtype: DtypeOpt = ModelSelection.dtype, amp: AmpOpt = None,
+    device: AutoDeviceOpt = None, dtype: RecipeDtypeOpt = None, amp: AmpOpt = None, recipe: RecipeOpt = None,
+    mp_policy: MpPolicyOpt = None, activation_checkpointing: ActivationCheckpointingOpt = None, loss: LossOpt = None,
     seq_len: SeqLenOpt = None, micro_batch: MicroBatchOpt = None, memory_limit: MemoryLimitOpt = None,
     max_micro_batch: MaxMicroBatchOpt = SearchSettings.max_micro_batch,
     search_margin: SearchMarginOpt = SearchSettings.margin, grad_accum: GradAccumOpt = TrainingSettings.grad_accum,
-    grad_clip: GradClipOpt = None, gradient_checkpointing: CheckpointingOpt = TrainingSettings.gradient_checkpointing,
+    grad_clip: GradClipOpt = None, gradient_checkpointing: CheckpointingOpt = False,
     steps: StepsOpt = TrainingSettings.steps, warmup: WarmupOpt = TrainingSettings.warmup,
     peak_tflops: PeakTflopsOpt = None, breakdown: BreakdownOpt = TrainingSettings.breakdown,
     trial_timeout: TrialTimeoutOpt = CompareConfig.trial_timeout_s, save_profile: SaveProfileOpt = None,
-    gpus: GpusOpt = None, strategy: StrategyOpt = CompareConfig.strategy, shard_size: ShardSizeOpt = None,
+    gpus: GpusOpt = None, strategy: RecipeStrategyOpt = None, shard_size: ShardSizeOpt = None,
     seed: SeedOpt = TrainingSettings.seed, predict: PredictOpt = CompareConfig.predict,
     preflight: PreflightOpt = CompareConfig.preflight, memory_snapshot: MemorySnapshotOpt = None,
     offload_optimizer: OffloadOpt = CompareConfig.offload_optimizer, revision: RevisionOpt = None,
@@ -96,7 +101,9 @@ def compare(
 
     kind = resolve_device(device)
     world, joined = resolve_ranks(kind, gpus, device_given=device is not None)
-    check_offload(offload_optimizer, kind, world, strategy)
+    step = step_choice(recipe, dtype, strategy, amp, mp_policy, activation_checkpointing, gradient_checkpointing, loss,
+                       world, lambda: loaded_dtype(model, revision, trust_remote_code))
+    check_offload(offload_optimizer, kind, world, step.strategy)
     on_cpu = kind != DeviceKind.CUDA
     if memory_snapshot is not None and (on_cpu or not breakdown):
         raise UsageError("--memory-snapshot records CUDA's allocator over the tracked step: it needs --device cuda "
@@ -108,17 +115,17 @@ def compare(
     if save_profile is not None and fixed is None:
         raise UsageError("--save-profile needs a fixed --micro-batch (a profile names one)")
     training = TrainingSettings(
-        device=kind, amp=amp, seq_len=seq_len, micro_batch=fixed or 1, grad_accum=grad_accum, grad_clip=grad_clip,
-        gradient_checkpointing=gradient_checkpointing, steps=steps, warmup=warmup, breakdown=breakdown,
-        peak_tflops=peak_tflops, memory_limit_bytes=limit, seed=seed)
+        device=kind, seq_len=seq_len, micro_batch=fixed or 1, grad_accum=grad_accum, grad_clip=grad_clip,
+        steps=steps, warmup=warmup, breakdown=breakdown, peak_tflops=peak_tflops, memory_limit_bytes=limit, seed=seed,
+        **step.fields)
     run_config = CompareConfig(
-        model_selection(model, dtype, revision, trust_remote_code, lora, freeze, qlora, attention),
+        model_selection(model, step.dtype, revision, trust_remote_code, lora, freeze, qlora, attention),
         tuple(optimizer or ()), training, parse_opt_args(opt_arg or []),
         search=SearchSettings(max_micro_batch, search_margin) if fixed is None else None, gpus=world,
-        strategy=strategy, torchrun=joined, trial_timeout_s=trial_timeout, predict=predict, preflight=preflight,
+        strategy=step.strategy, torchrun=joined, trial_timeout_s=trial_timeout, predict=predict, preflight=preflight,
         offload_optimizer=offload_optimizer,
         memory_snapshot_dir=None if memory_snapshot is None else str(memory_snapshot),
-        shard_size=resolve_shard_size(strategy, world, shard_size, ranks_per_node() if joined else None))
+        shard_size=resolve_shard_size(step.strategy, world, shard_size, ranks_per_node() if joined else None))
     to = destination(output_format, output, units, plot)
     err = console(stderr=True)
     with torchrun_group(kind, joined) as reporter, err.status(f"comparing optimizers on {model} ...") as status:

@@ -58,3 +58,10 @@ def fake_ranks(gpus: int | None, strategy: Strategy, shard_size: int | None, com
 def one_device(gpus: int, save_profile: Path | None) -> None:
     if save_profile is not None and gpus > 1:
         raise UsageError("--save-profile: profiles describe one device for now; drop --gpus")
+
+
+def loaded_dtype(model: str, revision: str | None, trust_remote_code: bool) -> Dtype:
+    """The dtype transformers' from_pretrained gives the model's parameters by default (hf-trainer's)."""
+    from optprof.model.loading import default_loaded_dtype, load_config
+
+    return Dtype(default_loaded_dtype(load_config(model, revision=revision, trust_remote_code=trust_remote_code)[0]))

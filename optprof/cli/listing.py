@@ -24,3 +24,20 @@ def models(output_format: FormatOpt = OutputFormat.TABLE, output: OutputOpt = No
 
     to = destination(output_format, output)
     finish(ModelsReport.bundled(), to)
+
+
+def recipes(output_format: FormatOpt = OutputFormat.TABLE) -> None:
+    """List the trainer recipes (--recipe): each one's settings, and the file and function in the trainer's public
+    repository that each setting follows."""
+    import json
+
+    from optprof.errors import UsageError
+    from optprof.render.console import console
+    from optprof.render.recipes import recipe_records, recipes_table
+
+    if output_format == OutputFormat.JSON:
+        print(json.dumps(recipe_records(), indent=2))
+    elif output_format == OutputFormat.TABLE:
+        console().print(recipes_table())
+    else:
+        raise UsageError("optprof recipes writes table or json")

@@ -33,6 +33,8 @@ ModelArg = Annotated[str, typer.Argument(
     help="Bundled config name or alias (see `optprof models`), a local folder with a config.json, "
     "or a Hugging Face hub id (its config only; never weights).", show_default=True)]
 DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="Parameter dtype (gradients and state follow it).")]
+RecipeDtypeOpt = Annotated[Dtype | None, typer.Option(
+    "--dtype", help="Parameter dtype (gradients and state follow it). Default: float32, or the recipe's.")]
 RevisionOpt = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag or commit).")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub config's own modelling code to run.")]
 LoraOpt = Annotated[str | None, typer.Option(
@@ -81,7 +83,21 @@ GradAccumOpt = Annotated[int, typer.Option("--grad-accum", min=1, help="Micro-ba
 GradClipOpt = Annotated[float | None, typer.Option(
     "--grad-clip", min=0.0, help="Clip the gradient norm to this (costs time too).")]
 CheckpointingOpt = Annotated[bool, typer.Option(
-    "--gradient-checkpointing", help="Recompute activations in backward to save memory.")]
+    "--gradient-checkpointing", help="Recompute every transformer block in backward: --activation-checkpointing full.")]
+ActivationCheckpointingOpt = Annotated[str | None, typer.Option(
+    "--activation-checkpointing", help="none, full (every transformer block recomputed), selective-layer:K (every "
+    "K-th block) or selective-op (torchtitan's rule: save matmul and attention outputs except every second mm, "
+    "recompute the rest and MoE router gates). Default: none, or the recipe's.")]
+MpPolicyOpt = Annotated[str | None, typer.Option(
+    "--mp-policy", help="FSDP2's MixedPrecisionPolicy PARAM[,REDUCE] (fp32, bf16, fp16), e.g. bf16,fp32: parameters "
+    "stay in --dtype as shards, forward and backward compute with gathered PARAM copies, gradients reduce in REDUCE "
+    "(default PARAM); no autocast. Sharded strategies; on one device FSDP2 over a one-rank mesh.")]
+LossOpt = Annotated[str | None, typer.Option(
+    "--loss", help="default (the model's loss: full logits upcast to float32, as transformers and torchtitan do) or "
+    "chunked:N (torchtune's linear cross-entropy: the head projected and upcast per chunk of tokens).")]
+RecipeOpt = Annotated[str | None, typer.Option(
+    "--recipe", help="Train as a named trainer does: torchtitan, accelerate-fsdp2, hf-trainer, lightning-bf16-mixed, "
+    "torchtune (see `optprof recipes`). Explicit flags override its settings.")]
 StepsOpt = Annotated[int, typer.Option(
     "--steps", min=1, help="Optimizer steps: timed per optimizer (compare), or trained per trial (tune).")]
 WarmupOpt = Annotated[int, typer.Option(
@@ -102,6 +118,7 @@ _strategy = typer.Option(
     "(zero2, fsdp, hsdp). optimizers: add a column, whether each optimizer runs under it, decided by one "
     "training step on fake tensors over 2 fake ranks (cached per installed versions).")
 StrategyOpt = Annotated[Strategy, _strategy]
+RecipeStrategyOpt = Annotated[Strategy | None, _strategy]  # default: the recipe's, else fsdp
 StrategyColumnOpt = Annotated[Strategy | None, _strategy]
 ShardSizeOpt = Annotated[int | None, typer.Option(
     "--shard-size", min=1, help="hsdp: ranks per shard group, usually one node's (default: torchrun's "

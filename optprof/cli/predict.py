@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from optprof.cli.inputs import fake_ranks, model_selection, one_device
+from optprof.cli.inputs import fake_ranks, loaded_dtype, model_selection, one_device
 from optprof.cli.options import (
     DEFAULT_MODEL,
+    ActivationCheckpointingOpt,
     AmpOpt,
     AttentionOpt,
     CheckpointingOpt,
     DeviceOpt,
-    DtypeOpt,
     FormatOpt,
     FreezeOpt,
     GpuMemoryOpt,
@@ -17,28 +17,31 @@ from optprof.cli.options import (
     GradAccumOpt,
     JobsOpt,
     LoraOpt,
+    LossOpt,
     MaxMicroBatchOpt,
     MicroBatchOpt,
     ModelArg,
+    MpPolicyOpt,
     OptArgOpt,
     OptimizerOpt,
     OutputFormat,
     OutputOpt,
     PlotOpt,
     QloraOpt,
+    RecipeDtypeOpt,
+    RecipeOpt,
+    RecipeStrategyOpt,
     ReserveOpt,
     RevisionOpt,
     SaveProfileOpt,
     SeqLenOpt,
     ShardSizeOpt,
-    StrategyOpt,
     TrustOpt,
     UnitsOpt,
 )
 from optprof.cli.output import destination, finish
 from optprof.config import (
     DeviceKind,
-    ModelSelection,
     PredictConfig,
     TrainingSettings,
     default_jobs,
@@ -46,17 +49,20 @@ from optprof.config import (
     whole_number,
 )
 from optprof.errors import UsageError
+from optprof.trainers import step_choice
 from optprof.units import parse_bytes
 
 
 def predict(
     model: ModelArg = DEFAULT_MODEL, optimizer: OptimizerOpt = None, opt_arg: OptArgOpt = None,
     gpu_memory: GpuMemoryOpt = None, reserve: ReserveOpt = None, gpus: GpusOpt = PredictConfig.gpus,
-    strategy: StrategyOpt = PredictConfig.strategy, shard_size: ShardSizeOpt = None,
-    device: DeviceOpt = DeviceKind.CUDA, dtype: DtypeOpt = ModelSelection.dtype, amp: AmpOpt = None,
+    strategy: RecipeStrategyOpt = None, shard_size: ShardSizeOpt = None,
+    device: DeviceOpt = DeviceKind.CUDA, dtype: RecipeDtypeOpt = None, amp: AmpOpt = None,
+    recipe: RecipeOpt = None, mp_policy: MpPolicyOpt = None,
+    activation_checkpointing: ActivationCheckpointingOpt = None, loss: LossOpt = None,
     seq_len: SeqLenOpt = None, micro_batch: MicroBatchOpt = str(TrainingSettings.micro_batch),
     grad_accum: GradAccumOpt = TrainingSettings.grad_accum,
-    gradient_checkpointing: CheckpointingOpt = TrainingSettings.gradient_checkpointing,
+    gradient_checkpointing: CheckpointingOpt = False,
     max_micro_batch: MaxMicroBatchOpt = PredictConfig.max_micro_batch, revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = False, output_format: FormatOpt = OutputFormat.TABLE, output: OutputOpt = None,
     units: UnitsOpt = None, plot: PlotOpt = None, save_profile: SaveProfileOpt = None, jobs: JobsOpt = None,
@@ -74,15 +80,21 @@ def predict(
     from optprof.render.console import console
     from optprof.render.tables import prediction_line
 
-    fake = fake_ranks(gpus, strategy, shard_size, "predict")
+    step = step_choice(recipe, dtype, strategy, amp, mp_policy, activation_checkpointing, gradient_checkpointing, loss,
+                       gpus or 1, lambda: loaded_dtype(model, revision, trust_remote_code))
+    # a recipe that replicates the model (DDP) is predicted on one device: each rank holds the same
+    sharded_ranks = (gpus or 1) > 1 and not step.replicated
+    fake = fake_ranks(gpus if sharded_ranks else 1,
+                      step.strategy if sharded_ranks else strategy or PredictConfig.strategy, shard_size, "predict")
     training = TrainingSettings(
-        device=device, amp=amp, seq_len=seq_len,
+        device=device, seq_len=seq_len,
         micro_batch=whole_number(micro_batch or str(TrainingSettings.micro_batch), "--micro-batch"),
-        grad_accum=grad_accum, gradient_checkpointing=gradient_checkpointing)
+        grad_accum=grad_accum, **step.fields)
     run_config = PredictConfig(
-        model_selection(model, dtype, revision, trust_remote_code, lora, freeze, qlora, attention),
+        model_selection(model, step.dtype, revision, trust_remote_code, lora, freeze, qlora, attention),
         tuple(optimizer or ()), training, parse_opt_args(opt_arg or []), max_micro_batch=max_micro_batch,
         gpus=fake.ranks, strategy=fake.strategy, shard_size=fake.shard_size, jobs=jobs or default_jobs(),
+        replicas=gpus or 1 if step.replicated else 1,
         gpu_memory_bytes=None if gpu_memory is None else parse_bytes(gpu_memory, "--gpu-memory"),
         reserve_bytes=default_reserve(device) if reserve is None else parse_bytes(reserve, "--reserve",
                                                                                    allow_zero=True))

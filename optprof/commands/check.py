@@ -16,6 +16,7 @@ from optprof.commands.state_size import run_state_size
 from optprof.config import (
     CompareConfig,
     DeviceKind,
+    Dtype,
     ModelSelection,
     PredictConfig,
     StateSizeConfig,
@@ -23,22 +24,31 @@ from optprof.config import (
     default_jobs,
     parameter_dtype,
 )
+from optprof.model.loading import default_loaded_dtype, load_config
 from optprof.processes.forked import run_each
 from optprof.results.profiles import MEASURES, Command, Measure, Profile, find_profiles, judge, update_profile
 from optprof.results.reports import CheckReport
 from optprof.results.vocab import Judgement, Status
+from optprof.trainers import StepChoice, step_choice
 
 NO_GPU = "no GPU on this machine: measured on GPU runners only"
 
 
+def _step(profile: Profile) -> StepChoice:
+    """The profile's step: its recipe, with its own keys over it (as the flags were when it was saved)."""
+    return step_choice(profile.recipe, profile.dtype, None, profile.amp, profile.mp_policy,
+                       profile.activation_checkpointing, False, profile.loss, 1,
+                       lambda: Dtype(default_loaded_dtype(load_config(profile.model)[0])))
+
+
 def _training(profile: Profile, device: DeviceKind) -> TrainingSettings:
-    return TrainingSettings(device=device, amp=profile.amp, seq_len=profile.seq_len,
-                            micro_batch=profile.micro_batch, gradient_checkpointing=profile.gradient_checkpointing)
+    return TrainingSettings(device=device, seq_len=profile.seq_len, micro_batch=profile.micro_batch,
+                            **_step(profile).fields)
 
 
 def _rows(command: Command, profile: Profile, jobs: int) -> tuple[Any, ...]:
     """The result rows of one command run as the profile describes."""
-    selection = ModelSelection(profile.model, profile.dtype)
+    selection = ModelSelection(profile.model, _step(profile).dtype)
     if command == "predict":
         return run_predict(PredictConfig(selection, profile.optimizers, _training(profile, profile.device))).results
     if command == "state-size":  # state follows the parameters: amp keeps float32 master weights

@@ -23,6 +23,7 @@ from optprof.config import (
     check_training,
     default_reserve,
     resolve_seq_len,
+    step_record,
 )
 from optprof.errors import UsageError
 from optprof.measure.ranks import run_joined, run_ranks
@@ -70,7 +71,7 @@ class TrialRunner:
             self.progress(entry.name, label + text)
 
         config = self.config
-        distributed = config.gpus > 1 or config.torchrun
+        distributed = config.gpus > 1 or config.torchrun or training.mp_param is not None
         spec = TrialSpec(config.model, entry.name, training, config.opt_args,
                          strategy=config.strategy if distributed else None, shard_size=config.shard_size,
                          offload_optimizer=config.offload_optimizer,
@@ -78,7 +79,7 @@ class TrialRunner:
         progress("starting")
         if config.torchrun:
             result = Isolated(value=run_joined(spec, progress))
-        elif config.gpus > 1:
+        elif distributed:  # several ranks, or FSDP2 over one (--mp-policy): a process group of spawned ranks
             result = run_ranks(spec, config.gpus, config.trial_timeout_s, progress, self.quiet)
         elif self.isolate:
             result = run_isolated(functools.partial(trial_in_child, quiet=self.quiet), spec,
@@ -291,17 +292,19 @@ def _check(config: CompareConfig, isolate: bool) -> None:
         raise UsageError("--micro-batch auto on a CPU needs --memory-limit: there is no device memory to fill")
     if config.search is not None and config.torchrun:
         raise UsageError("under torchrun, give a fixed --micro-batch: the search relaunches ranks in fresh processes")
-    if config.gpus > 1 and not isolate:
-        raise UsageError("--gpus N runs its ranks in fresh processes")
+    if (config.gpus > 1 or training.mp_param is not None) and not isolate:
+        raise UsageError("--gpus N and --mp-policy run their ranks in fresh processes")
 
 
 def _report_config(config: CompareConfig, training: TrainingSettings, entries: list[OptimizerEntry],
                    order: list[str], isolate: bool) -> dict:
     """What the run was asked to do, as the report records it (trial_order: the order the trials ran in)."""
     distributed = config.gpus > 1 or config.torchrun
+    fsdp = training.mp_param is not None or (distributed and config.strategy in SHARDED_STRATEGIES)
     return {
         **command_config("compare", config.model, [e.name for e in entries], config.opt_args),
         **dataclasses.asdict(training),
+        **step_record(config.model.dtype, training, distributed or fsdp, fsdp),
         "micro_batch_search": None if config.search is None else dataclasses.asdict(config.search),
         "trial_timeout_s": config.trial_timeout_s,
         "isolated": isolate,

@@ -24,6 +24,7 @@ from optprof.config import (
     check_training,
     parameter_dtype,
     resolve_seq_len,
+    step_record,
 )
 from optprof.distributed.sharding import (
     adam_mini_on_cpu_ranks,
@@ -34,9 +35,9 @@ from optprof.distributed.sharding import (
 )
 from optprof.errors import error_text
 from optprof.measure.device import CpuDevice
-from optprof.measure.step import TrainStep, make_batches
+from optprof.measure.step import TrainStep, configure_model, make_batches
 from optprof.measure.tracker import TrackedPeak, tracked_step
-from optprof.model.info import as_transformers, config_values, trainable_parameters
+from optprof.model.info import config_values, trainable_parameters
 from optprof.model.loading import load_selection
 from optprof.model.setups import QLORA_PREDICTED, qlora_weight_saving
 from optprof.optimizers.outcome import status_of
@@ -46,6 +47,7 @@ from optprof.processes.forked import run_each
 from optprof.results.reports import PredictReport, command_config
 from optprof.results.rows import PredictRow, Probe
 from optprof.results.vocab import Status
+from optprof.trainers import RECIPES
 
 # Attention dropout makes CPU SDPA fall back to a kernel that keeps the whole attention matrix; CUDA's
 # flash and memory-efficient kernels do not, so for a CUDA target it is switched off (memory only).
@@ -67,6 +69,28 @@ ASSUMPTIONS_CUDA = (
     "the reserve (--reserve) stands for the CUDA context, library workspaces and allocator slack, which "
     "tensors do not show",
 )
+
+
+def recipe_notes(training: TrainingSettings, model_config: Any, replicas: int = 1) -> tuple[str, ...]:
+    """What a --recipe set and where it comes from, and how the prediction stands for a replicating recipe."""
+    if training.recipe is None:
+        return ()
+    recipe = RECIPES[training.recipe]
+    notes = [f"recipe {recipe.name}: the step {recipe.trainer} runs, read from {recipe.source} (`optprof recipes` "
+             "gives the file and function behind each setting); explicit flags override it"]
+    if recipe.note:
+        notes.append(f"recipe {recipe.name}: {recipe.note}")
+    if recipe.dtype_as_loaded:
+        named = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+        notes.append(f"recipe {recipe.name}: parameters as transformers' from_pretrained loads them by default "
+                     + (f"(the config's dtype, {named})" if named else "(the config names no dtype, so "
+                        "from_pretrained would take the checkpoint's, which optprof does not read: float32 "
+                        "assumed; pass --dtype)"))
+    if replicas > 1:
+        notes.append(f"recipe {recipe.name} replicates the model under DDP over {replicas} ranks: the figures are one "
+                     "rank's, which each rank holds; DDP's gradient buckets (about the gradients' size, beside them "
+                     "unless gradient_as_bucket_view) are not included")
+    return tuple(notes)
 
 
 def no_overflow_scaler() -> Any:
@@ -106,12 +130,10 @@ class FakeTrainer:
         # and every peak is lowered by what NF4 storage saves (measured per shape: setups.qlora_weight_saving)
         self.parameter_saving = qlora_weight_saving(self.model) if setup.qlora else 0
         self.model.train()
-        if training.gradient_checkpointing:
-            hf = as_transformers(self.model)
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        configure_model(self.model, training)
         self.mesh = mesh
         if mesh is not None and config.strategy in SHARDED_STRATEGIES:
-            shard_fsdp(self.model, mesh, config.strategy)
+            shard_fsdp(self.model, mesh, config.strategy, training=training)
         self.params = trainable_parameters(self.model)
 
         def build() -> Any:
@@ -167,7 +189,7 @@ def predict_outcome(config: PredictConfig, entry: OptimizerEntry, training: Trai
     mesh = None
     try:
         with contextlib.ExitStack() as stack:
-            if config.gpus > 1:
+            if config.gpus > 1 or training.mp_param is not None:  # a policy is FSDP2's: one rank is a mesh too
                 mesh = stack.enter_context(fake_process_group(config.gpus, config.strategy, config.shard_size))
             stack.enter_context(adam_mini_on_cpu_ranks())
             scalars = stack.enter_context(fake_tensors())
@@ -258,6 +280,10 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
                         "tokens x top-k rows however the tokens are routed, so the prediction holds for any "
                         "routing, balanced or not (compare reports the routing it saw); an implementation with a "
                         "capacity per expert (padding or dropping tokens) would differ",)
+    assumptions += recipe_notes(training, loaded.config, config.replicas)
+    if config.gpus == 1 and training.mp_param is not None:
+        assumptions += ("--mp-policy on one device: FSDP2 over a one-rank mesh (as torchtitan runs one GPU), so "
+                        "forward and backward use gathered copies in the policy's dtype",)
     if config.gpus > 1:
         groups = config.shard_size or config.gpus
         kept = {Strategy.ZERO2: " with parameters kept gathered after forward (zero2)",
@@ -271,6 +297,8 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
         config={
             **command_config("predict", selection, [e.name for e in entries], config.opt_args),
             **dataclasses.asdict(training),
+            **step_record(selection.dtype, training, config.gpus > 1 or training.mp_param is not None,
+                          config.gpus > 1 or training.mp_param is not None),
             "target_device": training.device,
             "gpu_memory_bytes": config.gpu_memory_bytes,
             "reserve_bytes": config.reserve_bytes,
@@ -278,6 +306,7 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
             "gpus": config.gpus,
             "strategy": config.strategy if config.gpus > 1 else None,
             "shard_size": config.shard_size,
+            "replicas": config.replicas,
         },
         assumptions=assumptions,
     )

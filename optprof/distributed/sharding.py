@@ -15,28 +15,79 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from optprof.config import REPLICATED_STRATEGIES, DeviceKind, Strategy, mesh_shape
+from optprof.config import REPLICATED_STRATEGIES, DeviceKind, FsdpUnits, Strategy, TrainingSettings, mesh_shape
+from optprof.model.info import transformer_blocks
 from optprof.optimizers.registry import distributed_world_size
 from optprof.optimizers.state import PlaceholderScalars
 
 
-def shard_fsdp(model: Any, mesh: Any, strategy: Strategy = Strategy.FSDP, offload: bool = False) -> None:
+def shard_fsdp(model: Any, mesh: Any, strategy: Strategy = Strategy.FSDP, offload: bool = False,
+               training: TrainingSettings | None = None) -> None:
     """FSDP2 as it is usually applied: each transformer block its own unit (transformers names the block
     classes in `_no_split_modules`), then the root for the rest (embeddings, final norm, head).
 
     zero2 keeps each unit's parameters gathered from forward to backward (no re-gather in backward): only
     the state and the gradients stay sharded. `offload`: FSDP2's CPUOffloadPolicy (pinned host memory) keeps
     the sharded parameters and gradients on the host, so the optimizer steps there and its state lives there.
+    `training` gives the MixedPrecisionPolicy (--mp-policy) and how the ends of the model are grouped
+    (`FsdpUnits`: torchtitan's, accelerate's and torchtune's layouts).
     """
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+    training = training or TrainingSettings()
     reshard = strategy != Strategy.ZERO2
-    policy = CPUOffloadPolicy(pin_memory=True) if offload else OffloadPolicy()
-    blocks = set(getattr(model, "_no_split_modules", None) or ())
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module, mesh=mesh, reshard_after_forward=reshard, offload_policy=policy)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard, offload_policy=policy)
+    options = {"mesh": mesh, "offload_policy": CPUOffloadPolicy(pin_memory=True) if offload else OffloadPolicy(),
+               "mp_policy": mixed_precision_policy(training) or MixedPrecisionPolicy()}
+    for module in transformer_blocks(model):
+        fully_shard(module, reshard_after_forward=reshard, **options)
+    if training.fsdp_units != FsdpUnits.BLOCKS:
+        _shard_ends(model, training.fsdp_units, reshard, options)
+    fully_shard(model, **options)  # the root: FSDP2 keeps it gathered after forward (reshard_after_forward=None)
+
+
+def final_norm(model: Any) -> Any:
+    """The last norm among the base model's direct children (accelerate's `_find_final_norm`), or None."""
+    prefix = getattr(model, "base_model_prefix", "")
+    base = getattr(model, prefix, None) if prefix else model
+    found = None
+    for module in (base.children() if base is not None else ()):
+        if "Norm" in type(module).__name__:
+            found = module
+    return found
+
+
+def _shard_ends(model: Any, units: FsdpUnits, reshard: bool, options: dict[str, Any]) -> None:
+    """The embeddings and the head as their own units. ends-gathered: [final norm, head] kept gathered after
+    forward (torchtitan's apply_fsdp_to_decoder, accelerate's fsdp2_prepare_model), the embeddings resharded;
+    tied weights put the embeddings with the norm instead. ends-sharded: embeddings and head each resharded
+    (torchtune's shard_model with custom_sharded_layers)."""
+    from torch.distributed.fsdp import fully_shard
+
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and getattr(embeddings, "weight", None) is getattr(head, "weight", None)
+    if units == FsdpUnits.ENDS_SHARDED:
+        for module in ([embeddings] if tied else [embeddings, head]):
+            if module is not None:
+                fully_shard(module, reshard_after_forward=reshard, **options)
+        return
+    if not tied and embeddings is not None:
+        fully_shard(embeddings, reshard_after_forward=reshard, **options)
+    tail = [m for m in (final_norm(model), embeddings if tied else head) if m is not None]
+    if tail:
+        fully_shard(tail, reshard_after_forward=False, **options)
+
+
+def mixed_precision_policy(training: TrainingSettings) -> Any:
+    """FSDP2's MixedPrecisionPolicy for --mp-policy, or None. Forward inputs are not cast (torchtitan's
+    cast_forward_inputs=False: token ids need none)."""
+    if training.mp_param is None:
+        return None
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    param = getattr(torch, training.mp_param.dtype)
+    reduce = getattr(torch, training.mp_reduce.dtype) if training.mp_reduce is not None else None
+    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce, cast_forward_inputs=False)
 
 
 def device_mesh(device_type: str, strategy: Strategy, world_size: int, shard_size: int | None) -> Any:
@@ -50,7 +101,8 @@ def device_mesh(device_type: str, strategy: Strategy, world_size: int, shard_siz
 
 
 def wrap_for_strategy(model: Any, strategy: Strategy, device_type: DeviceKind, device_index: int | None,
-                      shard_size: int | None = None, offload: bool = False) -> Any:
+                      shard_size: int | None = None, offload: bool = False,
+                      training: TrainingSettings | None = None) -> Any:
     """The model as the ranks of the current process group train it: DDP replicates it, FSDP2 shards it in
     place (with `offload`, onto the host: see `shard_fsdp`)."""
     import torch.distributed as dist
@@ -59,7 +111,8 @@ def wrap_for_strategy(model: Any, strategy: Strategy, device_type: DeviceKind, d
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[device_index] if device_type == DeviceKind.CUDA else None)
-    shard_fsdp(model, device_mesh(device_type, strategy, dist.get_world_size(), shard_size), strategy, offload)
+    shard_fsdp(model, device_mesh(device_type, strategy, dist.get_world_size(), shard_size), strategy, offload,
+               training)
     return model
 
 

@@ -66,6 +66,16 @@ def make_batches(vocab_size: int, training: TrainingSettings, torch_device: str,
     return [torch.randint(0, vocab_size, shape, generator=tokens).to(torch_device) for _ in range(training.grad_accum)]
 
 
+def configure_model(model: nn.Module, training: TrainingSettings) -> None:
+    """The step's activation checkpointing and loss, on the model as built (before any sharding)."""
+    from optprof.measure.checkpointing import apply_checkpointing
+    from optprof.measure.loss import use_chunked_loss
+
+    apply_checkpointing(model, training)
+    if training.loss_chunks is not None:
+        use_chunked_loss(model, training.loss_chunks)
+
+
 def _check_fused(training: TrainingSettings) -> None:
     """What an optimizer that updates inside backward cannot do here (a finding: the row is `unsupported`)."""
     import torch.distributed as dist

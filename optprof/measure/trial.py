@@ -32,6 +32,7 @@ from optprof.measure.stats import optimizer_step_figures, precise_enough, timing
 from optprof.measure.step import (
     StepTimes,
     TrainStep,
+    configure_model,
     make_batches,
     release_freed_memory,
     storage_bytes,
@@ -44,7 +45,7 @@ from optprof.measure.tracker import (
     memory_figures,
     tracked_step,
 )
-from optprof.model.info import as_transformers, trainable_parameters
+from optprof.model.info import trainable_parameters
 from optprof.model.loading import load_selection
 from optprof.optimizers.outcome import status_of
 from optprof.optimizers.registry import (
@@ -127,11 +128,10 @@ def build_step(spec: TrialSpec, entry: OptimizerEntry, device: Device,
     loaded = load_selection(spec.model, dtype=parameter_dtype(spec.model, t), device=device.torch_device)
     model, info = loaded.module, loaded.info
     model.train()
-    if t.gradient_checkpointing:
-        as_transformers(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    configure_model(model, t)
     if spec.strategy is not None:
         model = wrap_for_strategy(model, spec.strategy, device.type, rank if device.type == "cuda" else None,
-                                  spec.shard_size, spec.offload_optimizer)
+                                  spec.shard_size, spec.offload_optimizer, t)
 
     def build() -> Any:
         return entry.build(model, info, spec.opt_args)

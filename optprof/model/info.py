@@ -193,3 +193,10 @@ def describe(
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """What an optimizer updates: every parameter that takes a gradient (a tied pair once)."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The modules whose class the model's `_no_split_modules` names (its transformer blocks), in order: the units
+    FSDP2 shards one by one and activation checkpointing wraps."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [module for module in model.modules() if type(module).__name__ in names]

@@ -149,6 +149,14 @@ def _hub_reachable(timeout_s: float = 3.0) -> bool:
         return False
 
 
+def default_loaded_dtype(config: PretrainedConfig) -> str:
+    """The dtype transformers' from_pretrained gives parameters by default: 'auto', the config's `dtype`; float32
+    where the config names none (from_pretrained would take the checkpoint's, which optprof never reads)."""
+    named = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or "float32")
+    named = named.removeprefix("torch.")
+    return named if named in DTYPES else "float32"
+
+
 def torch_dtype(name: str) -> torch.dtype:
     import torch
 

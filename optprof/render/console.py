@@ -47,12 +47,14 @@ def model_line(report: ModelReport) -> Text:
     setup = (f"\n{m.setup}: {format_count(trainable)} trainable parameters "
              f"({format_fraction(trainable / m.params)}), the rest frozen (no gradient, no optimizer state)"
              if trainable is not None and trainable != m.params and m.params else "")
+    step = report.config.get("step")
     return Text.assemble(
         (m.name, "bold"),
         f" ({m.architecture}, {m.dtype}, {m.source}): {format_count(m.params)} parameters; {experts}"
         f"embedding + output {format_count(m.embedding_params)} ({format_fraction(m.embedding_fraction)}, {tied}); "
         f"hidden {m.hidden_size}, {m.num_layers} layers, {attention}vocab {m.vocab_size:,}",
         (setup, "bold"),
+        f"\nstep: {step}" if step else "",
     )
 
 

@@ -26,10 +26,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from optprof.config import Amp, DeviceKind, Dtype
+from optprof.config import Amp, DeviceKind, Dtype, parse_checkpointing, parse_loss, parse_mp_policy
 from optprof.errors import UsageError, read_user_text
 from optprof.results.rows import Verdict
 from optprof.results.vocab import Judgement, Status
+from optprof.trainers import RECIPES
 
 if TYPE_CHECKING:
     from optprof.results.reports import ModelReport
@@ -68,19 +69,24 @@ MEASURES: dict[str, Measure] = {m.name: m for m in (
     Measure("tokens_per_s", "tokens_per_s", 0.10, True, True, ("compare",)),
 )}
 PROFILE_KEYS = {"model": str, "optimizers": list, "dtype": str, "amp": str, "seq_len": int, "micro_batch": int,
-                "device": str, "gradient_checkpointing": bool, "description": str}
+                "device": str, "recipe": str, "mp_policy": str, "activation_checkpointing": str, "loss": str,
+                "gradient_checkpointing": bool, "description": str}  # gradient_checkpointing: activation_checkpointing
+# full, as profiles before 0.3 wrote it
 
 @dataclass(frozen=True)
 class Profile:
     path: Path
     model: str
     optimizers: tuple[str, ...]
-    dtype: Dtype = Dtype.FLOAT32
+    dtype: Dtype | None = None  # None: the recipe's, else float32
     amp: Amp | None = None
     seq_len: int | None = None
     micro_batch: int = 1
     device: DeviceKind = DeviceKind.CPU  # the target of predicted peaks; measured ones come from the GPU this runs on
-    gradient_checkpointing: bool = False
+    recipe: str | None = None  # a named trainer's step (trainers.RECIPES); the keys below override its settings
+    mp_policy: str | None = None  # --mp-policy, as written (e.g. bf16,fp32)
+    activation_checkpointing: str | None = None  # --activation-checkpointing, as written
+    loss: str | None = None  # --loss, as written
     description: str | None = None
     tolerance: dict[str, float] = field(default_factory=dict)
     expected: dict[str, dict[str, float]] = field(default_factory=dict)  # optimizer -> measure -> value
@@ -134,11 +140,24 @@ def load_profile(path: Path) -> Profile | None:
         if name not in head["optimizers"]:
             raise _bad(path, _line_of(text, rf"^\s*\[expected\.\"?{re.escape(name)}"),
                        f"[expected.{name}] names an optimizer that 'optimizers' does not list")
-    dtype = _choice(path, text, head, "dtype", Dtype) or Dtype.FLOAT32
+    dtype = _choice(path, text, head, "dtype", Dtype)
     device = _choice(path, text, head, "device", DeviceKind) or DeviceKind.CPU
+    checkpointing = head.get("activation_checkpointing") or ("full" if head.get("gradient_checkpointing") else None)
+    for key, parse in (("mp_policy", parse_mp_policy), ("activation_checkpointing", parse_checkpointing),
+                       ("loss", parse_loss)):
+        value = checkpointing if key == "activation_checkpointing" else head.get(key)
+        try:
+            if value is not None:
+                parse(value)
+        except UsageError as exc:
+            raise _bad(path, _line_of(text, rf"^\s*{key}\s*="), str(exc)) from None
+    if head.get("recipe") is not None and head["recipe"] not in RECIPES:
+        raise _bad(path, _line_of(text, r"^\s*recipe\s*="),
+                   f"unknown recipe '{head['recipe']}' (known: {', '.join(RECIPES)})")
     return Profile(path, head["model"], tuple(head["optimizers"]), dtype, _choice(path, text, head, "amp", Amp),
-                   head.get("seq_len"), head.get("micro_batch", 1), device,
-                   head.get("gradient_checkpointing", False), head.get("description"), tolerance, expected)
+                   head.get("seq_len"), head.get("micro_batch", 1), device, head.get("recipe"),
+                   head.get("mp_policy"), checkpointing, head.get("loss"), head.get("description"), tolerance,
+                   expected)
 
 
 E = TypeVar("E", bound=StrEnum)
@@ -258,7 +277,9 @@ def profile_text(model: str, optimizers: Iterable[str], settings: Mapping[str, A
 
 
 # The settings of a report's config that a profile records (those the command has).
-PROFILE_SETTINGS = ("dtype", "amp", "seq_len", "micro_batch", "device", "gradient_checkpointing")
+PROFILE_SETTINGS = ("dtype", "amp", "seq_len", "micro_batch", "device", "recipe", "mp_policy",
+                    "activation_checkpointing", "loss")
+UNSAID_DEFAULTS = {"activation_checkpointing": "none", "loss": "default"}  # left out of a profile
 
 
 def saved_measures(command: Command, device: str | None) -> list[Measure]:
@@ -269,7 +290,8 @@ def saved_measures(command: Command, device: str | None) -> list[Measure]:
 def write_profile(path: Path, report: ModelReport, command: Command) -> None:
     """A profile guarding what `report` measured, for its optimizers that succeeded (--save-profile)."""
     measures = saved_measures(command, report.config.get("device"))
-    settings = {key: report.config.get(key) for key in PROFILE_SETTINGS}
+    settings = {key: report.config.get(key) for key in PROFILE_SETTINGS
+                if report.config.get(key) != UNSAID_DEFAULTS.get(key)}
     ok = [row for row in report.rows() if row.status == Status.OK]
     expected = {row.optimizer: {m.name: getattr(row, m.row_field) for m in measures
                                 if getattr(row, m.row_field) is not None} for row in ok}

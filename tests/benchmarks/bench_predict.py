@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from optprof.commands.predict import run_predict
-from optprof.config import DEFAULT_CUDA_RESERVE_BYTES, ModelSelection, PredictConfig, TrainingSettings
+from optprof.config import DEFAULT_CUDA_RESERVE_BYTES, Checkpointing, ModelSelection, PredictConfig, TrainingSettings
 from optprof.quiet import quiet_libraries
 
 TARGET_S = 60.0
@@ -36,7 +36,7 @@ def main() -> int:
 
     for checkpointing in (False, True):
         training = TrainingSettings(device="cuda", seq_len=2048, micro_batch=1, amp="bf16",
-                                    gradient_checkpointing=checkpointing)
+                                    checkpointing=Checkpointing.FULL if checkpointing else Checkpointing.NONE)
         config = PredictConfig(ModelSelection("llama-2-7b"), ("adamw", "adam-mini"), training,
                                gpu_memory_bytes=80 * GIB, reserve_bytes=DEFAULT_CUDA_RESERVE_BYTES, gpus=2)
         started = time.perf_counter()

@@ -14,6 +14,8 @@ from support.cli import run
 from optprof.commands.compare import run_compare
 from optprof.commands.state_size import run_state_size
 from optprof.config import (
+    Amp,
+    Checkpointing,
     CompareConfig,
     ModelSelection,
     SearchSettings,
@@ -130,7 +132,7 @@ def test_table_and_csv(demo_report: CompareReport) -> None:
 
 def test_accumulation_clipping_checkpointing_and_amp(model_dir: Callable[[str], str]) -> None:
     settings = TrainingSettings(device="cpu", seq_len=32, micro_batch=2, grad_accum=2, grad_clip=1.0,
-                                gradient_checkpointing=True, steps=2, amp="bf16")
+                                checkpointing=Checkpointing.FULL, steps=2, amp=Amp.BF16)
     result = run_compare(CompareConfig(ModelSelection(model_dir("tiny-llama")), ("adamw",), settings), isolate=False)
     row = result.results[0]
     assert row.status == "ok", row.reason

@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("results",),  # rows, reports, JSON / CSV, profiles
     ("model",),  # MODEL -> config -> module, setups, layer copies
     ("processes",),  # forked pools, isolated trials
+    ("trainers",),  # named trainers' step settings (--recipe), pure data
     ("config", "units", "quiet"),
     ("errors", ""),  # "" is the package itself (__version__)
 )

@@ -34,7 +34,8 @@ toml_values = st.recursive(toml_scalars, lambda inner: st.lists(toml_scalars, ma
                            | st.dictionaries(st.text(min_size=1, max_size=10), inner, max_size=4), max_leaves=12)
 # Keys the readers look for, so that the shapes reach past the first check.
 PROFILE_KEYS = st.sampled_from(["model", "optimizers", "dtype", "amp", "seq_len", "micro_batch", "device",
-                                "gradient_checkpointing", "description", "x"])
+                                "gradient_checkpointing", "recipe", "mp_policy", "activation_checkpointing",
+                                "loss", "description", "x"])
 REPORT_SCHEMAS = st.sampled_from(["optprof.state-size", "optprof.compare", "optprof.predict", "optprof.check",
                                   "optprof.tune", "optprof.optimizers", "optprof.models", "other"])
 
