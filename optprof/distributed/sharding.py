@@ -57,24 +57,30 @@ def final_norm(model: Any) -> Any:
 
 
 def _shard_ends(model: Any, units: FsdpUnits, reshard: bool, options: dict[str, Any]) -> None:
-    """The embeddings and the head as their own units. ends-gathered: [final norm, head] kept gathered after
+    """The embeddings and the head as their own units. ends-gathered: final norm and head kept gathered after
     forward (torchtitan's apply_fsdp_to_decoder, accelerate's fsdp2_prepare_model), the embeddings resharded;
-    tied weights put the embeddings with the norm instead. ends-sharded: embeddings and head each resharded
-    (torchtune's shard_model with custom_sharded_layers)."""
+    tied weights keep the embeddings gathered instead of the head. ends-sharded: embeddings and head each resharded
+    (torchtune's shard_model with custom_sharded_layers).
+
+    The trainers group [norm, head] into one unit; here each is its own unit with the same resharding, which
+    holds the same memory at every point (grouping only merges their all-gathers) and keeps torch's
+    FSDPMemTracker working: it wraps a grouped unit's shared state once per module and leaves a stale wrapper.
+    """
     from torch.distributed.fsdp import fully_shard
 
     embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
     tied = head is not None and getattr(embeddings, "weight", None) is getattr(head, "weight", None)
+    ends = [embeddings] if tied else [embeddings, head]
     if units == FsdpUnits.ENDS_SHARDED:
-        for module in ([embeddings] if tied else [embeddings, head]):
+        for module in ends:
             if module is not None:
                 fully_shard(module, reshard_after_forward=reshard, **options)
         return
     if not tied and embeddings is not None:
         fully_shard(embeddings, reshard_after_forward=reshard, **options)
-    tail = [m for m in (final_norm(model), embeddings if tied else head) if m is not None]
-    if tail:
-        fully_shard(tail, reshard_after_forward=False, **options)
+    for module in (final_norm(model), embeddings if tied else head):
+        if module is not None:
+            fully_shard(module, reshard_after_forward=False, **options)
 
 
 def mixed_precision_policy(training: TrainingSettings) -> Any:

@@ -8,7 +8,9 @@ real and fake tensors alike, for any model optprof loads.
 selective-op follows torchtitan's `SelectiveAC._wrap_block` (torchtitan/distributed/activation_checkpoint.py @
 b5bcd76): save the outputs of the partitioner's compute-intensive ops (`get_default_op_list()`), SDPA variants and
 `max`, except every second mm (counted separately in forward and in recompute); mms whose weight shape is an MoE
-router gate's are always recomputed.
+router gate's are always recomputed. One departure: torchtitan also saves `topk` (its MoE keeps the expert choice
+stable), but transformers' routers normalise topk's output in place, which a saved output may not see, so here
+topk is recomputed like the router that feeds it.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ def save_ops() -> set[Any]:
     ops: set[Any] = {op.default for op in intensive}
     named = ("_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math",
              "_scaled_dot_product_fused_attention_overrideable", "_scaled_dot_product_flash_attention_for_cpu",
-             "max", "linear", "topk")
+             "max", "linear")
     ops |= {getattr(torch.ops.aten, name).default for name in named if hasattr(torch.ops.aten, name)}
     ops.add(torch._higher_order_ops.flex_attention)
     ops.add(torch.ops._c10d_functional.reduce_scatter_tensor.default)

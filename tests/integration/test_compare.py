@@ -172,7 +172,7 @@ def test_cli_bad_input_is_one_line(capsys) -> None:  # type: ignore[no-untyped-d
     cases = [] if torch.cuda.is_available() else [(["compare", "--device", "cuda"], "no CUDA device")]
     for argv, message in (
         *cases,
-        (["compare", "--amp", "bf16", "--dtype", "bfloat16"], "keeps float32 master weights"),
+        (["compare", "--amp", "fp16", "--dtype", "bfloat16"], "cannot unscale bfloat16 gradients"),
         (["compare", "--warmup", "1"], "at least 2"),
         (["compare", "--seq-len", "100000"], "exceeds the model's context length"),
         (["compare", "-o", "adamx"], "unknown optimizer"),
