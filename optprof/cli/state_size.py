@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from optprof.cli.inputs import fake_ranks, model_selection, one_device
+from optprof.cli.inputs import fake_ranks, loaded_dtype, model_selection, one_device
 from optprof.cli.options import (
     DEFAULT_MODEL,
     AttentionOpt,
-    DtypeOpt,
     FormatOpt,
     FreezeOpt,
     FullModelOpt,
@@ -20,6 +19,8 @@ from optprof.cli.options import (
     OutputOpt,
     PlotOpt,
     QloraOpt,
+    RecipeDtypeOpt,
+    RecipeOpt,
     RevisionOpt,
     SaveProfileOpt,
     ShardSizeOpt,
@@ -28,12 +29,14 @@ from optprof.cli.options import (
     UnitsOpt,
 )
 from optprof.cli.output import destination, finish
-from optprof.config import ModelSelection, StateSizeConfig, default_jobs
+from optprof.config import Dtype, StateSizeConfig, default_jobs
+from optprof.trainers import recipe_named
 
 
 def state_size(
     model: ModelArg = DEFAULT_MODEL, optimizer: OptimizerOpt = None, opt_arg: OptArgOpt = None,
-    dtype: DtypeOpt = ModelSelection.dtype, revision: RevisionOpt = None, trust_remote_code: TrustOpt = False,
+    dtype: RecipeDtypeOpt = None, recipe: RecipeOpt = None, revision: RevisionOpt = None,
+    trust_remote_code: TrustOpt = False,
     output_format: FormatOpt = OutputFormat.TABLE, output: OutputOpt = None, units: UnitsOpt = None,
     plot: PlotOpt = None, jobs: JobsOpt = None, save_profile: SaveProfileOpt = None,
     gpus: GpusOpt = StateSizeConfig.gpus, strategy: StrategyOpt = StateSizeConfig.strategy,
@@ -51,8 +54,11 @@ def state_size(
     from optprof.render.console import console
 
     fake = fake_ranks(gpus, strategy, shard_size, "state-size")
+    if dtype is None and recipe is not None:  # the state follows the parameters, stored as the trainer stores them
+        chosen = recipe_named(recipe)
+        dtype = chosen.dtype or (loaded_dtype(model, revision, trust_remote_code) if chosen.dtype_as_loaded else None)
     run_config = StateSizeConfig(
-        model_selection(model, dtype, revision, trust_remote_code, lora, freeze, qlora, attention),
+        model_selection(model, dtype or Dtype.FLOAT32, revision, trust_remote_code, lora, freeze, qlora, attention),
         tuple(optimizer or ()), parse_opt_args(opt_arg or []), jobs=jobs or default_jobs(), gpus=fake.ranks,
         strategy=fake.strategy, shard_size=fake.shard_size, full_model=full_model)
     one_device(fake.ranks, save_profile)

@@ -264,3 +264,14 @@ def test_a_profile_saved_under_a_recipe_rechecks_under_it(tmp_path: Path, model_
     profile.write_text(profile.read_text().replace('recipe = "torchtune"\n', ""))
     code, out, _ = run(["check", str(profile), "-f", "json"], capsys)
     assert code == 1 and "regression" in {v["verdict"] for v in json.loads(out)["verdicts"]}
+
+
+def test_state_size_follows_the_recipes_parameter_dtype(capsys: pytest.CaptureFixture[str]) -> None:
+    def state(*flags: str) -> int:
+        code, out, err = run(["state-size", "demo", "-o", "adamw", "-f", "json", *flags], capsys)
+        assert code == 0, err
+        return int(json.loads(out)["results"][0]["state_bytes"])
+
+    full, tune = state(), state("--recipe", "torchtune")
+    assert state("--recipe", "torchtune", "--dtype", "float32") == full  # an explicit flag wins
+    assert tune < full and state("--dtype", "bfloat16") == tune  # torchtune's parameters are bfloat16
