@@ -18,6 +18,7 @@ from optprof.commands.micro_batch import search_max_micro_batch
 from optprof.config import (
     SHARDED_STRATEGIES,
     DeviceKind,
+    ModelSelection,
     PredictConfig,
     Strategy,
     TrainingSettings,
@@ -38,7 +39,7 @@ from optprof.measure.device import CpuDevice
 from optprof.measure.step import TrainStep, configure_model, make_batches
 from optprof.measure.tracker import TrackedPeak, tracked_step
 from optprof.model.info import config_values, trainable_parameters
-from optprof.model.loading import load_selection
+from optprof.model.loading import default_loaded_dtype, load_config, load_selection
 from optprof.model.setups import QLORA_PREDICTED, qlora_weight_saving
 from optprof.optimizers.outcome import status_of
 from optprof.optimizers.registry import OptimizerEntry, availability, check_opt_args, resolve_optimizers
@@ -71,7 +72,7 @@ ASSUMPTIONS_CUDA = (
 )
 
 
-def recipe_notes(training: TrainingSettings, model_config: Any, replicas: int = 1) -> tuple[str, ...]:
+def recipe_notes(training: TrainingSettings, selection: ModelSelection, replicas: int = 1) -> tuple[str, ...]:
     """What a --recipe set and where it comes from, and how the prediction stands for a replicating recipe."""
     if training.recipe is None:
         return ()
@@ -81,11 +82,17 @@ def recipe_notes(training: TrainingSettings, model_config: Any, replicas: int = 
     if recipe.note:
         notes.append(f"recipe {recipe.name}: {recipe.note}")
     if recipe.dtype_as_loaded:
-        named = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
-        notes.append(f"recipe {recipe.name}: parameters as transformers' from_pretrained loads them by default "
-                     + (f"(the config's dtype, {named})" if named else "(the config names no dtype, so "
-                        "from_pretrained would take the checkpoint's, which optprof does not read: float32 "
-                        "assumed; pass --dtype)"))
+        original = load_config(selection.model, revision=selection.revision,
+                               trust_remote_code=selection.trust_remote_code)[0]  # before optprof set a dtype
+        named = getattr(original, "dtype", None) or getattr(original, "torch_dtype", None)
+        if selection.dtype != default_loaded_dtype(original):
+            notes.append(f"recipe {recipe.name}: parameters in {selection.dtype}, as --dtype asked (from_pretrained "
+                         f"would load them in {default_loaded_dtype(original)})")
+        else:
+            notes.append(f"recipe {recipe.name}: parameters as transformers' from_pretrained loads them by default "
+                         + (f"(the config's dtype, {named})" if named else "(the config names no dtype, so "
+                            "from_pretrained would take the checkpoint's, which optprof does not read: float32 "
+                            "assumed; pass --dtype)"))
     if replicas > 1:
         notes.append(f"recipe {recipe.name} replicates the model under DDP over {replicas} ranks: the figures are one "
                      "rank's, which each rank holds; DDP's gradient buckets (about the gradients' size, beside them "
@@ -280,7 +287,7 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
                         "tokens x top-k rows however the tokens are routed, so the prediction holds for any "
                         "routing, balanced or not (compare reports the routing it saw); an implementation with a "
                         "capacity per expert (padding or dropping tokens) would differ",)
-    assumptions += recipe_notes(training, loaded.config, config.replicas)
+    assumptions += recipe_notes(training, selection, config.replicas)
     if config.gpus == 1 and training.mp_param is not None:
         assumptions += ("--mp-policy on one device: FSDP2 over a one-rank mesh (as torchtitan runs one GPU), so "
                         "forward and backward use gathered copies in the policy's dtype",)

@@ -51,10 +51,12 @@ SUPPORT_OF = {Status.OK: Support.OK, Status.UNSUPPORTED: Support.UNSUPPORTED, St
 
 def check_support(selection: ModelSelection, entry: OptimizerEntry, strategy: Strategy, ranks: int,
                   shard_size: int | None, opt_args: Mapping[str, Any], layers: int | None,
-                  ) -> tuple[Support, str | None]:
+                  step: TrainingSettings | None = None) -> tuple[Support, str | None]:
     """(status, reason) of one fake step of the model's first `layers` layers over `ranks` fake ranks under
-    `strategy`: ok, unsupported (the optimizer's own code refused, with its reason), failed, or undecided."""
-    training = TrainingSettings(device=DeviceKind.CPU, seq_len=SUPPORT_SEQ_LEN, breakdown=False)
+    `strategy`: ok, unsupported (the optimizer's own code refused, with its reason), failed, or undecided.
+    `step`: the run's training step (precision, checkpointing, loss), kept; its sizes are the check's own."""
+    training = dataclasses.replace(step or TrainingSettings(), device=DeviceKind.CPU, seq_len=SUPPORT_SEQ_LEN,
+                                   micro_batch=1, grad_accum=1, breakdown=False)
     config = PredictConfig(selection, (entry.name,), training, dict(opt_args), gpus=ranks, strategy=strategy,
                            shard_size=shard_size, layers=layers)
     row, values_read = predict_outcome(config, entry, training, lambda _: None)
@@ -214,7 +216,7 @@ def unsupported_row(config: CompareConfig, entry: OptimizerEntry, training: Trai
     if layers is None:
         return None
     status, reason = check_support(config.model, entry, config.strategy, config.gpus, config.shard_size,
-                                   config.opt_args, layers)
+                                   config.opt_args, layers, training)
     if status != Support.UNSUPPORTED:
         return None
     note = (f"decided before launching any rank, by one step of the model's first {layers} layer(s) on fake tensors "
