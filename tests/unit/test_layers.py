@@ -20,6 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tune",),  # the optimizer study's protocol: space, corpus, trial, conclusions, run
     ("measure",),  # the real training step, its trackers, NVML, trials on one or N ranks
     ("distributed",),  # sharding (DDP, ZeRO-1, FSDP2, HSDP), torchrun's ranks, folding rank rows
+    ("device",),  # what a card holds beyond tensors: allocation trace, caching-allocator model, costs outside it
     ("optimizers",),  # registry, state accounting, optprof's own optimizers
     ("results",),  # rows, reports, JSON / CSV, profiles
     ("model",),  # MODEL -> config -> module, setups, layer copies
