@@ -225,6 +225,10 @@ class PredictConfig:
     layers: int | None = None  # build only the model's first N layers (a shallow copy); None: all of them
     jobs: int = 1  # optimizers predicted at once, in forked worker processes
     replicas: int = 1  # ranks that each hold the whole model (a recipe's DDP): the figures are one rank's
+    # PYTORCH_CUDA_ALLOC_CONF for the caching-allocator model (CUDA targets); None: no model, the tensor peak plus
+    # `reserve_bytes` decides (the --reserve override, CPU targets, and compare's own predictions)
+    alloc_conf: str | None = None
+    memory_snapshot: str | None = None  # write the simulated allocator's snapshot (memory_viz's format) here
 
 
 # The optimizers of the study's inclusion relations, and the two whose memory optprof is about.

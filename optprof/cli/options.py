@@ -138,8 +138,15 @@ SearchMarginOpt = Annotated[float, typer.Option(
 GpuMemoryOpt = Annotated[str | None, typer.Option(
     "--gpu-memory", help="Memory per device, e.g. 80GiB: also predict the largest micro-batch that fits it.")]
 ReserveOpt = Annotated[str | None, typer.Option(
-    "--reserve", help="Memory per device that tensors do not show: CUDA context, cuBLAS/cuDNN workspaces, "
-    "allocator slack (default 2GiB for cuda, 0 for cpu).")]
+    "--reserve", help="Memory per device outside PyTorch's caching allocator (CUDA context, NCCL buffers), "
+    "replacing optprof's named estimates of them (predict on cuda) or its 2GiB guess (compare's checks); 0 on cpu.")]
+AllocConfOpt = Annotated[str | None, typer.Option(
+    "--alloc-conf", help="PYTORCH_CUDA_ALLOC_CONF for the caching-allocator model, e.g. expandable_segments:True or "
+    "max_split_size_mb:512,roundup_power2_divisions:4 (default: the environment's PYTORCH_CUDA_ALLOC_CONF).")]
+PredictedSnapshotOpt = Annotated[Path | None, typer.Option(
+    "--memory-snapshot", help="Write the simulated allocator's snapshot of the step (torch.cuda.memory._snapshot()'s "
+    "format) here, for PyTorch's memory visualiser: a .pickle for pytorch.org/memory_viz, or an .html page "
+    "(one file per optimizer when several are predicted).")]
 MemorySnapshotOpt = Annotated[Path | None, typer.Option(
     "--memory-snapshot", help="CUDA only: record the allocator's history over each optimizer's tracked step "
     "and dump it into this folder, one file per optimizer (and rank), for PyTorch's memory visualiser.")]

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from optprof.cli.inputs import fake_ranks, loaded_dtype, model_selection, one_device
+from optprof.cli.inputs import (
+    allocator_settings,
+    fake_ranks,
+    loaded_dtype,
+    model_selection,
+    one_device,
+    outside_reserve,
+)
 from optprof.cli.options import (
     DEFAULT_MODEL,
     ActivationCheckpointingOpt,
+    AllocConfOpt,
     AmpOpt,
     AttentionOpt,
     CheckpointingOpt,
@@ -27,6 +35,7 @@ from optprof.cli.options import (
     OutputFormat,
     OutputOpt,
     PlotOpt,
+    PredictedSnapshotOpt,
     QloraOpt,
     RecipeDtypeOpt,
     RecipeOpt,
@@ -45,7 +54,6 @@ from optprof.config import (
     PredictConfig,
     TrainingSettings,
     default_jobs,
-    default_reserve,
     whole_number,
 )
 from optprof.errors import UsageError
@@ -60,6 +68,7 @@ def predict(
     device: DeviceOpt = DeviceKind.CUDA, dtype: RecipeDtypeOpt = None, amp: AmpOpt = None,
     recipe: RecipeOpt = None, mp_policy: MpPolicyOpt = None,
     activation_checkpointing: ActivationCheckpointingOpt = None, loss: LossOpt = None,
+    alloc_conf: AllocConfOpt = None, memory_snapshot: PredictedSnapshotOpt = None,
     seq_len: SeqLenOpt = None, micro_batch: MicroBatchOpt = str(TrainingSettings.micro_batch),
     grad_accum: GradAccumOpt = TrainingSettings.grad_accum,
     gradient_checkpointing: CheckpointingOpt = False,
@@ -90,14 +99,16 @@ def predict(
         device=device, seq_len=seq_len,
         micro_batch=whole_number(micro_batch or str(TrainingSettings.micro_batch), "--micro-batch"),
         grad_accum=grad_accum, **step.fields)
+    allocator = allocator_settings(device, alloc_conf, memory_snapshot)
     run_config = PredictConfig(
         model_selection(model, step.dtype, revision, trust_remote_code, lora, freeze, qlora, attention),
         tuple(optimizer or ()), training, parse_opt_args(opt_arg or []), max_micro_batch=max_micro_batch,
         gpus=fake.ranks, strategy=fake.strategy, shard_size=fake.shard_size, jobs=jobs or default_jobs(),
         replicas=gpus or 1 if step.replicated else 1,
         gpu_memory_bytes=None if gpu_memory is None else parse_bytes(gpu_memory, "--gpu-memory"),
-        reserve_bytes=default_reserve(device) if reserve is None else parse_bytes(reserve, "--reserve",
-                                                                                   allow_zero=True))
+        alloc_conf=allocator, memory_snapshot=None if memory_snapshot is None else str(memory_snapshot),
+        reserve_bytes=outside_reserve(device, fake.ranks, fake.strategy, fake.shard_size, allocator is not None)
+        if reserve is None else parse_bytes(reserve, "--reserve", allow_zero=True))
     if run_config.gpu_memory_bytes is not None and run_config.gpu_memory_bytes <= run_config.reserve_bytes:
         raise UsageError("--gpu-memory must be larger than --reserve")
     one_device(fake.ranks, save_profile)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from optprof.config import (
     resolve_seq_len,
     step_record,
 )
+from optprof.device.allocator import AllocatorConfig
 from optprof.errors import UsageError
 from optprof.measure.ranks import run_joined, run_ranks
 from optprof.measure.trial import TrialSpec, base_row, run_trial, trial_in_child
@@ -119,7 +121,8 @@ def _predicted(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSet
     predict_config = PredictConfig(config.model, (entry.name,), training, config.opt_args, gpu_memory_bytes=limit,
                                    reserve_bytes=default_reserve(training.device), gpus=ranks,
                                    strategy=config.strategy, shard_size=config.shard_size,
-                                   max_micro_batch=search.max_micro_batch if search else MAX_MICRO_BATCH)
+                                   max_micro_batch=search.max_micro_batch if search else MAX_MICRO_BATCH,
+                                   alloc_conf=allocator_model(training.device))
 
     return predict_optimizer(predict_config, entry, training,
                              lambda text: runner.progress(entry.name, f"predicting: {text}"))
@@ -139,13 +142,23 @@ def _prediction(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSe
     return (row, None) if row.status == Status.OK else (None, f"predict {row.status}: {row.reason}")
 
 
-def prediction_errors(row: CompareRow, predicted_peak: int, reserve_bytes: int) -> dict[str, float]:
-    """(predicted / measured - 1) against each figure measured here: live tensors against the tensor peak
-    and the allocator's allocated and reserved peaks; peak + reserve against NVML's count of this process."""
+def allocator_model(device: DeviceKind) -> str | None:
+    """The caching-allocator model's settings for a CUDA run: this process's PYTORCH_CUDA_ALLOC_CONF (the trials
+    inherit it); None on a CPU, which has no caching allocator."""
+    if device != DeviceKind.CUDA:
+        return None
+    return AllocatorConfig.parse(os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")).text()
+
+
+def prediction_errors(row: CompareRow, predicted_peak: int, reserve_bytes: int, allocated: int | None = None,
+                      reserved: int | None = None) -> dict[str, float]:
+    """(predicted / measured - 1) against each figure measured here: live tensors against the tensor peak; the
+    allocator model's allocated and reserved peaks (else the tensor peak) against torch's; and the device total
+    against NVML's count of this process."""
     pairs = {"tensor_peak_bytes": (predicted_peak, row.tensor_peak_bytes),
-             "torch_max_allocated_bytes": (predicted_peak, row.torch_max_allocated_bytes),
-             "torch_max_reserved_bytes": (predicted_peak, row.torch_max_reserved_bytes),
-             "nvml_process_peak_bytes": (predicted_peak + reserve_bytes, row.nvml_process_peak_bytes)}
+             "torch_max_allocated_bytes": (allocated or predicted_peak, row.torch_max_allocated_bytes),
+             "torch_max_reserved_bytes": (reserved or predicted_peak, row.torch_max_reserved_bytes),
+             "nvml_process_peak_bytes": ((reserved or predicted_peak) + reserve_bytes, row.nvml_process_peak_bytes)}
     return {name: predicted / measured - 1 for name, (predicted, measured) in pairs.items() if measured}
 
 
@@ -156,14 +169,18 @@ def _checked_against_prediction(runner: TrialRunner, entry: OptimizerEntry, trai
     if row.status != Status.OK or row.micro_batch is None:
         return row
     peak = predicted.predicted_peaks.get(row.micro_batch) if predicted is not None else None
-    if peak is None:
-        at_size, why = _prediction(runner, entry, dataclasses.replace(training, micro_batch=row.micro_batch))
-        if at_size is None:
+    same = predicted if predicted is not None and predicted.micro_batch == row.micro_batch else None
+    if peak is None or (same is None and training.device == DeviceKind.CUDA):  # the model's figures at this size
+        same, why = _prediction(runner, entry, dataclasses.replace(training, micro_batch=row.micro_batch))
+        if same is None:
             return dataclasses.replace(row, notes=(*row.notes, f"no prediction to check against: {why}"))
-        peak = at_size.predicted_peak_bytes
+        peak = same.predicted_peak_bytes
     assert peak is not None
-    return dataclasses.replace(row, predicted_peak_bytes=peak,
-                               prediction_errors=prediction_errors(row, peak, default_reserve(training.device)))
+    allocated = None if same is None else same.predicted_allocated_bytes
+    reserved = None if same is None else same.predicted_reserved_bytes
+    return dataclasses.replace(row, predicted_peak_bytes=peak, predicted_reserved_bytes=reserved,
+                               prediction_errors=prediction_errors(row, peak, default_reserve(training.device),
+                                                                   allocated, reserved))
 
 
 def _searched_row(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,

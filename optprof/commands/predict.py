@@ -23,10 +23,16 @@ from optprof.config import (
     Strategy,
     TrainingSettings,
     check_training,
+    mesh_shape,
     parameter_dtype,
     resolve_seq_len,
     step_record,
 )
+from optprof.device.allocator import AllocatorConfig
+from optprof.device.costs import communicators, cublas_workspace_bytes, outside_costs
+from optprof.device.replay import Replay, replay
+from optprof.device.snapshot import write_snapshot
+from optprof.device.trace import AllocationTrace, TraceRecorder
 from optprof.distributed.sharding import (
     adam_mini_on_cpu_ranks,
     fake_process_group,
@@ -50,6 +56,8 @@ from optprof.results.rows import PredictRow, Probe
 from optprof.results.vocab import Status
 from optprof.trainers import RECIPES
 
+SM90 = 9  # the compute capability the model's cuBLAS workspace assumes (H100, H200): 32 MiB per thread and stream
+
 # Attention dropout makes CPU SDPA fall back to a kernel that keeps the whole attention matrix; CUDA's
 # flash and memory-efficient kernels do not, so for a CUDA target it is switched off (memory only).
 ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
@@ -67,9 +75,26 @@ ASSUMPTIONS_COMMON = (
 ASSUMPTIONS_CUDA = (
     "CUDA kernels were not run: the step used CPU kernels on fake tensors",
     "autocast (--amp) follows CPU autocast's op lists, which differ slightly from CUDA's",
-    "the reserve (--reserve) stands for the CUDA context, library workspaces and allocator slack, which "
-    "tensors do not show",
 )
+
+
+def allocator_notes(config: PredictConfig) -> list[tuple[dict[str, Any] | None, str]]:
+    """With the allocator model: the model's own assumption, and each named cost outside the allocator (or the
+    --reserve that replaced them), as (the report's record, the assumption's line)."""
+    if config.alloc_conf is None:
+        return []
+    lines: list[tuple[dict[str, Any] | None, str]] = [(None, (
+        "reserved bytes: the tracked step's allocations and frees, with their streams (FSDP2's all-gather and "
+        "reduce-scatter buffers on their own), replayed twice through a model of torch 2.13's CUDACachingAllocator "
+        f"(PYTORCH_CUDA_ALLOC_CONF {config.alloc_conf}); cuBLAS's 32 MiB workspace (sm90) allocated through it for "
+        "the forward and the backward thread; the largest micro-batch is the largest whose replay does not run out "
+        "of memory"))]
+    costs = outside_costs(communicators(mesh_shape(config.strategy, config.gpus, config.shard_size)))
+    if sum(cost.bytes for cost in costs) != config.reserve_bytes:
+        return [*lines, ({"name": "--reserve", "bytes": config.reserve_bytes, "source": "given"},
+                         f"outside the allocator: {config.reserve_bytes:,} bytes per device, as --reserve gave")]
+    return [*lines, *(({"name": c.name, "bytes": c.bytes, "source": c.source},
+                       f"outside the allocator: {c.name} {c.bytes:,} bytes per device ({c.source})") for c in costs)]
 
 
 def recipe_notes(training: TrainingSettings, selection: ModelSelection, replicas: int = 1) -> tuple[str, ...]:
@@ -149,6 +174,8 @@ class FakeTrainer:
         # zero1 (support checks only): the optimizer as rank 0's share, the model unwrapped (no DDP buckets)
         self.optimizer = zero1_optimizer(build) if mesh is not None and config.strategy == Strategy.ZERO1 else build()
         self._peaks: dict[int, TrackedPeak] = {}  # by micro-batch
+        self._traces: dict[int, AllocationTrace] = {}  # by micro-batch, with the allocator model
+        self.records = config.alloc_conf is not None
         self._step(1).run()  # Adam-style state appears in the first step
         self.state_bytes = account_state(self.optimizer, self.params, entry.second_moment_keys).state_bytes
 
@@ -163,9 +190,35 @@ class FakeTrainer:
         """The tracked step's peak (FSDPMemTracker when sharded), traced once per micro-batch: a step on fake
         tensors is deterministic, and the search probes the asked size again."""
         if micro_batch not in self._peaks:
-            self._peaks[micro_batch] = _lowered(tracked_step(self._step(micro_batch), self.state_bytes),
+            recorder = TraceRecorder(cublas_workspace_bytes(SM90)) if self.records else None
+            self._peaks[micro_batch] = _lowered(tracked_step(self._step(micro_batch), self.state_bytes, recorder),
                                                 self.parameter_saving)
+            if recorder is not None:
+                self._traces[micro_batch] = recorder.trace
         return self._peaks[micro_batch]
+
+    def trace(self, micro_batch: int) -> AllocationTrace:
+        """The allocation trace of the tracked step at `micro_batch` (with the allocator model only)."""
+        self.peak(micro_batch)
+        return self._traces[micro_batch]
+
+
+def _simulated(config: PredictConfig, trainer: FakeTrainer, micro_batch: int, capacity: int | None
+               ) -> Replay | None:
+    """The step at `micro_batch` replayed through the caching-allocator model (CUDA targets), on a card whose
+    allocator may take `capacity` bytes (None: unlimited); None without the model."""
+    if not trainer.records:
+        return None
+    return replay(trainer.trace(micro_batch), AllocatorConfig.parse(config.alloc_conf), capacity,
+                  record=bool(config.memory_snapshot))
+
+
+def snapshot_file(target: str, optimizer: str, optimizers: int) -> str:
+    """One file per optimizer when several are predicted: NAME.pickle -> NAME-adamw.pickle."""
+    if optimizers == 1:
+        return target
+    stem, dot, suffix = target.rpartition(".")
+    return f"{stem}-{optimizer}.{suffix}" if dot else f"{target}-{optimizer}"
 
 
 def _lowered(peak: TrackedPeak, saving: int) -> TrackedPeak:
@@ -204,13 +257,18 @@ def predict_outcome(config: PredictConfig, entry: OptimizerEntry, training: Trai
             trainer = FakeTrainer(config, entry, training, mesh)
             progress(f"micro-batch {training.micro_batch}")
             at = trainer.peak(training.micro_batch)
+            usable = None if config.gpu_memory_bytes is None else config.gpu_memory_bytes - config.reserve_bytes
+            simulated = _simulated(config, trainer, training.micro_batch, usable)
             found = None
-            if config.gpu_memory_bytes is not None:
-                usable = config.gpu_memory_bytes - config.reserve_bytes
-
+            if usable is not None:
                 def fits(micro_batch: int) -> Probe:
                     progress(f"largest micro-batch: trying {micro_batch}")
                     peak = trainer.peak(micro_batch)
+                    if trainer.records:  # the simulated allocator decides: its reserved bytes, its OOM
+                        run = _simulated(config, trainer, micro_batch, usable)
+                        assert run is not None
+                        return Probe(micro_batch, run.oom is None, run.peak_reserved if run.oom is None else None,
+                                     usable, run.oom)
                     return Probe(micro_batch, peak.tensor_peak_bytes <= usable, peak.tensor_peak_bytes, usable,
                                  growing_bytes=peak.fwd_bwd_peak_bytes)
 
@@ -227,11 +285,18 @@ def predict_outcome(config: PredictConfig, entry: OptimizerEntry, training: Trai
         at_max = next(p.peak_bytes for p in found.probes if p.micro_batch == found.max_micro_batch)
     peaks = {training.micro_batch: at.tensor_peak_bytes}
     peaks |= {p.micro_batch: p.peak_bytes for p in (found.probes if found else ()) if p.peak_bytes is not None}
+    if simulated is not None and config.memory_snapshot:
+        write_snapshot(simulated.allocator, snapshot_file(config.memory_snapshot, entry.name, len(config.optimizers)))
+    device_bytes = (simulated.peak_reserved if simulated is not None else at.tensor_peak_bytes) + config.reserve_bytes
     return dataclasses.replace(
         base,
         state_bytes=trainer.state_bytes,
         predicted_peak_bytes=at.tensor_peak_bytes,
-        predicted_device_bytes=at.tensor_peak_bytes + config.reserve_bytes,
+        predicted_allocated_bytes=None if simulated is None else simulated.peak_allocated,
+        predicted_reserved_bytes=None if simulated is None else simulated.peak_reserved,
+        predicted_fragmentation_bytes=None if simulated is None else simulated.fragmentation,
+        predicted_oom=None if simulated is None else simulated.oom,
+        predicted_device_bytes=device_bytes,
         predicted_breakdown=at.breakdown,
         predicted_max_micro_batch=None if found is None else found.max_micro_batch,
         predicted_max_capped=None if found is None else found.capped,
@@ -288,6 +353,8 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
                         "routing, balanced or not (compare reports the routing it saw); an implementation with a "
                         "capacity per expert (padding or dropping tokens) would differ",)
     assumptions += recipe_notes(training, selection, config.replicas)
+    outside = allocator_notes(config)
+    assumptions += tuple(line for _, line in outside)
     if config.gpus == 1 and training.mp_param is not None:
         assumptions += ("--mp-policy on one device: FSDP2 over a one-rank mesh (as torchtitan runs one GPU), so "
                         "forward and backward use gathered copies in the policy's dtype",)
@@ -314,6 +381,8 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
             "strategy": config.strategy if config.gpus > 1 else None,
             "shard_size": config.shard_size,
             "replicas": config.replicas,
+            "alloc_conf": config.alloc_conf,
+            "outside_allocator": [cost for cost, _ in outside if cost is not None],
         },
         assumptions=assumptions,
     )

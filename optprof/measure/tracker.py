@@ -8,9 +8,12 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from optprof.device.trace import TraceRecorder
 from optprof.measure.device import AllocatorStats, Device
 from optprof.measure.nvml import NvmlReader
 from optprof.measure.sampler import SamplerResult
@@ -152,12 +155,58 @@ class TensorPeakTracker:
                                   step.grad_bytes, self._fwd_bwd[0])
 
 
-def tracked_step(step: TrainStep, state_bytes: int) -> TrackedPeak:
-    """One untimed step under MemTracker: the peak of live tensor bytes and what they were."""
-    with TensorPeakTracker(step, state_bytes) as tracked:
+def tracked_step(step: TrainStep, state_bytes: int, recorder: TraceRecorder | None = None) -> TrackedPeak:
+    """One untimed step under MemTracker: the peak of live tensor bytes and what they were; with `recorder`, also
+    the step's allocation trace (device/trace.py), from the same run."""
+    with contextlib.ExitStack() as stack:
+        if recorder is not None:
+            stack.enter_context(_recorded(step, recorder))
+        tracked = stack.enter_context(TensorPeakTracker(step, state_bytes))
+        if recorder is not None:
+            _mark_phases(step, recorder)
         step.run()
     assert tracked.result is not None
     return tracked.result
+
+
+@contextlib.contextmanager
+def _recorded(step: TrainStep, recorder: TraceRecorder) -> Iterator[None]:
+    """The allocations alive before the step first (parameters, buffers, state), then the step's, with its phases."""
+    recorder.tag_tensors(step.model.parameters(), "parameter")
+    recorder.tag_tensors(step.model.buffers(), "buffer")
+    recorder.tag_tensors(state_tensors(step.optimizer, step.params), "state")
+    recorder.tag_tensors(step.batches, "input")
+    recorder.name_streams(step.model)
+    recorder.mark("step")
+
+    def before(*args: Any) -> None:
+        recorder.start_forward()
+        recorder.mark("forward")
+
+    def after(*args: Any) -> None:
+        recorder.end_forward()
+        recorder.mark("backward")
+
+    hooks = [step.model.register_forward_pre_hook(before), step.model.register_forward_hook(after)]
+    try:
+        with recorder.recording():
+            yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def _mark_phases(step: TrainStep, recorder: TraceRecorder) -> None:
+    """After backward: the gradients are named, and the optimizer step begins."""
+    measure = step.after_backward
+
+    def after_backward() -> None:
+        if measure is not None:
+            measure()
+        recorder.tag_tensors((p.grad for p in step.params), "gradient")
+        recorder.mark("optimizer step")
+
+    step.after_backward = after_backward
 
 
 @dataclass(frozen=True)

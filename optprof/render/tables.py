@@ -97,7 +97,11 @@ def predict_table(report: PredictReport, units: str) -> Group:
     for key in ("params", "grads", "activations", "temps"):
         table.add_column(f"{key}\n{unit}", justify="right", no_wrap=True)
     table.add_column(f"predicted\npeak {unit}", justify="right", no_wrap=True)
-    table.add_column(f"+ reserve\n{unit}", justify="right", no_wrap=True)
+    simulated = any(row.predicted_reserved_bytes is not None for row in report.results)
+    if simulated:
+        table.add_column(f"allocated\n{unit}", justify="right", no_wrap=True)
+        table.add_column(f"reserved\n{unit}", justify="right", no_wrap=True)
+    table.add_column(f"{'device' if simulated else '+ reserve'}\n{unit}", justify="right", no_wrap=True)
     if memory is not None:
         table.add_column("predicted max\nµbatch", justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
@@ -112,16 +116,26 @@ def predict_table(report: PredictReport, units: str) -> Group:
             format_bytes(row.state_bytes, units),
             *(format_bytes(p, units) for p in parts),
             format_bytes(row.predicted_peak_bytes, units),
+            *((format_bytes(row.predicted_allocated_bytes, units), format_bytes(row.predicted_reserved_bytes, units))
+              if simulated else ()),
             format_bytes(row.predicted_device_bytes, units),
             *((largest,) if memory is not None else ()),
             status,
         )
     reserve = format_bytes(config.get("reserve_bytes"), units)
+    if simulated:
+        outside = "; ".join(f"{c['name']} {format_bytes(c['bytes'], units)}" for c in config.get("outside_allocator")
+                            or ()) or f"--reserve {reserve}"
+        explained = (f"allocated / reserved: torch.cuda.max_memory_allocated / max_memory_reserved, from the step's "
+                     f"allocations replayed through the caching-allocator model ({config.get('alloc_conf')}). "
+                     f"device: reserved plus what sits outside the allocator ({outside} {unit}).")
+        fit = " predicted max µbatch: the largest whose replay does not run out of memory on"
+    else:
+        explained = f"+ reserve: the peak plus {reserve} {unit} that tensors do not show."
+        fit = " predicted max µbatch: the largest whose peak + reserve fits"
     legend = Text(
-        f"{units_note(units)}. Breakdown at the predicted peak (state: the real optimizer's, exact). + reserve: "
-        f"the peak plus {reserve} {unit} that tensors do not show."
-        + ("" if memory is None else f" predicted max µbatch: the largest whose peak + reserve fits "
-           f"{format_bytes(memory, units)} {unit}."),
+        f"{units_note(units)}. Breakdown at the predicted peak (state: the real optimizer's, exact). {explained}"
+        + ("" if memory is None else f"{fit} {format_bytes(memory, units)} {unit}."),
         style="dim",
     )
     assumptions = [Text("Assumed: " + a, style="dim") for a in report.assumptions]

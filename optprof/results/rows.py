@@ -143,6 +143,7 @@ class CompareRow(StepRow):
     derived: dict[str, str] = field(default_factory=dict)  # figure -> how it was derived (not measured directly)
     # The prediction (fake tensors, `predict`) at this row's micro-batch, against what was measured here:
     predicted_peak_bytes: int | None = None  # live tensors, per device
+    predicted_reserved_bytes: int | None = None  # CUDA: the allocator model's max_memory_reserved at this size
     prediction_errors: dict[str, float] = field(default_factory=dict)  # measured figure -> predicted/measured - 1
     # --gpus N: state_bytes is then the logical total (unsharded), per-rank figures are under `ranks`
     strategy: str | None = None
@@ -191,7 +192,14 @@ class PredictRow(StepRow):
 
     state_bytes: int | None = None  # per device; exact: the real optimizer's state, on fake tensors
     predicted_peak_bytes: int | None = None  # live tensors at the peak, per device, at micro_batch
-    predicted_device_bytes: int | None = None  # the peak plus the reserve: what the card must hold
+    # The caching-allocator model's replay of the step (CUDA targets): torch.cuda.max_memory_allocated and
+    # max_memory_reserved as predicted, the reserved bytes not allocated at the reserved peak, and where a step
+    # ran out of memory on the card given (--gpu-memory); None without the model
+    predicted_allocated_bytes: int | None = None
+    predicted_reserved_bytes: int | None = None
+    predicted_fragmentation_bytes: int | None = None
+    predicted_oom: str | None = None
+    predicted_device_bytes: int | None = None  # what the card must hold: reserved (else the peak) + the costs outside
     predicted_breakdown: dict[str, int] = field(default_factory=dict)
     predicted_max_micro_batch: int | None = None  # under the device memory given (0: not even 1)
     predicted_max_capped: bool | None = None

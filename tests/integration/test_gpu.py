@@ -71,3 +71,41 @@ def test_memory_snapshot_per_optimizer(tmp_path) -> None:  # type: ignore[no-unt
         assert any(str(path) in note for note in row.notes)
         with path.open("rb") as file:
             assert "segments" in pickle.load(file)  # the allocator snapshot format
+
+
+def test_a_real_allocator_trace_replayed_through_the_model_gives_the_same_segments() -> None:
+    """torch's own allocator records a small training step; its alloc/free trace, replayed through optprof's model
+    from an empty cache, must cudaMalloc the same segments in the same order."""
+    import torch
+
+    from optprof.device.allocator import CachingAllocator
+    from optprof.model.loading import load_model
+
+    torch.cuda.empty_cache()
+    torch.cuda.memory._record_memory_history(max_entries=1_000_000)
+    try:
+        torch.cuda.reset_peak_memory_stats()
+        model = load_model("demo", device="cuda").module
+        optimizer = torch.optim.AdamW(model.parameters())
+        for _ in range(2):
+            tokens = torch.randint(0, 1000, (4, 128), device="cuda")
+            model(input_ids=tokens, labels=tokens, use_cache=False).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        real = torch.cuda.memory._snapshot()
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    streams: dict[int, int] = {}
+    model_allocator = CachingAllocator(record=True)
+    live = {}
+    for event in real["device_traces"][torch.cuda.current_device()]:
+        stream = streams.setdefault(event["stream"], len(streams))
+        if event["action"] == "alloc":
+            live[event["addr"]] = model_allocator.malloc(event["size"], stream)
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            model_allocator.free(live.pop(event["addr"]))
+    trace = real["device_traces"][torch.cuda.current_device()]
+    real_segments = [e["size"] for e in trace if e["action"] == "segment_alloc"]
+    assert real_segments  # the step grew the cache
+    assert [e.size for e in model_allocator.events or () if e.action == "segment_alloc"] == real_segments

@@ -1,0 +1,59 @@
+"""An allocation trace replayed through the caching-allocator model: the peaks torch.cuda would report, the
+fragmentation, and whether and where the step runs out of memory on a card of a given size."""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from optprof.device.allocator import AllocatorConfig, Block, CachingAllocator, OutOfMemory
+from optprof.device.trace import DEFAULT_STREAM, AllocationTrace
+
+REPEATS = 2  # steps replayed: the second starts from the first's cache, as every later step does
+
+
+@dataclass
+class Replay:
+    peak_allocated: int  # torch.cuda.max_memory_allocated: allocated blocks, sizes rounded as the allocator does
+    peak_reserved: int  # torch.cuda.max_memory_reserved: segments (or mapped pages)
+    fragmentation: int  # reserved - allocated at the reserved peak
+    retries: int  # cudaMalloc retries after releasing the cache (torch's num_alloc_retries)
+    oom: str | None  # where the step ran out: the phase and what was being allocated; None: it fits
+    allocator: CachingAllocator
+
+
+def replay(trace: AllocationTrace, config: AllocatorConfig | None = None, capacity: int | None = None,
+           record: bool = False, repeats: int = REPEATS) -> Replay:
+    """The trace's step `repeats` times (the allocations alive before the step, once) through one allocator."""
+    allocator = CachingAllocator(config, capacity, record)
+    streams = {name: index for index, name in enumerate([DEFAULT_STREAM, *trace.streams()])}
+    start = trace.marks.get("step", 0)
+    live: dict[tuple[int, int], Block] = {}
+    phases = sorted((index, phase) for phase, index in trace.marks.items())
+    oom = None
+    step_ids = {event.id for event in trace.events[start:] if event.alloc}
+    for repeat in range(repeats):
+        events = trace.events if repeat == 0 else trace.events[start:]
+        first = 0 if repeat == 0 else start
+        for key in [k for k in live if repeat and k[1] in step_ids and k[0] == repeat - 1]:
+            allocator.free(live.pop(key))  # what a step left alive, the next step's own replaces
+        for offset, event in enumerate(events):
+            key = (repeat if first + offset >= start else 0, event.id)
+            if not event.alloc:
+                block = live.pop(key, None) or live.pop((0, event.id), None)
+                if block is not None:
+                    allocator.free(block)
+                continue
+            if event.size == 0:
+                continue  # CUDACachingAllocator::allocate returns no memory for 0 bytes
+            try:
+                live[key] = allocator.malloc(event.size, streams[event.stream], trace.tags.get(event.id, ""))
+            except OutOfMemory:
+                at = bisect.bisect_right([i for i, _ in phases], first + offset) - 1
+                phase = phases[at][1] if at >= 0 else "setup"
+                oom = (f"step {repeat + 1}, {phase}: {trace.tags.get(event.id, 'a tensor')} of {event.size:,} bytes "
+                       f"with {allocator.reserved:,} reserved")
+                return Replay(allocator.peak_allocated, allocator.peak_reserved, allocator.fragmentation,
+                              allocator.retries, oom, allocator)
+    return Replay(allocator.peak_allocated, allocator.peak_reserved, allocator.fragmentation, allocator.retries,
+                  oom, allocator)

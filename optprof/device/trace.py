@@ -1,0 +1,215 @@
+"""The allocation trace of a step on fake tensors: every storage the step allocates or frees, in order, with its
+size, the stream it was allocated on, and what it was.
+
+`TraceRecorder` is a dispatch mode: each op's outputs whose storage it has not seen are allocations; a storage
+dying (a weak reference's callback) is a free; `UntypedStorage.resize_` (FSDP2 frees and re-allocates its
+all-gather buffers that way) is a free and an allocation. The stream is the one FSDP2 entered with
+`device_handle.stream(...)` (`_fsdp_collectives.foreach_all_gather`: the all-gather buffer on the copy-in
+stream; `foreach_reduce`: the reduce-scatter output on the reduce-scatter stream), read from FSDP2's
+`FSDPCommContext`; everything else is on the default stream. What each allocation was:
+- parameter, buffer, gradient, state: storages alive when recording starts, and gradients and state when their
+  phase ends;
+- communication: FSDP2's collective buffers (`AllocMixin.allocate`) and what its streams allocate;
+- activation: allocated during a forward and still alive at its end; temporary: the rest;
+- workspace: cuBLAS's workspace, which cuBLAS allocates through the caching allocator at the first matmul of each
+  (thread, stream): one for forward, one for the autograd engine's backward thread (aten/src/ATen/cuda/
+  CublasHandlePool.cpp: setCublasWorkspace, getChosenWorkspaceSize: 32 MiB on sm90).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_STREAM = "default"
+MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "linear")  # ops that take a cuBLAS handle
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    alloc: bool  # False: a free
+    id: int  # the allocation's number; a free names the allocation it ends
+    size: int  # bytes asked for
+    stream: str
+
+
+@dataclass
+class AllocationTrace:
+    events: list[TraceEvent] = field(default_factory=list)
+    tags: dict[int, str] = field(default_factory=dict)  # allocation id -> what it was
+    marks: dict[str, int] = field(default_factory=dict)  # phase -> index of the first event after it began
+
+    def streams(self) -> list[str]:
+        return list(dict.fromkeys(e.stream for e in self.events))
+
+
+class TraceRecorder:
+    """Records the allocation trace of whatever runs inside `with recorder.recording():` (on fake tensors)."""
+
+    def __init__(self, workspace_bytes: int = 0) -> None:
+        self.trace = AllocationTrace()
+        self.workspace_bytes = workspace_bytes  # cuBLAS workspace per (thread, stream); 0: none (a CPU target)
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        # storage -> [its current allocation id, or None after a resize to 0]; one finalizer per storage frees it
+        self._ids: Any = WeakIdKeyDictionary()
+        self._next = 0
+        self._stream = DEFAULT_STREAM
+        self._stream_names: dict[int, str] = {}
+        self._communication = 0  # > 0 inside an FSDP2 collective buffer's allocation
+        self._phase_allocations: list[int] = []  # ids allocated in the current forward
+        self._workspaces: set[tuple[bool, str]] = set()  # (backward?, stream) with a workspace
+        self._in_backward = False
+
+    # ------------------------------------------------------------------------------------------------ marks
+    def mark(self, phase: str) -> None:
+        self.trace.marks.setdefault(phase, len(self.trace.events))
+
+    def start_forward(self) -> None:
+        self._phase_allocations = []
+        self._in_backward = False
+
+    def end_forward(self) -> None:
+        """Allocations of this forward still alive now are its activations."""
+        live = {holder[0] for holder in self._ids.values() if holder[0] is not None}
+        for allocation in self._phase_allocations:
+            if allocation in live and self.trace.tags.get(allocation) in (None, "temporary"):
+                self.trace.tags[allocation] = "activation"
+        self._phase_allocations = []
+        self._in_backward = True
+
+    def tag_tensors(self, tensors: Any, tag: str) -> None:
+        """Name what these tensors' storages are (allocating those not seen yet: they were alive already)."""
+        for tensor in tensors:
+            if tensor is None:
+                continue
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            allocation = self._see(local.untyped_storage())
+            self.trace.tags[allocation] = tag
+
+    def name_streams(self, model: Any) -> None:
+        """FSDP2's streams by name, from the root's communication context (after its lazy init)."""
+        state = model._get_fsdp_state() if hasattr(model, "_get_fsdp_state") else None
+        context = getattr(state, "_comm_ctx", None)
+        for attribute in ("all_gather_copy_in_stream", "all_gather_stream", "reduce_scatter_stream",
+                          "all_reduce_stream"):
+            stream = getattr(context, attribute, None)
+            if stream is not None:
+                self._stream_names[id(stream)] = attribute.removesuffix("_stream").replace("_", "-")
+
+    # ------------------------------------------------------------------------------------------------ events
+    def _holder(self, storage: Any) -> list[int | None]:
+        holder = self._ids.get(storage)
+        if holder is None:
+            holder = [None]
+            self._ids[storage] = holder
+            weakref.finalize(storage, self._free_current, holder)
+        return holder
+
+    def _see(self, storage: Any) -> int:
+        holder = self._holder(storage)
+        allocation = holder[0]
+        if allocation is None:
+            allocation = holder[0] = self._allocate(storage.nbytes())
+        return allocation
+
+    def _free_current(self, holder: list[int | None]) -> None:
+        if holder[0] is not None:
+            self._free(holder[0])
+            holder[0] = None
+
+    def _allocate(self, size: int, tag: str | None = None) -> int:
+        allocation = self._next
+        self._next += 1
+        self.trace.events.append(TraceEvent(True, allocation, size, self._stream))
+        if tag is not None:
+            self.trace.tags[allocation] = tag
+        elif self._communication or self._stream != DEFAULT_STREAM:
+            self.trace.tags[allocation] = "communication"
+        else:
+            self.trace.tags[allocation] = "temporary"
+            self._phase_allocations.append(allocation)
+        return allocation
+
+    def _free(self, allocation: int) -> None:
+        self.trace.events.append(TraceEvent(False, allocation, 0, ""))
+
+    def _resized(self, storage: Any, size: int) -> None:
+        """FSDP2 frees a gathered parameter by resizing its storage to 0 and gathers into it by resizing back."""
+        holder = self._holder(storage)
+        self._free_current(holder)
+        if size > 0:
+            holder[0] = self._allocate(size, "parameter")
+
+    def _workspace(self, func: Any) -> None:
+        if not self.workspace_bytes or getattr(func, "__name__", "").split(".")[0] not in MATMULS:
+            return
+        key = (self._in_backward, self._stream)
+        if key not in self._workspaces:
+            self._workspaces.add(key)
+            self._allocate(self.workspace_bytes, "workspace")  # never freed: cached per thread and stream
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[AllocationTrace]:
+        import torch
+        from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        recorder = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                recorder._workspace(func)
+                out = func(*args, **(kwargs or {}))
+                for value in tree_flatten(out)[0]:
+                    if isinstance(value, torch.Tensor):
+                        recorder._see(value.untyped_storage())
+                return out
+
+        original_resize = torch.UntypedStorage.resize_
+        original_stream = torch.cpu.stream
+        mixins: list[Any] = [cls for cls in vars(_fsdp_collectives).values()
+                  if isinstance(cls, type) and "allocate" in vars(cls)]
+        originals: dict[Any, Any] = {cls: cls.allocate for cls in mixins}
+
+        def resize(storage: Any, size: int) -> Any:
+            result = original_resize(storage, size)
+            recorder._resized(storage, int(size))
+            return result
+
+        @contextlib.contextmanager
+        def stream(stream: Any) -> Iterator[None]:
+            previous = recorder._stream
+            recorder._stream = recorder._stream_names.get(id(stream), previous)
+            try:
+                with original_stream(stream):
+                    yield
+            finally:
+                recorder._stream = previous
+
+        def communication(original: Any) -> Any:
+            def allocate(*args: Any, **kwargs: Any) -> Any:
+                recorder._communication += 1
+                try:
+                    return original(*args, **kwargs)
+                finally:
+                    recorder._communication -= 1
+            return allocate
+
+        torch.UntypedStorage.resize_ = resize  # type: ignore[method-assign,assignment]
+        torch.cpu.stream = stream
+        for cls, original in originals.items():
+            cls.allocate = communication(original)
+        try:
+            with Mode():
+                yield self.trace
+        finally:
+            torch.UntypedStorage.resize_ = original_resize  # type: ignore[method-assign]
+            torch.cpu.stream = original_stream
+            for cls, original in originals.items():
+                cls.allocate = original
