@@ -112,6 +112,7 @@ class Block:
     next: Block | None = None
     segment: Segment | None = None  # expandable segments only
     mapped: bool = True
+    tag: str = ""  # what the trace said the allocation was (for the snapshot's frames)
 
     @property
     def is_split(self) -> bool:
@@ -232,7 +233,7 @@ class CachingAllocator:
         block.allocated = False
         self.active.discard(block)
         self.allocated -= block.size
-        self._record("free_completed", block.addr, block.requested, block.stream, "")
+        self._record("free_completed", block.addr, block.requested, block.stream, block.tag)
         pool = self.small if block.small else self.large
         for neighbour in (block.prev, block.next):
             self._try_merge(block, neighbour, pool)
@@ -295,6 +296,7 @@ class CachingAllocator:
         block.allocated = True
         self.active.add(block)
         block.requested = orig_size
+        block.tag = tag
         self.allocated += block.size
         self.peak_allocated = max(self.peak_allocated, self.allocated)
         self._record("alloc", block.addr, orig_size, block.stream, tag)

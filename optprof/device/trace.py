@@ -62,6 +62,7 @@ class TraceRecorder:
         self._communication = 0  # > 0 inside an FSDP2 collective buffer's allocation
         self._phase_allocations: list[int] = []  # ids allocated in the current forward
         self._workspaces: set[tuple[bool, str]] = set()  # (backward?, stream) with a workspace
+        self._matmul: dict[Any, bool] = {}  # op -> takes a cuBLAS handle (asked once per op)
         self._in_backward = False
 
     # ------------------------------------------------------------------------------------------------ marks
@@ -145,7 +146,12 @@ class TraceRecorder:
             holder[0] = self._allocate(size, "parameter")
 
     def _workspace(self, func: Any) -> None:
-        if not self.workspace_bytes or getattr(func, "__name__", "").split(".")[0] not in MATMULS:
+        if not self.workspace_bytes:
+            return
+        matmul = self._matmul.get(func)
+        if matmul is None:
+            matmul = self._matmul[func] = getattr(func, "__name__", "").split(".")[0] in MATMULS
+        if not matmul:
             return
         key = (self._in_backward, self._stream)
         if key not in self._workspaces:
@@ -166,6 +172,9 @@ class TraceRecorder:
             def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
                 recorder._workspace(func)
                 out = func(*args, **(kwargs or {}))
+                if isinstance(out, torch.Tensor):  # most ops: one tensor, no flattening needed
+                    recorder._see(out.untyped_storage())
+                    return out
                 for value in tree_flatten(out)[0]:
                     if isinstance(value, torch.Tensor):
                         recorder._see(value.untyped_storage())
