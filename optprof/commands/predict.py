@@ -37,6 +37,7 @@ from optprof.distributed.sharding import (
     adam_mini_on_cpu_ranks,
     fake_process_group,
     fake_tensors,
+    gloo_reduce_scatter_copies,
     shard_fsdp,
     zero1_optimizer,
 )
@@ -251,6 +252,8 @@ def predict_outcome(config: PredictConfig, entry: OptimizerEntry, training: Trai
         with contextlib.ExitStack() as stack:
             if config.gpus > 1 or training.mp_param is not None:  # a policy is FSDP2's: one rank is a mesh too
                 mesh = stack.enter_context(fake_process_group(config.gpus, config.strategy, config.shard_size))
+            if config.gpus > 1 and training.device == DeviceKind.CPU:  # CPU ranks talk over gloo
+                stack.enter_context(gloo_reduce_scatter_copies())
             stack.enter_context(adam_mini_on_cpu_ranks())
             scalars = stack.enter_context(fake_tensors())
             progress("building the fake model and warming up")

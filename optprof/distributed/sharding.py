@@ -164,6 +164,30 @@ def fake_process_group(world_size: int, strategy: Strategy = Strategy.FSDP,
         dist.destroy_process_group()
 
 
+@contextlib.contextmanager
+def gloo_reduce_scatter_copies() -> Iterator[None]:
+    """On CPU ranks, gloo's reduce-scatter first copies its whole input (a real gloo step's allocation trace shows
+    a temporary the input's size, allocated and freed inside `reduce_scatter_single`); the fake process group
+    allocates nothing. A step predicted for CPU ranks allocates that copy too, so it peaks where gloo does."""
+    import torch
+    import torch.distributed as dist
+
+    original = dist.reduce_scatter_single
+
+    def reduce_scatter_single(output: Any, input: Any, *args: Any, **kwargs: Any) -> Any:
+        copy = torch.empty_like(input)
+        try:
+            return original(output, input, *args, **kwargs)
+        finally:
+            del copy
+
+    dist.reduce_scatter_single = reduce_scatter_single
+    try:
+        yield
+    finally:
+        dist.reduce_scatter_single = original
+
+
 def _is_tracing_without_fake(tensor: Any = None) -> bool:
     from transformers.utils.import_utils import is_jit_tracing, is_torchdynamo_compiling
 

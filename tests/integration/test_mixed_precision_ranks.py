@@ -28,11 +28,13 @@ def test_the_policy_trains_alike_on_two_ranks_and_on_one(tmp_path: Path, model_d
     assert abs(full[-1] - one[-1]) > abs(two[-1] - one[-1])  # bf16 compute differs from fp32 more than ranks do
 
 
-def test_predicted_peak_matches_the_measured_one_under_the_policy() -> None:
-    """At a size where forward and backward peak (gloo's reduce-scatter at the end of backward holds more than
-    NCCL's, which the fake process group follows: at small micro-batches that moment decides a CPU peak)."""
-    training = TrainingSettings(device="cpu", seq_len=256, micro_batch=4, steps=1, mp_param=Precision.BF16,
-                                mp_reduce=Precision.FP32, checkpointing=Checkpointing.SELECTIVE_OP)
+@pytest.mark.parametrize(("seq_len", "micro_batch"), [(256, 4), (64, 2)])
+def test_predicted_peak_matches_the_measured_one_under_the_policy(seq_len: int, micro_batch: int) -> None:
+    """Where forward and backward decide the peak (256 x 4), and where the last reduce-scatter does (64 x 2): gloo
+    copies a reduce-scatter's whole input first, which the prediction for CPU ranks now allocates too."""
+    training = TrainingSettings(device="cpu", seq_len=seq_len, micro_batch=micro_batch, steps=1,
+                                mp_param=Precision.BF16, mp_reduce=Precision.FP32,
+                                checkpointing=Checkpointing.SELECTIVE_OP)
     report = run_compare(CompareConfig(ModelSelection("demo"), ("adamw", "sgd"), training, gpus=2))
     assert report.config["precision"]["gathered"] == "bf16"
     for row in report.results:
