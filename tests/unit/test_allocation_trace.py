@@ -4,6 +4,7 @@ PyTorch's memory visualiser reads."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import pickle
 from collections import Counter
@@ -24,8 +25,10 @@ from optprof.optimizers.registry import resolve_optimizers
 TRAINING = TrainingSettings(device=DeviceKind.CUDA, seq_len=128, micro_batch=2)
 
 
+@functools.cache
 def traced(gpus: int = 1) -> tuple[int, AllocationTrace]:
-    """(MemTracker's peak, the allocation trace) of one tracked adamw step on the demo model."""
+    """(MemTracker's peak, the allocation trace) of one tracked adamw step on the demo model (once per module:
+    the tests only read it)."""
     config = PredictConfig(ModelSelection("demo"), ("adamw",), TRAINING, gpus=gpus, alloc_conf="")
     with fake_process_group(gpus) if gpus > 1 else contextlib.nullcontext() as mesh, fake_tensors():
         trainer = FakeTrainer(config, resolve_optimizers(["adamw"])[0], TRAINING, mesh)

@@ -73,7 +73,7 @@ def test_a_mamba_hybrid_runs_every_mode(tmp_path: Path) -> None:
     """jamba (mamba + attention + experts): its peak is inside the mamba reference scan's temporaries, which no
     checkpointing lowers, so only that every mode runs and leaves the state alone is asserted here."""
     model = write_tiny("jamba", tmp_path)
-    base = TrainingSettings(device="cpu", seq_len=32, micro_batch=2)
+    base = TrainingSettings(device="cpu", seq_len=16, micro_batch=1)
     states = {fwd_bwd_peaks(model, dataclasses.replace(base, checkpointing=mode, checkpoint_every=every))[1]
               for mode, every in MODES}
     assert len(states) == 1
