@@ -171,6 +171,15 @@ def recipe_named(name: str) -> Recipe:
     return RECIPES[name]
 
 
+def recipe_dtype(recipe: str | None, dtype: Dtype | None, model_dtype: Callable[[], Dtype]) -> Dtype:
+    """The parameters' stored dtype: --dtype, else the recipe's (hf-trainer's: as the model loads, read through
+    `model_dtype` only then), else float32."""
+    chosen = recipe_named(recipe) if recipe is not None else None
+    if dtype is None and chosen is not None:
+        dtype = chosen.dtype or (model_dtype() if chosen.dtype_as_loaded else None)
+    return dtype or Dtype.FLOAT32
+
+
 def step_choice(recipe: str | None, dtype: Dtype | None, strategy: Strategy | None, amp: Amp | None,
                 mp_policy: str | None, activation_checkpointing: str | None, gradient_checkpointing: bool,
                 loss: str | None, ranks: int, model_dtype: Callable[[], Dtype]) -> StepChoice:
@@ -184,8 +193,6 @@ def step_choice(recipe: str | None, dtype: Dtype | None, strategy: Strategy | No
         activation_checkpointing = "full"
     strategy = strategy or (chosen.strategy if chosen is not None else Strategy.FSDP)
     sharded = strategy in SHARDED_STRATEGIES
-    if dtype is None and chosen is not None:
-        dtype = chosen.dtype or (model_dtype() if chosen.dtype_as_loaded else None)
     mp_param = mp_reduce = None
     if mp_policy is not None:
         mp_param, mp_reduce = parse_mp_policy(mp_policy)
@@ -206,4 +213,4 @@ def step_choice(recipe: str | None, dtype: Dtype | None, strategy: Strategy | No
         "recipe": chosen.name if chosen is not None else None,
     }
     replicated = chosen is not None and strategy not in SHARDED_STRATEGIES and ranks > 1
-    return StepChoice(dtype or Dtype.FLOAT32, strategy, fields, replicated)
+    return StepChoice(recipe_dtype(recipe, dtype, model_dtype), strategy, fields, replicated)

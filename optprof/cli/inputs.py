@@ -78,17 +78,14 @@ def loaded_dtype(model: str, revision: str | None, trust_remote_code: bool) -> D
 def allocator_settings(device: DeviceKind, alloc_conf: str | None, snapshot: Path | None) -> str | None:
     """The PYTORCH_CUDA_ALLOC_CONF the allocator model follows: --alloc-conf, else the environment's; None for a
     CPU target, which has no caching allocator (asking for one there is an error)."""
-    import os
-
     from optprof.device.allocator import AllocatorConfig
 
     if device != DeviceKind.CUDA:
         if alloc_conf is not None or snapshot is not None:
             raise UsageError("--alloc-conf and --memory-snapshot model CUDA's caching allocator: use --device cuda")
         return None
-    text = alloc_conf if alloc_conf is not None else os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     try:
-        return AllocatorConfig.parse(text).text()
+        return AllocatorConfig.from_environment(alloc_conf).text()
     except ValueError as exc:
         raise UsageError(f"--alloc-conf: {exc}") from None
 
@@ -96,9 +93,9 @@ def allocator_settings(device: DeviceKind, alloc_conf: str | None, snapshot: Pat
 def outside_reserve(device: DeviceKind, ranks: int, strategy: Strategy, shard_size: int | None,
                     modelled: bool) -> int:
     """Bytes per device outside the allocator: the named costs with the model, else the old default reserve."""
-    from optprof.config import default_reserve, mesh_shape
-    from optprof.device.costs import communicators, outside_costs
+    from optprof.config import default_reserve
+    from optprof.device.costs import rank_costs
 
     if not modelled:
         return default_reserve(device)
-    return sum(cost.bytes for cost in outside_costs(communicators(mesh_shape(strategy, ranks, shard_size))))
+    return sum(cost.bytes for cost in rank_costs(strategy, ranks, shard_size))

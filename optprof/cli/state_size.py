@@ -29,8 +29,8 @@ from optprof.cli.options import (
     UnitsOpt,
 )
 from optprof.cli.output import destination, finish
-from optprof.config import Dtype, StateSizeConfig, default_jobs
-from optprof.trainers import recipe_named
+from optprof.config import StateSizeConfig, default_jobs
+from optprof.trainers import recipe_dtype
 
 
 def state_size(
@@ -54,11 +54,10 @@ def state_size(
     from optprof.render.console import console
 
     fake = fake_ranks(gpus, strategy, shard_size, "state-size")
-    if dtype is None and recipe is not None:  # the state follows the parameters, stored as the trainer stores them
-        chosen = recipe_named(recipe)
-        dtype = chosen.dtype or (loaded_dtype(model, revision, trust_remote_code) if chosen.dtype_as_loaded else None)
+    # the state follows the parameters, stored as the recipe's trainer stores them
+    stored = recipe_dtype(recipe, dtype, lambda: loaded_dtype(model, revision, trust_remote_code))
     run_config = StateSizeConfig(
-        model_selection(model, dtype or Dtype.FLOAT32, revision, trust_remote_code, lora, freeze, qlora, attention),
+        model_selection(model, stored, revision, trust_remote_code, lora, freeze, qlora, attention),
         tuple(optimizer or ()), parse_opt_args(opt_arg or []), jobs=jobs or default_jobs(), gpus=fake.ranks,
         strategy=fake.strategy, shard_size=fake.shard_size, full_model=full_model)
     one_device(fake.ranks, save_profile)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -147,7 +146,7 @@ def allocator_model(device: DeviceKind) -> str | None:
     inherit it); None on a CPU, which has no caching allocator."""
     if device != DeviceKind.CUDA:
         return None
-    return AllocatorConfig.parse(os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")).text()
+    return AllocatorConfig.from_environment().text()
 
 
 def prediction_errors(row: CompareRow, predicted_peak: int, reserve_bytes: int, allocated: int | None = None,

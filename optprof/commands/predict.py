@@ -23,13 +23,12 @@ from optprof.config import (
     Strategy,
     TrainingSettings,
     check_training,
-    mesh_shape,
     parameter_dtype,
     resolve_seq_len,
     step_record,
 )
 from optprof.device.allocator import AllocatorConfig
-from optprof.device.costs import communicators, cublas_workspace_bytes, outside_costs
+from optprof.device.costs import cublas_workspace_bytes, rank_costs
 from optprof.device.replay import Replay, replay
 from optprof.device.snapshot import write_snapshot
 from optprof.device.trace import AllocationTrace, TraceRecorder
@@ -90,7 +89,7 @@ def allocator_notes(config: PredictConfig) -> list[tuple[dict[str, Any] | None, 
         f"(PYTORCH_CUDA_ALLOC_CONF {config.alloc_conf}); cuBLAS's 32 MiB workspace (sm90) allocated through it for "
         "the forward and the backward thread; the largest micro-batch is the largest whose replay does not run out "
         "of memory"))]
-    costs = outside_costs(communicators(mesh_shape(config.strategy, config.gpus, config.shard_size)))
+    costs = rank_costs(config.strategy, config.gpus, config.shard_size)
     if sum(cost.bytes for cost in costs) != config.reserve_bytes:
         return [*lines, ({"name": "--reserve", "bytes": config.reserve_bytes, "source": "given"},
                          f"outside the allocator: {config.reserve_bytes:,} bytes per device, as --reserve gave")]
@@ -176,7 +175,10 @@ class FakeTrainer:
         self.optimizer = zero1_optimizer(build) if mesh is not None and config.strategy == Strategy.ZERO1 else build()
         self._peaks: dict[int, TrackedPeak] = {}  # by micro-batch
         self._traces: dict[int, AllocationTrace] = {}  # by micro-batch, with the allocator model
+        self._replays: dict[tuple[int, int | None], Replay] = {}  # by micro-batch and capacity
         self.records = config.alloc_conf is not None
+        self.alloc_conf = config.alloc_conf or ""
+        self.snapshots = bool(config.memory_snapshot)  # the replays keep their events for the snapshot
         self._step(1).run()  # Adam-style state appears in the first step
         self.state_bytes = account_state(self.optimizer, self.params, entry.second_moment_keys).state_bytes
 
@@ -203,15 +205,15 @@ class FakeTrainer:
         self.peak(micro_batch)
         return self._traces[micro_batch]
 
-
-def _simulated(config: PredictConfig, trainer: FakeTrainer, micro_batch: int, capacity: int | None
-               ) -> Replay | None:
-    """The step at `micro_batch` replayed through the caching-allocator model (CUDA targets), on a card whose
-    allocator may take `capacity` bytes (None: unlimited); None without the model."""
-    if not trainer.records:
-        return None
-    return replay(trainer.trace(micro_batch), AllocatorConfig.parse(config.alloc_conf), capacity,
-                  record=bool(config.memory_snapshot))
+    def simulated(self, micro_batch: int, capacity: int | None) -> Replay | None:
+        """The step at `micro_batch` replayed through the caching-allocator model (CUDA targets), on a card whose
+        allocator may take `capacity` bytes (None: unlimited), once per size; None without the model."""
+        if not self.records:
+            return None
+        if (micro_batch, capacity) not in self._replays:
+            self._replays[(micro_batch, capacity)] = replay(
+                self.trace(micro_batch), AllocatorConfig.parse(self.alloc_conf), capacity, record=self.snapshots)
+        return self._replays[(micro_batch, capacity)]
 
 
 def snapshot_file(target: str, optimizer: str, optimizers: int) -> str:
@@ -261,14 +263,14 @@ def predict_outcome(config: PredictConfig, entry: OptimizerEntry, training: Trai
             progress(f"micro-batch {training.micro_batch}")
             at = trainer.peak(training.micro_batch)
             usable = None if config.gpu_memory_bytes is None else config.gpu_memory_bytes - config.reserve_bytes
-            simulated = _simulated(config, trainer, training.micro_batch, usable)
+            simulated = trainer.simulated(training.micro_batch, usable)
             found = None
             if usable is not None:
                 def fits(micro_batch: int) -> Probe:
                     progress(f"largest micro-batch: trying {micro_batch}")
                     peak = trainer.peak(micro_batch)
                     if trainer.records:  # the simulated allocator decides: its reserved bytes, its OOM
-                        run = _simulated(config, trainer, micro_batch, usable)
+                        run = trainer.simulated(micro_batch, usable)
                         assert run is not None
                         return Probe(micro_batch, run.oom is None, run.peak_reserved if run.oom is None else None,
                                      usable, run.oom)

@@ -25,6 +25,7 @@ its buffers alive by reference instead, which the trace's frees already reflect)
 from __future__ import annotations
 
 import bisect
+import os
 from dataclasses import dataclass, field
 
 MIN_BLOCK = 512  # kMinBlockSize: every size is rounded to a multiple of it
@@ -63,6 +64,11 @@ class AllocatorConfig:
                              "pinned_use_cuda_host_register", "pinned_num_register_threads"):
                 raise ValueError(f"unknown allocator option '{key}'")
         return cls(**values)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_environment(cls, given: str | None = None) -> AllocatorConfig:
+        """`given` (--alloc-conf), else this process's PYTORCH_CUDA_ALLOC_CONF, which torch itself reads."""
+        return cls.parse(given if given is not None else os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
 
     def text(self) -> str:
         parts = [f"expandable_segments:{self.expandable_segments}"]

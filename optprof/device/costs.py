@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from optprof.config import Strategy, mesh_shape
+
 MIB = 1 << 20
 CUDA_CONTEXT_BYTES = 512 * MIB  # the primary context with lazy module loading: 0.3-0.7 GB as reported
 NCCL_COMMUNICATOR_BYTES = 512 * MIB  # per communicator at NCCL's default buffer sizes, about 0.5 GB on NVLink
@@ -42,3 +44,8 @@ def outside_costs(communicators: int) -> tuple[OutsideCost, ...]:
             "assumed: 0.5 GB each at NCCL's default buffers (NCCL_BUFFSIZE 4 MiB per channel and peer), one per "
             "mesh dimension with several ranks"))
     return tuple(costs)
+
+
+def rank_costs(strategy: Strategy, ranks: int, shard_size: int | None) -> tuple[OutsideCost, ...]:
+    """`outside_costs` for a rank of this strategy's mesh."""
+    return outside_costs(communicators(mesh_shape(strategy, ranks, shard_size)))

@@ -28,32 +28,30 @@ def replay(trace: AllocationTrace, config: AllocatorConfig | None = None, capaci
     allocator = CachingAllocator(config, capacity, record)
     streams = {name: index for index, name in enumerate([DEFAULT_STREAM, *trace.streams()])}
     start = trace.marks.get("step", 0)
-    live: dict[tuple[int, int], Block] = {}
     phases = sorted((index, phase) for phase, index in trace.marks.items())
-    oom = None
     step_ids = {event.id for event in trace.events[start:] if event.alloc}
+    live: dict[tuple[int, int], Block] = {}  # (repeat, allocation id): the setup's allocations are repeat 0's
+    oom = None
     for repeat in range(repeats):
-        events = trace.events if repeat == 0 else trace.events[start:]
-        first = 0 if repeat == 0 else start
-        for key in [k for k in live if repeat and k[1] in step_ids and k[0] == repeat - 1]:
+        for key in [k for k in live if repeat and k[0] == repeat - 1 and k[1] in step_ids]:
             allocator.free(live.pop(key))  # what a step left alive, the next step's own replaces
-        for offset, event in enumerate(events):
-            key = (repeat if first + offset >= start else 0, event.id)
+        for index in range(0 if repeat == 0 else start, len(trace.events)):
+            event = trace.events[index]
             if not event.alloc:
-                block = live.pop(key, None) or live.pop((0, event.id), None)
+                block = live.pop((repeat, event.id), None) or live.pop((0, event.id), None)
                 if block is not None:
                     allocator.free(block)
-                continue
-            if event.size == 0:
-                continue  # CUDACachingAllocator::allocate returns no memory for 0 bytes
-            try:
-                live[key] = allocator.malloc(event.size, streams[event.stream], trace.tags.get(event.id, ""))
-            except OutOfMemory:
-                at = bisect.bisect_right([i for i, _ in phases], first + offset) - 1
-                phase = phases[at][1] if at >= 0 else "setup"
-                oom = (f"step {repeat + 1}, {phase}: {trace.tags.get(event.id, 'a tensor')} of {event.size:,} bytes "
-                       f"with {allocator.reserved:,} reserved")
-                return Replay(allocator.peak_allocated, allocator.peak_reserved, allocator.fragmentation,
-                              allocator.retries, oom, allocator)
+            elif event.size:  # CUDACachingAllocator::allocate returns no memory for 0 bytes
+                try:
+                    live[(repeat, event.id)] = allocator.malloc(event.size, streams[event.stream],
+                                                                trace.tags.get(event.id, ""))
+                except OutOfMemory:
+                    at = bisect.bisect_right([i for i, _ in phases], index) - 1
+                    phase = phases[at][1] if at >= 0 else "setup"
+                    oom = (f"step {repeat + 1}, {phase}: {trace.tags.get(event.id, 'a tensor')} of "
+                           f"{event.size:,} bytes with {allocator.reserved:,} reserved")
+                    break
+        if oom is not None:
+            break
     return Replay(allocator.peak_allocated, allocator.peak_reserved, allocator.fragmentation, allocator.retries,
                   oom, allocator)
