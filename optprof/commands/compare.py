@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from optprof.commands.micro_batch import search_max_micro_batch
-from optprof.commands.predict import predict_optimizer
+from optprof.commands.predict import predict_optimizer, predict_rows
 from optprof.commands.preflight import no_fit_row, shallow_layers, unsupported_row
 from optprof.config import (
     MAX_MICRO_BATCH,
@@ -31,7 +31,7 @@ from optprof.measure.ranks import run_joined, run_ranks
 from optprof.measure.trial import TrialSpec, base_row, run_trial, trial_in_child
 from optprof.model.loading import load_selection
 from optprof.optimizers.registry import OptimizerEntry, availability, check_opt_args, resolve_optimizers
-from optprof.processes.isolated import Isolated, run_isolated
+from optprof.processes.isolated import Isolated, run_isolated, start_warm_server
 from optprof.results.reports import CompareReport, command_config
 from optprof.results.rows import RANK_FOLD, CompareRow, PredictRow, Probe
 from optprof.results.vocab import Status
@@ -111,33 +111,57 @@ def _probe(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSetting
     raise TrialFailed(row)
 
 
+def _predict_config(runner: TrialRunner, names: tuple[str, ...], training: TrainingSettings, ranks: int,
+                    search: SearchSettings | None) -> PredictConfig:
+    config = runner.config
+    limit = training.memory_limit_bytes if search is not None else None
+    return PredictConfig(config.model, names, training, config.opt_args, gpu_memory_bytes=limit,
+                         reserve_bytes=default_reserve(training.device), gpus=ranks, strategy=config.strategy,
+                         shard_size=config.shard_size, max_micro_batch=search.max_micro_batch if search else
+                         MAX_MICRO_BATCH, alloc_conf=allocator_model(training.device))
+
+
 def _predicted(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings, ranks: int,
                search: SearchSettings | None = None) -> PredictRow:
     """`predict` for this optimizer over `ranks` (fake tensors, in this process). With a search and a known
     limit, it also predicts the largest micro-batch, where the search then starts."""
-    config = runner.config
-    limit = training.memory_limit_bytes if search is not None else None
-    predict_config = PredictConfig(config.model, (entry.name,), training, config.opt_args, gpu_memory_bytes=limit,
-                                   reserve_bytes=default_reserve(training.device), gpus=ranks,
-                                   strategy=config.strategy, shard_size=config.shard_size,
-                                   max_micro_batch=search.max_micro_batch if search else MAX_MICRO_BATCH,
-                                   alloc_conf=allocator_model(training.device))
-
-    return predict_optimizer(predict_config, entry, training,
+    return predict_optimizer(_predict_config(runner, (entry.name,), training, ranks, search), entry, training,
                              lambda text: runner.progress(entry.name, f"predicting: {text}"))
 
 
-def _prediction(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
-                search: SearchSettings | None = None) -> tuple[PredictRow | None, str | None]:
-    """The row's prediction (see `_predicted`), or why there is none."""
-    config = runner.config
+def _not_predicted(config: CompareConfig) -> str | None:
+    """Why compare's rows get no prediction (None: they do)."""
     if not config.predict:
-        return None, "--no-predict"
+        return "--no-predict"
     if config.offload_optimizer:
-        return None, OFFLOAD_NOT_PREDICTED
+        return OFFLOAD_NOT_PREDICTED
     if config.torchrun or (config.gpus > 1 and config.strategy not in SHARDED_STRATEGIES):
-        return None, f"predict emulates {', '.join(SHARDED_STRATEGIES)} on spawned ranks only"
-    row = _predicted(runner, entry, training, config.gpus, search)
+        return f"predict emulates {', '.join(SHARDED_STRATEGIES)} on spawned ranks only"
+    return None
+
+
+def _shared_predictions(runner: TrialRunner, entries: list[OptimizerEntry],
+                        training: TrainingSettings) -> dict[str, PredictRow]:
+    """Every available optimizer's prediction at once, before any trial: one fake model and one forward and
+    backward per micro-batch for all of them (predict.predict_rows), where each alone would build its own."""
+    config = runner.config
+    available = [entry for entry in entries if availability(entry) is None]
+    if _not_predicted(config) is not None or not available:
+        return {}
+    predict_config = _predict_config(runner, tuple(e.name for e in available), training, config.gpus, config.search)
+    rows = predict_rows(predict_config, available, training,
+                        lambda name, text: runner.progress(name, f"predicting: {text}"))
+    return {row.optimizer: row for row in rows}
+
+
+def _prediction(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
+                search: SearchSettings | None = None,
+                shared: dict[str, PredictRow] | None = None) -> tuple[PredictRow | None, str | None]:
+    """The row's prediction (see `_predicted`; from `shared` where it was made there), or why there is none."""
+    why = _not_predicted(runner.config)
+    if why is not None:
+        return None, why
+    row = (shared or {}).get(entry.name) or _predicted(runner, entry, training, runner.config.gpus, search)
     return (row, None) if row.status == Status.OK else (None, f"predict {row.status}: {row.reason}")
 
 
@@ -237,7 +261,8 @@ OFFLOAD_NOT_PREDICTED = ("predict does not separate host from device memory, whi
                          "(state, sharded parameters and gradients on the host)")
 
 
-def _row(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings, shallow: int | None) -> CompareRow:
+def _row(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings, shallow: int | None,
+         predictions: dict[str, PredictRow]) -> CompareRow:
     """One optimizer's row: decided before any launch where it can be (unavailable, unsupported, does not fit),
     else measured, and checked against its prediction."""
     config = runner.config
@@ -248,7 +273,7 @@ def _row(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
     unsupported = unsupported_row(config, entry, training, shallow)
     if unsupported is not None:
         return unsupported
-    predicted, why = _prediction(runner, entry, training, config.search)
+    predicted, why = _prediction(runner, entry, training, config.search, predictions)
 
     def fit_prediction() -> PredictRow | None:
         """The row's own prediction, else one made for the fit: one device's for the replicated strategies."""
@@ -284,13 +309,16 @@ def run_compare(
     training = dataclasses.replace(config.training, seq_len=resolve_seq_len(
         config.training.seq_len, info.max_position_embeddings, config.training.device))
     runner = TrialRunner(config, isolate, quiet, on_progress)
+    if isolate and not config.torchrun:
+        start_warm_server()  # its imports overlap the predictions below
+    predictions = _shared_predictions(runner, entries, training)
 
     order = list(range(len(entries)))
     random.Random().shuffle(order)  # so that drift on a shared machine does not follow the optimizers' order
     shallow = shallow_layers(config, loaded.config)
     by_index: dict[int, CompareRow] = {}
     for index in order:
-        row = _row(runner, entries[index], training, shallow)
+        row = _row(runner, entries[index], training, shallow, predictions)
         by_index[index] = row
         if on_row is not None:
             on_row(row)

@@ -11,56 +11,59 @@ import contextlib
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from optprof.commands.micro_batch import search_max_micro_batch
+from optprof.commands.fake_step import (
+    ATTENTION_DROPOUT_KEYS,
+    FakeTrainer,
+    NeedTrace,
+    SharedTrainer,
+    SharedView,
+    StepFailed,
+    StepFailure,
+)
+from optprof.commands.micro_batch import predict_max, search_max_micro_batch
 from optprof.config import (
-    SHARDED_STRATEGIES,
     DeviceKind,
     ModelSelection,
     PredictConfig,
     Strategy,
     TrainingSettings,
     check_training,
-    parameter_dtype,
     resolve_seq_len,
     step_record,
 )
 from optprof.device.allocator import AllocatorConfig
-from optprof.device.costs import cublas_workspace_bytes, rank_costs
-from optprof.device.replay import Replay, replay
+from optprof.device.costs import rank_costs
+from optprof.device.replay import replay
 from optprof.device.snapshot import write_snapshot
-from optprof.device.trace import AllocationTrace, TraceRecorder
+from optprof.device.trace import extrapolated
 from optprof.distributed.sharding import (
     adam_mini_on_cpu_ranks,
     fake_process_group,
     fake_tensors,
     gloo_reduce_scatter_copies,
-    shard_fsdp,
-    zero1_optimizer,
 )
 from optprof.errors import error_text
-from optprof.measure.device import CpuDevice
-from optprof.measure.step import TrainStep, configure_model, make_batches
-from optprof.measure.tracker import TrackedPeak, tracked_step
-from optprof.model.info import config_values, trainable_parameters
+from optprof.model.info import config_values
 from optprof.model.loading import default_loaded_dtype, load_config, load_selection
-from optprof.model.setups import QLORA_PREDICTED, qlora_weight_saving
+from optprof.model.setups import QLORA_PREDICTED
 from optprof.optimizers.outcome import status_of
 from optprof.optimizers.registry import OptimizerEntry, availability, check_opt_args, resolve_optimizers
-from optprof.optimizers.state import PlaceholderScalars, account_state
+from optprof.optimizers.state import PlaceholderScalars
+from optprof.processes.branching import can_branch
 from optprof.processes.forked import run_each
 from optprof.results.reports import PredictReport, command_config
 from optprof.results.rows import PredictRow, Probe
-from optprof.results.vocab import Status
+from optprof.results.vocab import MaxMethod, Status
 from optprof.trainers import RECIPES
 
-SM90 = 9  # the compute capability the model's cuBLAS workspace assumes (H100, H200): 32 MiB per thread and stream
-
-# Attention dropout makes CPU SDPA fall back to a kernel that keeps the whole attention matrix; CUDA's
-# flash and memory-efficient kernels do not, so for a CUDA target it is switched off (memory only).
-ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+# The largest micro-batch solved from the steps at two sizes, then confirmed at it and the next (off: the search
+# from micro-batch 1, probe by probe; the tests run both). From 2 and 3, not 1 and 2: at micro-batch 1 models
+# often take a path of their own (one allocation fewer on the demo model), so no line runs through 1 and 2
+SOLVE_FROM_TWO_TRACES = True
+SOLVED_FROM = (2, 3)
 
 # Why a fake step can fail where a real one runs: the model read integers back to Python (an MoE layer's
 # tokens per expert, to split its input), and fake tensors have no values to give it.
@@ -125,95 +128,9 @@ def recipe_notes(training: TrainingSettings, selection: ModelSelection, replicas
     return tuple(notes)
 
 
-def no_overflow_scaler() -> Any:
-    """fp16's GradScaler on the path of a step without overflow. On fake tensors `found_inf.item()` reads a
-    placeholder (non-zero), which would make the scaler skip optimizer.step(), and with it the optimizer's
-    state and the step's temporaries: a prediction 57 MB low with no state on the demo model."""
-    from torch.amp import GradScaler
-
-    class NoOverflowScaler(GradScaler):
-        def _maybe_opt_step(self, optimizer: Any, optimizer_state: Any, *args: Any, **kwargs: Any) -> Any:
-            return optimizer.step(*args, **kwargs)
-
-    return NoOverflowScaler("cpu")
-
-
 def _base_row(entry: OptimizerEntry, config: PredictConfig, training: TrainingSettings) -> PredictRow:
     return PredictRow(**entry.row_head(config.opt_args), status=Status.OK, micro_batch=training.micro_batch,
                       seq_len=training.seq_len, grad_accum=training.grad_accum, world_size=config.gpus)
-
-
-class FakeTrainer:
-    """One optimizer over a fake model: warmed up once (lazy state), then a tracked step per micro-batch."""
-
-    def __init__(self, config: PredictConfig, entry: OptimizerEntry, training: TrainingSettings,
-                 mesh: Any = None) -> None:
-        import torch
-
-        self.training = training
-        overrides = dict.fromkeys(ATTENTION_DROPOUT_KEYS, 0.0) if training.device == DeviceKind.CUDA else {}
-        torch.manual_seed(training.seed)
-        setup = config.model.setup
-        selection = dataclasses.replace(config.model, setup=dataclasses.replace(setup, qlora=False))  # see below
-        loaded = load_selection(selection, dtype=parameter_dtype(config.model, training), device="cpu",
-                                overrides=overrides, layers=config.layers)
-        self.model, self.info = loaded.module, loaded.info
-        # QLoRA: fake tensors cannot hold bitsandbytes' 4-bit weights, so the step runs on the unquantized base
-        # and every peak is lowered by what NF4 storage saves (measured per shape: setups.qlora_weight_saving)
-        self.parameter_saving = qlora_weight_saving(self.model) if setup.qlora else 0
-        self.model.train()
-        configure_model(self.model, training)
-        self.mesh = mesh
-        if mesh is not None and config.strategy in SHARDED_STRATEGIES:
-            shard_fsdp(self.model, mesh, config.strategy, training=training)
-        self.params = trainable_parameters(self.model)
-
-        def build() -> Any:
-            return entry.build(self.model, self.info, config.opt_args)
-
-        # zero1 (support checks only): the optimizer as rank 0's share, the model unwrapped (no DDP buckets)
-        self.optimizer = zero1_optimizer(build) if mesh is not None and config.strategy == Strategy.ZERO1 else build()
-        self._peaks: dict[int, TrackedPeak] = {}  # by micro-batch
-        self._traces: dict[int, AllocationTrace] = {}  # by micro-batch, with the allocator model
-        self._replays: dict[tuple[int, int | None], Replay] = {}  # by micro-batch and capacity
-        self.records = config.alloc_conf is not None
-        self.alloc_conf = config.alloc_conf or ""
-        self.snapshots = bool(config.memory_snapshot)  # the replays keep their events for the snapshot
-        self._step(1).run()  # Adam-style state appears in the first step
-        self.state_bytes = account_state(self.optimizer, self.params, entry.second_moment_keys).state_bytes
-
-    def _step(self, micro_batch: int) -> TrainStep:
-        # CPU kernels on fake tensors; device-side settings (amp dtype) still follow the target
-        training = dataclasses.replace(self.training, micro_batch=micro_batch, device=DeviceKind.CPU)
-        batches = make_batches(self.info.vocab_size, training, "cpu")
-        scaler = no_overflow_scaler() if training.amp == "fp16" else None
-        return TrainStep(self.model, self.optimizer, self.params, batches, CpuDevice(), training, scaler)
-
-    def peak(self, micro_batch: int) -> TrackedPeak:
-        """The tracked step's peak (FSDPMemTracker when sharded), traced once per micro-batch: a step on fake
-        tensors is deterministic, and the search probes the asked size again."""
-        if micro_batch not in self._peaks:
-            recorder = TraceRecorder(cublas_workspace_bytes(SM90)) if self.records else None
-            self._peaks[micro_batch] = _lowered(tracked_step(self._step(micro_batch), self.state_bytes, recorder),
-                                                self.parameter_saving)
-            if recorder is not None:
-                self._traces[micro_batch] = recorder.trace
-        return self._peaks[micro_batch]
-
-    def trace(self, micro_batch: int) -> AllocationTrace:
-        """The allocation trace of the tracked step at `micro_batch` (with the allocator model only)."""
-        self.peak(micro_batch)
-        return self._traces[micro_batch]
-
-    def simulated(self, micro_batch: int, capacity: int | None) -> Replay | None:
-        """The step at `micro_batch` replayed through the caching-allocator model (CUDA targets), on a card whose
-        allocator may take `capacity` bytes (None: unlimited), once per size; None without the model."""
-        if not self.records:
-            return None
-        if (micro_batch, capacity) not in self._replays:
-            self._replays[(micro_batch, capacity)] = replay(
-                self.trace(micro_batch), AllocatorConfig.parse(self.alloc_conf), capacity, record=self.snapshots)
-        return self._replays[(micro_batch, capacity)]
 
 
 def snapshot_file(target: str, optimizer: str, optimizers: int) -> str:
@@ -224,77 +141,134 @@ def snapshot_file(target: str, optimizer: str, optimizers: int) -> str:
     return f"{stem}-{optimizer}.{suffix}" if dot else f"{target}-{optimizer}"
 
 
-def _lowered(peak: TrackedPeak, saving: int) -> TrackedPeak:
-    """The peak with `saving` bytes fewer parameters (alive throughout the step, so in every phase's peak)."""
-    if not saving:
-        return peak
-    breakdown = {**peak.breakdown, "parameters": peak.breakdown.get("parameters", 0) - saving}
-    return dataclasses.replace(peak, tensor_peak_bytes=peak.tensor_peak_bytes - saving, breakdown=breakdown,
-                               fwd_bwd_peak_bytes=peak.fwd_bwd_peak_bytes - saving)
-
-
 def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: TrainingSettings,
                       progress: Callable[[str], None]) -> PredictRow:
     """The entry's predicted peak at the micro-batch asked for, and its largest micro-batch when memory is given."""
     return predict_outcome(config, entry, training, progress)[0]
 
 
+@contextlib.contextmanager
+def fake_run(config: PredictConfig, training: TrainingSettings) -> Iterator[tuple[Any, PlaceholderScalars]]:
+    """What a step on fake tensors runs inside: the fake process group (a mesh, for FSDP2), fake tensors."""
+    with contextlib.ExitStack() as stack:
+        mesh = None
+        if config.gpus > 1 or training.mp_param is not None:  # a policy is FSDP2's: one rank is a mesh too
+            mesh = stack.enter_context(fake_process_group(config.gpus, config.strategy, config.shard_size))
+        if config.gpus > 1 and training.device == DeviceKind.CPU:  # CPU ranks talk over gloo
+            stack.enter_context(gloo_reduce_scatter_copies())
+        stack.enter_context(adam_mini_on_cpu_ranks())
+        yield mesh, stack.enter_context(fake_tensors())
+
+
+def _classified(exc: BaseException, entry: OptimizerEntry, config: PredictConfig,
+                scalars: PlaceholderScalars | None) -> tuple[StepFailed, bool]:
+    """A failed step's status and reason, and whether the model had read tensor values (fake tensors have none
+    to give it; a real step may well run: preflight leaves that undecided)."""
+    status, reason = status_of(exc, entry, config.gpus, config.strategy)
+    values_read = status == Status.FAILED and scalars is not None and bool(scalars.integer_reads)
+    if values_read:
+        status, reason = Status.UNSUPPORTED, DATA_DEPENDENT + error_text(exc)
+    return StepFailed(status, reason), values_read
+
+
 def predict_outcome(config: PredictConfig, entry: OptimizerEntry, training: TrainingSettings,
                     progress: Callable[[str], None]) -> tuple[PredictRow, bool]:
-    """`predict_optimizer`'s row, and whether the fake step failed because the model read tensor values (fake
-    tensors have none to give it; a real step may well run: preflight leaves that undecided)."""
+    """`predict_optimizer`'s row, by the full method (the optimizer's own fake model and steps), and whether the
+    fake step failed because the model read tensor values."""
     started = time.perf_counter()
     base = _base_row(entry, config, training)
     reason = availability(entry)
     if reason is not None:
         return dataclasses.replace(base, status=Status.UNAVAILABLE, reason=reason), False
     scalars: PlaceholderScalars | None = None
-    mesh = None
     try:
-        with contextlib.ExitStack() as stack:
-            if config.gpus > 1 or training.mp_param is not None:  # a policy is FSDP2's: one rank is a mesh too
-                mesh = stack.enter_context(fake_process_group(config.gpus, config.strategy, config.shard_size))
-            if config.gpus > 1 and training.device == DeviceKind.CPU:  # CPU ranks talk over gloo
-                stack.enter_context(gloo_reduce_scatter_copies())
-            stack.enter_context(adam_mini_on_cpu_ranks())
-            scalars = stack.enter_context(fake_tensors())
+        with fake_run(config, training) as (mesh, scalars):
             progress("building the fake model and warming up")
             trainer = FakeTrainer(config, entry, training, mesh)
-            progress(f"micro-batch {training.micro_batch}")
-            at = trainer.peak(training.micro_batch)
-            usable = None if config.gpu_memory_bytes is None else config.gpu_memory_bytes - config.reserve_bytes
-            simulated = trainer.simulated(training.micro_batch, usable)
-            found = None
-            if usable is not None:
-                def fits(micro_batch: int) -> Probe:
-                    progress(f"largest micro-batch: trying {micro_batch}")
-                    peak = trainer.peak(micro_batch)
-                    if trainer.records:  # the simulated allocator decides: its reserved bytes, its OOM
-                        run = trainer.simulated(micro_batch, usable)
-                        assert run is not None
-                        return Probe(micro_batch, run.oom is None, run.peak_reserved if run.oom is None else None,
-                                     usable, run.oom)
-                    return Probe(micro_batch, peak.tensor_peak_bytes <= usable, peak.tensor_peak_bytes, usable,
-                                 growing_bytes=peak.fwd_bwd_peak_bytes)
-
-                found = search_max_micro_batch(fits, cap=config.max_micro_batch)
+            row = _traced_row(trainer, config, entry, training, progress)
     except Exception as exc:
-        status, reason = status_of(exc, entry, config.gpus, config.strategy)
-        values_read = status == Status.FAILED and scalars is not None and bool(scalars.integer_reads)
-        if values_read:
-            status, reason = Status.UNSUPPORTED, DATA_DEPENDENT + error_text(exc)
-        return dataclasses.replace(base, status=status, reason=reason, predict_s=time.perf_counter() - started), \
-            values_read
+        failed, values_read = _classified(exc, entry, config, scalars)
+        return dataclasses.replace(base, status=failed.status, reason=failed.reason,
+                                   predict_s=time.perf_counter() - started), values_read
+    return dataclasses.replace(row, predict_s=time.perf_counter() - started), False
+
+
+def solved_max(trainer: FakeTrainer | SharedView, usable: int, cap: int) -> int | None:
+    """The largest micro-batch that fits, solved from the tracked steps at SOLVED_FROM and the size after it
+    (None: no solution, the search decides). With the allocator model, the trace at each size is extrapolated
+    from those two (each allocation's size affine in the micro-batch, `device.trace.extrapolated`) and replayed:
+    a bisection of replays, no step traced. Without it, the line of the tensor peaks (`micro_batch.predict_max`)."""
+    low_size, high_size = SOLVED_FROM
+    if cap < high_size:
+        return None
+    if not trainer.records:
+        probes = {size: Probe(size, peak.tensor_peak_bytes <= usable, peak.tensor_peak_bytes, usable,
+                              growing_bytes=peak.fwd_bwd_peak_bytes)
+                  for size, peak in ((low_size, trainer.peak(low_size)), (high_size, trainer.peak(high_size)))}
+        solved = predict_max(probes)
+        return None if solved is None or solved < 1 else min(solved, cap)
+    low, high = trainer.trace(low_size), trainer.trace(high_size)
+    allocator = AllocatorConfig.parse(trainer.alloc_conf)
+
+    def fits(micro_batch: int) -> bool | None:
+        trace = extrapolated(low, high, low_size, micro_batch)
+        return None if trace is None else replay(trace, allocator, usable).oom is None
+
+    if not fits(1):
+        return None  # not even 1 (or no line through the two): the search says so with its own probes
+    largest, smallest_miss = 1, cap + 1
+    while largest + 1 < smallest_miss:
+        middle = (largest + smallest_miss) // 2
+        answer = fits(middle)
+        if answer is None:
+            return None
+        largest, smallest_miss = (middle, smallest_miss) if answer else (largest, middle)
+    return largest
+
+
+def _traced_row(trainer: FakeTrainer | SharedView, config: PredictConfig, entry: OptimizerEntry,
+                training: TrainingSettings, progress: Callable[[str], None]) -> PredictRow:
+    """The row from a trainer's tracked steps: the asked micro-batch, and the largest that fits when memory is
+    given (solved from micro-batch 1 and 2 and confirmed at it and the next, else searched). A SharedView raises
+    NeedTrace for micro-batches it does not have yet."""
+    usable = None if config.gpu_memory_bytes is None else config.gpu_memory_bytes - config.reserve_bytes
+    solving = usable is not None and SOLVE_FROM_TWO_TRACES and config.max_micro_batch >= SOLVED_FROM[1]
+    trainer.need([training.micro_batch, *(SOLVED_FROM if solving else ())])
+    progress(f"micro-batch {training.micro_batch}")
+    at = trainer.peak(training.micro_batch)
+    simulated = trainer.simulated(training.micro_batch, usable)
+    found = None
+    method = None
+    if usable is not None:
+        def fits(micro_batch: int) -> Probe:
+            progress(f"largest micro-batch: trying {micro_batch}")
+            peak = trainer.peak(micro_batch)
+            if trainer.records:  # the simulated allocator decides: its reserved bytes, its OOM
+                run = trainer.simulated(micro_batch, usable)
+                assert run is not None
+                return Probe(micro_batch, run.oom is None, run.peak_reserved if run.oom is None else None,
+                             usable, run.oom)
+            return Probe(micro_batch, peak.tensor_peak_bytes <= usable, peak.tensor_peak_bytes, usable,
+                         growing_bytes=peak.fwd_bwd_peak_bytes)
+
+        start = solved_max(trainer, usable, config.max_micro_batch) if solving else None
+        if start is not None:  # confirmed by the full method at it and the next size, at once
+            trainer.need([size for size in (start, start + 1) if size <= config.max_micro_batch])
+        found = search_max_micro_batch(fits, cap=config.max_micro_batch, start=start)
+        confirmed = start is not None and found.max_micro_batch == start and found.trials <= 2
+        method = MaxMethod.SOLVED if confirmed else MaxMethod.SEARCHED
     at_max = None
     if found is not None and found.max_micro_batch:
         at_max = next(p.peak_bytes for p in found.probes if p.micro_batch == found.max_micro_batch)
-    peaks = {training.micro_batch: at.tensor_peak_bytes}
+    # every size in the probes' terms: with the allocator model, reserved bytes (where the step fits)
+    asked = at.tensor_peak_bytes if simulated is None else simulated.peak_reserved if simulated.oom is None else None
+    peaks = {} if asked is None else {training.micro_batch: asked}
     peaks |= {p.micro_batch: p.peak_bytes for p in (found.probes if found else ()) if p.peak_bytes is not None}
     if simulated is not None and config.memory_snapshot:
         write_snapshot(simulated.allocator, snapshot_file(config.memory_snapshot, entry.name, len(config.optimizers)))
     device_bytes = (simulated.peak_reserved if simulated is not None else at.tensor_peak_bytes) + config.reserve_bytes
     return dataclasses.replace(
-        base,
+        _base_row(entry, config, training),
         state_bytes=trainer.state_bytes,
         predicted_peak_bytes=at.tensor_peak_bytes,
         predicted_allocated_bytes=None if simulated is None else simulated.peak_allocated,
@@ -306,29 +280,99 @@ def predict_outcome(config: PredictConfig, entry: OptimizerEntry, training: Trai
         predicted_max_micro_batch=None if found is None else found.max_micro_batch,
         predicted_max_capped=None if found is None else found.capped,
         trials=None if found is None else found.trials,
+        predicted_max_method=method,
         predicted_peak_at_max_bytes=at_max,
         predicted_peaks=dict(sorted(peaks.items())),
-        predict_s=time.perf_counter() - started,
-    ), False
+    )
 
 
-def _predict_all(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
-                 on_progress: Callable[[str, str], None], on_row: Callable[[PredictRow], None]) -> list[PredictRow]:
-    """One row per entry, in order. A fake step is Python-bound and each optimizer's is independent, so with
-    jobs > 1 they run at once in forked workers (nothing here has started CUDA: fake tensors are CPU tensors)."""
+def _predict_shared(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
+                    progress: Callable[[str], None], on_row: Callable[[int, PredictRow], None]) -> list[int]:
+    """Every entry over one fake model, one forward and backward per micro-batch for all (fake_step.SharedTrainer),
+    in rounds: each optimizer's row is computed until it needs a micro-batch not traced yet; the round traces
+    those, at once. Rows go to on_row by position in `entries`; returns the positions that need their own step
+    (they change backward), or all of them where the model itself failed (the full method then shows it)."""
+    started = time.perf_counter()
+    scalars: PlaceholderScalars | None = None
+
+    def classify(entry: OptimizerEntry, exc: BaseException) -> StepFailed:
+        return _classified(exc, entry, config, scalars)[0]
+
+    def failed_row(position: int, failed: StepFailed) -> PredictRow:
+        return dataclasses.replace(_base_row(entries[position], config, training), status=failed.status,
+                                   reason=failed.reason, predict_s=time.perf_counter() - started)
+
+    try:
+        with fake_run(config, training) as (mesh, scalars):
+            progress(f"building the fake model and warming up {len(entries)} optimizers")
+            trainer = SharedTrainer(config, entries, training, mesh, config.jobs, classify)
+            for position, failed in trainer.failed.items():
+                on_row(position, failed_row(position, failed))
+            remaining = {position: SharedView(trainer, position) for position in trainer.optimizers}
+            while remaining:
+                wanted: dict[int, list[int]] = {}
+                for position, view in list(remaining.items()):
+                    try:
+                        row = _traced_row(view, config, entries[position], training, lambda text: None)
+                    except NeedTrace as need:
+                        for size in need.micro_batches:
+                            wanted.setdefault(size, []).append(position)
+                        continue
+                    except StepFailure as failure:
+                        row = failed_row(position, failure.failed)
+                    except Exception as exc:
+                        row = failed_row(position, classify(entries[position], exc))
+                    on_row(position, dataclasses.replace(row, predict_s=time.perf_counter() - started))
+                    del remaining[position]
+                if wanted:
+                    progress("tracing micro-batch " + ", ".join(f"{size} ({len(wanted[size])} optimizers)"
+                                                                for size in sorted(wanted)))
+                    trainer.trace_all(wanted)
+    except Exception:  # the fake model failed to build or to warm up: each optimizer on its own shows why
+        return list(range(len(entries)))
+    return trainer.own_step
+
+
+def predict_rows(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
+                 on_progress: Callable[[str, str], None] = lambda name, text: None,
+                 on_row: Callable[[PredictRow], None] = lambda row: None) -> list[PredictRow]:
+    """One row per entry, in order: the available ones over one shared fake model where the platform can fork,
+    the rest (those that change backward) each by the full method, in forked workers with jobs > 1 (a fake step
+    is Python-bound and each optimizer's is independent; nothing here has started CUDA)."""
+    rows: dict[int, PredictRow] = {}
+
+    def found(position: int, row: PredictRow) -> None:
+        rows[position] = row
+        on_row(row)
+
+    for position, entry in enumerate(entries):
+        reason = availability(entry)
+        if reason is not None:
+            found(position, dataclasses.replace(_base_row(entry, config, training), status=Status.UNAVAILABLE,
+                                                reason=reason))
+    own = [position for position in range(len(entries)) if position not in rows]
+    if own and can_branch():
+        shared = own
+        names = ", ".join(entries[position].name for position in shared)
+        own = [shared[i] for i in _predict_shared(
+            config, [entries[position] for position in shared], training,
+            lambda text: on_progress(names, text), lambda i, row: found(shared[i], row))]
+
     def predicted(index: int, here: bool) -> PredictRow:
-        entry = entries[index]
+        entry = entries[own[index]]
         progress = functools.partial(on_progress, entry.name) if here else lambda text: None
         return predict_optimizer(config, entry, training, progress)
 
-    jobs = min(config.jobs, len(entries))
-    for entry in entries if jobs > 1 else ():
-        on_progress(entry.name, f"predicting, {jobs} optimizers at once")
-
+    jobs = min(config.jobs, len(own))
+    for position in own if jobs > 1 else ():
+        on_progress(entries[position].name, f"predicting, {jobs} optimizers at once")
     died = "the predicting process died (crash or out of memory); retry with --jobs 1 to see the error"
-    return run_each(predicted, len(entries), config.jobs, on_result=lambda i, row: on_row(row),
-                    died=lambda i: dataclasses.replace(_base_row(entries[i], config, training), status=Status.FAILED,
-                                                       reason=died))
+    for index, row in enumerate(run_each(
+            predicted, len(own), config.jobs, on_result=lambda i, row: on_row(row),
+            died=lambda i: dataclasses.replace(_base_row(entries[own[i]], config, training), status=Status.FAILED,
+                                               reason=died))):
+        rows[own[index]] = row
+    return [rows[position] for position in range(len(entries))]
 
 
 def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] | None = None,
@@ -341,7 +385,7 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
     info = loaded.info
     training = dataclasses.replace(config.training, seq_len=resolve_seq_len(
         config.training.seq_len, info.max_position_embeddings, config.training.device))
-    rows = _predict_all(config, entries, training, on_progress or (lambda name, text: None),
+    rows = predict_rows(config, entries, training, on_progress or (lambda name, text: None),
                         on_row or (lambda row: None))
     assumptions = ASSUMPTIONS_COMMON + (ASSUMPTIONS_CUDA if training.device == DeviceKind.CUDA else ())
     dropout = config_values(loaded.config, ATTENTION_DROPOUT_KEYS) if training.device == DeviceKind.CUDA else {}

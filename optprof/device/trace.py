@@ -46,6 +46,40 @@ class AllocationTrace:
         return list(dict.fromkeys(e.stream for e in self.events))
 
 
+def extrapolated(one: AllocationTrace, two: AllocationTrace, at: int, micro_batch: int) -> AllocationTrace | None:
+    """The trace at `micro_batch` from the traces at micro-batch `at` and `at + 1`: the same allocations and frees
+    in the same order, each size on the line through its two sizes (activations grow with the batch; parameters,
+    state and the like do not). None where the two differ in anything but sizes (a path taken at one size only:
+    micro-batch 1 often allocates one tensor fewer) or a size would fall below zero: then no line holds."""
+    if len(one.events) != len(two.events) or one.marks != two.marks or one.tags != two.tags:
+        return None
+    events = []
+    for a, b in zip(one.events, two.events, strict=True):
+        if (a.alloc, a.id, a.stream) != (b.alloc, b.id, b.stream):
+            return None
+        size = a.size + (micro_batch - at) * (b.size - a.size)
+        if size < 0:
+            return None
+        events.append(TraceEvent(a.alloc, a.id, size, a.stream))
+    return AllocationTrace(events, dict(one.tags), dict(one.marks))
+
+
+def _frees_in_order(events: list[TraceEvent], marks: dict[str, int]) -> list[TraceEvent]:
+    """Each run of consecutive frees (not crossing a mark) sorted by allocation."""
+    ordered: list[TraceEvent] = []
+    cuts = set(marks.values())
+    run: list[TraceEvent] = []
+    for index, event in enumerate(events):
+        if run and (event.alloc or index in cuts):
+            ordered += sorted(run, key=lambda e: e.id)
+            run = []
+        if event.alloc:
+            ordered.append(event)
+        else:
+            run.append(event)
+    return ordered + sorted(run, key=lambda e: e.id)
+
+
 class TraceRecorder:
     """Records the allocation trace of whatever runs inside `with recorder.recording():` (on fake tensors)."""
 
@@ -64,6 +98,9 @@ class TraceRecorder:
         self._workspaces: set[tuple[bool, str]] = set()  # (backward?, stream) with a workspace
         self._matmul: dict[Any, bool] = {}  # op -> takes a cuBLAS handle (asked once per op)
         self._in_backward = False
+        self._state_place: int | None = None  # where the state's allocations go (event index), if it joins later
+        self._joined: tuple[int, int] | None = None  # the events join_state added: [first, end)
+        self._ended = False  # recording is over: storages dying later (the step's inputs) are not in the trace
 
     # ------------------------------------------------------------------------------------------------ marks
     def mark(self, phase: str) -> None:
@@ -81,6 +118,39 @@ class TraceRecorder:
                 self.trace.tags[allocation] = "activation"
         self._phase_allocations = []
         self._in_backward = True
+
+    def keep_state_place(self) -> None:
+        """The optimizer's state would be allocated here (after parameters and buffers, before the inputs)."""
+        self._state_place = len(self.trace.events)
+
+    def join_state(self, tensors: Any) -> None:
+        """The optimizer's state, joining a recording that ran without it (one forward and backward for every
+        optimizer): allocated now, moved to its place by `finished_trace`."""
+        first = len(self.trace.events)
+        self.tag_tensors(tensors, "state")
+        self._joined = (first, len(self.trace.events))
+
+    def finished_trace(self) -> AllocationTrace:
+        """The trace, canonical: the frees of one moment (no allocation between them) in allocation order, since
+        storages dying together (a graph released, a collection) go in an order Python does not fix, and freeing
+        them in any order leaves the allocator the same; and with a state that joined late (`join_state`), the
+        state's allocations at their place, every allocation numbered in order (as `_allocate` numbers them), the
+        marks after it moved on: the trace of a recording that had the state from the start."""
+        trace = self.trace
+        events = list(trace.events)
+        marks = dict(trace.marks)
+        if self._joined is not None and self._state_place is not None:
+            first, end = self._joined
+            place = self._state_place
+            events = events[:place] + events[first:end] + events[place:first] + events[end:]
+            marks = {phase: index + end - first if index >= place else index for phase, index in marks.items()}
+        number: dict[int, int] = {}
+        for event in events:
+            if event.alloc:
+                number[event.id] = len(number)
+        renumbered = [TraceEvent(e.alloc, number[e.id], e.size, e.stream) for e in events]
+        tags = {number[allocation]: tag for allocation, tag in trace.tags.items() if allocation in number}
+        return AllocationTrace(_frees_in_order(renumbered, marks), tags, marks)
 
     def tag_tensors(self, tensors: Any, tag: str) -> None:
         """Name what these tensors' storages are (allocating those not seen yet: they were alive already)."""
@@ -118,7 +188,7 @@ class TraceRecorder:
         return allocation
 
     def _free_current(self, holder: list[int | None]) -> None:
-        if holder[0] is not None:
+        if holder[0] is not None and not self._ended:  # a storage dropped after the step is not the step's
             self._free(holder[0])
             holder[0] = None
 
@@ -218,6 +288,7 @@ class TraceRecorder:
             with Mode():
                 yield self.trace
         finally:
+            self._ended = True
             torch.UntypedStorage.resize_ = original_resize  # type: ignore[method-assign]
             torch.cpu.stream = original_stream
             for cls, original in originals.items():

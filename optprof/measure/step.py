@@ -139,6 +139,11 @@ class TrainStep:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
+    def forward(self) -> None:
+        """One forward of the first micro-batch, its loss dropped (no backward: a warm-up)."""
+        with self._autocast():
+            self.model(input_ids=self.batches[0], labels=self.batches[0], use_cache=False)
+
     def _forward_backward(self) -> tuple[list[tuple[Any, Any]], list[tuple[Any, Any]], torch.Tensor]:
         """Each micro-batch's forward and backward: the device marks around each phase, and the loss (read
         only after the step's synchronize: reading it here would stall the host inside the timed step)."""

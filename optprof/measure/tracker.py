@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,38 +95,51 @@ def peak_tracker(base: type, *args: Any) -> Any:
     return Tracker(*args)
 
 
-def _memory_tracker(step: TrainStep) -> Any:
-    """FSDPMemTracker for a sharded model (FSDP's own categories and buffers), else a MemTracker."""
+def _memory_tracker(step: TrainStep, with_optimizer: bool = True) -> Any:
+    """FSDPMemTracker for a sharded model (FSDP's own categories and buffers), else a MemTracker. Without the
+    optimizer, its state is not tracked until `TensorPeakTracker.join` registers it."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
     from torch.distributed._tools.mem_tracker import MemTracker
     from torch.distributed.fsdp import FSDPModule
 
+    optimizer = step.optimizer if with_optimizer else None
     if isinstance(step.model, FSDPModule):
-        tracker = peak_tracker(FSDPMemTracker, step.model, step.optimizer)
+        tracker = peak_tracker(FSDPMemTracker, step.model, optimizer)
         tracker.track_inputs(tuple(step.batches))
         return tracker
     tracker = peak_tracker(MemTracker)
     # Registered as "other" first; registering the optimizer afterwards re-labels its own state.
-    tracker.track_external(*state_tensors(step.optimizer, step.params), *step.batches)
-    tracker.track_external(step.model, step.optimizer)
+    state = state_tensors(optimizer, step.params) if optimizer is not None else []
+    tracker.track_external(*state, *step.batches)
+    tracker.track_external(step.model, optimizer)
     return tracker
+
+
+def _register_state(tracker: Any, optimizer: Any, params: list[Any]) -> None:
+    """What `_memory_tracker` registers of the optimizer, for a tracker that started without it."""
+    from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
+
+    if isinstance(tracker, FSDPMemTracker):
+        tracker._optm = optimizer
+        tracker._instrument_optimizer()  # its state, and the step hooks that file the step's tensors under it
+        return
+    tracker.track_external(*state_tensors(optimizer, params))
+    tracker.track_external(optimizer)
 
 
 class TensorPeakTracker:
     """`with TensorPeakTracker(step, state_bytes): step.run()` -> `.result`, a TrackedPeak. Tracking slows the
     step, so a tracked step is never a timed one."""
 
-    def __init__(self, step: TrainStep, state_bytes: int) -> None:
+    def __init__(self, step: TrainStep, state_bytes: int, with_optimizer: bool = True) -> None:
         self.step = step
         self.state_bytes = state_bytes
-        self.tracker = _memory_tracker(step)
+        self.tracker = _memory_tracker(step, with_optimizer)
         self._fwd_bwd: list[int] = []
         self.result: TrackedPeak | None = None
 
     def _peak_snapshot(self) -> dict[Any, int]:
-        import torch
-
-        placement = torch.device(self.step.device.torch_device)
+        placement = self._placement()
         peaks = [snap for dev, snap in self.tracker.get_tracker_snapshot("peak").items() if dev.type == placement.type]
         if not peaks:
             raise RuntimeError("MemTracker saw no tensors on the trial's device")
@@ -139,6 +152,30 @@ class TensorPeakTracker:
         step.measure_grads = True
         self.tracker.__enter__()
         return self
+
+    def join(self, optimizer: Any, state_bytes: int) -> None:
+        """Track `optimizer` from here on as if it had been tracked from the start (its state is alive throughout a
+        step, unchanged before its own step): its state is registered, and what that added to each category now
+        is added to the peaks so far. Makes a tracker that ran forward and backward without any optimizer (one
+        for all of them) that optimizer's own, to the byte."""
+        tracker = self.tracker
+        before = {device: dict(snap) for device, snap in tracker._curr_mem_snap.items()}
+        _register_state(tracker, optimizer, self.step.params)
+        self.step.optimizer = optimizer
+        self.state_bytes = state_bytes
+        for device, snap in tracker._curr_mem_snap.items():
+            added = {key: value - before.get(device, {}).get(key, 0) for key, value in snap.items()}
+            peak = tracker._peak_mem_snap.setdefault(device, dict.fromkeys(snap, 0))
+            for key, value in added.items():
+                peak[key] = peak.get(key, 0) + value
+            tracker._peak_mem[device] = tracker._peak_mem.get(device, 0) + added.get("Total", 0)
+            if device.type == self._placement().type:
+                self._fwd_bwd = [total + added.get("Total", 0) for total in self._fwd_bwd]
+
+    def _placement(self) -> Any:
+        import torch
+
+        return torch.device(self.step.device.torch_device)
 
     def __exit__(self, *exc: Any) -> None:
         step = self.step
@@ -155,26 +192,46 @@ class TensorPeakTracker:
                                   step.grad_bytes, self._fwd_bwd[0])
 
 
-def tracked_step(step: TrainStep, state_bytes: int, recorder: TraceRecorder | None = None) -> TrackedPeak:
+def tracked_step(step: TrainStep, state_bytes: int, recorder: TraceRecorder | None = None,
+                 join: Callable[[TensorPeakTracker], None] | None = None) -> TrackedPeak:
     """One untimed step under MemTracker: the peak of live tensor bytes and what they were; with `recorder`, also
-    the step's allocation trace (device/trace.py), from the same run."""
+    the step's allocation trace (device/trace.py), from the same run. With `join`, the step's forward and backward
+    run without the optimizer, tracked or recorded, and `join(tracker)` is called after backward (after the
+    trackers' own marks), where it may fork and join each optimizer (`TensorPeakTracker.join`)."""
     with contextlib.ExitStack() as stack:
         if recorder is not None:
-            stack.enter_context(_recorded(step, recorder))
-        tracked = stack.enter_context(TensorPeakTracker(step, state_bytes))
+            stack.enter_context(_recorded(step, recorder, with_state=join is None))
+        tracked = stack.enter_context(TensorPeakTracker(step, state_bytes, with_optimizer=join is None))
         if recorder is not None:
             _mark_phases(step, recorder)
+        if join is not None:
+            _then(step, lambda: join(tracked))
         step.run()
     assert tracked.result is not None
     return tracked.result
 
 
+def _then(step: TrainStep, action: Callable[[], None]) -> None:
+    """`action` after whatever the step already does after backward."""
+    before = step.after_backward
+
+    def after_backward() -> None:
+        if before is not None:
+            before()
+        action()
+
+    step.after_backward = after_backward
+
+
 @contextlib.contextmanager
-def _recorded(step: TrainStep, recorder: TraceRecorder) -> Iterator[None]:
-    """The allocations alive before the step first (parameters, buffers, state), then the step's, with its phases."""
+def _recorded(step: TrainStep, recorder: TraceRecorder, with_state: bool = True) -> Iterator[None]:
+    """The allocations alive before the step first (parameters, buffers, state), then the step's, with its phases.
+    Without the state, the place it would take is kept for `TraceRecorder.join_state`."""
     recorder.tag_tensors(step.model.parameters(), "parameter")
     recorder.tag_tensors(step.model.buffers(), "buffer")
-    recorder.tag_tensors(state_tensors(step.optimizer, step.params), "state")
+    recorder.keep_state_place()
+    if with_state:
+        recorder.tag_tensors(state_tensors(step.optimizer, step.params), "state")
     recorder.tag_tensors(step.batches, "input")
     recorder.name_streams(step.model)
     recorder.mark("step")
@@ -198,15 +255,11 @@ def _recorded(step: TrainStep, recorder: TraceRecorder) -> Iterator[None]:
 
 def _mark_phases(step: TrainStep, recorder: TraceRecorder) -> None:
     """After backward: the gradients are named, and the optimizer step begins."""
-    measure = step.after_backward
-
-    def after_backward() -> None:
-        if measure is not None:
-            measure()
+    def gradients_named() -> None:
         recorder.tag_tensors((p.grad for p in step.params), "gradient")
         recorder.mark("optimizer step")
 
-    step.after_backward = after_backward
+    _then(step, gradients_named)
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,15 @@ def warm_context() -> multiprocessing.context.ForkServerContext | multiprocessin
     return context
 
 
+def start_warm_server() -> None:
+    """Start the fork server now, where there is one: it imports WARM_MODULES in its own process (seconds), which
+    then overlaps whatever this process does before its first trial."""
+    import multiprocessing.forkserver
+
+    if isinstance(warm_context(), multiprocessing.context.ForkServerContext):
+        multiprocessing.forkserver.ensure_running()
+
+
 def run_isolated(target: Target, argument: Any, timeout_s: float,
                  on_progress: Callable[[str], None] | None = None) -> Isolated:
     """target(argument, progress) in a fresh process; its return value, or the reason there is none.

@@ -5,7 +5,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from optprof.results.vocab import FoldRule, Judgement, LayerExtent, PeakSource, StateMethod, Status, Support
+from optprof.results.vocab import (
+    FoldRule,
+    Judgement,
+    LayerExtent,
+    MaxMethod,
+    PeakSource,
+    StateMethod,
+    Status,
+    Support,
+)
 
 
 @dataclass(frozen=True)
@@ -203,7 +212,8 @@ class PredictRow(StepRow):
     predicted_breakdown: dict[str, int] = field(default_factory=dict)
     predicted_max_micro_batch: int | None = None  # under the device memory given (0: not even 1)
     predicted_max_capped: bool | None = None
-    trials: int | None = None  # fake steps the search took
+    trials: int | None = None  # fake steps the search took (not those it solved from, at 2 and 3)
+    predicted_max_method: MaxMethod | None = None  # solved from two traces and confirmed, or searched
     predicted_peak_at_max_bytes: int | None = None
     predicted_peaks: dict[int, int] = field(default_factory=dict)  # micro-batch -> peak, every size stepped
     predict_s: float | None = None  # wall time of this optimizer's prediction

@@ -83,3 +83,10 @@ DERIVED_FWD_BWD_CUDA = ("the allocator's allocated peak through the first timed 
 DERIVED_MFU = ("model FLOPs per token (PaLM formula) x tokens/s / the device's dense data-sheet peak "
                "(or --peak-tflops)")
 
+
+
+class MaxMethod(StrEnum):
+    """How predict found the largest micro-batch."""
+
+    SOLVED = "solved"  # from the traces at micro-batch 2 and 3 (each allocation affine in it), confirmed at N and N+1
+    SEARCHED = "searched"  # by the search: no solution from two traces, or the confirmation disagreed

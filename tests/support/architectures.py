@@ -78,13 +78,21 @@ class Sweep:
     statuses: dict[tuple[str, str], tuple[str, str | None]] = field(default_factory=dict)
     prediction_error: dict[str, float] = field(default_factory=dict)  # predicted / measured - 1
     expert_load: dict[str, float | None] = field(default_factory=dict)  # compare's routing seen
+    # predict's figures for these optimizers from the step shared by all (differences named), against their own
+    shared_differs: dict[str, list[str]] = field(default_factory=dict)
+
+
+OWN_STEP = ("adamw", "adam-mini")  # predicted again each by its own fake model and steps (issue 28's lever 1)
 
 
 def sweep(model_type: str, folder: Path, optimizers: tuple[str, ...], seq_len: int = 16) -> Sweep:
+    import dataclasses
+
     from optprof.commands.compare import run_compare
-    from optprof.commands.predict import run_predict
+    from optprof.commands.predict import predict_optimizer, run_predict
     from optprof.commands.state_size import run_state_size
     from optprof.config import CompareConfig, ModelSelection, PredictConfig, StateSizeConfig, TrainingSettings
+    from optprof.optimizers.registry import REGISTRY
 
     selection = ModelSelection(write_tiny(model_type, folder))
     training = TrainingSettings(device="cpu", seq_len=seq_len, steps=2, warmup=2, sample_interval_s=0.01,
@@ -101,6 +109,12 @@ def sweep(model_type: str, folder: Path, optimizers: tuple[str, ...], seq_len: i
     peaks = {row.optimizer: row.tensor_peak_bytes for row in measured.results if row.status == "ok"}
     result.expert_load = {row.optimizer: row.expert_load for row in measured.results}
     for row in predicted.results:
+        if row.optimizer in OWN_STEP:
+            own = predict_optimizer(PredictConfig(selection, (row.optimizer,), training), REGISTRY[row.optimizer],
+                                    training, lambda text: None)
+            result.shared_differs[row.optimizer] = [
+                key for key, value in dataclasses.asdict(row).items()
+                if key != "predict_s" and value != getattr(own, key)]
         if row.status == "ok" and peaks.get(row.optimizer):
             result.prediction_error[row.optimizer] = row.predicted_peak_bytes / peaks[row.optimizer] - 1
     return result

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from support.cli import run
 
-from optprof.commands.predict import FakeTrainer, run_predict
+from optprof.commands.fake_step import FakeTrainer
+from optprof.commands.predict import run_predict
 from optprof.config import DeviceKind, ModelSelection, PredictConfig, TrainingSettings
 from optprof.device.allocator import AllocatorConfig
 from optprof.device.replay import replay

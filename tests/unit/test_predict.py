@@ -50,8 +50,9 @@ def test_an_optimizer_whose_own_code_cannot_shard_is_unsupported(model_dir: Call
 
 @pytest.mark.parametrize("name", ["adamw", "adam-mini", "galore"])
 def test_a_repeated_fake_step_has_the_same_peak_so_each_micro_batch_is_traced_once(name: str) -> None:
-    from optprof.commands.predict import FakeTrainer, tracked_step
+    from optprof.commands.fake_step import FakeTrainer
     from optprof.distributed.sharding import fake_tensors
+    from optprof.measure.tracker import tracked_step
     from optprof.optimizers.registry import resolve_optimizers
 
     training = TrainingSettings(device="cpu", seq_len=64)

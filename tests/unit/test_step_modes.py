@@ -14,7 +14,7 @@ import torch
 from support.architectures import write_tiny
 from support.cli import run
 
-from optprof.commands.predict import FakeTrainer
+from optprof.commands.fake_step import FakeTrainer
 from optprof.config import (
     Amp,
     Checkpointing,
