@@ -6,6 +6,7 @@ runs each command a profile needs once and reads the measures from its rows.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,12 +51,43 @@ def _rows(command: Command, profile: Profile, jobs: int) -> tuple[Any, ...]:
     """The result rows of one command run as the profile describes."""
     selection = ModelSelection(profile.model, _step(profile).dtype)
     if command == "predict":
-        return run_predict(PredictConfig(selection, profile.optimizers, _training(profile, profile.device))).results
+        return run_predict(PredictConfig(selection, profile.optimizers, _training(profile, profile.device),
+                                          jobs=jobs)).results
     if command == "state-size":  # state follows the parameters: amp keeps float32 master weights
         state_dtype = parameter_dtype(selection, _training(profile, profile.device))
         sized = StateSizeConfig(ModelSelection(profile.model, state_dtype), profile.optimizers, jobs=jobs)
         return run_state_size(sized).results
     return run_compare(CompareConfig(selection, profile.optimizers, _training(profile, DeviceKind.CUDA))).results
+
+
+def _step_key(profile: Profile) -> str:
+    """What a command run depends on besides the optimizers: the model and its step, as the profile sets them."""
+    return repr(dataclasses.replace(profile, path=Path(), optimizers=(), description=None, tolerance={}, expected={}))
+
+
+class ModelRuns:
+    """The command runs of one model's profiles, each once per step over every optimizer those profiles name: a row
+    is one optimizer's, whichever others run beside it (predict's shared step gives each its own figures, to the
+    byte), so profiles that differ only in their optimizers share one run."""
+
+    def __init__(self, profiles: list[Profile], jobs: int) -> None:
+        self.jobs = jobs
+        self._optimizers: dict[str, tuple[str, ...]] = {}
+        for profile in profiles:
+            key = _step_key(profile)
+            self._optimizers[key] = tuple(dict.fromkeys((*self._optimizers.get(key, ()), *profile.optimizers)))
+        self._rows: dict[tuple[Command, str], dict[str, Any]] = {}
+        self.runs = 0  # command runs made (what sharing saved shows against the profiles' count)
+
+    def rows(self, command: Command, profile: Profile) -> tuple[Any, ...]:
+        """`profile`'s optimizers' rows of `command`, from the one run of its step."""
+        key = _step_key(profile)
+        if (command, key) not in self._rows:
+            every = dataclasses.replace(profile, optimizers=self._optimizers.get(key, profile.optimizers))
+            self._rows[(command, key)] = {row.optimizer: row for row in _rows(command, every, self.jobs)}
+            self.runs += 1
+        found = self._rows[(command, key)]
+        return tuple(found[name] for name in profile.optimizers)
 
 
 def plan_commands(measures: list[Measure]) -> dict[Measure, Command]:
@@ -69,40 +101,60 @@ def plan_commands(measures: list[Measure]) -> dict[Measure, Command]:
     return plan
 
 
-def measure_profile(profile: Profile, gpu: bool, jobs: int = 1) -> dict[str, dict[str, float | None]]:
-    """optimizer -> measure -> actual value (None when that optimizer did not produce it)."""
+def measure_profile(profile: Profile, gpu: bool, jobs: int = 1,
+                    runs: ModelRuns | None = None) -> dict[str, dict[str, float | None]]:
+    """optimizer -> measure -> actual value (None when that optimizer did not produce it). `runs`: the command runs
+    this profile's model shares with its other profiles (by default its own)."""
+    runs = runs or ModelRuns([profile], jobs)
     wanted = [MEASURES[name] for name in MEASURES if name in profile.measures()]
     plan = plan_commands([m for m in wanted if gpu or not m.needs_gpu])
     actual: dict[str, dict[str, float | None]] = {name: {} for name in profile.optimizers}
     for command in dict.fromkeys(plan.values()):
-        for row in _rows(command, profile, jobs):
+        for row in runs.rows(command, profile):
             for measure in (m for m, c in plan.items() if c == command):
                 value = getattr(row, measure.row_field) if row.status == Status.OK else None
                 actual[row.optimizer][measure.name] = value
     return actual
 
 
+def by_model(profiles: list[Profile]) -> list[list[int]]:
+    """The profiles' positions grouped by model, in order of first appearance."""
+    groups: dict[str, list[int]] = {}
+    for index, profile in enumerate(profiles):
+        groups.setdefault(profile.model, []).append(index)
+    return list(groups.values())
+
+
 def _measure_profiles(profiles: list[Profile], gpu: bool, on_profile: Callable[[Profile], None],
                       ) -> list[dict[str, dict[str, float | None]]]:
-    """Each profile's actual values, in order. Profiles are independent: on a CPU they run at once in forked
-    workers, one per core, each on one thread. With a GPU they run one after another: trials there want
-    the card to themselves, and a fork after CUDA has started is not safe."""
-    def measured(index: int, here: bool) -> dict[str, dict[str, float | None]]:
-        if here:  # one after another: a profile's own optimizers may fork instead
-            return measure_profile(profiles[index], gpu, default_jobs())
-        return measure_profile(profiles[index], gpu)
+    """Each profile's actual values, in order. One process per model (its profiles share their command runs,
+    `ModelRuns`); models are independent: on a CPU they run at once in forked workers, one per core. With a GPU
+    they run one after another: trials there want the card to themselves, and a fork after CUDA has started is
+    not safe."""
+    groups = by_model(profiles)
+    workers = 1 if gpu else default_jobs()
 
-    # Each profile is announced once, as its figures arrive. One whose worker died runs again here, where its
-    # error shows.
-    return run_each(measured, len(profiles), 1 if gpu else default_jobs(),
-                    died=lambda i: _announced(profiles[i], on_profile, gpu, default_jobs()),
-                    on_result=lambda i, _: on_profile(profiles[i]))
+    def measured(group: int, here: bool) -> list[dict[str, dict[str, float | None]]]:
+        jobs = default_jobs() if here else max(1, default_jobs() // min(workers, len(groups)))
+        members = [profiles[i] for i in groups[group]]
+        runs = ModelRuns(members, jobs)
+        return [measure_profile(profile, gpu, jobs, runs) for profile in members]
 
+    def announced(group: int, values: list[dict[str, dict[str, float | None]]]) -> None:
+        for index in groups[group]:
+            on_profile(profiles[index])
 
-def _announced(profile: Profile, on_profile: Callable[[Profile], None], gpu: bool,
-               jobs: int) -> dict[str, dict[str, float | None]]:
-    on_profile(profile)
-    return measure_profile(profile, gpu, jobs)
+    def again_here(group: int) -> list[dict[str, dict[str, float | None]]]:
+        values = measured(group, True)  # a model whose worker died runs again here, where its error shows
+        announced(group, values)
+        return values
+
+    # Each model's profiles are announced as its figures arrive.
+    measured_groups = run_each(measured, len(groups), workers, died=again_here, on_result=announced)
+    values: dict[int, dict[str, dict[str, float | None]]] = {}
+    for group, found in zip(groups, measured_groups, strict=True):
+        values.update(zip(group, found, strict=True))
+    return [values[index] for index in range(len(profiles))]
 
 
 def run_check(paths: list[Path], *, update: bool = False, strict: bool = False, gpu: bool | None = None,

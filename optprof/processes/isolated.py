@@ -28,7 +28,7 @@ STOP_GRACE_S = 5.0  # after terminate(), before kill()
 # Imported once in the fork server: what every trial needs (torch, transformers' model classes, optprof's
 # trial and rank code). None of them initialises CUDA at import.
 WARM_MODULES = ["torch", "transformers", "transformers.modeling_utils", "transformers.models.auto.modeling_auto",
-                "optprof.measure.trial", "optprof.dist"]
+                "optprof.measure.trial", "optprof.measure.ranks"]
 
 
 @dataclass(frozen=True)

@@ -126,3 +126,25 @@ def test_profiles_measured_at_once_give_what_one_after_another_gives(profile: Pa
     assert [(v.profile, v.optimizer, v.measure, v.actual) for v in at_once.verdicts] == \
         [(v.profile, v.optimizer, v.measure, v.actual) for v in one_by_one.verdicts]
     assert all(v.verdict == "ok" for v in at_once.verdicts) and len(at_once.verdicts) == 8
+
+
+def test_profiles_of_one_model_and_step_share_one_prediction(tmp_path: Path, capsys,  # type: ignore[no-untyped-def]
+                                                             monkeypatch) -> None:
+    """Issue 28's fourth lever: profiles of one model whose step is the same run predict once, over the union of
+    their optimizers (a row is one optimizer's whichever others run beside it); the values are each profile's
+    own run's. A profile with another step runs its own."""
+    from optprof.commands import check
+
+    paths = {}
+    for name, optimizers, seq_len in (("a", "adamw,sgd", "32"), ("b", "adam-mini,sgd", "32"), ("c", "sgd", "16")):
+        paths[name] = tmp_path / f"{name}.toml"
+        cli = ["predict", "demo", "--device", "cpu", "-o", optimizers, "--seq-len", seq_len, "--save-profile"]
+        assert run([*cli, str(paths[name])], capsys)[0] == 0
+    runs: list[tuple[str, ...]] = []
+    real = check._rows
+    monkeypatch.setattr(check, "_rows", lambda command, profile, jobs: runs.append(profile.optimizers) or
+                        real(command, profile, jobs))
+    monkeypatch.setattr(check, "default_jobs", lambda: 1)
+    together = run_check(list(paths.values()), gpu=False)
+    assert sorted(runs) == [("adamw", "sgd", "adam-mini"), ("sgd",)]
+    assert all(v.verdict == "ok" for v in together.verdicts) and len(together.verdicts) == 10

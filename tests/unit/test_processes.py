@@ -33,3 +33,13 @@ def test_a_worker_that_dies_gives_its_row_and_the_rest_are_kept_or_said() -> Non
     # a killed worker breaks the pool: the pieces still pending are said to have died too, never lost
     assert all(result in ((i * i, False), (-i, True)) for i, result in enumerate(results))
     assert run_each(squared, 0, jobs=2, died=lambda i: (0, True)) == []
+
+
+def test_every_module_the_fork_server_preloads_exists() -> None:
+    """The fork server skips a preload that fails to import, silently: a stale name (`optprof.dist`, renamed in
+    the redesign) left every rank's trial to import the rank code itself."""
+    import importlib.util
+
+    from optprof.processes.isolated import WARM_MODULES
+
+    assert [name for name in WARM_MODULES if importlib.util.find_spec(name) is None] == []
