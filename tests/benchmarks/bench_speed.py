@@ -1,5 +1,6 @@
-"""Benchmark (issue 14): each command the issue names, as a ratio to `import torch, transformers` timed in the
-same run. Run on demand: `.venv/bin/python tests/benchmarks/bench_speed.py` (about 3 minutes on 2 cores).
+"""Benchmark (issues 14 and 28): each command the issues name, as a ratio to `import torch, transformers` timed in
+the same run. Run on demand: `.venv/bin/python tests/benchmarks/bench_speed.py` (about 3 minutes on 2 cores); for
+a before/after, run it on each checkout with PYTHONPATH pointing at it, one after the other on an idle machine.
 
 Goals: state-size of Llama-2-7B over every available optimizer <= 2.0x (and Llama-2-70B within the 7B time +
 20%); `predict meta-llama/Llama-2-7b --gpus 2 --gpu-memory 80GiB -o adamw,adam-mini --amp bf16` <= 4x; `check
