@@ -26,7 +26,7 @@ def test_family_runs_every_command(family: str, tmp_path: Path) -> None:
     assert all(status == "ok" for (command, _), (status, _) in result.statuses.items() if command != "predict")
     for optimizer, error in result.prediction_error.items():
         assert abs(error) <= PREDICTION_TOLERANCE, (optimizer, error)
-    assert result.shared_differs == {"adamw": [], "adam-mini": []}  # one forward and backward for all: to the byte
+    assert result.shared_differs == {"adamw": []}  # one forward and backward for all: to the byte
     loads = set(result.expert_load.values())
     if family in ROUTING_COUNTED:  # transformers' experts modules: compare saw the routing
         assert all(load is not None and load >= 1.0 for load in loads), loads

@@ -66,17 +66,3 @@ def test_largest_micro_batch_and_determinism() -> None:
     keys = ("state_bytes", "predicted_peak_bytes", "predicted_max_micro_batch", "predicted_breakdown")
     for a, b in zip(first.results, second.results, strict=True):
         assert all(getattr(a, k) == getattr(b, k) for k in keys)
-
-
-def test_optimizers_predicted_at_once_give_what_one_after_another_gives() -> None:
-    """--jobs 2: each optimizer in a forked worker; every figure as in this process, rows in order."""
-    import dataclasses
-
-    training = TrainingSettings(device="cuda", seq_len=64)
-    config = PredictConfig(ModelSelection("demo"), ("sgd", "adamw", "adam-mini"), training, gpu_memory_bytes=10**9,
-                           max_micro_batch=8)
-    at_once = run_predict(dataclasses.replace(config, jobs=2)).results
-    one_by_one = run_predict(config).results
-    assert [r.optimizer for r in at_once] == ["sgd", "adamw", "adam-mini"]
-    for a, b in zip(at_once, one_by_one, strict=True):
-        assert a.status == "ok" and dataclasses.replace(a, predict_s=None) == dataclasses.replace(b, predict_s=None)

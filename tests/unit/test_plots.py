@@ -18,18 +18,15 @@ def test_state_size_plot(tmp_path: Path, capsys) -> None:  # type: ignore[no-unt
 
 
 def test_predict_plot_has_memory_and_micro_batch_panels(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
-    from optprof.commands.predict import run_predict
-    from optprof.config import ModelSelection, PredictConfig, TrainingSettings
     from optprof.render.plots import panels_for
+    from optprof.results.io import read_report
 
-    report = run_predict(PredictConfig(ModelSelection("demo"), ("adamw", "sgd"), TrainingSettings(
-        device="cpu", seq_len=64), gpu_memory_bytes=400 * 10**6))
-    assert [panel.__name__ for panel in panels_for(report)] == ["_predicted_memory_panel",
-                                                                 "_predicted_micro_batch_panel"]
-    path = tmp_path / "predict.png"
+    path, saved = tmp_path / "predict.png", tmp_path / "predict.json"
     code, _, _ = run(["predict", "demo", "--device", "cpu", "--seq-len", "64", "--gpu-memory", "400MB", "-o",
-                      "adamw,sgd", "--plot", str(path)], capsys)
+                      "adamw,sgd", "--plot", str(path), "-f", "json", "--output", str(saved)], capsys)
     assert code == 0
+    assert [panel.__name__ for panel in panels_for(read_report(saved))] == ["_predicted_memory_panel",
+                                                                            "_predicted_micro_batch_panel"]
     height, _ = decoded(path.read_bytes())
     assert height >= 2 * 300  # two panels
 
