@@ -7,7 +7,7 @@
   forward and backward once, without any optimizer, and forks after backward: each child joins one optimizer (its
   state registered with the trackers and spliced into the allocation trace, `TensorPeakTracker.join`,
   `TraceRecorder.finished_trace`) and runs that optimizer's step. The figures equal the full method's to the byte
-  (tests/unit/test_shared_trace.py runs every registered optimizer both ways). Optimizers that change backward
+  (tests/integration/test_shared_step.py runs every registered optimizer both ways). Optimizers that change backward
   itself (LOMO's update inside it, SophiaH's gradient graph, any that hooks the parameters) keep their own step.
 
 Fake tensors have no memory, so a fork costs little, and the children of one micro-batch run at once.
@@ -234,10 +234,10 @@ Classify = Callable[[OptimizerEntry, BaseException], StepFailed]
 class SharedTrainer:
     """Every optimizer of `entries` over one fake model, one forward and backward per micro-batch for all of them.
 
-    Built: the model once; each optimizer, warmed up from the gradients of one forward and backward (its state
-    appears in its first step, as in the full method). `failed` holds the optimizers that failed so far, `own_step`
-    those that change backward (run them with `FakeTrainer`). `trace_all` traces micro-batches, each for the
-    optimizers that asked for it; `outcome` reads what came back."""
+    Built: the model once; each optimizer, warmed up by its first step (where its state appears, as in the full
+    method). `failed` holds the optimizers that failed so far, `own_step` those that change backward (run them with
+    `FakeTrainer`). `trace_all` traces micro-batches, each for the optimizers that asked for it; `outcome` reads
+    what came back."""
 
     def __init__(self, config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
                  mesh: Any, jobs: int, classify: Classify) -> None:
@@ -311,8 +311,9 @@ class SharedTrainer:
         return self._outcomes.get(micro_batch, {}).get(index)
 
     def trace_all(self, wanted: dict[int, list[int]]) -> None:
-        """Trace each micro-batch of `wanted` for the optimizers listed with it: micro-batches at once in forked
-        children (as many as `jobs` allows), each forking again after backward, one child per optimizer."""
+        """Trace each micro-batch of `wanted` for the optimizers listed with it: the micro-batches at once, each in a
+        forked child, each forking again after backward, one child per optimizer (`jobs` of those at a time, shared
+        out among the micro-batches)."""
         sizes = sorted(wanted)
         if len(sizes) == 1:
             self._outcomes.setdefault(sizes[0], {}).update(self._branches(sizes[0], wanted[sizes[0]], self.jobs))
