@@ -77,7 +77,6 @@ class ModelRuns:
             key = _step_key(profile)
             self._optimizers[key] = tuple(dict.fromkeys((*self._optimizers.get(key, ()), *profile.optimizers)))
         self._rows: dict[tuple[Command, str], dict[str, Any]] = {}
-        self.runs = 0  # command runs made (what sharing saved shows against the profiles' count)
 
     def rows(self, command: Command, profile: Profile) -> tuple[Any, ...]:
         """`profile`'s optimizers' rows of `command`, from the one run of its step."""
@@ -85,7 +84,6 @@ class ModelRuns:
         if (command, key) not in self._rows:
             every = dataclasses.replace(profile, optimizers=self._optimizers.get(key, profile.optimizers))
             self._rows[(command, key)] = {row.optimizer: row for row in _rows(command, every, self.jobs)}
-            self.runs += 1
         found = self._rows[(command, key)]
         return tuple(found[name] for name in profile.optimizers)
 

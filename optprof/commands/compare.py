@@ -142,14 +142,13 @@ def _not_predicted(config: CompareConfig) -> str | None:
 
 def _shared_predictions(runner: TrialRunner, entries: list[OptimizerEntry],
                         training: TrainingSettings) -> dict[str, PredictRow]:
-    """Every available optimizer's prediction at once, before any trial: one fake model and one forward and
-    backward per micro-batch for all of them (predict.predict_rows), where each alone would build its own."""
+    """Every optimizer's prediction at once, before any trial: one fake model and one forward and backward per
+    micro-batch for all of them (predict.predict_rows), where each alone would build its own."""
     config = runner.config
-    available = [entry for entry in entries if availability(entry) is None]
-    if _not_predicted(config) is not None or not available:
+    if _not_predicted(config) is not None:
         return {}
-    predict_config = _predict_config(runner, tuple(e.name for e in available), training, config.gpus, config.search)
-    rows = predict_rows(predict_config, available, training,
+    predict_config = _predict_config(runner, tuple(e.name for e in entries), training, config.gpus, config.search)
+    rows = predict_rows(predict_config, entries, training,
                         lambda name, text: runner.progress(name, f"predicting: {text}"))
     return {row.optimizer: row for row in rows}
 

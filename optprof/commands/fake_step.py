@@ -181,12 +181,11 @@ class FakeTrainer(_Simulated):
                  mesh: Any = None) -> None:
         super().__init__(config)
         self.fake = FakeModel(config, training, mesh)
-        self.model, self.info, self.params = self.fake.model, self.fake.info, self.fake.params
         self.optimizer = self.fake.optimizer(entry)
         self._peaks: dict[int, TrackedPeak] = {}  # by micro-batch
         self._traces: dict[int, AllocationTrace] = {}  # by micro-batch, with the allocator model
         self.fake.step(self.optimizer, 1).run()  # Adam-style state appears in the first step
-        self.state_bytes = account_state(self.optimizer, self.params, entry.second_moment_keys).state_bytes
+        self.state_bytes = account_state(self.optimizer, self.fake.params, entry.second_moment_keys).state_bytes
 
     def _step(self, micro_batch: int) -> TrainStep:
         return self.fake.step(self.optimizer, micro_batch)

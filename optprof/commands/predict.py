@@ -16,6 +16,7 @@ from typing import Any
 
 from optprof.commands.fake_step import (
     ATTENTION_DROPOUT_KEYS,
+    DIED,
     FakeTrainer,
     NeedTrace,
     SharedTrainer,
@@ -229,7 +230,7 @@ def solved_max(trainer: FakeTrainer | SharedView, usable: int, cap: int) -> int 
 def _traced_row(trainer: FakeTrainer | SharedView, config: PredictConfig, entry: OptimizerEntry,
                 training: TrainingSettings, progress: Callable[[str], None]) -> PredictRow:
     """The row from a trainer's tracked steps: the asked micro-batch, and the largest that fits when memory is
-    given (solved from micro-batch 1 and 2 and confirmed at it and the next, else searched). A SharedView raises
+    given (solved from the steps at SOLVED_FROM and confirmed at it and the next, else searched). A SharedView raises
     NeedTrace for micro-batches it does not have yet."""
     usable = None if config.gpu_memory_bytes is None else config.gpu_memory_bytes - config.reserve_bytes
     solving = usable is not None and SOLVE_FROM_TWO_TRACES and config.max_micro_batch >= SOLVED_FROM[1]
@@ -291,7 +292,8 @@ def _predict_shared(config: PredictConfig, entries: list[OptimizerEntry], traini
     """Every entry over one fake model, one forward and backward per micro-batch for all (fake_step.SharedTrainer),
     in rounds: each optimizer's row is computed until it needs a micro-batch not traced yet; the round traces
     those, at once. Rows go to on_row by position in `entries`; returns the positions that need their own step
-    (they change backward), or all of them where the model itself failed (the full method then shows it)."""
+    (they change backward), or every one not reported where the model itself failed (the full method then shows
+    it)."""
     started = time.perf_counter()
     scalars: PlaceholderScalars | None = None
 
@@ -302,12 +304,18 @@ def _predict_shared(config: PredictConfig, entries: list[OptimizerEntry], traini
         return dataclasses.replace(_base_row(entries[position], config, training), status=failed.status,
                                    reason=failed.reason, predict_s=time.perf_counter() - started)
 
+    reported: set[int] = set()
+
+    def report(position: int, row: PredictRow) -> None:
+        reported.add(position)
+        on_row(position, row)
+
     try:
         with fake_run(config, training) as (mesh, scalars):
             progress(f"building the fake model and warming up {len(entries)} optimizers")
             trainer = SharedTrainer(config, entries, training, mesh, config.jobs, classify)
             for position, failed in trainer.failed.items():
-                on_row(position, failed_row(position, failed))
+                report(position, failed_row(position, failed))
             remaining = {position: SharedView(trainer, position) for position in trainer.optimizers}
             while remaining:
                 wanted: dict[int, list[int]] = {}
@@ -322,14 +330,14 @@ def _predict_shared(config: PredictConfig, entries: list[OptimizerEntry], traini
                         row = failed_row(position, failure.failed)
                     except Exception as exc:
                         row = failed_row(position, classify(entries[position], exc))
-                    on_row(position, dataclasses.replace(row, predict_s=time.perf_counter() - started))
+                    report(position, dataclasses.replace(row, predict_s=time.perf_counter() - started))
                     del remaining[position]
                 if wanted:
                     progress("tracing micro-batch " + ", ".join(f"{size} ({len(wanted[size])} optimizers)"
                                                                 for size in sorted(wanted)))
                     trainer.trace_all(wanted)
     except Exception:  # the fake model failed to build or to warm up: each optimizer on its own shows why
-        return list(range(len(entries)))
+        return [position for position in range(len(entries)) if position not in reported]
     return trainer.own_step
 
 
@@ -366,11 +374,10 @@ def predict_rows(config: PredictConfig, entries: list[OptimizerEntry], training:
     jobs = min(config.jobs, len(own))
     for position in own if jobs > 1 else ():
         on_progress(entries[position].name, f"predicting, {jobs} optimizers at once")
-    died = "the predicting process died (crash or out of memory); retry with --jobs 1 to see the error"
     for index, row in enumerate(run_each(
             predicted, len(own), config.jobs, on_result=lambda i, row: on_row(row),
             died=lambda i: dataclasses.replace(_base_row(entries[own[i]], config, training), status=Status.FAILED,
-                                               reason=died))):
+                                               reason=DIED))):
         rows[own[index]] = row
     return [rows[position] for position in range(len(entries))]
 

@@ -108,21 +108,24 @@ def _memory_tracker(step: TrainStep, with_optimizer: bool = True) -> Any:
         tracker.track_inputs(tuple(step.batches))
         return tracker
     tracker = peak_tracker(MemTracker)
-    # Registered as "other" first; registering the optimizer afterwards re-labels its own state.
-    state = state_tensors(optimizer, step.params) if optimizer is not None else []
-    tracker.track_external(*state, *step.batches)
-    tracker.track_external(step.model, optimizer)
+    tracker.track_external(*step.batches)
+    tracker.track_external(step.model)
+    if optimizer is not None:
+        _register_state(tracker, optimizer, step.params)
     return tracker
 
 
 def _register_state(tracker: Any, optimizer: Any, params: list[Any]) -> None:
-    """What `_memory_tracker` registers of the optimizer, for a tracker that started without it."""
+    """The optimizer's state, for MemTracker from the start (`_memory_tracker`) or for any tracker that started
+    without it (`TensorPeakTracker.join`). FSDPMemTracker registers it itself when given the optimizer."""
     from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 
     if isinstance(tracker, FSDPMemTracker):
         tracker._optm = optimizer
         tracker._instrument_optimizer()  # its state, and the step hooks that file the step's tensors under it
         return
+    # Registered as "other" first (state_tensors holds no parameter or gradient storage); registering the
+    # optimizer afterwards re-labels its own state.
     tracker.track_external(*state_tensors(optimizer, params))
     tracker.track_external(optimizer)
 
