@@ -3,8 +3,10 @@ that several commands resolve the same way (sequence length, training checks, th
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from optprof.errors import UsageError
@@ -203,6 +205,8 @@ class CompareConfig:
     torchrun: bool = False  # already a rank of a torchrun group: join it instead of spawning ranks
     trial_timeout_s: float = 1800.0  # one optimizer's trial, start-up included; then it is stopped and failed
     predict: bool = True  # also predict each row's peak on fake tensors, here, and report the error
+    gpu: str | None = None  # also predict each row's step time on this catalog GPU, or "local" (measured op times)
+    gpu_spec: str | None = None  # a TOML file adding or overriding catalog entries
     preflight: bool = True  # decide `unsupported` and `does not fit` on fake tensors before launching a trial
     offload_optimizer: bool = False  # FSDP2's CPUOffloadPolicy: sharded parameters, gradients and state on the host
     memory_snapshot_dir: str | None = None  # CUDA: dump the allocator's history over each tracked step here
@@ -229,6 +233,11 @@ class PredictConfig:
     # `reserve_bytes` decides (the --reserve override, CPU targets, and compare's own predictions)
     alloc_conf: str | None = None
     memory_snapshot: str | None = None  # write the simulated allocator's snapshot (memory_viz's format) here
+    # Time: a hardware-catalog GPU name, or "local" (measured op times on this machine's device); None: no time
+    gpu: str | None = None
+    gpu_spec: str | None = None  # a TOML file adding or overriding catalog entries
+    network: str | None = None  # between nodes; None: the catalog's default (hardware.catalog.DEFAULT_NETWORK)
+    gpus_per_node: int | None = None  # None: 8, or the GPU count when smaller
 
 
 # The optimizers of the study's inclusion relations, and the two whose memory optprof is about.
@@ -463,3 +472,11 @@ def parse_loss(text: str) -> int | None:
     if kind == "chunked":
         return whole_number(chunks, "--loss chunked:N")
     raise UsageError(f"--loss: expected default or chunked:N; got '{text}'")
+
+
+def cache_dir() -> Path:
+    """Where optprof caches (support decisions, measured op times): $OPTPROF_CACHE_DIR, else
+    $XDG_CACHE_HOME/optprof, else ~/.cache/optprof."""
+    if os.environ.get("OPTPROF_CACHE_DIR"):
+        return Path(os.environ["OPTPROF_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optprof"

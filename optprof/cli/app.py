@@ -56,6 +56,7 @@ app.command("check")(check.check)
 app.command("optimizers")(listing.optimizers)
 app.command("models")(listing.models)
 app.command("recipes")(listing.recipes)
+app.command("gpus")(listing.gpus)
 app.command("report")(report.report)
 
 

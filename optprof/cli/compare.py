@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from optprof.cli.inputs import SESSION, loaded_dtype, model_selection
+from optprof.cli.inputs import SESSION, loaded_dtype, model_selection, time_settings
 from optprof.cli.options import (
     DEFAULT_MODEL,
     ActivationCheckpointingOpt,
@@ -13,7 +13,9 @@ from optprof.cli.options import (
     CheckpointingOpt,
     FormatOpt,
     FreezeOpt,
+    GpuOpt,
     GpusOpt,
+    GpuSpecOpt,
     GradAccumOpt,
     GradClipOpt,
     LoraOpt,
@@ -82,7 +84,7 @@ def compare(
     offload_optimizer: OffloadOpt = CompareConfig.offload_optimizer, revision: RevisionOpt = None,
     trust_remote_code: TrustOpt = False, lora: LoraOpt = None, qlora: QloraOpt = None, freeze: FreezeOpt = None,
     attention: AttentionOpt = None, output_format: FormatOpt = OutputFormat.TABLE, output: OutputOpt = None,
-    units: UnitsOpt = None, plot: PlotOpt = None,
+    units: UnitsOpt = None, plot: PlotOpt = None, gpu: GpuOpt = None, gpu_spec: GpuSpecOpt = None,
 ) -> None:
     """Train MODEL for a few real steps under each optimizer and measure memory, time and throughput.
 
@@ -111,6 +113,9 @@ def compare(
     if qlora is not None and world > 1:
         raise UsageError("--qlora runs on one device for now (FSDP over 4-bit parameters is not set up); drop --gpus")
     limit = None if memory_limit is None else parse_bytes(memory_limit, "--memory-limit")
+    time_settings(gpu, gpu_spec, None, None, kind, world)
+    if gpu is not None and not predict:
+        raise UsageError("--gpu predicts each row's step time: drop --no-predict")
     fixed = resolve_micro_batch(micro_batch, kind, limit is not None)
     if save_profile is not None and fixed is None:
         raise UsageError("--save-profile needs a fixed --micro-batch (a profile names one)")
@@ -124,7 +129,8 @@ def compare(
         search=SearchSettings(max_micro_batch, search_margin) if fixed is None else None, gpus=world,
         strategy=step.strategy, torchrun=joined, trial_timeout_s=trial_timeout, predict=predict, preflight=preflight,
         offload_optimizer=offload_optimizer,
-        memory_snapshot_dir=None if memory_snapshot is None else str(memory_snapshot),
+        memory_snapshot_dir=None if memory_snapshot is None else str(memory_snapshot), gpu=gpu,
+        gpu_spec=None if gpu_spec is None else str(gpu_spec),
         shard_size=resolve_shard_size(step.strategy, world, shard_size, ranks_per_node() if joined else None))
     to = destination(output_format, output, units, plot)
     err = console(stderr=True)

@@ -99,3 +99,28 @@ def outside_reserve(device: DeviceKind, ranks: int, strategy: Strategy, shard_si
     if not modelled:
         return default_reserve(device)
     return sum(cost.bytes for cost in rank_costs(strategy, ranks, shard_size))
+
+
+@dataclass(frozen=True)
+class TimeTarget:
+    memory_bytes: int | None  # the catalog GPU's memory (the default --gpu-memory); None for local or no --gpu
+
+
+def time_settings(gpu: str | None, spec: Path | None, network: str | None, gpus_per_node: int | None,
+                  device: DeviceKind, gpus: int) -> TimeTarget:
+    """Check --gpu, --gpu-spec, --network and --gpus-per-node before any work (one line, exit 2, on a mistake)."""
+    from optprof.hardware.catalog import LOCAL, cluster, load_catalog
+
+    if gpu is None:
+        if spec is not None or network is not None or gpus_per_node is not None:
+            raise UsageError("--gpu-spec, --network and --gpus-per-node describe the --gpu: give --gpu NAME too")
+        return TimeTarget(None)
+    if gpu == LOCAL:
+        if device == DeviceKind.CUDA:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UsageError("--gpu local times ops on this machine's device, which has no CUDA: add --device cpu")
+        return TimeTarget(None)
+    chosen = cluster(load_catalog(spec), gpu, network, gpus_per_node, gpus)
+    return TimeTarget(chosen.gpu.memory_bytes)

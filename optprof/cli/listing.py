@@ -1,8 +1,8 @@
-"""`optprof optimizers` and `optprof models`: what optprof can profile."""
+"""`optprof optimizers`, `models`, `recipes` and `gpus`: what optprof can profile, and on what."""
 
 from __future__ import annotations
 
-from optprof.cli.options import FormatOpt, OutputFormat, OutputOpt, StrategyColumnOpt
+from optprof.cli.options import FormatOpt, GpuSpecOpt, OutputFormat, OutputOpt, StrategyColumnOpt
 from optprof.cli.output import destination, finish
 
 
@@ -24,6 +24,25 @@ def models(output_format: FormatOpt = OutputFormat.TABLE, output: OutputOpt = No
 
     to = destination(output_format, output)
     finish(ModelsReport.bundled(), to)
+
+
+def gpus(output_format: FormatOpt = OutputFormat.TABLE, gpu_spec: GpuSpecOpt = None) -> None:
+    """List the hardware catalog (--gpu, --network): each GPU's peaks, bandwidths and efficiencies, each network's
+    bandwidth and latency, every figure with its source in -f json."""
+    import json
+
+    from optprof.errors import UsageError
+    from optprof.hardware.catalog import load_catalog
+    from optprof.render.console import console
+    from optprof.render.hardware import catalog_records, gpus_table
+
+    catalog = load_catalog(gpu_spec)
+    if output_format == OutputFormat.JSON:
+        print(json.dumps(catalog_records(catalog), indent=2))
+    elif output_format == OutputFormat.TABLE:
+        console().print(gpus_table(catalog))
+    else:
+        raise UsageError("optprof gpus writes table or json")
 
 
 def recipes(output_format: FormatOpt = OutputFormat.TABLE) -> None:

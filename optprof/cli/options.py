@@ -137,6 +137,16 @@ SearchMarginOpt = Annotated[float, typer.Option(
     "--search-margin", min=0.0, max=0.9, help="Fraction of the limit to leave free when choosing the size to measure.")]
 GpuMemoryOpt = Annotated[str | None, typer.Option(
     "--gpu-memory", help="Memory per device, e.g. 80GiB: also predict the largest micro-batch that fits it.")]
+GpuOpt = Annotated[str | None, typer.Option(
+    "--gpu", help="Predict step time, tokens/s and MFU on this GPU of the hardware catalog (`optprof gpus` lists "
+    "them; it also sets the default --gpu-memory), or `local`: op times measured on this machine's device.")]
+GpuSpecOpt = Annotated[Path | None, typer.Option(
+    "--gpu-spec", help="A TOML file adding GPUs or networks to the catalog, or overriding some of an entry's "
+    "figures (the catalog's format: [gpu.NAME] bf16_tflops = 700).")]
+NetworkOpt = Annotated[str | None, typer.Option(
+    "--network", help="What joins the nodes, per GPU (a catalog network, e.g. ib-400g, roce-200g; default ib-400g).")]
+GpusPerNodeOpt = Annotated[int | None, typer.Option(
+    "--gpus-per-node", help="GPUs per node: groups beyond it cross the --network (default 8, or --gpus if smaller).")]
 ReserveOpt = Annotated[str | None, typer.Option(
     "--reserve", help="Memory per device outside PyTorch's caching allocator (CUDA context, NCCL buffers), "
     "replacing optprof's named estimates of them (predict on cuda) or its 2GiB guess (compare's checks); 0 on cpu.")]

@@ -9,6 +9,7 @@ from optprof.cli.inputs import (
     model_selection,
     one_device,
     outside_reserve,
+    time_settings,
 )
 from optprof.cli.options import (
     DEFAULT_MODEL,
@@ -21,7 +22,10 @@ from optprof.cli.options import (
     FormatOpt,
     FreezeOpt,
     GpuMemoryOpt,
+    GpuOpt,
     GpusOpt,
+    GpuSpecOpt,
+    GpusPerNodeOpt,
     GradAccumOpt,
     JobsOpt,
     LoraOpt,
@@ -30,6 +34,7 @@ from optprof.cli.options import (
     MicroBatchOpt,
     ModelArg,
     MpPolicyOpt,
+    NetworkOpt,
     OptArgOpt,
     OptimizerOpt,
     OutputFormat,
@@ -76,8 +81,10 @@ def predict(
     trust_remote_code: TrustOpt = False, output_format: FormatOpt = OutputFormat.TABLE, output: OutputOpt = None,
     units: UnitsOpt = None, plot: PlotOpt = None, save_profile: SaveProfileOpt = None, jobs: JobsOpt = None,
     lora: LoraOpt = None, qlora: QloraOpt = None, freeze: FreezeOpt = None, attention: AttentionOpt = None,
+    gpu: GpuOpt = None, gpu_spec: GpuSpecOpt = None, network: NetworkOpt = None, gpus_per_node: GpusPerNodeOpt = None,
 ) -> None:
-    """Predict peak memory per device (and the largest micro-batch) without a GPU, from fake tensors.
+    """Predict peak memory per device (and the largest micro-batch) without a GPU, from fake tensors; with --gpu,
+    also the step time, tokens/s and MFU on that GPU.
 
     The training step (forward, backward, the real optimizer's step) runs on fake tensors, which have
     shapes but no memory, under torch's MemTracker; with --gpus N, under FSDP2 on a fake process group.
@@ -100,6 +107,9 @@ def predict(
         micro_batch=whole_number(micro_batch or str(TrainingSettings.micro_batch), "--micro-batch"),
         grad_accum=grad_accum, **step.fields)
     allocator = allocator_settings(device, alloc_conf, memory_snapshot)
+    target = time_settings(gpu, gpu_spec, network, gpus_per_node, device, gpus or 1)
+    if gpu_memory is None and target.memory_bytes is not None:
+        gpu_memory = str(target.memory_bytes)
     run_config = PredictConfig(
         model_selection(model, step.dtype, revision, trust_remote_code, lora, freeze, qlora, attention),
         tuple(optimizer or ()), training, parse_opt_args(opt_arg or []), max_micro_batch=max_micro_batch,
@@ -108,7 +118,8 @@ def predict(
         gpu_memory_bytes=None if gpu_memory is None else parse_bytes(gpu_memory, "--gpu-memory"),
         alloc_conf=allocator, memory_snapshot=None if memory_snapshot is None else str(memory_snapshot),
         reserve_bytes=outside_reserve(device, fake.ranks, fake.strategy, fake.shard_size, allocator is not None)
-        if reserve is None else parse_bytes(reserve, "--reserve", allow_zero=True))
+        if reserve is None else parse_bytes(reserve, "--reserve", allow_zero=True),
+        gpu=gpu, gpu_spec=None if gpu_spec is None else str(gpu_spec), network=network, gpus_per_node=gpus_per_node)
     if run_config.gpu_memory_bytes is not None and run_config.gpu_memory_bytes <= run_config.reserve_bytes:
         raise UsageError("--gpu-memory must be larger than --reserve")
     one_device(fake.ranks, save_profile)

@@ -118,7 +118,8 @@ def _predict_config(runner: TrialRunner, names: tuple[str, ...], training: Train
     return PredictConfig(config.model, names, training, config.opt_args, gpu_memory_bytes=limit,
                          reserve_bytes=default_reserve(training.device), gpus=ranks, strategy=config.strategy,
                          shard_size=config.shard_size, max_micro_batch=search.max_micro_batch if search else
-                         MAX_MICRO_BATCH, alloc_conf=allocator_model(training.device))
+                         MAX_MICRO_BATCH, alloc_conf=allocator_model(training.device), gpu=config.gpu,
+                         gpu_spec=config.gpu_spec)
 
 
 def _predicted(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings, ranks: int,
@@ -192,7 +193,8 @@ def _checked_against_prediction(runner: TrialRunner, entry: OptimizerEntry, trai
         return row
     peak = predicted.predicted_peaks.get(row.micro_batch) if predicted is not None else None
     same = predicted if predicted is not None and predicted.micro_batch == row.micro_batch else None
-    if peak is None or (same is None and training.device == DeviceKind.CUDA):  # the model's figures at this size
+    # the allocator model's figures, or the step time, at this size
+    if peak is None or (same is None and (training.device == DeviceKind.CUDA or runner.config.gpu is not None)):
         same, why = _prediction(runner, entry, dataclasses.replace(training, micro_batch=row.micro_batch))
         if same is None:
             return dataclasses.replace(row, notes=(*row.notes, f"no prediction to check against: {why}"))
@@ -200,9 +202,13 @@ def _checked_against_prediction(runner: TrialRunner, entry: OptimizerEntry, trai
     assert peak is not None
     allocated = None if same is None else same.predicted_allocated_bytes
     reserved = None if same is None else same.predicted_reserved_bytes
+    errors = prediction_errors(row, peak, default_reserve(training.device), allocated, reserved)
+    step_s = None if same is None else same.predicted_step_s
+    if step_s is not None and row.step_s_p50:
+        errors["step_s"] = step_s / row.step_s_p50 - 1  # against the measured median step
     return dataclasses.replace(row, predicted_peak_bytes=peak, predicted_reserved_bytes=reserved,
-                               prediction_errors=prediction_errors(row, peak, default_reserve(training.device),
-                                                                   allocated, reserved))
+                               prediction_errors=errors, predicted_step_s=step_s,
+                               predicted_phase_s={} if same is None else same.predicted_phase_s)
 
 
 def _searched_row(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,

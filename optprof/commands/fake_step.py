@@ -26,6 +26,7 @@ from optprof.device.costs import cublas_workspace_bytes
 from optprof.device.replay import Replay, replay
 from optprof.device.trace import AllocationTrace, TraceRecorder
 from optprof.distributed.sharding import shard_fsdp, zero1_optimizer
+from optprof.hardware.catalog import LOCAL
 from optprof.measure.device import CpuDevice
 from optprof.measure.step import TrainStep, configure_model, make_batches
 from optprof.measure.tracker import TensorPeakTracker, TrackedPeak, tracked_step
@@ -68,6 +69,16 @@ def lowered(peak: TrackedPeak, saving: int) -> TrackedPeak:
                                fwd_bwd_peak_bytes=peak.fwd_bwd_peak_bytes - saving)
 
 
+def cuda_implementation(optimizer: Any) -> None:
+    """The implementation CUDA would run, for a fake step on CPU tensors: a torch optimizer left to choose
+    (foreach None, fused not asked) takes foreach on CUDA tensors (torch/optim/optimizer.py:
+    `_default_to_fused_or_foreach`, called from each optimizer's functional entry point, e.g. torch/optim/adamw.py
+    `adamw`) but the per-tensor loop on CPU ones. An explicit --opt-arg foreach=False or fused=True is kept."""
+    for group in getattr(optimizer, "param_groups", ()):
+        if "foreach" in group and group["foreach"] is None and not group.get("fused"):
+            group["foreach"] = True
+
+
 class FakeModel:
     """The model on fake tensors as the step runs it: loaded, its checkpointing and loss set, sharded over `mesh`."""
 
@@ -98,17 +109,30 @@ class FakeModel:
             return entry.build(self.model, self.info, self.config.opt_args)
 
         # zero1 (support checks only): the optimizer as rank 0's share, the model unwrapped (no DDP buckets)
-        return zero1_optimizer(build) if self.mesh is not None and self.config.strategy == Strategy.ZERO1 else build()
+        optimizer = zero1_optimizer(build) if self.mesh is not None and self.config.strategy == Strategy.ZERO1 \
+            else build()
+        if self.training.device == DeviceKind.CUDA:
+            cuda_implementation(optimizer)
+        return optimizer
 
     def step(self, optimizer: Any, micro_batch: int) -> TrainStep:
         # CPU kernels on fake tensors; device-side settings (amp dtype) still follow the target
         training = dataclasses.replace(self.training, micro_batch=micro_batch, device=DeviceKind.CPU)
         batches = make_batches(self.info.vocab_size, training, "cpu")
         scaler = no_overflow_scaler() if training.amp == "fp16" else None
-        return TrainStep(self.model, optimizer, self.params, batches, CpuDevice(), training, scaler)
+        step = TrainStep(self.model, optimizer, self.params, batches, CpuDevice(), training, scaler)
+        if self.training.device == DeviceKind.CUDA:
+            step.clip_foreach = True  # clip_grad_norm_ on CUDA tensors: _foreach_norm (torch/nn/utils/clip_grad.py)
+        return step
 
     def recorder(self) -> TraceRecorder | None:
-        return TraceRecorder(cublas_workspace_bytes(SM90)) if self.config.alloc_conf is not None else None
+        """The allocation trace's recorder with the allocator model; with a time target (--gpu), it records the ops
+        too, and for --gpu local what rebuilds each op for timing."""
+        times = self.config.gpu is not None
+        if self.config.alloc_conf is None and not times:
+            return None
+        workspace = cublas_workspace_bytes(SM90) if self.config.alloc_conf is not None else 0
+        return TraceRecorder(workspace, ops=times, specs=self.config.gpu == LOCAL)
 
 
 @dataclass(frozen=True)
@@ -148,11 +172,13 @@ class _Simulated:
     """The replays of a trainer's traces through the caching-allocator model, once per micro-batch and capacity."""
 
     records: bool
+    times: bool
     snapshots: bool
     alloc_conf: str
 
     def __init__(self, config: PredictConfig) -> None:
         self.records = config.alloc_conf is not None
+        self.times = config.gpu is not None  # the traces carry the ops, for the step's time
         self.alloc_conf = config.alloc_conf or ""
         self.snapshots = bool(config.memory_snapshot)  # the replays keep their events for the snapshot
         self._replays: dict[tuple[int, int | None], Replay] = {}

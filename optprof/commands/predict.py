@@ -37,9 +37,12 @@ from optprof.config import (
 )
 from optprof.device.allocator import AllocatorConfig
 from optprof.device.costs import rank_costs
+from optprof.device.local_times import measured_times
+from optprof.device.ops import OpRecord
 from optprof.device.replay import replay
 from optprof.device.snapshot import write_snapshot
-from optprof.device.trace import extrapolated
+from optprof.device.timeline import StepTime, catalog_coster, step_time
+from optprof.device.trace import AllocationTrace, extrapolated
 from optprof.distributed.sharding import (
     adam_mini_on_cpu_ranks,
     fake_process_group,
@@ -47,6 +50,8 @@ from optprof.distributed.sharding import (
     gloo_reduce_scatter_copies,
 )
 from optprof.errors import error_text
+from optprof.hardware.catalog import LOCAL, Cluster, cluster, load_catalog
+from optprof.measure.flops import model_flops_per_token
 from optprof.model.info import config_values
 from optprof.model.loading import default_loaded_dtype, load_config, load_selection
 from optprof.model.setups import QLORA_PREDICTED
@@ -227,6 +232,49 @@ def solved_max(trainer: FakeTrainer | SharedView, usable: int, cap: int) -> int 
     return largest
 
 
+@functools.cache
+def _catalog_cluster(gpu: str, gpu_spec: str | None, network: str | None, gpus_per_node: int | None,
+                     gpus: int) -> Cluster:
+    from pathlib import Path
+
+    return cluster(load_catalog(None if gpu_spec is None else Path(gpu_spec)), gpu, network, gpus_per_node, gpus)
+
+
+def time_target(config: PredictConfig) -> Cluster | None:
+    """The catalog cluster a --gpu names (None: --gpu local or no time)."""
+    if config.gpu is None or config.gpu == LOCAL:
+        return None
+    return _catalog_cluster(config.gpu, config.gpu_spec, config.network, config.gpus_per_node, config.gpus)
+
+
+def step_seconds(trace: AllocationTrace, config: PredictConfig, training: TrainingSettings) -> StepTime:
+    """The traced step's time on the --gpu's cluster, or from op times measured on this machine (--gpu local)."""
+    cluster_ = time_target(config)
+    if cluster_ is not None:
+        return step_time(trace.ops, catalog_coster(cluster_), cluster_.gpu.launch_s)
+    times = measured_times(trace.ops, str(training.device))
+
+    def measured(op: OpRecord) -> float:
+        return times.get(op.key or "") or 0.0  # collectives and ops that cannot run on made-up values: none
+
+    return step_time(trace.ops, measured, 0.0)  # a measured op time includes its dispatch and launch
+
+
+def _time_fields(trainer: FakeTrainer | SharedView, micro_batch: int, config: PredictConfig,
+                 training: TrainingSettings, suffix: str = "") -> dict[str, Any]:
+    """The row's time figures at `micro_batch` (MFU is added by run_predict, which knows the model's FLOPs)."""
+    timed = step_seconds(trainer.trace(micro_batch), config, training)
+    tokens = micro_batch * (training.seq_len or 0) * training.grad_accum  # seq_len is resolved by run_predict
+    per_gpu = tokens / timed.step_s if timed.step_s else None
+    ranks = config.gpus * config.replicas  # every rank trains on its own tokens (data parallel)
+    fields: dict[str, Any] = {f"predicted_step_s{suffix}": timed.step_s, f"predicted_phase_s{suffix}": timed.phase_s,
+                              f"predicted_tokens_per_s_per_gpu{suffix}": per_gpu,
+                              f"predicted_tokens_per_s{suffix}": None if per_gpu is None else per_gpu * ranks}
+    if not suffix:
+        fields["predicted_communication_s"] = timed.communication_s
+    return fields
+
+
 def _traced_row(trainer: FakeTrainer | SharedView, config: PredictConfig, entry: OptimizerEntry,
                 training: TrainingSettings, progress: Callable[[str], None]) -> PredictRow:
     """The row from a trainer's tracked steps: the asked micro-batch, and the largest that fits when memory is
@@ -268,6 +316,11 @@ def _traced_row(trainer: FakeTrainer | SharedView, config: PredictConfig, entry:
     if simulated is not None and config.memory_snapshot:
         write_snapshot(simulated.allocator, snapshot_file(config.memory_snapshot, entry.name, len(config.optimizers)))
     device_bytes = (simulated.peak_reserved if simulated is not None else at.tensor_peak_bytes) + config.reserve_bytes
+    times: dict[str, Any] = {}
+    if trainer.times:
+        times = _time_fields(trainer, training.micro_batch, config, training)
+        if found is not None and found.max_micro_batch:
+            times |= _time_fields(trainer, found.max_micro_batch, config, training, "_at_max")
     return dataclasses.replace(
         _base_row(entry, config, training),
         state_bytes=trainer.state_bytes,
@@ -284,6 +337,7 @@ def _traced_row(trainer: FakeTrainer | SharedView, config: PredictConfig, entry:
         predicted_max_method=method,
         predicted_peak_at_max_bytes=at_max,
         predicted_peaks=dict(sorted(peaks.items())),
+        **times,
     )
 
 
@@ -382,6 +436,51 @@ def predict_rows(config: PredictConfig, entries: list[OptimizerEntry], training:
     return [rows[position] for position in range(len(entries))]
 
 
+TIME_BAND = 0.25  # what the method can claim without calibration: see docs/methods.md, "Step time"
+
+
+def with_mfu(row: PredictRow, flops_per_token: float, config: PredictConfig) -> PredictRow:
+    """MFU as torchtitan computes it: model FLOPs per token x tokens/s per GPU / the GPU's dense bf16 peak (none for
+    --gpu local, whose peak is unknown)."""
+    target = time_target(config)
+    if target is None or row.status != Status.OK:
+        return row
+    peak = target.gpu.peak("bf16")
+
+    def mfu(per_gpu: float | None) -> float | None:
+        return None if per_gpu is None else flops_per_token * per_gpu / peak
+
+    return dataclasses.replace(row, predicted_mfu=mfu(row.predicted_tokens_per_s_per_gpu),
+                               predicted_mfu_at_max=mfu(row.predicted_tokens_per_s_per_gpu_at_max))
+
+
+def timing_notes(config: PredictConfig, training: TrainingSettings, flops_per_token: float) -> tuple[str, ...]:
+    """How the time figures were made, for the report's notes."""
+    target = time_target(config)
+    ranks = config.gpus * config.replicas
+    if target is None:
+        where = (f"op times measured on this machine's {training.device} (each distinct op of the traced step run "
+                 "once on made-up values; cached per device and torch version); collectives not timed")
+    else:
+        gpu = target.gpu
+        where = (f"{target.describe(ranks)}: each op of the traced step costed by roofline on the {gpu.name} "
+                 f"({gpu.peak('bf16') / 1e12:.0f} TFLOP/s bf16 dense, {gpu.memory_bandwidth / 1e9:,.0f} GB/s, "
+                 f"matmul efficiency {gpu.matmul_efficiency:.0%} with tile and wave quantization over {gpu.sms} SMs, "
+                 f"attention {gpu.attention_efficiency:.0%}, memory {gpu.memory_efficiency:.0%}, "
+                 f"{gpu.launch_s * 1e6:.1f} us per launch), collectives by ring time over NCCL's bus bandwidth "
+                 f"({gpu.intra_node_busbw / 1e9:.0f} GB/s in a node"
+                 + (f", {target.network.busbw / 1e9:.0f} GB/s per GPU across nodes" if ranks > target.gpus_per_node
+                    else "") + "); sources: optprof/hardware/catalog.toml")
+    notes = [f"time (predicted, about ±{TIME_BAND:.0%}): {where}; ops placed on their streams in the order the step "
+             "issued them, so overlap and exposed communication come from the timeline"]
+    if ranks > 1 and config.replicas > 1:
+        notes.append("time: the recipe's DDP all-reduce is not in the traced step (one rank was predicted): its "
+                     "communication is not counted")
+    notes.append(f"MFU: {flops_per_token / 1e9:.2f} GFLOP per token (6 x matmul weights + 12 x layers x heads x "
+                 "head dim x seq len, as torchtitan's get_num_flop_per_token) x tokens/s per GPU / dense bf16 peak")
+    return tuple(notes)
+
+
 def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] | None = None,
                 on_row: Callable[[PredictRow], None] | None = None) -> PredictReport:
     check_training(config.training, config.model.dtype)
@@ -394,6 +493,11 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
         config.training.seq_len, info.max_position_embeddings, config.training.device))
     rows = predict_rows(config, entries, training, on_progress or (lambda name, text: None),
                         on_row or (lambda row: None))
+    time_notes: tuple[str, ...] = ()
+    if config.gpu is not None:
+        flops_per_token = model_flops_per_token(loaded.module, info, training.seq_len or 0)
+        rows = [with_mfu(row, flops_per_token, config) for row in rows]
+        time_notes = timing_notes(config, training, flops_per_token)
     assumptions = ASSUMPTIONS_COMMON + (ASSUMPTIONS_CUDA if training.device == DeviceKind.CUDA else ())
     dropout = config_values(loaded.config, ATTENTION_DROPOUT_KEYS) if training.device == DeviceKind.CUDA else {}
     zeroed = [f"{key} {value:g}" for key, value in dropout.items() if value]  # only where there was dropout
@@ -411,6 +515,7 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
     assumptions += recipe_notes(training, selection, config.replicas)
     outside = allocator_notes(config)
     assumptions += tuple(line for _, line in outside)
+    assumptions += time_notes
     if config.gpus == 1 and training.mp_param is not None:
         assumptions += ("--mp-policy on one device: FSDP2 over a one-rank mesh (as torchtitan runs one GPU), so "
                         "forward and backward use gathered copies in the policy's dtype",)
@@ -439,6 +544,9 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
             "replicas": config.replicas,
             "alloc_conf": config.alloc_conf,
             "outside_allocator": [cost for cost, _ in outside if cost is not None],
+            "gpu": config.gpu,
+            "network": config.network,
+            "gpus_per_node": config.gpus_per_node,
         },
         assumptions=assumptions,
     )

@@ -28,6 +28,7 @@ from optprof.config import (
     PredictConfig,
     Strategy,
     TrainingSettings,
+    cache_dir,
     default_reserve,
 )
 from optprof.measure.nvml import open_backend, smallest_visible_card
@@ -66,13 +67,6 @@ def check_support(selection: ModelSelection, entry: OptimizerEntry, strategy: St
 
 
 # ------------------------------------------------------------------------------------------ support matrix
-
-
-def cache_dir() -> Path:
-    """Where decisions are cached: $OPTPROF_CACHE_DIR, else $XDG_CACHE_HOME/optprof, else ~/.cache/optprof."""
-    if os.environ.get("OPTPROF_CACHE_DIR"):
-        return Path(os.environ["OPTPROF_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optprof"
 
 
 def _support_cache_file(strategy: Strategy) -> Path:

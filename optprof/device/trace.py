@@ -24,6 +24,19 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from optprof.device.ops import (
+    COLLECTIVES,
+    DTYPE_NAMES,
+    OpKind,
+    OpRecord,
+    collective_bytes,
+    collective_ranks,
+    flops_of,
+    kind_of,
+    matmul_dims,
+    tensor_bytes,
+)
+
 DEFAULT_STREAM = "default"
 MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "linear")  # ops that take a cuBLAS handle
 
@@ -41,6 +54,7 @@ class AllocationTrace:
     events: list[TraceEvent] = field(default_factory=list)
     tags: dict[int, str] = field(default_factory=dict)  # allocation id -> what it was
     marks: dict[str, int] = field(default_factory=dict)  # phase -> index of the first event after it began
+    ops: list[OpRecord] = field(default_factory=list)  # the kernels and collectives, in issue order (device/ops.py)
 
     def streams(self) -> list[str]:
         return list(dict.fromkeys(e.stream for e in self.events))
@@ -61,7 +75,7 @@ def extrapolated(one: AllocationTrace, two: AllocationTrace, at: int, micro_batc
         if size < 0:
             return None
         events.append(TraceEvent(a.alloc, a.id, size, a.stream))
-    return AllocationTrace(events, dict(one.tags), dict(one.marks))
+    return AllocationTrace(events, dict(one.tags), dict(one.marks))  # no ops: time is predicted from traced steps
 
 
 def _frees_in_order(events: list[TraceEvent], marks: dict[str, int]) -> list[TraceEvent]:
@@ -80,12 +94,26 @@ def _frees_in_order(events: list[TraceEvent], marks: dict[str, int]) -> list[Tra
     return ordered + sorted(run, key=lambda e: e.id)
 
 
-class TraceRecorder:
-    """Records the allocation trace of whatever runs inside `with recorder.recording():` (on fake tensors)."""
+def _renumbered(op: OpRecord, number: dict[int, int]) -> OpRecord:
+    """An op's storages under the finished trace's numbering (a storage allocated before recording keeps -1 - id)."""
+    import dataclasses
 
-    def __init__(self, workspace_bytes: int = 0) -> None:
+    def ids(found: tuple[int, ...]) -> tuple[int, ...]:
+        return tuple(number.get(i, -1 - i) for i in found)
+
+    return dataclasses.replace(op, reads=ids(op.reads), writes=ids(op.writes))
+
+
+class TraceRecorder:
+    """Records the allocation trace of whatever runs inside `with recorder.recording():` (on fake tensors), and with
+    `ops`, every op with its cost inputs (device/ops.py); with `specs`, also what rebuilds each op for timing it."""
+
+    def __init__(self, workspace_bytes: int = 0, ops: bool = False, specs: bool = False) -> None:
         self.trace = AllocationTrace()
         self.workspace_bytes = workspace_bytes  # cuBLAS workspace per (thread, stream); 0: none (a CPU target)
+        self.records_ops = ops
+        self.keeps_specs = specs
+        self._phase = "step"
         from torch.utils.weak import WeakIdKeyDictionary
 
         # storage -> [its current allocation id, or None after a resize to 0]; one finalizer per storage frees it
@@ -105,6 +133,7 @@ class TraceRecorder:
     # ------------------------------------------------------------------------------------------------ marks
     def mark(self, phase: str) -> None:
         self.trace.marks.setdefault(phase, len(self.trace.events))
+        self._phase = phase  # every forward of a gradient accumulation marks again
 
     def start_forward(self) -> None:
         self._phase_allocations = []
@@ -150,7 +179,8 @@ class TraceRecorder:
                 number[event.id] = len(number)
         renumbered = [TraceEvent(e.alloc, number[e.id], e.size, e.stream) for e in events]
         tags = {number[allocation]: tag for allocation, tag in trace.tags.items() if allocation in number}
-        return AllocationTrace(_frees_in_order(renumbered, marks), tags, marks)
+        ops = [_renumbered(op, number) for op in trace.ops]
+        return AllocationTrace(_frees_in_order(renumbered, marks), tags, marks, ops)
 
     def tag_tensors(self, tensors: Any, tag: str) -> None:
         """Name what these tensors' storages are (allocating those not seen yet: they were alive already)."""
@@ -228,6 +258,45 @@ class TraceRecorder:
             self._workspaces.add(key)
             self._allocate(self.workspace_bytes, "workspace")  # never freed: cached per thread and stream
 
+    def _known(self, tensor: Any) -> int | None:
+        holder = self._ids.get(tensor.untyped_storage())
+        return None if holder is None else holder[0]
+
+    def _record_op(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> None:
+        """The op's record (device/ops.py): what it computes and moves, and the storages it reads and writes."""
+        import torch
+        from torch.utils._pytree import tree_flatten
+
+        namespace, _, rest = str(func).partition(".")
+        base = rest.split(".")[0]
+        kind = kind_of(base, namespace)
+        if kind == OpKind.FREE:
+            return
+        inputs = [v for v in tree_flatten((args, kwargs))[0] if isinstance(v, torch.Tensor)]
+        outputs = [out] if isinstance(out, torch.Tensor) else [v for v in tree_flatten(out)[0]
+                                                              if isinstance(v, torch.Tensor)]
+        if base.endswith("_") and args:  # in place: the first argument is written (foreach ops return nothing)
+            outputs += [v for v in tree_flatten(args[0])[0] if isinstance(v, torch.Tensor)]
+        reads = tuple(dict.fromkeys(i for i in map(self._known, inputs) if i is not None))
+        writes = tuple(dict.fromkeys(i for i in map(self._known, outputs) if i is not None))
+        floating = next((t.dtype for t in inputs if t.is_floating_point()), None)
+        dtype = DTYPE_NAMES.get(str(floating), "fp32")
+        if kind == OpKind.COLLECTIVE:
+            moved, flops, mnk, group = collective_bytes(base, inputs), 0, None, collective_ranks(args)
+            name = COLLECTIVES[base]
+        else:
+            moved = sum(map(tensor_bytes, inputs)) + sum(map(tensor_bytes, outputs))
+            flops = flops_of(func, kind, base, args, kwargs, out)
+            mnk = matmul_dims(base, args) if kind == OpKind.MATMUL else None
+            group, name = None, str(func)
+        key = spec = None
+        if self.keeps_specs and kind != OpKind.COLLECTIVE:
+            from optprof.device.local_times import op_spec
+
+            key, spec = op_spec(func, args, kwargs)
+        self.trace.ops.append(OpRecord(name, kind, self._stream, self._phase, flops, moved, dtype, reads, writes,
+                                       mnk, group, key, spec))
+
     # ------------------------------------------------------------------------------------------------ hooks
     @contextlib.contextmanager
     def recording(self) -> Iterator[AllocationTrace]:
@@ -244,10 +313,12 @@ class TraceRecorder:
                 out = func(*args, **(kwargs or {}))
                 if isinstance(out, torch.Tensor):  # most ops: one tensor, no flattening needed
                     recorder._see(out.untyped_storage())
-                    return out
-                for value in tree_flatten(out)[0]:
-                    if isinstance(value, torch.Tensor):
-                        recorder._see(value.untyped_storage())
+                else:
+                    for value in tree_flatten(out)[0]:
+                        if isinstance(value, torch.Tensor):
+                            recorder._see(value.untyped_storage())
+                if recorder.records_ops:
+                    recorder._record_op(func, args, kwargs or {}, out)
                 return out
 
         original_resize = torch.UntypedStorage.resize_

@@ -131,6 +131,9 @@ class TrainStep:
         if self.fused is not None:
             _check_fused(training)
         self.create_graph = needs_gradient_graph(optimizer)  # SophiaH: its step differentiates the gradients
+        # clip_grad_norm_'s foreach: None lets torch choose by device (CUDA: foreach); a fake step for a CUDA
+        # target sets True, since on CPU tensors torch would take the per-tensor path
+        self.clip_foreach: bool | None = None
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         import torch
@@ -178,7 +181,7 @@ class TrainStep:
         if self.training.grad_clip is not None:
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.params, self.training.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.params, self.training.grad_clip, foreach=self.clip_foreach)
         step_start = device.mark()
         if self.fused is not None:
             pass  # the update ran inside backward

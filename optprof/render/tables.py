@@ -83,45 +83,97 @@ def state_size_table(report: StateSizeReport, units: str = "gb") -> Group:
     return Group(table, legend, *notes)
 
 
+def _table(title: str) -> Table:
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{1e3 * value:,.1f}"
+
+
 def predict_table(report: PredictReport, units: str) -> Group:
+    """What a decision needs first (state, device memory against the card, largest micro-batch, tokens/s per GPU,
+    MFU, status), then the memory breakdown and, with --gpu, the step's time split, each in a table of its own so
+    that none is cut at 80 columns."""
     _, unit = UNITS[units]
     first = next((r for r in report.results if r.status == Status.OK), None)
     config = report.config
     ranks = f", per rank of {config['gpus']} ({strategy(config)})" if config.get("gpus", 1) > 1 else ""
     shape = "" if first is None else f" at micro-batch {first.micro_batch} x {first.seq_len} tokens"
     memory = config.get("gpu_memory_bytes")
-    table = Table(title=f"PREDICTED for {config['target_device']}{shape}{ranks}: fake tensors, nothing allocated",
-                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    timed = any(row.predicted_step_s is not None for row in report.results)
+    at_max = any(row.predicted_step_s_at_max is not None for row in report.results)
+    simulated = any(row.predicted_reserved_bytes is not None for row in report.results)
+    gpu = f" on {config['gpu']}" if config.get("gpu") else ""
+    table = _table(f"PREDICTED for {config['target_device']}{gpu}{shape}{ranks}")
     table.add_column("optimizer", style="bold", no_wrap=True)
     table.add_column(f"state\n{unit}", justify="right", no_wrap=True)
-    for key in ("params", "grads", "activations", "temps"):
-        table.add_column(f"{key}\n{unit}", justify="right", no_wrap=True)
-    table.add_column(f"predicted\npeak {unit}", justify="right", no_wrap=True)
-    simulated = any(row.predicted_reserved_bytes is not None for row in report.results)
-    if simulated:
-        table.add_column(f"allocated\n{unit}", justify="right", no_wrap=True)
-        table.add_column(f"reserved\n{unit}", justify="right", no_wrap=True)
     table.add_column(f"{'device' if simulated else '+ reserve'}\n{unit}", justify="right", no_wrap=True)
     if memory is not None:
-        table.add_column("predicted max\nµbatch", justify="right", no_wrap=True)
+        table.add_column("max\nµbatch", justify="right", no_wrap=True)
+    if timed:
+        table.add_column("tokens/s\nper GPU", justify="right", no_wrap=True)
+        table.add_column("MFU", justify="right", no_wrap=True)
+    if at_max:
+        table.add_column("tokens/s/GPU\nat max", justify="right", no_wrap=True)
+        table.add_column("MFU\nat max", justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
     notes: list[Text] = []
     for row in report.results:
         status = status_cell(row.optimizer, row.status, [row.reason or "", row.settings or ""], notes)
-        parts = [row.predicted_breakdown.get(k) for k in BREAKDOWN_KEYS if k != "optimizer_state"]
         largest = "-" if row.predicted_max_micro_batch is None else (
             f"{row.predicted_max_micro_batch}{'+' if row.predicted_max_capped else ''}")
         table.add_row(
-            row.optimizer,
-            format_bytes(row.state_bytes, units),
-            *(format_bytes(p, units) for p in parts),
-            format_bytes(row.predicted_peak_bytes, units),
-            *((format_bytes(row.predicted_allocated_bytes, units), format_bytes(row.predicted_reserved_bytes, units))
-              if simulated else ()),
-            format_bytes(row.predicted_device_bytes, units),
+            row.optimizer, format_bytes(row.state_bytes, units), format_bytes(row.predicted_device_bytes, units),
             *((largest,) if memory is not None else ()),
+            *((_rate(row.predicted_tokens_per_s_per_gpu), _share(row.predicted_mfu)) if timed else ()),
+            *((_rate(row.predicted_tokens_per_s_per_gpu_at_max), _share(row.predicted_mfu_at_max)) if at_max else ()),
             status,
         )
+    breakdown = _table(f"Memory per device at micro-batch {first.micro_batch if first else '-'} ({unit})")
+    breakdown.add_column("optimizer", style="bold", no_wrap=True)
+    for key in ("params", "grads", "activ.", "temps", "tensor\npeak"):
+        breakdown.add_column(key, justify="right", no_wrap=True)
+    if simulated:
+        breakdown.add_column("allocated", justify="right", no_wrap=True)
+        breakdown.add_column("reserved", justify="right", no_wrap=True)
+    breakdown.add_column("device", justify="right", no_wrap=True)
+    for row in report.results:
+        if row.status != Status.OK:
+            continue
+        parts = [row.predicted_breakdown.get(k) for k in BREAKDOWN_KEYS if k != "optimizer_state"]
+        breakdown.add_row(
+            row.optimizer, *(format_bytes(p, units) for p in parts), format_bytes(row.predicted_peak_bytes, units),
+            *((format_bytes(row.predicted_allocated_bytes, units), format_bytes(row.predicted_reserved_bytes, units))
+              if simulated else ()),
+            format_bytes(row.predicted_device_bytes, units))
+    tables: list[Table] = [table, breakdown]
+    if timed:
+        timing = _table("Step time, ms (predicted): forward + backward + optimizer + exposed communication = step")
+        timing.add_column("optimizer", style="bold", no_wrap=True)
+        for key in ("µbatch", "fwd", "bwd", "optim.", "exposed\ncomm.", "step", "all\ncomm."):
+            timing.add_column(key, justify="right", no_wrap=True)
+        for row in report.results:
+            if row.status != Status.OK or row.predicted_step_s is None:
+                continue
+            sizes = [(row.micro_batch, row.predicted_phase_s, row.predicted_step_s, row.predicted_communication_s)]
+            if row.predicted_step_s_at_max is not None and row.predicted_max_micro_batch != row.micro_batch:
+                sizes.append((row.predicted_max_micro_batch, row.predicted_phase_s_at_max,
+                              row.predicted_step_s_at_max, None))
+            for index, (size, phases, step, communication) in enumerate(sizes):
+                timing.add_row(row.optimizer if index == 0 else "", str(size),
+                               *(_ms(phases.get(k)) for k in ("forward", "backward", "optimizer",
+                                                              "exposed_communication")),
+                               _ms(step), _ms(communication))
+        tables.append(timing)
     reserve = format_bytes(config.get("reserve_bytes"), units)
     if simulated:
         outside = "; ".join(f"{c['name']} {format_bytes(c['bytes'], units)}" for c in config.get("outside_allocator")
@@ -129,17 +181,19 @@ def predict_table(report: PredictReport, units: str) -> Group:
         explained = (f"allocated / reserved: torch.cuda.max_memory_allocated / max_memory_reserved, from the step's "
                      f"allocations replayed through the caching-allocator model ({config.get('alloc_conf')}). "
                      f"device: reserved plus what sits outside the allocator ({outside} {unit}).")
-        fit = " predicted max µbatch: the largest whose replay does not run out of memory on"
+        fit = " max µbatch: the largest whose replay does not run out of memory on"
     else:
         explained = f"+ reserve: the peak plus {reserve} {unit} that tensors do not show."
-        fit = " predicted max µbatch: the largest whose peak + reserve fits"
+        fit = " max µbatch: the largest whose peak + reserve fits"
     legend = Text(
-        f"{units_note(units)}. Breakdown at the predicted peak (state: the real optimizer's, exact). {explained}"
-        + ("" if memory is None else f"{fit} {format_bytes(memory, units)} {unit}."),
+        f"{units_note(units)}. Everything predicted from fake tensors, nothing allocated. Breakdown at the tensor "
+        f"peak (state: the real optimizer's, exact). {explained}"
+        + ("" if memory is None else f"{fit} {format_bytes(memory, units)} {unit}.")
+        + (" tokens/s per GPU and MFU: from the predicted step time (the notes say how)." if timed else ""),
         style="dim",
     )
     assumptions = [Text("Assumed: " + a, style="dim") for a in report.assumptions]
-    return Group(table, legend, *notes, *assumptions)
+    return Group(*tables, legend, *notes, *assumptions)
 
 
 def prediction_line(row: PredictRow, units: str = "gb") -> Text:

@@ -154,6 +154,8 @@ class CompareRow(StepRow):
     predicted_peak_bytes: int | None = None  # live tensors, per device
     predicted_reserved_bytes: int | None = None  # CUDA: the allocator model's max_memory_reserved at this size
     prediction_errors: dict[str, float] = field(default_factory=dict)  # measured figure -> predicted/measured - 1
+    predicted_step_s: float | None = None  # with --gpu: the step time predicted (its error: prediction_errors.step_s)
+    predicted_phase_s: dict[str, float] = field(default_factory=dict)  # forward, backward, optimizer, exposed comm.
     # --gpus N: state_bytes is then the logical total (unsharded), per-rank figures are under `ranks`
     strategy: str | None = None
     state_logical_bytes: int | None = None  # the state's unsharded size (DTensor global shapes)
@@ -216,6 +218,21 @@ class PredictRow(StepRow):
     predicted_max_method: MaxMethod | None = None  # solved from two traces and confirmed, or searched
     predicted_peak_at_max_bytes: int | None = None
     predicted_peaks: dict[int, int] = field(default_factory=dict)  # micro-batch -> peak, every size stepped
+    # Time (with --gpu): the step's ops costed on the GPU and placed on their streams (device/timeline.py), at
+    # micro_batch and at predicted_max_micro_batch (_at_max). Phases: forward, backward (recomputation included),
+    # optimizer, exposed_communication, seconds, adding up to the step. Tokens/s global (all data-parallel ranks)
+    # and per GPU; MFU as torchtitan computes it (model FLOPs per token x tokens/s per GPU / dense bf16 peak)
+    predicted_step_s: float | None = None
+    predicted_phase_s: dict[str, float] = field(default_factory=dict)
+    predicted_communication_s: float | None = None  # every collective's own time, overlapped or not
+    predicted_tokens_per_s: float | None = None
+    predicted_tokens_per_s_per_gpu: float | None = None
+    predicted_mfu: float | None = None
+    predicted_step_s_at_max: float | None = None
+    predicted_phase_s_at_max: dict[str, float] = field(default_factory=dict)
+    predicted_tokens_per_s_at_max: float | None = None
+    predicted_tokens_per_s_per_gpu_at_max: float | None = None
+    predicted_mfu_at_max: float | None = None
     predict_s: float | None = None  # wall time of this optimizer's prediction
 
 

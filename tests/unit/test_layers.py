@@ -20,7 +20,9 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("tune",),  # the optimizer study's protocol: space, corpus, trial, conclusions, run
     ("measure",),  # the real training step, its trackers, NVML, trials on one or N ranks
     ("distributed",),  # sharding (DDP, ZeRO-1, FSDP2, HSDP), torchrun's ranks, folding rank rows
-    ("device",),  # what a card holds beyond tensors: allocation trace, caching-allocator model, costs outside it
+    ("device",),  # what a card does with the traced step: memory (allocation trace, caching-allocator model, costs
+    # outside it) and time (op costs, the stream timeline, measured local op times)
+    ("hardware",),  # the catalog of GPUs and networks, as data with sources
     ("optimizers",),  # registry, state accounting, optprof's own optimizers
     ("results",),  # rows, reports, JSON / CSV, profiles
     ("model",),  # MODEL -> config -> module, setups, layer copies
