@@ -44,6 +44,7 @@ bench: install
 	$(BIN)/python tests/benchmarks/bench_state_size.py
 	$(BIN)/python tests/benchmarks/bench_compare.py
 	$(BIN)/python tests/benchmarks/bench_predict.py
+	$(BIN)/python tests/benchmarks/bench_time_model.py
 	$(BIN)/python tests/benchmarks/bench_tune.py
 
 clean:

@@ -147,3 +147,18 @@ def collective_bytes(base: str, tensors: list[Any]) -> int:
     if COLLECTIVES[base] == "reduce-scatter":
         return tensor_bytes(tensors[1]) if len(tensors) > 1 else tensor_bytes(tensors[0])  # (output, input)
     return sum(tensor_bytes(t) for t in tensors)
+
+
+def mutated_arguments(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
+    """The arguments an op writes in place, by its schema's alias annotations (`Tensor(a!)`): in-place and foreach
+    ops return nothing or their first argument, and fused optimizers write every state list they take."""
+    written = []
+    for position, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is None or not argument.alias_info.is_write:
+            continue
+        if argument.kwarg_only or position >= len(args):
+            if argument.name in kwargs:
+                written.append(kwargs[argument.name])
+        else:
+            written.append(args[position])
+    return written

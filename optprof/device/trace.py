@@ -34,6 +34,7 @@ from optprof.device.ops import (
     flops_of,
     kind_of,
     matmul_dims,
+    mutated_arguments,
     tensor_bytes,
 )
 
@@ -275,8 +276,8 @@ class TraceRecorder:
         inputs = [v for v in tree_flatten((args, kwargs))[0] if isinstance(v, torch.Tensor)]
         outputs = [out] if isinstance(out, torch.Tensor) else [v for v in tree_flatten(out)[0]
                                                               if isinstance(v, torch.Tensor)]
-        if base.endswith("_") and args:  # in place: the first argument is written (foreach ops return nothing)
-            outputs += [v for v in tree_flatten(args[0])[0] if isinstance(v, torch.Tensor)]
+        mutated = tree_flatten(mutated_arguments(func, args, kwargs))[0]
+        outputs += [v for v in mutated if isinstance(v, torch.Tensor)]
         reads = tuple(dict.fromkeys(i for i in map(self._known, inputs) if i is not None))
         writes = tuple(dict.fromkeys(i for i in map(self._known, outputs) if i is not None))
         floating = next((t.dtype for t in inputs if t.is_floating_point()), None)
