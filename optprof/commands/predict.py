@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -37,8 +38,8 @@ from optprof.config import (
 )
 from optprof.device.allocator import AllocatorConfig
 from optprof.device.costs import rank_costs
-from optprof.device.local_times import measured_times
-from optprof.device.ops import OpRecord
+from optprof.device.local_times import collective_key, measured_collectives, measured_times
+from optprof.device.ops import OpKind, OpRecord
 from optprof.device.replay import replay
 from optprof.device.snapshot import write_snapshot
 from optprof.device.timeline import StepTime, catalog_coster, step_time
@@ -252,12 +253,35 @@ def step_seconds(trace: AllocationTrace, config: PredictConfig, training: Traini
     cluster_ = time_target(config)
     if cluster_ is not None:
         return step_time(trace.ops, catalog_coster(cluster_), cluster_.gpu.launch_s)
-    times = measured_times(trace.ops, str(training.device))
+    import torch
+
+    device = str(training.device)
+    threads = torch.get_num_threads()
+    if device == DeviceKind.CPU and config.gpus > 1:
+        threads = max(1, (os.cpu_count() or 1) // config.gpus)  # CPU ranks share the cores (share_cores)
+    with torch_threads_set(threads):
+        times = measured_times(trace.ops, device)
+    collectives = measured_collectives(trace.ops, threads) if device == DeviceKind.CPU else {}
 
     def measured(op: OpRecord) -> float:
-        return times.get(op.key or "") or 0.0  # collectives and ops that cannot run on made-up values: none
+        if op.kind == OpKind.COLLECTIVE:
+            return collectives.get(collective_key(op)) or 0.0  # on a GPU: not timed (one device here)
+        return times.get(op.key or "") or 0.0  # an op that cannot run on made-up values: none
 
-    return step_time(trace.ops, measured, 0.0)  # a measured op time includes its dispatch and launch
+    # a measured op time includes its dispatch and launch; gloo's collectives take the cores compute uses
+    return step_time(trace.ops, measured, 0.0, overlap=device != DeviceKind.CPU)
+
+
+@contextlib.contextmanager
+def torch_threads_set(threads: int) -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _time_fields(trainer: FakeTrainer | SharedView, micro_batch: int, config: PredictConfig,

@@ -109,7 +109,8 @@ def _cache_file(device: str) -> Any:
 
 
 def measured_times(ops: Iterable[OpRecord], device: str) -> dict[str, float | None]:
-    """Seconds per op key, from the cache or timed now (outside any fake mode); None: could not be timed."""
+    """Seconds per op key, from the cache or timed now (outside any fake mode); None: could not be timed. On CPU,
+    with the threads the caller set (ranks that share the cores take fewer each)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     path = _cache_file(device)
@@ -122,11 +123,92 @@ def measured_times(ops: Iterable[OpRecord], device: str) -> dict[str, float | No
         with unset_fake_temporarily():
             for key, spec in wanted.items():
                 cached[key] = time_op(spec, device)
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(f".{os.getpid()}.tmp")
-            temporary.write_text(json.dumps(cached))
-            os.replace(temporary, path)  # whole or not at all
-        except OSError:
-            pass  # a read-only cache costs a re-timing next time, nothing else
+        _write_cache(path, cached)
     return cached
+
+
+def _write_cache(path: Any, cached: dict[str, float | None]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps(cached))
+        os.replace(temporary, path)  # whole or not at all
+    except OSError:
+        pass  # a read-only cache costs a re-timing next time, nothing else
+
+
+# ------------------------------------------------------------------------------------------ collectives on CPU ranks
+COLLECTIVE_RUNS = 3  # timed runs per collective and size, after one warm-up; the median is kept
+
+
+def collective_key(op: OpRecord) -> str:
+    return f"gloo|{op.name}|{op.bytes}|{len(op.group or (0,))}"
+
+
+def _time_collectives_on_rank(rank: int, world: int, port: int, wanted: list[tuple[str, str, int]],
+                              threads: int, results: Any) -> None:
+    """One gloo rank: each (key, kind, bytes) run COLLECTIVE_RUNS times after a warm-up; rank 0 reports medians."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        found: dict[str, float] = {}
+        for key, kind, size in wanted:
+            elements = max(world, size // 4 // world * world)  # float32, divisible by the group
+            whole, part = torch.ones(elements), torch.ones(elements // world)
+            runs = []
+            for index in range(COLLECTIVE_RUNS + 1):
+                dist.barrier()
+                start = time.perf_counter()
+                if kind == "all-gather":
+                    dist.all_gather_into_tensor(whole, part)
+                elif kind == "reduce-scatter":
+                    dist.reduce_scatter_tensor(part, whole)
+                else:
+                    dist.all_reduce(whole)
+                if index:
+                    runs.append(time.perf_counter() - start)
+            found[key] = statistics.median(runs)
+        if rank == 0:
+            results.put(found)
+    finally:
+        dist.destroy_process_group()
+
+
+def measured_collectives(ops: Iterable[OpRecord], threads: int) -> dict[str, float | None]:
+    """Seconds of each distinct collective (kind, bytes, group size) of the step on gloo ranks of this machine,
+    cached beside the op times: spawned processes, one per rank, each with `threads` threads (as compare's CPU
+    ranks share the cores)."""
+    import multiprocessing
+
+    from optprof.processes.isolated import free_port
+
+    path = _cache_file("cpu")
+    try:
+        cached: dict[str, float | None] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    collectives = {collective_key(op): op for op in ops if op.group and len(op.group) > 1}
+    by_world: dict[int, list[tuple[str, str, int]]] = {}
+    for key, op in collectives.items():
+        if key not in cached:
+            by_world.setdefault(len(op.group or ()), []).append((key, op.name, op.bytes))
+    context = multiprocessing.get_context("spawn")
+    for world, wanted in by_world.items():
+        results = context.Queue()
+        port = free_port()
+        processes = [context.Process(target=_time_collectives_on_rank,
+                                     args=(rank, world, port, wanted, threads, results)) for rank in range(world)]
+        for process in processes:
+            process.start()
+        try:
+            cached.update(results.get(timeout=300))
+        except Exception:  # a rank that could not start: the collectives stay untimed (zero), as the notes say
+            cached.update(dict.fromkeys((key for key, _, _ in wanted), None))
+        for process in processes:
+            process.join(timeout=30)
+    if by_world:
+        _write_cache(path, cached)
+    return {key: cached.get(key) for key in collectives}

@@ -104,10 +104,11 @@ def _overlap(start: float, end: float, intervals: list[tuple[float, float]]) -> 
     return sum(max(0.0, min(end, b) - max(start, a)) for a, b in intervals)
 
 
-def step_time(ops: Sequence[OpRecord], cost: Coster, launch_s: float) -> StepTime:
+def step_time(ops: Sequence[OpRecord], cost: Coster, launch_s: float, overlap: bool = True) -> StepTime:
     """Place the ops on the timeline (see the module's docstring) and split the step: each phase gets its kernels'
     time and the host-bound gaps before them; gaps where compute waits on a running collective are exposed
-    communication."""
+    communication. Without `overlap` (CPU ranks: gloo's threads take the same cores as compute), each collective
+    runs on the compute engine, all of it exposed."""
     host = 0.0
     compute_free = 0.0
     stream_free: dict[str, float] = {}
@@ -118,7 +119,13 @@ def step_time(ops: Sequence[OpRecord], cost: Coster, launch_s: float) -> StepTim
     for op in ops:
         seconds = cost(op)
         depends = max((ready.get(i, 0.0) for i in op.reads), default=0.0)
-        if op.kind == OpKind.COLLECTIVE:
+        if op.kind == OpKind.COLLECTIVE and not overlap:
+            host += launch_s
+            start = max(host, compute_free, depends)
+            end = compute_free = start + seconds
+            phase_s["exposed_communication"] += end - max(start, host)
+            communication_s += seconds
+        elif op.kind == OpKind.COLLECTIVE:
             host += launch_s
             start = max(host, stream_free.get(op.stream, 0.0), depends)
             end = start + seconds

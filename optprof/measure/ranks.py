@@ -14,9 +14,9 @@ from typing import Any
 from optprof.config import DeviceKind
 from optprof.distributed.folding import fold_ranks
 from optprof.distributed.sharding import adam_mini_on_cpu_ranks
-from optprof.distributed.torchrun import free_port, share_cores
+from optprof.distributed.torchrun import share_cores
 from optprof.measure.trial import TrialOutcome, TrialSpec, run_trial
-from optprof.processes.isolated import Isolated, run_isolated_group
+from optprof.processes.isolated import Isolated, free_port, run_isolated_group
 from optprof.quiet import quiet_libraries
 from optprof.results.rows import CompareRow
 

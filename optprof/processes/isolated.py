@@ -14,6 +14,7 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.connection
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,13 @@ from multiprocessing.connection import Connection
 from typing import Any, cast
 
 from optprof.errors import error_text
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now (for a local process group's rendezvous)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 Target = Callable[[Any, Callable[[str], None]], Any]  # target(argument, progress) -> picklable value
 

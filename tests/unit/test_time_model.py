@@ -178,3 +178,14 @@ def test_gpus_lists_the_catalog(capsys) -> None:  # type: ignore[no-untyped-def]
     listed = json.loads(out)
     assert {gpu["name"] for gpu in listed["gpus"]} >= set(REQUIRED)
     assert all(gpu["sources"]["bf16_tflops"] for gpu in listed["gpus"])
+
+
+def test_without_overlap_a_collective_takes_the_compute_engine_and_is_all_exposed() -> None:
+    costs = {"c1": 2e-3, "ag": 1e-3, "c2": 2e-3}
+    ops = [op(OpKind.MEMORY, name="c1", writes=(1,)),
+           op(OpKind.COLLECTIVE, name="ag", stream="all-gather", writes=(2,), group=(0, 1)),
+           op(OpKind.MEMORY, name="c2", writes=(3,))]  # independent of the all-gather: would overlap on a GPU
+    assert step_time(ops, lambda o: costs[o.name], 0.0).step_s == pytest.approx(4e-3)
+    serial = step_time(ops, lambda o: costs[o.name], 0.0, overlap=False)
+    assert serial.step_s == pytest.approx(5e-3)
+    assert serial.phase_s["exposed_communication"] == pytest.approx(1e-3)
