@@ -33,14 +33,14 @@ def gpus(output_format: FormatOpt = OutputFormat.TABLE, gpu_spec: GpuSpecOpt = N
 
     from optprof.errors import UsageError
     from optprof.hardware.catalog import load_catalog
-    from optprof.render.console import console
+    from optprof.render.console import show
     from optprof.render.hardware import catalog_records, gpus_table
 
     catalog = load_catalog(gpu_spec)
     if output_format == OutputFormat.JSON:
         print(json.dumps(catalog_records(catalog), indent=2))
     elif output_format == OutputFormat.TABLE:
-        console().print(gpus_table(catalog))
+        show(gpus_table(catalog))
     else:
         raise UsageError("optprof gpus writes table or json")
 

@@ -84,7 +84,7 @@ def destination(output_format: OutputFormat, output: Path | None, units: Unit | 
 def finish(result: Report, to: Destination, save_profile: Path | None = None, command: Command | None = None) -> None:
     """Table to the terminal, data to stdout, or data to --output (the table still shown); the plot; the
     profile; then exit 1 if a row failed."""
-    from optprof.render.console import console
+    from optprof.render.console import console, show
     from optprof.render.text import render
     from optprof.results.reports import ModelReport
 
@@ -93,7 +93,7 @@ def finish(result: Report, to: Destination, save_profile: Path | None = None, co
     if to.output is not None and to.file_format is not None:
         write(to.output, serialised(result, to.file_format, to.units), to.file_format)
     if to.output_format == OutputFormat.TABLE:
-        console().print(render(result, to.units))
+        show(render(result, to.units))
     elif to.output is None:
         typer.echo(serialised(result, to.output_format, to.units), nl=False)
     if save_profile is not None and command is not None and isinstance(result, ModelReport):

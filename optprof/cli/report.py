@@ -11,7 +11,7 @@ from optprof.cli.output import file_format, plot, write
 def report(files: ReportFilesArg, output_format: FormatOpt = OutputFormat.TABLE, output: OutputOpt = None,
            units: UnitsOpt = None, plot_path: PlotOpt = None) -> None:
     """Re-render saved reports: the table again, or JSON / CSV; several runs of one kind side by side."""
-    from optprof.render.console import console
+    from optprof.render.console import show
     from optprof.render.text import render
     from optprof.results.io import combined, read_report, run_labels, serialise
     from optprof.results.reports import ModelReport, Report
@@ -27,7 +27,7 @@ def report(files: ReportFilesArg, output_format: FormatOpt = OutputFormat.TABLE,
     if plot_path is not None:
         plot(shown(), plot_path, units)
     if output_format == OutputFormat.TABLE and output is None:
-        console().print(render(shown(), units, described))
+        show(render(shown(), units, described))
         return
     fmt = file_format(output_format, output) or output_format
     if fmt == OutputFormat.HTML:

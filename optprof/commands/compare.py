@@ -362,6 +362,7 @@ def _report_config(config: CompareConfig, training: TrainingSettings, entries: l
         "shard_size": config.shard_size,
         "offload_optimizer": config.offload_optimizer,
         "torchrun": config.torchrun,
+        "gpu": config.gpu,
         "rank_fold": dict(RANK_FOLD) if distributed else None,
         "trial_order": order,
     }

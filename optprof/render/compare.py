@@ -189,14 +189,18 @@ def _prediction_notes(report: CompareReport, units: str) -> list[Text]:
         if row.predicted_peak_bytes is None or row.status != Status.OK:  # a row decided before launch: nothing measured
             continue
         errors = ", ".join(f"{MEASURED_LABELS.get(name, name)} {100 * error:+.2f}%"
-                           for name, error in row.prediction_errors.items())
+                           for name, error in row.prediction_errors.items() if name != "step_s")
         search = "" if row.predicted_max_micro_batch is None or row.max_micro_batch is None else (
             f"; predicted max µbatch {row.predicted_max_micro_batch}, found {row.max_micro_batch}")
         lines.append(f"{row.optimizer} {format_bytes(row.predicted_peak_bytes, units)} {unit} ({errors}){search}")
-    if not lines:
-        return []
-    return [Text("Predicted peak (fake tensors) against the measured one, error = predicted / measured - 1: "
-                 + "; ".join(lines) + ".", style="dim")]
+    times = [f"{row.optimizer} {format_ms(row.predicted_step_s)} ms ({100 * row.prediction_errors['step_s']:+.1f}%)"
+             for row in report.results if row.predicted_step_s is not None and "step_s" in row.prediction_errors]
+    notes = [] if not lines else [Text("Predicted peak (fake tensors) against the measured one, error = predicted / "
+                                       "measured - 1: " + "; ".join(lines) + ".", style="dim")]
+    if times:
+        notes.append(Text(f"Predicted step time (--gpu {report.config.get('gpu', '')}) against the measured median: "
+                          + "; ".join(times) + ".", style="dim"))
+    return notes
 
 
 def _derived_notes(report: CompareReport) -> list[Text]:

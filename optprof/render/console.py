@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.text import Text
@@ -132,3 +133,11 @@ def console(stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     width = None if stream.isatty() or "COLUMNS" in os.environ else PIPE_WIDTH
     return Console(stderr=stderr, soft_wrap=False, width=width)
+
+
+def show(renderable: Any) -> None:
+    """Print to the terminal with every table fitted to its width (split, never cut: render/fit.py)."""
+    from optprof.render.fit import fit_tables
+
+    terminal = console()
+    terminal.print(fit_tables(renderable, terminal))

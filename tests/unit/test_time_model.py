@@ -189,3 +189,25 @@ def test_without_overlap_a_collective_takes_the_compute_engine_and_is_all_expose
     serial = step_time(ops, lambda o: costs[o.name], 0.0, overlap=False)
     assert serial.step_s == pytest.approx(5e-3)
     assert serial.phase_s["exposed_communication"] == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("width", [80, 100, 160])
+def test_predicts_tables_never_cut_a_number(width: int) -> None:
+    import io
+
+    from rich.console import Console
+
+    from optprof.render.fit import fit_tables
+    from optprof.render.tables import predict_table
+    from optprof.results.io import read_report
+    from optprof.results.reports import PredictReport
+
+    report = read_report(Path(__file__).parent.parent / "data" / "predict-a800.json")  # a saved predict --gpu a800
+    assert isinstance(report, PredictReport)
+    terminal = Console(file=io.StringIO(), width=width, soft_wrap=False)
+    terminal.print(fit_tables(predict_table(report, "gb"), terminal))
+    printed = terminal.file.getvalue()  # type: ignore[attr-defined]
+    assert "…" not in printed
+    for figure in ("3,515", "4,095", "60.5%", "84.68", "2,000.5", "1,203.6"):
+        assert figure in printed
+    assert all(len(line) <= width for line in printed.splitlines())
