@@ -50,7 +50,7 @@ def train(rank: int, world: int, port: int, model: str, training: TrainingSettin
 def losses(world: int, model: str, training: TrainingSettings, folder: Path) -> list[float]:
     import torch.multiprocessing as mp
 
-    from optprof.distributed.torchrun import free_port
+    from optprof.processes.isolated import free_port
 
     out = folder / f"losses-{world}-{training.mp_param}-{training.checkpointing}.json"
     mp.spawn(train, args=(world, free_port(), model, training, str(out)), nprocs=world, join=True)
