@@ -27,6 +27,7 @@ from optprof.config import (
 )
 from optprof.device.allocator import AllocatorConfig
 from optprof.errors import UsageError
+from optprof.hardware.catalog import LOCAL
 from optprof.measure.ranks import run_joined, run_ranks
 from optprof.measure.trial import TrialSpec, base_row, run_trial, trial_in_child
 from optprof.model.loading import load_selection
@@ -314,9 +315,13 @@ def run_compare(
     training = dataclasses.replace(config.training, seq_len=resolve_seq_len(
         config.training.seq_len, info.max_position_embeddings, config.training.device))
     runner = TrialRunner(config, isolate, quiet, on_progress)
-    if isolate and not config.torchrun:
+    warm = isolate and not config.torchrun
+    timing_here = config.gpu == LOCAL  # op times measured in this process: nothing may run beside them
+    if warm and not timing_here:
         start_warm_server()  # its imports overlap the predictions below
     predictions = _shared_predictions(runner, entries, training)
+    if warm and timing_here:
+        start_warm_server()
 
     order = list(range(len(entries)))
     random.Random().shuffle(order)  # so that drift on a shared machine does not follow the optimizers' order

@@ -20,8 +20,9 @@ from optprof.config import cache_dir
 from optprof.device.ops import OpRecord
 
 PLAIN = (int, float, bool, str, type(None))
-REPEAT_S = 0.002  # time each op for at least this long (seconds), in whole runs, after one warm-up run
-MAX_RUNS = 20
+REPEAT_S = 0.01  # time each op for at least this long (seconds), in whole runs, after the warm-up runs
+MIN_RUNS, MAX_RUNS = 5, 20
+WARM_UP_RUNS = 2  # the first runs of an op pay for fresh pages and lazy initialisation
 COLD_BYTES = 64 << 20  # written between CPU runs: more than a server CPU's last-level cache
 
 
@@ -79,7 +80,8 @@ def _resolve(name: str) -> Any:
 
 
 def time_op(spec: Any, device: str) -> float | None:
-    """Median seconds of one run of the op on `device`; None where it cannot run on made-up values."""
+    """Seconds of one run of the op on `device`, the fastest of several (anything else running on the machine only
+    ever adds time, as timeit's documentation argues); None where it cannot run on made-up values."""
     import torch
 
     name, arguments = spec
@@ -87,7 +89,8 @@ def time_op(spec: Any, device: str) -> float | None:
         func = _resolve(name)
         args, kwargs = _materialize(arguments, device)
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        func(*args, **kwargs)  # warm-up (and the check that it runs at all)
+        for _ in range(WARM_UP_RUNS):  # and the check that it runs at all
+            func(*args, **kwargs)
         sync()
         runs: list[float] = []
         while (len(runs) < MAX_RUNS and sum(runs) < REPEAT_S) or len(runs) < 3:
@@ -95,7 +98,7 @@ def time_op(spec: Any, device: str) -> float | None:
             func(*args, **kwargs)
             sync()
             runs.append(time.perf_counter() - start)
-        return statistics.median(runs)
+        return min(runs)
     except Exception:  # an op that needs real values (a scalar read back, an index in range)
         return None
 
