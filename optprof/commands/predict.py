@@ -483,8 +483,10 @@ def timing_notes(config: PredictConfig, training: TrainingSettings, flops_per_to
     target = time_target(config)
     ranks = config.gpus * config.replicas
     if target is None:
-        where = (f"op times measured on this machine's {training.device} (each distinct op of the traced step run "
-                 "once on made-up values; cached per device and torch version); collectives not timed")
+        collectives = ("gloo's collectives timed on spawned local ranks, on the compute engine (they share its "
+                       "cores)" if training.device == DeviceKind.CPU else "collectives not timed (one device here)")
+        where = (f"op times measured on this machine's {training.device} (each distinct op of the traced step, the "
+                 f"fastest of several runs on made-up values; cached per device and torch version); {collectives}")
     else:
         gpu = target.gpu
         where = (f"{target.describe(ranks)}: each op of the traced step costed by roofline on the {gpu.name} "

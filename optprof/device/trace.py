@@ -19,6 +19,7 @@ stream; `foreach_reduce`: the reduce-scatter output on the reduce-scatter stream
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -97,7 +98,6 @@ def _frees_in_order(events: list[TraceEvent], marks: dict[str, int]) -> list[Tra
 
 def _renumbered(op: OpRecord, number: dict[int, int]) -> OpRecord:
     """An op's storages under the finished trace's numbering (a storage allocated before recording keeps -1 - id)."""
-    import dataclasses
 
     def ids(found: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(number.get(i, -1 - i) for i in found)
