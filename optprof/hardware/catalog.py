@@ -37,6 +37,8 @@ class Gpu:
     intra_node_busbw: float  # NCCL bus bandwidth between GPUs of one node at large messages (nccl-tests), bytes/s
     intra_node_latency_s: float  # NCCL's per-collective latency at small messages inside a node
     link: str  # NVLink 4, PCIe 4, Infinity Fabric: what intra_node_busbw runs over
+    nvlink_bandwidth: float = 0.0  # NVLink (or fabric) per GPU, bidirectional, as datasheets give it; bytes/s
+    pcie_bandwidth: float = 0.0  # the host link, bidirectional, bytes/s (for reference: collectives use busbw)
     sources: dict[str, str] = field(default_factory=dict)  # figure -> where it comes from
 
     def peak(self, dtype: str) -> float:
@@ -89,6 +91,7 @@ GPU_UNITS = {  # catalog field -> (Gpu field, multiplier to SI units)
     "memory_efficiency": ("memory_efficiency", 1), "attention_efficiency": ("attention_efficiency", 1),
     "launch_us": ("launch_s", 1e-6), "intra_node_busbw_gb_s": ("intra_node_busbw", 1e9),
     "intra_node_latency_us": ("intra_node_latency_s", 1e-6), "link": ("link", None),
+    "nvlink_gb_s": ("nvlink_bandwidth", 1e9), "pcie_gb_s": ("pcie_bandwidth", 1e9),
     "description": ("description", None),
 }
 PEAK_KEYS = {f"{dtype}_tflops": dtype for dtype in DTYPES}

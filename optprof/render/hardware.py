@@ -25,15 +25,16 @@ def gpus_table(catalog: Catalog) -> Group:
                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
     for column, justify in (("name", "left"), ("memory\nGiB", "right"), ("bf16\nTFLOP/s", "right"),
                             ("fp8\nTFLOP/s", "right"), ("HBM\nGB/s", "right"), ("SMs", "right"),
-                            ("matmul\neff.", "right"), ("attn.\neff.", "right"), ("node\nbusbw GB/s", "right"),
-                            ("link", "left")):
+                            ("matmul\neff.", "right"), ("attn.\neff.", "right"), ("NVLink\nGB/s", "right"),
+                            ("PCIe\nGB/s", "right"), ("node\nbusbw GB/s", "right"), ("link", "left")):
         gpus.add_column(column, justify=justify, no_wrap=column != "link")  # type: ignore[arg-type]
     for gpu in catalog.gpus.values():
         fp8 = gpu.peak_flops.get("fp8")
         gpus.add_row(gpu.name, f"{gpu.memory_bytes / 2**30:.1f}", f"{gpu.peak('bf16') / 1e12:,.0f}",
                      "-" if fp8 is None else f"{fp8 / 1e12:,.0f}", f"{gpu.memory_bandwidth / 1e9:,.0f}", str(gpu.sms),
                      f"{gpu.matmul_efficiency:.0%}", f"{gpu.attention_efficiency:.0%}",
-                     f"{gpu.intra_node_busbw / 1e9:,.0f}", gpu.link)
+                     f"{gpu.nvlink_bandwidth / 1e9:,.0f}" if gpu.nvlink_bandwidth else "-",
+                     f"{gpu.pcie_bandwidth / 1e9:,.0f}", f"{gpu.intra_node_busbw / 1e9:,.0f}", gpu.link)
     networks = Table(title="Networks between nodes (per GPU)", title_justify="left", box=box.SIMPLE_HEAD,
                      pad_edge=False, padding=(0, 1))
     for column in ("name", "busbw GB/s", "latency µs", "what"):

@@ -30,7 +30,8 @@ def test_every_required_gpu_is_in_the_catalog_with_a_source_for_every_figure() -
         assert gpu.peak("bf16") > gpu.peak("fp32") > 0 and gpu.memory_bytes > 20 * 2**30
         assert 0 < gpu.matmul_efficiency <= 1 and 0 < gpu.memory_efficiency <= 1 and 0 < gpu.attention_efficiency <= 1
         figures = ("memory_mib", "bf16_tflops", "hbm_gb_s", "sms", "matmul_efficiency", "memory_efficiency",
-                   "attention_efficiency", "launch_us", "intra_node_busbw_gb_s", "intra_node_latency_us")
+                   "attention_efficiency", "launch_us", "intra_node_busbw_gb_s", "intra_node_latency_us", "nvlink_gb_s",
+                   "pcie_gb_s")
         assert all(gpu.sources.get(figure) for figure in figures), gpu.name
     assert catalog.gpus["h100-sxm"].peak("bf16") == pytest.approx(989.4e12)
     assert catalog.gpus["a100-80gb"].memory_bandwidth == pytest.approx(2039e9)
