@@ -60,7 +60,7 @@ from optprof.optimizers.outcome import status_of
 from optprof.optimizers.registry import OptimizerEntry, availability, check_opt_args, resolve_optimizers
 from optprof.optimizers.state import PlaceholderScalars
 from optprof.processes.branching import can_branch
-from optprof.processes.forked import run_each
+from optprof.processes.forked import run_each, torch_threads
 from optprof.results.reports import PredictReport, command_config
 from optprof.results.rows import PredictRow, Probe
 from optprof.results.vocab import MaxMethod, Status
@@ -259,7 +259,7 @@ def step_seconds(trace: AllocationTrace, config: PredictConfig, training: Traini
     threads = torch.get_num_threads()
     if device == DeviceKind.CPU and config.gpus > 1:
         threads = max(1, (os.cpu_count() or 1) // config.gpus)  # CPU ranks share the cores (share_cores)
-    with torch_threads_set(threads):
+    with torch_threads(threads):
         times = measured_times(trace.ops, device)
     collectives = measured_collectives(trace.ops, threads) if device == DeviceKind.CPU else {}
 
@@ -270,18 +270,6 @@ def step_seconds(trace: AllocationTrace, config: PredictConfig, training: Traini
 
     # a measured op time includes its dispatch and launch; gloo's collectives take the cores compute uses
     return step_time(trace.ops, measured, 0.0, overlap=device != DeviceKind.CPU)
-
-
-@contextlib.contextmanager
-def torch_threads_set(threads: int) -> Iterator[None]:
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _time_fields(trainer: FakeTrainer | SharedView, micro_batch: int, config: PredictConfig,

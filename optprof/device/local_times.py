@@ -21,9 +21,8 @@ from optprof.device.ops import OpRecord
 
 PLAIN = (int, float, bool, str, type(None))
 REPEAT_S = 0.01  # time each op for at least this long (seconds), in whole runs, after the warm-up runs
-MIN_RUNS, MAX_RUNS = 5, 20
+MIN_RUNS, MAX_RUNS = 3, 20
 WARM_UP_RUNS = 2  # the first runs of an op pay for fresh pages and lazy initialisation
-COLD_BYTES = 64 << 20  # written between CPU runs: more than a server CPU's last-level cache
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,7 @@ def time_op(spec: Any, device: str) -> float | None:
             func(*args, **kwargs)
         sync()
         runs: list[float] = []
-        while (len(runs) < MAX_RUNS and sum(runs) < REPEAT_S) or len(runs) < 3:
+        while (len(runs) < MAX_RUNS and sum(runs) < REPEAT_S) or len(runs) < MIN_RUNS:
             start = time.perf_counter()
             func(*args, **kwargs)
             sync()
@@ -117,10 +116,7 @@ def measured_times(ops: Iterable[OpRecord], device: str) -> dict[str, float | No
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
     path = _cache_file(device)
-    try:
-        cached: dict[str, float | None] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
+    cached = _read_cache(path)
     wanted = {op.key: op.spec for op in ops if op.key is not None and op.key not in cached}
     if wanted:
         with unset_fake_temporarily():
@@ -128,6 +124,13 @@ def measured_times(ops: Iterable[OpRecord], device: str) -> dict[str, float | No
                 cached[key] = time_op(spec, device)
         _write_cache(path, cached)
     return cached
+
+
+def _read_cache(path: Any) -> dict[str, float | None]:
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):  # none yet, or unreadable: time again
+        return {}
 
 
 def _write_cache(path: Any, cached: dict[str, float | None]) -> None:
@@ -189,10 +192,7 @@ def measured_collectives(ops: Iterable[OpRecord], threads: int) -> dict[str, flo
     from optprof.processes.isolated import free_port
 
     path = _cache_file("cpu")
-    try:
-        cached: dict[str, float | None] = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cached = {}
+    cached = _read_cache(path)
     collectives = {collective_key(op): op for op in ops if op.group and len(op.group) > 1}
     by_world: dict[int, list[tuple[str, str, int]]] = {}
     for key, op in collectives.items():

@@ -44,8 +44,6 @@ class StepTime:
     communication_s: float  # every collective's own time, overlapped or not
     compute_s: float  # every kernel's own time
 
-    def as_record(self) -> dict[str, float]:
-        return dict(self.phase_s)
 
 
 def quantization(m: int, n: int, sms: int, batch: int = 1) -> float:

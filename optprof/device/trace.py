@@ -28,6 +28,7 @@ from typing import Any
 from optprof.device.ops import (
     COLLECTIVES,
     DTYPE_NAMES,
+    MATMUL_OPS,
     OpKind,
     OpRecord,
     collective_bytes,
@@ -40,7 +41,7 @@ from optprof.device.ops import (
 )
 
 DEFAULT_STREAM = "default"
-MATMULS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "linear")  # ops that take a cuBLAS handle
+MATMULS = (*MATMUL_OPS, "linear")  # ops that take a cuBLAS handle
 
 
 @dataclass(frozen=True)

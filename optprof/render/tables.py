@@ -26,6 +26,8 @@ from optprof.units import (
     format_count,
     format_fraction,
     format_measure,
+    format_ms,
+    format_rate,
 )
 
 
@@ -87,16 +89,8 @@ def _table(title: str) -> Table:
     return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
 
 
-def _rate(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f}"
-
-
 def _share(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{1e3 * value:,.1f}"
 
 
 def predict_table(report: PredictReport, units: str) -> Group:
@@ -134,8 +128,9 @@ def predict_table(report: PredictReport, units: str) -> Group:
         table.add_row(
             row.optimizer, format_bytes(row.state_bytes, units), format_bytes(row.predicted_device_bytes, units),
             *((largest,) if memory is not None else ()),
-            *((_rate(row.predicted_tokens_per_s_per_gpu), _share(row.predicted_mfu)) if timed else ()),
-            *((_rate(row.predicted_tokens_per_s_per_gpu_at_max), _share(row.predicted_mfu_at_max)) if at_max else ()),
+            *((format_rate(row.predicted_tokens_per_s_per_gpu), _share(row.predicted_mfu)) if timed else ()),
+            *((format_rate(row.predicted_tokens_per_s_per_gpu_at_max), _share(row.predicted_mfu_at_max))
+              if at_max else ()),
             status,
         )
     breakdown = _table(f"Memory per device at micro-batch {first.micro_batch if first else '-'} ({unit})")
@@ -170,9 +165,9 @@ def predict_table(report: PredictReport, units: str) -> Group:
                               row.predicted_step_s_at_max, None))
             for index, (size, phases, step, communication) in enumerate(sizes):
                 timing.add_row(row.optimizer if index == 0 else "", str(size),
-                               *(_ms(phases.get(k)) for k in ("forward", "backward", "optimizer",
+                               *(format_ms(phases.get(k)) for k in ("forward", "backward", "optimizer",
                                                               "exposed_communication")),
-                               _ms(step), _ms(communication))
+                               format_ms(step), format_ms(communication))
         tables.append(timing)
     reserve = format_bytes(config.get("reserve_bytes"), units)
     if simulated:

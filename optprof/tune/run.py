@@ -6,9 +6,8 @@ the ranking as the budget grows, next to each optimizer's tokens/s and state byt
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from optprof.optimizers.registry import (
     check_opt_args,
     resolve_optimizers,
 )
-from optprof.processes.forked import run_each
+from optprof.processes.forked import run_each, torch_threads
 from optprof.results.reports import TuneReport, command_config
 from optprof.results.rows import TuneRow, TuneTrial
 from optprof.results.vocab import Status
@@ -111,19 +110,6 @@ def _check(config: TuneConfig) -> None:
         raise UsageError(f"--noise-seeds must be 0 or more, got {config.noise_seeds}")
 
 
-@contextlib.contextmanager
-def _single_threaded() -> Iterator[None]:
-    """Trials run on one thread, in forked workers or (without fork) here, so that they give the same numbers."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _run_trials(specs: list[TuneTrialSpec], corpus: Corpus, jobs: int,
                 on_trial: OnTrial | None) -> list[tuple[TuneTrialSpec, TuneTrial]]:
     """Each spec's trial, in the specs' order; a trial whose worker died becomes a failed trial."""
@@ -142,7 +128,7 @@ def _run_trials(specs: list[TuneTrialSpec], corpus: Corpus, jobs: int,
         return TuneTrial(index=spec.index, hyperparameters=spec.hyperparameters, seed=spec.seed,
                          status=Status.FAILED, reason=WORKER_DIED)
 
-    with _single_threaded():  # forked workers or, without fork, here: each trial on one thread
+    with torch_threads(1):  # forked workers or, without fork, here: each trial on one thread, the same numbers
         trials = run_each(lambda index, here: work(index), len(specs), jobs, died, arrived, always_fork=True)
     return list(zip(specs, trials, strict=True))
 
