@@ -78,6 +78,19 @@ class FsdpUnits(StrEnum):
     ENDS_SHARDED = "ends-sharded"
 
 
+class UpdateImpl(StrEnum):
+    """Which of torch's optimizer implementations runs the update (Adam, AdamW, SGD, ...: their `foreach` and
+    `fused` arguments). Left unset, torch chooses by device: foreach on CUDA, the per-tensor for-loop on CPU
+    (torch/optim/optimizer.py: `_default_to_fused_or_foreach`). Names as torchtitan's `implementation`."""
+
+    FOREACH = "foreach"  # one kernel per op over every parameter: temporaries for all parameters at once
+    FUSED = "fused"  # one kernel per step (`torch._fused_adamw_`): no temporaries
+    FOR_LOOP = "for-loop"  # one parameter at a time: temporaries of the largest parameter
+
+
+CHOICE_ARGS = ("foreach", "fused")  # --opt-arg keys that choose the update's implementation themselves
+
+
 class Strategy(StrEnum):
     """How ranks share the model.
 
@@ -168,6 +181,7 @@ class TrainingSettings:
     checkpoint_every: int = 1  # selective-layer: every K-th block is checkpointed
     loss_chunks: int | None = None  # chunked cross-entropy over N chunks of tokens; None: full fp32 logits
     recipe: str | None = None  # the named trainer whose settings these are (trainers.RECIPES), if any
+    update_impl: UpdateImpl | None = None  # torch optimizers' implementation; None: torch's choice on the device
     seq_len: int | None = None  # tokens per sequence; None: the model's context length, capped (resolve_seq_len)
     micro_batch: int = 1  # sequences per forward/backward
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -417,7 +431,23 @@ def step_precision(dtype: Dtype, training: TrainingSettings, reduces: bool) -> S
     return StepPrecision(stored, gathered, compute, stored, reduction, stored)
 
 
-def step_record(dtype: Dtype, training: TrainingSettings, reduces: bool, sharded: bool) -> dict[str, Any]:
+def implementation_text(impl: UpdateImpl | None, device: DeviceKind, opt_args: dict[str, Any]) -> str:
+    """'torch optimizers' update foreach (torch's default on CUDA)', for the step line."""
+    given = {key: opt_args[key] for key in CHOICE_ARGS if key in opt_args}
+    if given:
+        fused, foreach = bool(given.get("fused")), given.get("foreach")
+        chosen = "fused" if fused else "foreach" if foreach else "for-loop"
+        why = ", ".join(f"--opt-arg {key}={value}" for key, value in given.items())
+    elif impl is not None:
+        chosen, why = str(impl), "the recipe's"
+    else:
+        chosen = "foreach" if device == DeviceKind.CUDA else "for-loop"
+        why = f"torch's default on {device.upper()}"
+    return f"torch optimizers' update {chosen} ({why})"
+
+
+def step_record(dtype: Dtype, training: TrainingSettings, reduces: bool, sharded: bool,
+                opt_args: dict[str, Any] | None = None) -> dict[str, Any]:
     """The step as a report's config records it: each thing's precision, and one line for the model line.
     `reduces`: gradients are reduced across ranks; `sharded`: FSDP2 runs (its units are named)."""
     precision = step_precision(dtype, training, reduces)

@@ -19,6 +19,7 @@ from optprof.config import (
     FsdpUnits,
     Precision,
     Strategy,
+    UpdateImpl,
     parse_checkpointing,
     parse_loss,
     parse_mp_policy,
@@ -49,6 +50,7 @@ class Recipe:
     dtype: Dtype | None = None  # the parameters' stored dtype; None: float32, or as loaded (dtype_as_loaded)
     dtype_as_loaded: bool = False  # parameters in the dtype from_pretrained gives them (the config's `dtype`)
     strategy: Strategy = Strategy.FSDP  # with several ranks
+    update_impl: UpdateImpl | None = None  # torch optimizers' implementation; None: torch's choice (CUDA: foreach)
     settings: tuple[Setting, ...] = ()
     note: str = ""
 
@@ -58,7 +60,7 @@ TORCHTITAN = Recipe(
     trainer="torchtitan",
     source="pytorch/torchtitan @ b5bcd76 (2026-08-21)",
     mp_param=Precision.BF16, mp_reduce=Precision.FP32, sharded_only_policy=False,
-    fsdp_units=FsdpUnits.ENDS_GATHERED, checkpointing=Checkpointing.SELECTIVE_OP,
+    fsdp_units=FsdpUnits.ENDS_GATHERED, checkpointing=Checkpointing.SELECTIVE_OP, update_impl=UpdateImpl.FUSED,
     settings=(
         Setting("--strategy fsdp, float32 parameters", "torchtitan/distributed/fsdp.py: apply_fsdp_to_decoder "
                 "(fully_shard per block, then the root)"),
@@ -73,6 +75,8 @@ TORCHTITAN = Recipe(
                 "the MoE router gate's mm shape)"),
         Setting("--loss default (fp32 logits)", "torchtitan/components/loss.py: cross_entropy_loss "
                 "(F.cross_entropy(pred.float(), ...))"),
+        Setting("fused AdamW", "torchtitan/components/optimizer/optimizer.py: OptimizersContainer.Config "
+                "(implementation = 'fused') and _build_impl_kwargs (fused=True, foreach=False)"),
     ),
     note="our first reading had the last block kept gathered after forward; the code now keeps [norm, lm_head] "
          "gathered instead, and every block is resharded",
@@ -95,14 +99,16 @@ ACCELERATE_FSDP2 = Recipe(
                 "reshard_after_forward False, then the root)"),
         Setting("--activation-checkpointing none", "src/accelerate/accelerator.py: _prepare_fsdp2 (fsdp2_apply_ac "
                 "only when the plugin's activation_checkpointing is set)"),
+        Setting("foreach AdamW (torch's default on CUDA)", "examples/torch_native_parallelism/fsdp2_fp8.py: "
+                "torch.optim.AdamW(model.parameters(), lr=1e-5), neither fused nor foreach given"),
     ),
 )
 
 HF_TRAINER = Recipe(
     name="hf-trainer",
     trainer="transformers Trainer (bf16=True, no FSDP)",
-    source="transformers 5.24.0 (installed) with accelerate @ 16cb6eb",
-    amp=Amp.BF16, dtype_as_loaded=True, strategy=Strategy.DDP,
+    source="transformers 5.25.0 (installed) with accelerate @ 16cb6eb",
+    amp=Amp.BF16, dtype_as_loaded=True, strategy=Strategy.DDP, update_impl=UpdateImpl.FUSED,
     settings=(
         Setting("parameters as loaded", "transformers/modeling_utils.py: PreTrainedModel.from_pretrained (dtype "
                 "None becomes 'auto') and _get_dtype ('auto': the config's dtype, else the checkpoint's)"),
@@ -111,6 +117,8 @@ HF_TRAINER = Recipe(
         Setting("--activation-checkpointing none", "transformers/training_args.py: TrainingArguments."
                 "gradient_checkpointing (off unless asked)"),
         Setting("--strategy ddp", "the Trainer without an FSDP or DeepSpeed config wraps the model in DDP"),
+        Setting("fused AdamW", "transformers/training_args.py: TrainingArguments.__post_init__ (default_optim "
+                "'adamw_torch_fused' for torch >= 2.8); trainer_optimizer.py: _get_adamw_torch (fused=True)"),
     ),
 )
 
@@ -126,6 +134,9 @@ LIGHTNING_BF16_MIXED = Recipe(
                 "FSDPPrecision.mixed_precision_config (bf16-mixed: param_dtype = reduce_dtype = bfloat16)"),
         Setting("--activation-checkpointing none", "src/lightning/pytorch/strategies/fsdp.py: FSDPStrategy "
                 "(activation_checkpointing_policy None by default)"),
+        Setting("foreach AdamW (torch's default on CUDA)", "the optimizer is the user's configure_optimizers; "
+                "Lightning's examples pass neither fused nor foreach (examples/pytorch/basics/autoencoder.py) or "
+                "foreach=True (examples/pytorch/tensor_parallel/train.py)"),
     ),
     note="the policy comes from Lightning's FSDP (FSDP1) strategy, whose MixedPrecision optprof applies through "
          "FSDP2; with several ranks autocast and the policy both run, as Lightning's code has them",
@@ -136,6 +147,7 @@ TORCHTUNE = Recipe(
     trainer="torchtune (full_finetune_distributed)",
     source="pytorch/torchtune @ bd2a0fc (2026-04-23)",
     dtype=Dtype.BFLOAT16, fsdp_units=FsdpUnits.ENDS_SHARDED, checkpointing=Checkpointing.FULL, loss_chunks=8,
+    update_impl=UpdateImpl.FUSED,
     settings=(
         Setting("--dtype bfloat16 (parameters, gradients, state)", "recipes/configs/llama3_1/8B_full.yaml: dtype: "
                 "bf16; recipes/full_finetune_distributed.py builds the model in that dtype"),
@@ -146,6 +158,8 @@ TORCHTUNE = Recipe(
         Setting("FSDP units ends-sharded", "recipes/configs/llama3_1/8B_full.yaml: custom_sharded_layers: "
                 "['tok_embeddings', 'output']; torchtune/training/_distributed.py: shard_model "
                 "(reshard_after_forward True, the root False)"),
+        Setting("fused AdamW", "recipes/configs/llama3_1/8B_full.yaml: optimizer: torch.optim.AdamW, fused: True "
+                "(70B_full.yaml sets fused: False, which torch runs as the for-loop)"),
     ),
     note="torchtune's config now names LinearCrossEntropyLoss (masks ignored tokens, then projects in chunks), "
          "the successor of CEWithChunkedOutputLoss",
@@ -211,6 +225,7 @@ def step_choice(recipe: str | None, dtype: Dtype | None, strategy: Strategy | No
         "fsdp_units": chosen.fsdp_units if chosen is not None else FsdpUnits.BLOCKS,
         "checkpointing": mode, "checkpoint_every": every, "loss_chunks": chunks,
         "recipe": chosen.name if chosen is not None else None,
+        "update_impl": chosen.update_impl if chosen is not None else None,
     }
     replicated = chosen is not None and strategy not in SHARDED_STRATEGIES and ranks > 1
     return StepChoice(recipe_dtype(recipe, dtype, model_dtype), strategy, fields, replicated)

@@ -151,8 +151,9 @@ ReserveOpt = Annotated[str | None, typer.Option(
     "--reserve", help="Memory per device outside PyTorch's caching allocator (CUDA context, NCCL buffers), "
     "replacing optprof's named estimates of them (predict on cuda) or its 2GiB guess (compare's checks); 0 on cpu.")]
 AllocConfOpt = Annotated[str | None, typer.Option(
-    "--alloc-conf", help="PYTORCH_CUDA_ALLOC_CONF for the caching-allocator model, e.g. expandable_segments:True or "
-    "max_split_size_mb:512,roundup_power2_divisions:4 (default: the environment's PYTORCH_CUDA_ALLOC_CONF).")]
+    "--alloc-conf", help="The allocator configuration for the caching-allocator model, as torch 2.13 parses it, e.g. "
+    "expandable_segments:True or max_split_size_mb:512,roundup_power2_divisions:[256:1,>:4] (default: the "
+    "environment's PYTORCH_CUDA_ALLOC_CONF, else PYTORCH_ALLOC_CONF).")]
 PredictedSnapshotOpt = Annotated[Path | None, typer.Option(
     "--memory-snapshot", help="Write the simulated allocator's snapshot of the step (torch.cuda.memory._snapshot()'s "
     "format) here, for PyTorch's memory visualiser: a .pickle for pytorch.org/memory_viz, or an .html page "

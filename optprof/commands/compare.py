@@ -25,7 +25,7 @@ from optprof.config import (
     resolve_seq_len,
     step_record,
 )
-from optprof.device.allocator import AllocatorConfig
+from optprof.device.alloc_conf import ASYNC, AllocatorConfig, AllocConfError, environment_name
 from optprof.errors import UsageError
 from optprof.hardware.catalog import LOCAL
 from optprof.measure.ranks import run_joined, run_ranks
@@ -167,11 +167,16 @@ def _prediction(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSe
 
 
 def allocator_model(device: DeviceKind) -> str | None:
-    """The caching-allocator model's settings for a CUDA run: this process's PYTORCH_CUDA_ALLOC_CONF (the trials
-    inherit it); None on a CPU, which has no caching allocator."""
+    """The caching-allocator model's settings for a CUDA run: this process's allocator configuration (the trials
+    inherit it); None on a CPU, which has no caching allocator, and under backend:cudaMallocAsync, which the model
+    does not follow (the predictions are then the tensor peaks)."""
     if device != DeviceKind.CUDA:
         return None
-    return AllocatorConfig.from_environment().text()
+    try:
+        config = AllocatorConfig.from_environment()
+    except AllocConfError as exc:
+        raise UsageError(f"{environment_name()}: torch 2.13 refuses it: {exc}") from None
+    return None if config.backend == ASYNC else config.text()
 
 
 def prediction_errors(row: CompareRow, predicted_peak: int, reserve_bytes: int, allocated: int | None = None,
@@ -358,7 +363,7 @@ def _report_config(config: CompareConfig, training: TrainingSettings, entries: l
     return {
         **command_config("compare", config.model, [e.name for e in entries], config.opt_args),
         **dataclasses.asdict(training),
-        **step_record(config.model.dtype, training, distributed or fsdp, fsdp),
+        **step_record(config.model.dtype, training, distributed or fsdp, fsdp, config.opt_args),
         "micro_batch_search": None if config.search is None else dataclasses.asdict(config.search),
         "trial_timeout_s": config.trial_timeout_s,
         "isolated": isolate,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from optprof.config import SHARDED_STRATEGIES, DeviceKind, PredictConfig, Strategy, TrainingSettings, parameter_dtype
-from optprof.device.allocator import AllocatorConfig
+from optprof.device.alloc_conf import AllocatorConfig
 from optprof.device.costs import cublas_workspace_bytes
 from optprof.device.replay import Replay, replay
 from optprof.device.trace import AllocationTrace, TraceRecorder
@@ -33,6 +33,7 @@ from optprof.measure.tracker import TensorPeakTracker, TrackedPeak, tracked_step
 from optprof.model.info import trainable_parameters
 from optprof.model.loading import load_selection
 from optprof.model.setups import qlora_weight_saving
+from optprof.optimizers.implementation import set_implementation
 from optprof.optimizers.registry import OptimizerEntry
 from optprof.optimizers.state import account_state, fused_update, needs_gradient_graph, state_tensors
 from optprof.processes.branching import run_branched
@@ -69,16 +70,6 @@ def lowered(peak: TrackedPeak, saving: int) -> TrackedPeak:
                                fwd_bwd_peak_bytes=peak.fwd_bwd_peak_bytes - saving)
 
 
-def cuda_implementation(optimizer: Any) -> None:
-    """The implementation CUDA would run, for a fake step on CPU tensors: a torch optimizer left to choose
-    (foreach None, fused not asked) takes foreach on CUDA tensors (torch/optim/optimizer.py:
-    `_default_to_fused_or_foreach`, called from each optimizer's functional entry point, e.g. torch/optim/adamw.py
-    `adamw`) but the per-tensor loop on CPU ones. An explicit --opt-arg foreach=False or fused=True is kept."""
-    for group in getattr(optimizer, "param_groups", ()):
-        if "foreach" in group and group["foreach"] is None and not group.get("fused"):
-            group["foreach"] = True
-
-
 class FakeModel:
     """The model on fake tensors as the step runs it: loaded, its checkpointing and loss set, sharded over `mesh`."""
 
@@ -111,8 +102,8 @@ class FakeModel:
         # zero1 (support checks only): the optimizer as rank 0's share, the model unwrapped (no DDP buckets)
         optimizer = zero1_optimizer(build) if self.mesh is not None and self.config.strategy == Strategy.ZERO1 \
             else build()
-        if self.training.device == DeviceKind.CUDA:
-            cuda_implementation(optimizer)
+        set_implementation(optimizer, self.training.update_impl, self.training.device, self.config.opt_args,
+                           fake=True)
         return optimizer
 
     def step(self, optimizer: Any, micro_batch: int) -> TrainStep:
@@ -180,6 +171,7 @@ class _Simulated:
         self.records = config.alloc_conf is not None
         self.times = config.gpu is not None  # the traces carry the ops, for the step's time
         self.alloc_conf = config.alloc_conf or ""
+        self.total_memory = config.gpu_memory_bytes  # the card's (--gpu-memory), for the allocator's options
         self.snapshots = bool(config.memory_snapshot)  # the replays keep their events for the snapshot
         self._replays: dict[tuple[int, int | None], Replay] = {}
 
@@ -196,7 +188,8 @@ class _Simulated:
             return None
         if (micro_batch, capacity) not in self._replays:
             self._replays[(micro_batch, capacity)] = replay(
-                self.trace(micro_batch), AllocatorConfig.parse(self.alloc_conf), capacity, record=self.snapshots)
+                self.trace(micro_batch), AllocatorConfig.parse(self.alloc_conf), capacity, record=self.snapshots,
+                total_memory=self.total_memory)
         return self._replays[(micro_batch, capacity)]
 
 

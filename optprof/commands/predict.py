@@ -36,7 +36,7 @@ from optprof.config import (
     resolve_seq_len,
     step_record,
 )
-from optprof.device.allocator import AllocatorConfig
+from optprof.device.alloc_conf import AllocatorConfig
 from optprof.device.costs import rank_costs
 from optprof.device.local_times import collective_key, measured_collectives, measured_times
 from optprof.device.ops import OpKind, OpRecord
@@ -339,7 +339,10 @@ def _traced_row(trainer: FakeTrainer | SharedView, config: PredictConfig, entry:
         predicted_peak_bytes=at.tensor_peak_bytes,
         predicted_allocated_bytes=None if simulated is None else simulated.peak_allocated,
         predicted_reserved_bytes=None if simulated is None else simulated.peak_reserved,
-        predicted_fragmentation_bytes=None if simulated is None else simulated.fragmentation,
+        predicted_reserved_minus_allocated_bytes=None if simulated is None
+        else simulated.peak_reserved - simulated.peak_allocated,
+        predicted_cached_free_at_reserved_peak_bytes=None if simulated is None
+        else simulated.cached_free_at_reserved_peak,
         predicted_oom=None if simulated is None else simulated.oom,
         predicted_device_bytes=device_bytes,
         predicted_breakdown=at.breakdown,
@@ -547,7 +550,7 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
             **command_config("predict", selection, [e.name for e in entries], config.opt_args),
             **dataclasses.asdict(training),
             **step_record(selection.dtype, training, config.gpus > 1 or training.mp_param is not None,
-                          config.gpus > 1 or training.mp_param is not None),
+                          config.gpus > 1 or training.mp_param is not None, config.opt_args),
             "target_device": training.device,
             "gpu_memory_bytes": config.gpu_memory_bytes,
             "reserve_bytes": config.reserve_bytes,

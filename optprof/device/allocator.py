@@ -18,15 +18,25 @@ installed here is git cf30153, whose allocator has the same constants and functi
 - out of memory: `malloc` tries `release_available_cached_blocks` (oversize blocks, only with max_split_size),
   then `release_cached_blocks` (every unsplit cached block; with expandable segments `unmap_block` releases every
   whole free page) and tries once more before raising.
-Not modelled: CUDA graphs' private pools, garbage_collection_threshold, events from record_stream (FSDP2 keeps
-its buffers alive by reference instead, which the trace's frees already reflect).
+- options (device/alloc_conf.py parses them as torch does): roundup_power2_divisions per size interval
+  (`roundup_power2_divisions(size)`); large_segment_size_mb for the 1-10 MiB segments and the large pool's
+  expandable pages; max_non_split_rounding_mb for how far an oversize block may exceed a request; a
+  per_process_memory_fraction caps the segments at `round(fraction x total memory)` (`setMemoryFraction`,
+  `alloc_block`); with it, garbage_collection_threshold runs `garbage_collect_cached_blocks` (whole cached large
+  segments, oldest first by how many `get_free_block` calls they sat through) before `alloc_block` once the
+  segments pass `threshold x` that cap.
+- expandable segments reserve address space for 9/8 of the card's total memory (ExpandableSegment's constructor:
+  `max_handles_ = numSegments(totalGlobalMem + totalGlobalMem / 8)`).
+Not modelled: CUDA graphs' private pools, events from record_stream (FSDP2 keeps its buffers alive by reference
+instead, which the trace's frees already reflect), backend:cudaMallocAsync (refused before any replay).
 """
 
 from __future__ import annotations
 
 import bisect
-import os
 from dataclasses import dataclass, field
+
+from optprof.device.alloc_conf import SIZE_MAX, AllocatorConfig
 
 MIN_BLOCK = 512  # kMinBlockSize: every size is rounded to a multiple of it
 SMALL_SIZE = 1 << 20  # kSmallSize: the largest request of the small pool
@@ -34,55 +44,7 @@ SMALL_BUFFER = 2 << 20  # kSmallBuffer: small requests are packed in 2 MiB segme
 LARGE_BUFFER = 20 << 20  # kLargeBuffer: 1-10 MiB requests share 20 MiB segments (and expandable pages)
 MIN_LARGE_ALLOC = 10 << 20  # kMinLargeAlloc
 ROUND_LARGE = 2 << 20  # kRoundLarge: large segments are whole 2 MiB multiples
-UNLIMITED = 2**64 - 1  # max_split_size's default: std::numeric_limits<size_t>::max()
-
-
-@dataclass(frozen=True)
-class AllocatorConfig:
-    """The PYTORCH_CUDA_ALLOC_CONF options that change what is reserved (`CUDAAllocatorConfig`)."""
-
-    max_split_size: int = UNLIMITED  # bytes; blocks this large are never split
-    roundup_power2_divisions: int = 0  # 0 or 1: plain 512 B rounding
-    expandable_segments: bool = False
-
-    @classmethod
-    def parse(cls, text: str | None) -> AllocatorConfig:
-        """`max_split_size_mb:512,roundup_power2_divisions:4,expandable_segments:True` (the env var's syntax)."""
-        values: dict[str, object] = {}
-        for item in filter(None, (part.strip() for part in (text or "").split(","))):
-            key, _, value = item.partition(":")
-            key, value = key.strip(), value.strip()
-            if key == "max_split_size_mb":
-                values["max_split_size"] = _whole(value, key) << 20
-            elif key == "roundup_power2_divisions":
-                values["roundup_power2_divisions"] = _whole(value, key)
-            elif key == "expandable_segments":
-                if value not in ("True", "False"):
-                    raise ValueError(f"expandable_segments takes True or False, not '{value}'")
-                values["expandable_segments"] = value == "True"
-            elif key not in ("garbage_collection_threshold", "backend", "release_lock_on_cudamalloc",
-                             "pinned_use_cuda_host_register", "pinned_num_register_threads"):
-                raise ValueError(f"unknown allocator option '{key}'")
-        return cls(**values)  # type: ignore[arg-type]
-
-    @classmethod
-    def from_environment(cls, given: str | None = None) -> AllocatorConfig:
-        """`given` (--alloc-conf), else this process's PYTORCH_CUDA_ALLOC_CONF, which torch itself reads."""
-        return cls.parse(given if given is not None else os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
-
-    def text(self) -> str:
-        parts = [f"expandable_segments:{self.expandable_segments}"]
-        if self.max_split_size != UNLIMITED:
-            parts.append(f"max_split_size_mb:{self.max_split_size >> 20}")
-        if self.roundup_power2_divisions > 1:
-            parts.append(f"roundup_power2_divisions:{self.roundup_power2_divisions}")
-        return ",".join(parts)
-
-
-def _whole(text: str, key: str) -> int:
-    if not text.isdigit():
-        raise ValueError(f"{key} takes a whole number, not '{text}'")
-    return int(text)
+UNLIMITED = SIZE_MAX  # max_split_size's default: std::numeric_limits<size_t>::max()
 
 
 class OutOfMemory(Exception):
@@ -119,6 +81,7 @@ class Block:
     segment: Segment | None = None  # expandable segments only
     mapped: bool = True
     tag: str = ""  # what the trace said the allocation was (for the snapshot's frames)
+    gc_base: int = 0  # the pool's get_free_block calls when the block entered it (`gc_count_base`)
 
     @property
     def is_split(self) -> bool:
@@ -132,11 +95,13 @@ class _Ordered:
         self.by_address = key == "address"
         self.keys: list[tuple[int, int, int]] = []
         self.blocks: list[Block] = []
+        self.calls = 0  # get_free_block calls on this pool (`get_free_blocks_call_count`), garbage collection only
 
     def key(self, block: Block) -> tuple[int, int, int]:
         return (block.stream, block.addr, 0) if self.by_address else (block.stream, block.size, block.addr)
 
     def add(self, block: Block) -> None:
+        block.gc_base = self.calls
         key = self.key(block)
         index = bisect.bisect_left(self.keys, key)
         self.keys.insert(index, key)
@@ -178,12 +143,12 @@ def _roundup_power2_next_division(size: int, divisions: int) -> int:
     return size if rounded == size else rounded + step
 
 
-def allocation_size(size: int) -> int:
+def allocation_size(size: int, large_segment: int = LARGE_BUFFER) -> int:
     """`get_allocation_size`: the segment cudaMalloc'ed for a request that found no cached block."""
     if size <= SMALL_SIZE:
         return SMALL_BUFFER
     if size < MIN_LARGE_ALLOC:
-        return LARGE_BUFFER
+        return large_segment
     return ROUND_LARGE * ((size + ROUND_LARGE - 1) // ROUND_LARGE)
 
 
@@ -200,12 +165,19 @@ class AllocatorEvent:
 
 class CachingAllocator:
     """One device's allocator. `capacity`: the bytes cudaMalloc may take (the card less what sits outside the
-    allocator); None: unlimited (peaks only)."""
+    allocator); None: unlimited (peaks only). `total_memory`: the card's (totalGlobalMem), which sizes expandable
+    segments' address space and the memory fraction's cap; None: the capacity."""
 
     def __init__(self, config: AllocatorConfig | None = None, capacity: int | None = None,
-                 record: bool = False) -> None:
+                 record: bool = False, total_memory: int | None = None) -> None:
         self.config = config or AllocatorConfig()
         self.capacity = capacity
+        self.total_memory = total_memory if total_memory is not None else capacity
+        fraction = self.config.per_process_memory_fraction
+        # setMemoryFraction: allowed_memory_maximum, only for a fraction under 1 (std::round in 2.13)
+        self.allowed = round(fraction * self.total_memory) if fraction < 1 and self.total_memory is not None \
+            else None
+        self.collects = self.allowed is not None and self.config.garbage_collection_threshold > 0
         self.small, self.large = _Pool(True), _Pool(False)
         self.allocated = self.reserved = 0  # bytes of allocated blocks; of segments (or mapped pages)
         self.peak_allocated = self.peak_reserved = 0
@@ -219,9 +191,11 @@ class CachingAllocator:
 
     # ------------------------------------------------------------------------------------------------ public
     def malloc(self, orig_size: int, stream: int = 0, tag: str = "") -> Block:
-        size = round_size(orig_size, self.config.roundup_power2_divisions)
+        size = round_size(orig_size, self.config.divisions(orig_size))
         pool = self.small if size <= SMALL_SIZE else self.large
         block = self._get_free_block(pool, stream, size)
+        if block is None and self.collects:
+            self._garbage_collect_cached_blocks()
         if block is None:
             block = self._alloc_block(pool, stream, size)
         if block is None and self._release_available_cached_blocks(pool, stream, size):
@@ -246,13 +220,15 @@ class CachingAllocator:
         pool.blocks.add(block)
 
     @property
-    def fragmentation(self) -> int:
-        """Reserved but not allocated at the reserved peak: cached blocks the step could not reuse."""
+    def cached_free_at_reserved_peak(self) -> int:
+        """Reserved but not allocated at the reserved peak: cached blocks free at that moment."""
         return self.peak_reserved - self.allocated_at_peak_reserved
 
     # ------------------------------------------------------------------------------------------------ rules
     def _get_free_block(self, pool: _Pool, stream: int, size: int) -> Block | None:
         blocks = pool.blocks
+        if self.collects:
+            blocks.calls += 1
         index = blocks.lower_bound((stream, size, 0))
         if index == len(blocks.blocks) or blocks.blocks[index].stream != stream:
             return None
@@ -277,8 +253,8 @@ class CachingAllocator:
         limit = self.config.max_split_size
         if size < limit and candidate.size >= limit:
             return None  # no oversize block for a request that could be split from
-        if size >= limit and candidate.size >= size + LARGE_BUFFER:
-            return None  # an oversize block only within 20 MiB of the request
+        if size >= limit and candidate.size >= size + self.config.max_non_split_rounding:
+            return None  # an oversize block only within max_non_split_rounding (20 MiB) of the request
         blocks.remove(candidate)
         return candidate
 
@@ -309,6 +285,9 @@ class CachingAllocator:
         return block
 
     def _fits(self, size: int) -> bool:
+        """cudaMalloc (or cuMemMap) of `size` more: within the card, and within the memory fraction's cap."""
+        if self.allowed is not None and self.reserved + size > self.allowed:
+            return False
         return self.capacity is None or self.reserved + size <= self.capacity
 
     def _grew(self, size: int) -> None:
@@ -320,7 +299,7 @@ class CachingAllocator:
     def _alloc_block(self, pool: _Pool, stream: int, size: int) -> Block | None:
         if self.config.expandable_segments:
             return self._allocate_expandable(pool, stream, size)
-        segment_size = allocation_size(size)
+        segment_size = allocation_size(size, self.config.large_segment_size)
         if not self._fits(segment_size):
             return None
         block = Block(stream, segment_size, self._address(segment_size), pool.small)
@@ -334,25 +313,57 @@ class CachingAllocator:
         return self._alloc_block(pool, stream, size)
 
     def _release_available_cached_blocks(self, pool: _Pool, stream: int, size: int) -> bool:
-        """Free oversize cached blocks, the largest first, until `size` is covered (max_split_size only)."""
+        """Free oversize cached segments, from the largest under the request down, until `size` is covered
+        (max_split_size only); expandable blocks are stepped over, as 2.13 does (they are never cudaFree'd)."""
         limit = self.config.max_split_size
         if limit == UNLIMITED:
             return False
         key_size = max(size, limit)
         blocks = pool.blocks
         index = blocks.lower_bound((stream, key_size, 0))
-        if index < len(blocks.blocks) and blocks.blocks[index].stream == stream:
+        if (index < len(blocks.blocks) and blocks.blocks[index].stream == stream
+                and blocks.blocks[index].segment is None):
             self._release_block(blocks.blocks[index], pool)
             return True
         released = 0
         index -= 1
+        candidates = []
         while (index >= 0 and released < key_size and blocks.blocks[index].size >= limit
                and blocks.blocks[index].stream == stream):
             block = blocks.blocks[index]
-            released += block.size
-            self._release_block(block, pool)
+            if block.segment is None:
+                released += block.size
+                candidates.append(block)
             index -= 1
+        for block in candidates:
+            self._release_block(block, pool)
         return released >= key_size
+
+    def _garbage_collect_cached_blocks(self) -> None:
+        """`garbage_collect_cached_blocks`: past `threshold x allowed`, free whole cached large segments whose
+        age (get_free_block calls since they were cached) is at least the mean, until the excess is gone."""
+        assert self.allowed is not None
+        threshold = int(self.config.garbage_collection_threshold * self.allowed)
+        if self.reserved <= threshold:
+            return
+        target, reclaimed = self.reserved - threshold, 0
+        blocks = self.large.blocks
+
+        def age(block: Block) -> int:
+            return blocks.calls - block.gc_base
+
+        whole = [b for b in blocks.blocks if not b.is_split]  # expandable ones count towards the mean
+        total_age, count = sum(age(b) for b in whole), len(whole)
+        freed = True
+        while reclaimed < target and freed and count > 0:
+            mean, freed = total_age / count, False
+            for block in list(blocks.blocks):
+                if not block.is_split and block.segment is None and age(block) >= mean:
+                    freed = True
+                    reclaimed += block.size
+                    total_age -= age(block)
+                    count -= 1
+                    self._release_block(block, self.large)
 
     def _release_cached_blocks(self) -> None:
         for pool in (self.large, self.small):
@@ -414,9 +425,9 @@ class CachingAllocator:
             if room(candidate):
                 return candidate
             index += 1
-        page = SMALL_BUFFER if pool.small else LARGE_BUFFER
-        space = (self.capacity or (1 << 40)) * 9 // 8  # address space for 1 1/8 of the device
-        space = page * ((space + page - 1) // page)
+        page = SMALL_BUFFER if pool.small else self.config.large_segment_size
+        total = self.total_memory or (1 << 40)
+        space = page * ((total + total // 8 + page - 1) // page)  # numSegments(total + total / 8) pages
         segment = Segment(stream, pool.small, self._address(space), space, page)
         self.expandable.append(segment)
         head = Block(stream, space, segment.base, pool.small, segment=segment, mapped=False)

@@ -1,12 +1,13 @@
 """An allocation trace replayed through the caching-allocator model: the peaks torch.cuda would report, the
-fragmentation, and whether and where the step runs out of memory on a card of a given size."""
+cached free bytes at the reserved peak, and whether and where the step runs out of memory on a card of a given size."""
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
 
-from optprof.device.allocator import AllocatorConfig, Block, CachingAllocator, OutOfMemory
+from optprof.device.alloc_conf import AllocatorConfig
+from optprof.device.allocator import Block, CachingAllocator, OutOfMemory
 from optprof.device.trace import DEFAULT_STREAM, AllocationTrace
 
 REPEATS = 2  # steps replayed: the second starts from the first's cache, as every later step does
@@ -16,16 +17,17 @@ REPEATS = 2  # steps replayed: the second starts from the first's cache, as ever
 class Replay:
     peak_allocated: int  # torch.cuda.max_memory_allocated: allocated blocks, sizes rounded as the allocator does
     peak_reserved: int  # torch.cuda.max_memory_reserved: segments (or mapped pages)
-    fragmentation: int  # reserved - allocated at the reserved peak
+    cached_free_at_reserved_peak: int  # reserved - allocated at the reserved peak
     retries: int  # cudaMalloc retries after releasing the cache (torch's num_alloc_retries)
     oom: str | None  # where the step ran out: the phase and what was being allocated; None: it fits
     allocator: CachingAllocator
 
 
 def replay(trace: AllocationTrace, config: AllocatorConfig | None = None, capacity: int | None = None,
-           record: bool = False, repeats: int = REPEATS) -> Replay:
-    """The trace's step `repeats` times (the allocations alive before the step, once) through one allocator."""
-    allocator = CachingAllocator(config, capacity, record)
+           record: bool = False, repeats: int = REPEATS, total_memory: int | None = None) -> Replay:
+    """The trace's step `repeats` times (the allocations alive before the step, once) through one allocator on a
+    card of `total_memory` bytes whose allocator may take `capacity`."""
+    allocator = CachingAllocator(config, capacity, record, total_memory)
     streams = {name: index for index, name in enumerate([DEFAULT_STREAM, *trace.streams()])}
     start = trace.marks.get("step", 0)
     phases = sorted((index, phase) for phase, index in trace.marks.items())
@@ -53,5 +55,5 @@ def replay(trace: AllocationTrace, config: AllocatorConfig | None = None, capaci
                     break
         if oom is not None:
             break
-    return Replay(allocator.peak_allocated, allocator.peak_reserved, allocator.fragmentation, allocator.retries,
-                  oom, allocator)
+    return Replay(allocator.peak_allocated, allocator.peak_reserved, allocator.cached_free_at_reserved_peak,
+                  allocator.retries, oom, allocator)

@@ -47,6 +47,7 @@ from optprof.measure.tracker import (
 )
 from optprof.model.info import trainable_parameters
 from optprof.model.loading import load_selection
+from optprof.optimizers.implementation import set_implementation
 from optprof.optimizers.outcome import status_of
 from optprof.optimizers.registry import (
     OptimizerEntry,
@@ -137,6 +138,7 @@ def build_step(spec: TrialSpec, entry: OptimizerEntry, device: Device,
         return entry.build(model, info, spec.opt_args)
 
     optimizer = zero1_optimizer(build) if spec.strategy == Strategy.ZERO1 else build()
+    set_implementation(optimizer, t.update_impl, t.device, spec.opt_args, fake=False)
     batches = make_batches(info.vocab_size, t, device.torch_device, rank)
     return TrainStep(model, optimizer, trainable_parameters(model), batches, device, t), info
 

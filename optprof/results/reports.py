@@ -79,7 +79,10 @@ class Report:
         schema, version = data.get("schema"), data.get("schema_version")
         if schema != cls.SCHEMA:
             raise UsageError(f"expected an {cls.SCHEMA} report, got {schema!r}")
-        if not isinstance(version, int) or version > cls.SCHEMA_VERSION:
+        if not isinstance(version, int):
+            raise UsageError(f"{schema} report without a readable schema version ({version!r}): not written by "
+                             "optprof, or edited")
+        if version > cls.SCHEMA_VERSION:
             raise UsageError(f"{schema} schema version {version} is newer than this optprof reads "
                              f"({cls.SCHEMA_VERSION}): upgrade optprof")
         return decode(cls, cls.upgraded(data, version))
@@ -166,6 +169,24 @@ class CompareReport(ModelReport):
 @dataclass(frozen=True, kw_only=True)
 class PredictReport(ModelReport):
     SCHEMA: ClassVar[str] = "optprof.predict"
+    # 2: predicted_fragmentation_bytes split into predicted_reserved_minus_allocated_bytes and
+    # predicted_cached_free_at_reserved_peak_bytes (what the old name held)
+    SCHEMA_VERSION: ClassVar[int] = 2
+
+    @classmethod
+    def upgraded(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
+        if version >= 2:
+            return data
+        rows = []
+        for row in data.get("results") or ():
+            if isinstance(row, dict) and "predicted_fragmentation_bytes" in row:
+                row = dict(row)
+                row["predicted_cached_free_at_reserved_peak_bytes"] = row.pop("predicted_fragmentation_bytes")
+                reserved, allocated = row.get("predicted_reserved_bytes"), row.get("predicted_allocated_bytes")
+                if isinstance(reserved, int) and isinstance(allocated, int):
+                    row["predicted_reserved_minus_allocated_bytes"] = reserved - allocated
+            rows.append(row)
+        return {**data, "results": rows}
 
     results: tuple[PredictRow, ...]
     assumptions: tuple[str, ...]  # what fake CPU tensors cannot see, and what was assumed instead

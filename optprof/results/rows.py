@@ -204,11 +204,13 @@ class PredictRow(StepRow):
     state_bytes: int | None = None  # per device; exact: the real optimizer's state, on fake tensors
     predicted_peak_bytes: int | None = None  # live tensors at the peak, per device, at micro_batch
     # The caching-allocator model's replay of the step (CUDA targets): torch.cuda.max_memory_allocated and
-    # max_memory_reserved as predicted, the reserved bytes not allocated at the reserved peak, and where a step
-    # ran out of memory on the card given (--gpu-memory); None without the model
+    # max_memory_reserved as predicted, their difference, the cached blocks free at the moment of the reserved
+    # peak (reusable by the next step's allocations: not waste), and where a step ran out of memory on the card
+    # given (--gpu-memory); None without the model
     predicted_allocated_bytes: int | None = None
     predicted_reserved_bytes: int | None = None
-    predicted_fragmentation_bytes: int | None = None
+    predicted_reserved_minus_allocated_bytes: int | None = None  # peak reserved - peak allocated
+    predicted_cached_free_at_reserved_peak_bytes: int | None = None  # reserved - allocated at the reserved peak
     predicted_oom: str | None = None
     predicted_device_bytes: int | None = None  # what the card must hold: reserved (else the peak) + the costs outside
     predicted_breakdown: dict[str, int] = field(default_factory=dict)

@@ -80,7 +80,8 @@ def test_a_real_allocator_trace_replayed_through_the_model_gives_the_same_segmen
     no segment_alloc happens then, which the first GPU run of this test found)."""
     import torch
 
-    from optprof.device.allocator import AllocatorConfig, CachingAllocator
+    from optprof.device.alloc_conf import AllocatorConfig
+    from optprof.device.allocator import CachingAllocator
     from optprof.model.loading import load_model
 
     torch.cuda.empty_cache()

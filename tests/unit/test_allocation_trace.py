@@ -16,7 +16,7 @@ from support.cli import run
 from optprof.commands.fake_step import FakeTrainer
 from optprof.commands.predict import run_predict
 from optprof.config import DeviceKind, ModelSelection, PredictConfig, TrainingSettings
-from optprof.device.allocator import AllocatorConfig
+from optprof.device.alloc_conf import AllocatorConfig
 from optprof.device.replay import replay
 from optprof.device.snapshot import snapshot
 from optprof.device.trace import AllocationTrace
@@ -71,7 +71,7 @@ def test_the_replay_rounds_and_caches_as_the_allocator_does() -> None:
     _, trace = traced()
     plain = replay(trace)
     assert plain.peak_allocated >= live_peak(trace) and plain.peak_reserved >= plain.peak_allocated
-    assert plain.fragmentation == plain.peak_reserved - plain.allocator.allocated_at_peak_reserved >= 0
+    assert plain.cached_free_at_reserved_peak == plain.peak_reserved - plain.allocator.allocated_at_peak_reserved >= 0
     assert plain.oom is None
     tight = replay(trace, capacity=plain.peak_allocated // 2)
     assert tight.oom is not None and tight.oom.startswith("step 1")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from optprof.device.alloc_conf import AllocatorConfig
 from optprof.device.allocator import (
     LARGE_BUFFER,
     SMALL_BUFFER,
-    AllocatorConfig,
     CachingAllocator,
     OutOfMemory,
     _roundup_power2_next_division,
@@ -110,7 +110,7 @@ def test_an_expandable_oom_unmaps_free_pages_and_retries() -> None:
 def test_the_option_text_is_the_env_vars() -> None:
     config = AllocatorConfig.parse("expandable_segments:True,max_split_size_mb:128,roundup_power2_divisions:4")
     assert (config.expandable_segments, config.max_split_size, config.roundup_power2_divisions) == \
-        (True, 128 * MIB, 4)
+        (True, 128 * MIB, (4,) * 16)
     for bad in ("expandable_segments:yes", "max_split_size_mb:big", "colour:blue"):
         with pytest.raises(ValueError):
             AllocatorConfig.parse(bad)

@@ -70,7 +70,7 @@ def test_cli_predict_labels_everything_predicted(capsys) -> None:  # type: ignor
     assert code == 0 and "PREDICTED for cuda" in out and "Assumed:" in out and "predicted" in out
     code, out, _ = run(["predict", "demo", "-o", "sgd", "--seq-len", "64", "--device", "cpu", "-f", "json"], capsys)
     body = json.loads(out)
-    assert (body["schema"], body["schema_version"]) == ("optprof.predict", 1)
+    assert (body["schema"], body["schema_version"]) == ("optprof.predict", 2)
     row = body["results"][0]
     assert row["predicted_peak_bytes"] > 0 and row["micro_batch"] == 1 and row["predicted_max_micro_batch"] is None
     assert set(row["predicted_breakdown"]) == {"parameters", "gradients", "optimizer_state", "activations",

@@ -67,6 +67,7 @@ def test_a_newer_schema_version_is_one_clear_line(tmp_path: Path, capsys) -> Non
     ("{ not json", "is not JSON"),
     ('{"schema": "somebody.else"}', "is not an optprof report"),
     ('{"schema": "optprof.models", "schema_version": 1}', "a damaged optprof.models report"),
+    ('{"schema": "optprof.models"}', "optprof.models report without a readable schema version (None)"),
 ])
 def test_unreadable_reports_exit_2(tmp_path: Path, text: str, message: str, capsys) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path / "bad.json"
@@ -124,3 +125,17 @@ def test_a_version_1_state_size_report_reads_back_with_its_extent_split_off() ->
     del data["results"][0]["layer_extent"]  # version 1 had no such field
     (read,) = load_report(data).rows()
     assert (read.method, read.layer_extent) == (StateMethod.META_PLACEHOLDERS, LayerExtent.EXTRAPOLATED)
+
+
+def test_a_version_1_predict_report_reads_its_fragmentation_as_the_cached_free_bytes() -> None:
+    """Version 1's predicted_fragmentation_bytes was reserved - allocated at the reserved peak; version 2 names it,
+    and adds peak reserved - peak allocated."""
+    from optprof.results.io import load_report
+
+    data = json.loads((Path(__file__).parent.parent / "data" / "predict-a800.json").read_text())
+    assert data["schema_version"] == 1
+    old = data["results"][0]
+    (row, *_) = load_report(data).rows()
+    assert row.predicted_cached_free_at_reserved_peak_bytes == old["predicted_fragmentation_bytes"] == 29_104_054_784
+    assert row.predicted_reserved_minus_allocated_bytes == \
+        old["predicted_reserved_bytes"] - old["predicted_allocated_bytes"]

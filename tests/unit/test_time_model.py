@@ -130,22 +130,6 @@ def test_a_recorded_matmul_has_torchs_flops_and_its_operands_bytes() -> None:
     assert relu.kind == OpKind.MEMORY and relu.reads == matmul.writes == relu.writes  # in place, after the matmul
 
 
-def test_a_cuda_target_steps_foreach_and_a_cpu_target_per_tensor(capsys) -> None:  # type: ignore[no-untyped-def]
-    import torch
-
-    from optprof.commands.fake_step import cuda_implementation
-
-    model = torch.nn.Linear(4, 4)
-    chosen = torch.optim.AdamW(model.parameters())
-    explicit = torch.optim.AdamW(model.parameters(), foreach=False)
-    fused = torch.optim.AdamW(model.parameters(), fused=True)
-    for optimizer in (chosen, explicit, fused):
-        cuda_implementation(optimizer)
-    assert chosen.param_groups[0]["foreach"] is True
-    assert explicit.param_groups[0]["foreach"] is False
-    assert fused.param_groups[0]["foreach"] is None and fused.param_groups[0]["fused"] is True
-
-
 def test_predict_on_a_catalog_gpu_reports_time_tokens_and_mfu(capsys) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = run(["predict", "demo", "-o", "adamw", "--gpu", "h100-sxm", "--gpus", "2", "--seq-len", "64",
                         "--max-micro-batch", "2", "-f", "json"], capsys)
