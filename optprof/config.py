@@ -252,6 +252,8 @@ class PredictConfig:
     gpu_spec: str | None = None  # a TOML file adding or overriding catalog entries
     network: str | None = None  # between nodes; None: the catalog's default (hardware.catalog.DEFAULT_NETWORK)
     gpus_per_node: int | None = None  # None: 8, or the GPU count when smaller
+    # --calibration: a compare report measured on the card; its outside-allocator figure is reserve_bytes then
+    calibration: str | None = None
 
 
 # The optimizers of the study's inclusion relations, and the two whose memory optprof is about.
@@ -458,7 +460,9 @@ def step_record(dtype: Dtype, training: TrainingSettings, reduces: bool, sharded
                          else f"chunked:{training.loss_chunks} (head and fp32 upcast per chunk of tokens)")]
     if sharded:
         parts.append(f"FSDP2 units {training.fsdp_units}")
-    return {"precision": {key: (str(value) if value is not None else None)
+    update = implementation_text(training.update_impl, training.device, opt_args or {})
+    parts.append(update)
+    return {"update": update, "precision": {key: (str(value) if value is not None else None)
                           for key, value in precision.__dict__.items()},
             "mp_policy": mp_policy_text(training), "activation_checkpointing": checkpointing_text(training),
             "loss": loss_text(training), "step": "; ".join(parts)}

@@ -97,14 +97,37 @@ def allocator_settings(device: DeviceKind, alloc_conf: str | None, snapshot: Pat
 
 
 def outside_reserve(device: DeviceKind, ranks: int, strategy: Strategy, shard_size: int | None,
-                    modelled: bool) -> int:
-    """Bytes per device outside the allocator: the named costs with the model, else the old default reserve."""
+                    modelled: bool, gpu: str | None = None, gpu_spec: Path | None = None,
+                    gpus_per_node: int | None = None) -> int:
+    """Bytes per device outside the allocator: the named costs with the model (the catalog's for --gpu), else the
+    old default reserve."""
     from optprof.config import default_reserve
     from optprof.device.costs import rank_costs
+    from optprof.hardware.catalog import DEFAULT_GPUS_PER_NODE, target_gpu
 
     if not modelled:
         return default_reserve(device)
-    return sum(cost.bytes for cost in rank_costs(strategy, ranks, shard_size))
+    per_node = gpus_per_node or min(DEFAULT_GPUS_PER_NODE, ranks)
+    return sum(cost.bytes for cost in rank_costs(strategy, ranks, shard_size, target_gpu(gpu, gpu_spec), per_node))
+
+
+def calibration_bytes(path: Path) -> int:
+    """The largest outside-allocator figure a compare report measured (--calibration); one line, exit 2, when it
+    is not a compare report or measured none (a CPU run, or no NVML)."""
+    from optprof.results.io import read_report
+    from optprof.results.reports import CompareReport
+
+    report = read_report(path)
+    if not isinstance(report, CompareReport):
+        raise UsageError(f"--calibration: {path} is an {report.SCHEMA} report; give a compare report from the card")
+    measured = [row.outside_allocator_bytes for row in report.results if row.outside_allocator_bytes is not None]
+    measured += [rank.nvml_process_peak_bytes - rank.torch_max_reserved_bytes for row in report.results
+                 for rank in row.ranks
+                 if rank.nvml_process_peak_bytes is not None and rank.torch_max_reserved_bytes is not None]
+    if not measured:
+        raise UsageError(f"--calibration: {path} measured nothing outside the allocator (a compare on a CUDA "
+                         "device with NVML records it)")
+    return max(measured)
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,9 @@ NetworkOpt = Annotated[str | None, typer.Option(
     "--network", help="What joins the nodes, per GPU (a catalog network, e.g. ib-400g, roce-200g; default ib-400g).")]
 GpusPerNodeOpt = Annotated[int | None, typer.Option(
     "--gpus-per-node", help="GPUs per node: groups beyond it cross the --network (default 8, or --gpus if smaller).")]
+CalibrationOpt = Annotated[Path | None, typer.Option(
+    "--calibration", help="A compare report (JSON) measured on the card: its measured bytes outside the allocator "
+    "(NVML process memory less torch's reserved) replace optprof's named estimates of them.")]
 ReserveOpt = Annotated[str | None, typer.Option(
     "--reserve", help="Memory per device outside PyTorch's caching allocator (CUDA context, NCCL buffers), "
     "replacing optprof's named estimates of them (predict on cuda) or its 2GiB guess (compare's checks); 0 on cpu.")]

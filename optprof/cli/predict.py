@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from optprof.cli.inputs import (
     allocator_settings,
+    calibration_bytes,
     fake_ranks,
     loaded_dtype,
     model_selection,
@@ -17,6 +18,7 @@ from optprof.cli.options import (
     AllocConfOpt,
     AmpOpt,
     AttentionOpt,
+    CalibrationOpt,
     CheckpointingOpt,
     DeviceOpt,
     FormatOpt,
@@ -82,6 +84,7 @@ def predict(
     units: UnitsOpt = None, plot: PlotOpt = None, save_profile: SaveProfileOpt = None, jobs: JobsOpt = None,
     lora: LoraOpt = None, qlora: QloraOpt = None, freeze: FreezeOpt = None, attention: AttentionOpt = None,
     gpu: GpuOpt = None, gpu_spec: GpuSpecOpt = None, network: NetworkOpt = None, gpus_per_node: GpusPerNodeOpt = None,
+    calibration: CalibrationOpt = None,
 ) -> None:
     """Predict peak memory per device (and the largest micro-batch) without a GPU, from fake tensors; with --gpu,
     also the step time, tokens/s and MFU on that GPU.
@@ -110,6 +113,14 @@ def predict(
     target = time_settings(gpu, gpu_spec, network, gpus_per_node, device, gpus or 1)
     if gpu_memory is None and target.memory_bytes is not None:
         gpu_memory = str(target.memory_bytes)
+    if reserve is not None and calibration is not None:
+        raise UsageError("--reserve and --calibration both replace the costs outside the allocator: give one")
+    if calibration is not None and allocator is None:
+        raise UsageError("--calibration is a CUDA card's measurement: use it with --device cuda")
+    reserve_bytes = (parse_bytes(reserve, "--reserve", allow_zero=True) if reserve is not None
+                     else calibration_bytes(calibration) if calibration is not None
+                     else outside_reserve(device, fake.ranks, fake.strategy, fake.shard_size, allocator is not None,
+                                          gpu, gpu_spec, gpus_per_node))
     run_config = PredictConfig(
         model_selection(model, step.dtype, revision, trust_remote_code, lora, freeze, qlora, attention),
         tuple(optimizer or ()), training, parse_opt_args(opt_arg or []), max_micro_batch=max_micro_batch,
@@ -117,9 +128,9 @@ def predict(
         replicas=gpus or 1 if step.replicated else 1,
         gpu_memory_bytes=None if gpu_memory is None else parse_bytes(gpu_memory, "--gpu-memory"),
         alloc_conf=allocator, memory_snapshot=None if memory_snapshot is None else str(memory_snapshot),
-        reserve_bytes=outside_reserve(device, fake.ranks, fake.strategy, fake.shard_size, allocator is not None)
-        if reserve is None else parse_bytes(reserve, "--reserve", allow_zero=True),
-        gpu=gpu, gpu_spec=None if gpu_spec is None else str(gpu_spec), network=network, gpus_per_node=gpus_per_node)
+        reserve_bytes=reserve_bytes,
+        gpu=gpu, gpu_spec=None if gpu_spec is None else str(gpu_spec), network=network, gpus_per_node=gpus_per_node,
+        calibration=None if calibration is None else str(calibration))
     if run_config.gpu_memory_bytes is not None and run_config.gpu_memory_bytes <= run_config.reserve_bytes:
         raise UsageError("--gpu-memory must be larger than --reserve")
     one_device(fake.ranks, save_profile)

@@ -22,11 +22,11 @@ from typing import Any
 
 from optprof.config import SHARDED_STRATEGIES, DeviceKind, PredictConfig, Strategy, TrainingSettings, parameter_dtype
 from optprof.device.alloc_conf import AllocatorConfig
-from optprof.device.costs import cublas_workspace_bytes
+from optprof.device.costs import SM90_WORKSPACE_BYTES
 from optprof.device.replay import Replay, replay
 from optprof.device.trace import AllocationTrace, TraceRecorder
 from optprof.distributed.sharding import shard_fsdp, zero1_optimizer
-from optprof.hardware.catalog import LOCAL
+from optprof.hardware.catalog import LOCAL, target_gpu
 from optprof.measure.device import CpuDevice
 from optprof.measure.step import TrainStep, configure_model, make_batches
 from optprof.measure.tracker import TensorPeakTracker, TrackedPeak, tracked_step
@@ -38,8 +38,6 @@ from optprof.optimizers.registry import OptimizerEntry
 from optprof.optimizers.state import account_state, fused_update, needs_gradient_graph, state_tensors
 from optprof.processes.branching import run_branched
 from optprof.results.vocab import Status
-
-SM90 = 9  # the compute capability the model's cuBLAS workspace assumes (H100, H200): 32 MiB per thread and stream
 
 # Attention dropout makes CPU SDPA fall back to a kernel that keeps the whole attention matrix; CUDA's
 # flash and memory-efficient kernels do not, so for a CUDA target it is switched off (memory only).
@@ -122,7 +120,9 @@ class FakeModel:
         times = self.config.gpu is not None
         if self.config.alloc_conf is None and not times:
             return None
-        workspace = cublas_workspace_bytes(SM90) if self.config.alloc_conf is not None else 0
+        gpu = target_gpu(self.config.gpu, self.config.gpu_spec)
+        workspace = 0 if self.config.alloc_conf is None else \
+            gpu.cublas_workspace_bytes if gpu is not None else SM90_WORKSPACE_BYTES
         return TraceRecorder(workspace, ops=times, specs=self.config.gpu == LOCAL)
 
 

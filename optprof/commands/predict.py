@@ -37,7 +37,7 @@ from optprof.config import (
     step_record,
 )
 from optprof.device.alloc_conf import AllocatorConfig
-from optprof.device.costs import rank_costs
+from optprof.device.costs import SM90_WORKSPACE_BYTES, calibrated_cost, rank_costs
 from optprof.device.local_times import collective_key, measured_collectives, measured_times
 from optprof.device.ops import OpKind, OpRecord
 from optprof.device.replay import replay
@@ -51,7 +51,7 @@ from optprof.distributed.sharding import (
     gloo_reduce_scatter_copies,
 )
 from optprof.errors import error_text
-from optprof.hardware.catalog import LOCAL, Cluster, cluster, load_catalog
+from optprof.hardware.catalog import DEFAULT_GPUS_PER_NODE, LOCAL, Cluster, cluster, load_catalog, target_gpu
 from optprof.measure.flops import model_flops_per_token
 from optprof.model.info import config_values
 from optprof.model.loading import default_loaded_dtype, load_config, load_selection
@@ -90,16 +90,24 @@ ASSUMPTIONS_CUDA = (
 
 def allocator_notes(config: PredictConfig) -> list[tuple[dict[str, Any] | None, str]]:
     """With the allocator model: the model's own assumption, and each named cost outside the allocator (or the
-    --reserve that replaced them), as (the report's record, the assumption's line)."""
+    --calibration or --reserve that replaced them), as (the report's record, the assumption's line)."""
     if config.alloc_conf is None:
         return []
+    gpu = target_gpu(config.gpu, config.gpu_spec)
+    workspace = gpu.cublas_workspace_bytes if gpu is not None else SM90_WORKSPACE_BYTES
+    where = f"on {gpu.name}" if gpu is not None else "assumed sm90 (no --gpu)"
     lines: list[tuple[dict[str, Any] | None, str]] = [(None, (
         "reserved bytes: the tracked step's allocations and frees, with their streams (FSDP2's all-gather and "
         "reduce-scatter buffers on their own), replayed twice through a model of torch 2.13's CUDACachingAllocator "
-        f"(PYTORCH_CUDA_ALLOC_CONF {config.alloc_conf}); cuBLAS's 32 MiB workspace (sm90) allocated through it for "
-        "the forward and the backward thread; the largest micro-batch is the largest whose replay does not run out "
-        "of memory"))]
-    costs = rank_costs(config.strategy, config.gpus, config.shard_size)
+        f"(allocator configuration {config.alloc_conf}); cuBLAS's {workspace:,}-byte workspace ({where}) "
+        "allocated through it for the forward and the backward thread; the largest micro-batch is the largest "
+        "whose replay does not run out of memory"))]
+    if config.calibration is not None:
+        cost = calibrated_cost(config.calibration, config.reserve_bytes)
+        return [*lines, ({"name": cost.name, "bytes": cost.bytes, "source": cost.source},
+                         f"outside the allocator: {cost.bytes:,} bytes per device ({cost.source})")]
+    per_node = config.gpus_per_node or min(DEFAULT_GPUS_PER_NODE, config.gpus)
+    costs = rank_costs(config.strategy, config.gpus, config.shard_size, gpu, per_node)
     if sum(cost.bytes for cost in costs) != config.reserve_bytes:
         return [*lines, ({"name": "--reserve", "bytes": config.reserve_bytes, "source": "given"},
                          f"outside the allocator: {config.reserve_bytes:,} bytes per device, as --reserve gave")]

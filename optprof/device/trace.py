@@ -13,7 +13,11 @@ stream; `foreach_reduce`: the reduce-scatter output on the reduce-scatter stream
 - activation: allocated during a forward and still alive at its end; temporary: the rest;
 - workspace: cuBLAS's workspace, which cuBLAS allocates through the caching allocator at the first matmul of each
   (thread, stream): one for forward, one for the autograd engine's backward thread (aten/src/ATen/cuda/
-  CublasHandlePool.cpp: setCublasWorkspace, getChosenWorkspaceSize: 32 MiB on sm90).
+  CublasHandlePool.cpp: setCublasWorkspace, getChosenWorkspaceSize: 32 MiB on sm90);
+- attention workspace (CUDA targets): what the flash-attention backward allocates besides its outputs and frees
+  when it returns, which CPU's kernel keeps to itself: dq_accum, float32 (batch, seq_q rounded to 128, heads,
+  head dim rounded to 32, or 64 over 128), and softmax_d, float32 (batch, heads, seq_q rounded to 128)
+  (aten/src/ATen/native/transformers/cuda/flash_attn/flash_api.cpp: mha_bwd).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from optprof.device.ops import (
 )
 
 DEFAULT_STREAM = "default"
+FLASH_BACKWARD = ("_scaled_dot_product_flash_attention_for_cpu_backward",
+                  "_scaled_dot_product_flash_attention_backward", "_flash_attention_backward")
 MATMULS = (*MATMUL_OPS, "linear")  # ops that take a cuBLAS handle
 
 
@@ -260,6 +266,21 @@ class TraceRecorder:
             self._workspaces.add(key)
             self._allocate(self.workspace_bytes, "workspace")  # never freed: cached per thread and stream
 
+    def _attention_workspace(self, func: Any, args: tuple[Any, ...]) -> None:
+        """The flash backward's scratch (CUDA targets, as the cuBLAS workspace marks them): allocated after its
+        outputs, freed as it returns."""
+        if not self.workspace_bytes or getattr(func, "__name__", "").split(".")[0] not in FLASH_BACKWARD:
+            return
+        batch, heads, seq_q, head_dim = args[1].shape  # the query, (batch, heads, seq, head dim)
+        seq_rounded = -(-seq_q // 128) * 128
+        dim8 = -(-head_dim // 8) * 8
+        multiple = 32 if dim8 <= 128 else 64
+        dim_rounded = -(-dim8 // multiple) * multiple
+        scratch = [self._allocate(4 * batch * seq_rounded * heads * dim_rounded, "attention workspace"),
+                   self._allocate(4 * batch * heads * seq_rounded, "attention workspace")]
+        for allocation in scratch:
+            self._free(allocation)
+
     def _known(self, tensor: Any) -> int | None:
         holder = self._ids.get(tensor.untyped_storage())
         return None if holder is None else holder[0]
@@ -319,6 +340,7 @@ class TraceRecorder:
                     for value in tree_flatten(out)[0]:
                         if isinstance(value, torch.Tensor):
                             recorder._see(value.untyped_storage())
+                recorder._attention_workspace(func, args)
                 if recorder.records_ops:
                     recorder._record_op(func, args, kwargs or {}, out)
                 return out

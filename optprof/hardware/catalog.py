@@ -39,6 +39,11 @@ class Gpu:
     link: str  # NVLink 4, PCIe 4, Infinity Fabric: what intra_node_busbw runs over
     nvlink_bandwidth: float = 0.0  # NVLink (or fabric) per GPU, bidirectional, as datasheets give it; bytes/s
     pcie_bandwidth: float = 0.0  # the host link, bidirectional, bytes/s (for reference: collectives use busbw)
+    # What sits outside PyTorch's caching allocator, per rank (device/costs.py adds them up by topology)
+    context_bytes: int = 512 << 20  # the CUDA context once a training step has loaded its kernels
+    nccl_channels: int = 0  # NCCL channels whose connection buffers live on the GPU (0: host buffers, SHM)
+    nvls_channels: int = 0  # NVLink SHARP channels on an NVSwitch node with multicast (0: no NVLS)
+    cublas_workspace_bytes: int = 4096 * 1024 * 2 + 16 * 1024 * 8  # per (thread, stream), through the allocator
     sources: dict[str, str] = field(default_factory=dict)  # figure -> where it comes from
 
     def peak(self, dtype: str) -> float:
@@ -92,9 +97,12 @@ GPU_UNITS = {  # catalog field -> (Gpu field, multiplier to SI units)
     "launch_us": ("launch_s", 1e-6), "intra_node_busbw_gb_s": ("intra_node_busbw", 1e9),
     "intra_node_latency_us": ("intra_node_latency_s", 1e-6), "link": ("link", None),
     "nvlink_gb_s": ("nvlink_bandwidth", 1e9), "pcie_gb_s": ("pcie_bandwidth", 1e9),
-    "description": ("description", None),
+    "description": ("description", None), "context_mib": ("context_bytes", 1 << 20),
+    "nccl_channels": ("nccl_channels", 1), "nvls_channels": ("nvls_channels", 1),
+    "cublas_workspace_kib": ("cublas_workspace_bytes", 1 << 10),
 }
 PEAK_KEYS = {f"{dtype}_tflops": dtype for dtype in DTYPES}
+INTEGER_FIELDS = ("memory_bytes", "sms", "context_bytes", "nccl_channels", "nvls_channels", "cublas_workspace_bytes")
 NETWORK_UNITS = {"busbw_gb_s": ("busbw", 1e9), "latency_us": ("latency_s", 1e-6), "description": ("description", None)}
 
 
@@ -113,7 +121,7 @@ def _convert(values: dict[str, Any], units: dict[str, tuple[str, Any]], where: s
         elif not isinstance(value, int | float) or value < 0:
             raise UsageError(f"{where}: {key} must be a non-negative number, not {value!r}")
         else:
-            fields[name] = int(value * scale) if name in ("memory_bytes", "sms") else value * scale
+            fields[name] = int(value * scale) if name in INTEGER_FIELDS else value * scale
     return fields
 
 
@@ -189,3 +197,10 @@ def cluster(catalog: Catalog, gpu: str, network: str | None, gpus_per_node: int 
         raise UsageError("--gpus-per-node must be at least 1")
     return Cluster(catalog.gpu(gpu), catalog.network(network or DEFAULT_NETWORK),
                    gpus_per_node or min(DEFAULT_GPUS_PER_NODE, gpus))
+
+
+def target_gpu(name: str | None, spec: str | Path | None = None) -> Gpu | None:
+    """The catalog entry a prediction targets; None without --gpu, or for --gpu local (no catalog figures)."""
+    if name is None or name == LOCAL:
+        return None
+    return load_catalog(None if spec is None else Path(spec)).gpu(name)

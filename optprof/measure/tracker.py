@@ -344,6 +344,11 @@ def choose_peak(allocator: AllocatorPeak | None, tracked: TrackedPeak | None,
     return None, None, None
 
 
+def outside_allocator(reserved: int | None, nvml_process: int | None) -> int | None:
+    """What this process holds on the card beyond the allocator's segments (context, NCCL, ...)."""
+    return None if reserved is None or nvml_process is None else nvml_process - reserved
+
+
 def memory_figures(allocator: AllocatorPeak | None, tracked: TrackedPeak | None,
                    sampled: SamplerResult | None) -> dict[str, Any]:
     """A compare row's memory figures: every source the trial read, and the best peak for the device."""
@@ -363,5 +368,7 @@ def memory_figures(allocator: AllocatorPeak | None, tracked: TrackedPeak | None,
         "rss_peak_bytes": sampled.rss_peak_bytes if sampled else None,
         "nvml_device_peak_bytes": sampled.nvml_device_peak_bytes if sampled else None,
         "nvml_process_peak_bytes": sampled.nvml_process_peak_bytes if sampled else None,
+        "outside_allocator_bytes": outside_allocator(stats.max_reserved_bytes if stats else None,
+                                                     sampled.nvml_process_peak_bytes if sampled else None),
         "sampler_samples": sampled.samples if sampled else None,
     }

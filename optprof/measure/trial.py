@@ -58,7 +58,7 @@ from optprof.optimizers.registry import (
 from optprof.optimizers.state import account_state, logical_state_bytes
 from optprof.quiet import quiet_libraries
 from optprof.results.rows import CompareRow
-from optprof.results.vocab import DERIVED_FWD_BWD_CUDA, DERIVED_MFU, PeakSource, Status
+from optprof.results.vocab import DERIVED_FWD_BWD_CUDA, DERIVED_MFU, DERIVED_OUTSIDE, PeakSource, Status
 
 if TYPE_CHECKING:
     from optprof.model.info import ModelInfo
@@ -228,6 +228,8 @@ def _derived(row: CompareRow) -> dict[str, str]:
         derived["fwd_bwd_peak_bytes"] = DERIVED_FWD_BWD_CUDA
     if row.mfu is not None:
         derived["mfu"] = DERIVED_MFU
+    if row.outside_allocator_bytes is not None:
+        derived["outside_allocator_bytes"] = DERIVED_OUTSIDE
     return derived
 
 

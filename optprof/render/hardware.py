@@ -26,7 +26,8 @@ def gpus_table(catalog: Catalog) -> Group:
     for column, justify in (("name", "left"), ("memory\nGiB", "right"), ("bf16\nTFLOP/s", "right"),
                             ("fp8\nTFLOP/s", "right"), ("HBM\nGB/s", "right"), ("SMs", "right"),
                             ("matmul\neff.", "right"), ("attn.\neff.", "right"), ("NVLink\nGB/s", "right"),
-                            ("PCIe\nGB/s", "right"), ("node\nbusbw GB/s", "right"), ("link", "left")):
+                            ("PCIe\nGB/s", "right"), ("node\nbusbw GB/s", "right"), ("context\nMiB", "right"),
+                            ("NCCL ch.\n(NVLS)", "right"), ("link", "left")):
         gpus.add_column(column, justify=justify, no_wrap=column != "link")  # type: ignore[arg-type]
     for gpu in catalog.gpus.values():
         fp8 = gpu.peak_flops.get("fp8")
@@ -34,7 +35,9 @@ def gpus_table(catalog: Catalog) -> Group:
                      "-" if fp8 is None else f"{fp8 / 1e12:,.0f}", f"{gpu.memory_bandwidth / 1e9:,.0f}", str(gpu.sms),
                      f"{gpu.matmul_efficiency:.0%}", f"{gpu.attention_efficiency:.0%}",
                      f"{gpu.nvlink_bandwidth / 1e9:,.0f}" if gpu.nvlink_bandwidth else "-",
-                     f"{gpu.pcie_bandwidth / 1e9:,.0f}", f"{gpu.intra_node_busbw / 1e9:,.0f}", gpu.link)
+                     f"{gpu.pcie_bandwidth / 1e9:,.0f}", f"{gpu.intra_node_busbw / 1e9:,.0f}",
+                     f"{gpu.context_bytes >> 20:,}",
+                     f"{gpu.nccl_channels}" + (f" ({gpu.nvls_channels})" if gpu.nvls_channels else ""), gpu.link)
     networks = Table(title="Networks between nodes (per GPU)", title_justify="left", box=box.SIMPLE_HEAD,
                      pad_edge=False, padding=(0, 1))
     for column in ("name", "busbw GB/s", "latency µs", "what"):

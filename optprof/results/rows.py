@@ -135,6 +135,9 @@ class CompareRow(StepRow):
     rss_baseline_bytes: int | None = None  # RSS before the model was built (interpreter, torch, libraries)
     nvml_device_peak_bytes: int | None = None  # the whole card, sampled
     nvml_process_peak_bytes: int | None = None  # this process on the card, sampled
+    # NVML's process peak less torch's max reserved: the CUDA context, NCCL's buffers and anything else outside
+    # the caching allocator (derived; what predict --calibration reads)
+    outside_allocator_bytes: int | None = None
     alloc_retries: int | None = None
     ooms: int | None = None
     energy_j: float | None = None  # NVML energy counter over the timed steps
@@ -190,7 +193,7 @@ RANK_FOLD: dict[str, FoldRule] = {
     "param_bytes": _MAX, "grad_bytes": _MAX, "peak_bytes": _MAX, "tensor_peak_bytes": _MAX,
     "fwd_bwd_peak_bytes": _MAX, "torch_max_allocated_bytes": _MAX, "torch_max_reserved_bytes": _MAX,
     "rss_peak_bytes": _MAX, "rss_baseline_bytes": _MAX, "nvml_device_peak_bytes": _MAX,
-    "nvml_process_peak_bytes": _MAX, "expert_load": _MAX,
+    "nvml_process_peak_bytes": _MAX, "outside_allocator_bytes": _MAX, "expert_load": _MAX,
     "breakdown": FoldRule.PEAK_RANK,
     "state_bytes": FoldRule.LOGICAL,
     "joules_per_token": FoldRule.DERIVED,

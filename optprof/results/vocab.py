@@ -80,6 +80,8 @@ BREAKDOWN_KEYS = ("parameters", "gradients", "optimizer_state", "activations", "
 # How a derived figure was obtained (CompareRow.derived): computed from measurements, not read off a counter.
 DERIVED_FWD_BWD_CUDA = ("the allocator's allocated peak through the first timed backward, plus its reserved - "
                         "allocated gap over the timed steps (CUDA keeps no reserved peak per phase)")
+DERIVED_OUTSIDE = ("NVML's sampled process peak less torch.cuda.max_memory_reserved: the CUDA context, NCCL's "
+                   "buffers and the rest outside the caching allocator (the two peaks need not coincide)")
 DERIVED_MFU = ("model FLOPs per token (PaLM formula) x tokens/s / the device's dense data-sheet peak "
                "(or --peak-tflops)")
 

@@ -90,3 +90,16 @@ def test_a_real_cuda_step_is_left_to_torch_and_optimizers_without_the_choice_are
 def test_the_step_line_names_the_implementation(impl: UpdateImpl | None, device: DeviceKind,
                                                 args: dict[str, Any], text: str) -> None:
     assert implementation_text(impl, device, args) == f"torch optimizers' update {text}"
+
+
+def test_the_recipe_sets_the_update_and_the_report_names_it(capsys) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    from support.cli import run
+
+    code, out, _ = run(["predict", "demo", "-o", "adamw", "--device", "cuda", "--seq-len", "32", "--recipe",
+                        "torchtitan", "-f", "json"], capsys)
+    assert code == 0
+    config = json.loads(out)["config"]
+    assert config["update_impl"] == "fused" and config["update"] == "torch optimizers' update fused (the recipe's)"
+    assert config["step"].endswith(config["update"])
