@@ -96,7 +96,7 @@ def compare(
     micro-batch 1, is a result, not a failure), 2 on bad input.
     """
     from optprof.commands.compare import run_compare
-    from optprof.distributed.torchrun import ranks_per_node, resolve_ranks, torchrun_group
+    from optprof.distributed.torchrun import ranks_per_node, resolve_ranks, torchrun_rank
     from optprof.optimizers.registry import parse_opt_args
     from optprof.render.compare import trial_line
     from optprof.render.console import console
@@ -134,8 +134,11 @@ def compare(
         shard_size=resolve_shard_size(step.strategy, world, shard_size, ranks_per_node() if joined else None))
     to = destination(output_format, output, units, plot)
     err = console(stderr=True)
-    with torchrun_group(kind, joined) as reporter, err.status(f"comparing optimizers on {model} ...") as status:
+    reporter = torchrun_rank() == 0  # under torchrun, rank 0 prints and writes the report; the others are quiet
+    if not reporter:
+        run_compare(run_config, quiet=not SESSION.debug)
+        return
+    with err.status(f"comparing optimizers on {model} ...") as status:
         result = run_compare(run_config, on_progress=lambda name, text: status.update(f"{name}: {text}"),
                              on_row=lambda row: err.print(trial_line(row)), quiet=not SESSION.debug)
-    if reporter:  # under torchrun, rank 0 writes the report
-        finish(result, to, save_profile, "compare")
+    finish(result, to, save_profile, "compare")

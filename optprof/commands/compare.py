@@ -26,6 +26,7 @@ from optprof.config import (
     step_record,
 )
 from optprof.device.alloc_conf import ASYNC, AllocatorConfig, AllocConfError, environment_name
+from optprof.distributed.torchrun import same_order, torchrun_group, torchrun_rank
 from optprof.errors import UsageError
 from optprof.hardware.catalog import LOCAL
 from optprof.measure.ranks import run_joined, run_ranks
@@ -137,8 +138,10 @@ def _not_predicted(config: CompareConfig) -> str | None:
         return "--no-predict"
     if config.offload_optimizer:
         return OFFLOAD_NOT_PREDICTED
-    if config.torchrun or (config.gpus > 1 and config.strategy not in SHARDED_STRATEGIES):
-        return f"predict emulates {', '.join(SHARDED_STRATEGIES)} on spawned ranks only"
+    if config.gpus > 1 and config.strategy not in SHARDED_STRATEGIES:
+        return f"predict emulates {', '.join(SHARDED_STRATEGIES)}, not {config.strategy}"
+    if config.torchrun and torchrun_rank() != 0:
+        return "under torchrun, rank 0 predicts (its report is the one written)"
     return None
 
 
@@ -332,11 +335,13 @@ def run_compare(
     random.Random().shuffle(order)  # so that drift on a shared machine does not follow the optimizers' order
     shallow = shallow_layers(config, loaded.config)
     by_index: dict[int, CompareRow] = {}
-    for index in order:
-        row = _row(runner, entries[index], training, shallow, predictions)
-        by_index[index] = row
-        if on_row is not None:
-            on_row(row)
+    with torchrun_group(training.device, config.torchrun):  # after the predictions' own fake group
+        order = same_order(order, config.torchrun)
+        for index in order:
+            row = _row(runner, entries[index], training, shallow, predictions)
+            by_index[index] = row
+            if on_row is not None:
+                on_row(row)
     rows = [by_index[i] for i in range(len(entries))]
     if config.search is not None:
         rows = _with_common_micro_batch(runner, entries, rows, training)

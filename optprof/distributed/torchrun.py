@@ -24,6 +24,12 @@ def torchrun_world_size() -> int | None:
     return world if world > 1 and "RANK" in os.environ else None
 
 
+def torchrun_rank() -> int:
+    """This process's rank under torchrun (RANK), 0 outside it: rank 0 predicts, prints and writes the report."""
+    value = os.environ.get("RANK", "0")
+    return int(value) if torchrun_world_size() is not None and value.isdigit() else 0
+
+
 def ranks_per_node() -> int | None:
     """torchrun's ranks on this node (LOCAL_WORLD_SIZE), None outside torchrun."""
     value = os.environ.get("LOCAL_WORLD_SIZE")
@@ -52,11 +58,11 @@ def resolve_ranks(kind: DeviceKind, gpus: int | None, device_given: bool = True)
 
 
 @contextlib.contextmanager
-def torchrun_group(kind: DeviceKind, joined: bool) -> Iterator[bool]:
-    """Join torchrun's process group for the duration (when `joined`); yields whether this process writes the
-    report: rank 0, or the only process."""
+def torchrun_group(kind: DeviceKind, joined: bool) -> Iterator[None]:
+    """Join torchrun's process group for the duration (when `joined`): after the predictions, which run FSDP2 on
+    a fake process group of their own in this process."""
     if not joined:
-        yield True
+        yield
         return
     import torch
     import torch.distributed as dist
@@ -67,6 +73,18 @@ def torchrun_group(kind: DeviceKind, joined: bool) -> Iterator[bool]:
         share_cores(int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     dist.init_process_group("nccl" if kind == DeviceKind.CUDA else "gloo")
     try:
-        yield dist.get_rank() == 0
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def same_order(order: list[int], joined: bool) -> list[int]:
+    """Rank 0's trial order on every rank of a torchrun group (each rank shuffles on its own; the trials' collectives
+    need every rank on the same optimizer)."""
+    if not joined:
+        return order
+    import torch.distributed as dist
+
+    shared: list[object] = [order]
+    dist.broadcast_object_list(shared, src=0)
+    return list(shared[0])  # type: ignore[call-overload]

@@ -155,17 +155,20 @@ def test_a_killed_rank_fails_its_trial_and_leaves_nothing_behind(capsys) -> None
     assert left_behind() == []
 
 
-def test_under_torchrun_rank_zero_writes_one_report() -> None:
+def test_under_torchrun_rank_zero_writes_one_report_with_predictions() -> None:
+    """Every rank runs the optimizers in rank 0's order (each rank's state alike within a row), rank 0 predicts
+    before the group joins, and its report is the only output."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "optprof", "compare",
-               "demo", "--device", "cpu", "-o", "sgd", "--seq-len", "32", "--steps", "1", "-f", "json",
-               "--strategy", "ddp"]
+               "demo", "--device", "cpu", "-o", "sgd,adamw", "--seq-len", "32", "--steps", "1", "-f", "json"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     body = json.loads(done.stdout)  # exactly one JSON document: rank 1 printed nothing
-    row = body["results"][0]
     assert body["config"]["torchrun"] is True
-    assert (row["status"], row["world_size"], row["strategy"], len(row["ranks"])) == ("ok", 2, "ddp", 2)
+    for row in body["results"]:
+        assert (row["status"], row["world_size"], row["strategy"], len(row["ranks"])) == ("ok", 2, "fsdp", 2)
+        assert len({rank["state_bytes"] for rank in row["ranks"]}) == 1, row["optimizer"]  # one optimizer per row
+        assert abs(row["prediction_errors"]["tensor_peak_bytes"]) <= 0.02, row["optimizer"]
 
 
 def test_ranks_stop_repeating_the_optimizer_step_together() -> None:
