@@ -18,6 +18,7 @@ from optprof.cli import check, compare, listing, predict, report, state_size, tu
 from optprof.cli.inputs import SESSION
 from optprof.cli.options import DebugOpt
 from optprof.errors import UsageError
+from optprof.interrupts import Interrupted, interruptible, stop_children
 from optprof.quiet import quiet_libraries
 
 app = typer.Typer(
@@ -83,7 +84,12 @@ def _click_kind(exc: BaseException) -> str | None:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user mistakes become one line on stderr and exit code 2."""
     try:
-        code = app(args=argv, prog_name="optprof", standalone_mode=False)
+        with interruptible():
+            code = app(args=argv, prog_name="optprof", standalone_mode=False)
+    except Interrupted as stop:  # before any row finished (or while the report was written): nothing to keep
+        stop_children()
+        typer.echo(f"optprof: interrupted by {stop}", err=True)
+        sys.exit(stop.exit_code)
     except UsageError as exc:
         if SESSION.debug:
             traceback.print_exc()

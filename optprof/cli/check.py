@@ -5,6 +5,7 @@ from __future__ import annotations
 from optprof.cli.options import FormatOpt, JunitOpt, OutputFormat, ProfilePathsArg, StrictOpt, UpdateOpt
 from optprof.cli.output import destination, finish, write
 from optprof.errors import UsageError
+from optprof.files import check_writable
 
 
 def check(paths: ProfilePathsArg = None, update: UpdateOpt = False, strict: StrictOpt = False, junit: JunitOpt = None,
@@ -21,6 +22,8 @@ def check(paths: ProfilePathsArg = None, update: UpdateOpt = False, strict: Stri
 
     if output_format not in (OutputFormat.TABLE, OutputFormat.JSON):
         raise UsageError("check writes table or json (and --junit XML)")
+    if junit is not None:
+        check_writable(junit, "--junit")
     with console(stderr=True).status("checking profiles ...") as status:
         result = run_check(paths or [profiles_dir()], update=update, strict=strict,
                            on_profile=lambda p: status.update(f"checked {p.path} ({p.model})"))

@@ -63,6 +63,7 @@ from optprof.config import (
     resolve_shard_size,
 )
 from optprof.errors import UsageError
+from optprof.files import check_folder
 from optprof.trainers import step_choice
 from optprof.units import parse_bytes
 
@@ -95,6 +96,10 @@ def compare(
     size every optimizer fits. Exit code 1 if a trial failed (out of memory, or not fitting at
     micro-batch 1, is a result, not a failure), 2 on bad input.
     """
+    # every path this command writes, checked before anything is imported or loaded
+    to = destination(output_format, output, units, plot, save_profile)
+    if memory_snapshot is not None:
+        check_folder(memory_snapshot, "--memory-snapshot")
     from optprof.commands.compare import run_compare
     from optprof.distributed.torchrun import ranks_per_node, resolve_ranks, torchrun_rank
     from optprof.optimizers.registry import parse_opt_args
@@ -132,7 +137,6 @@ def compare(
         memory_snapshot_dir=None if memory_snapshot is None else str(memory_snapshot), gpu=gpu,
         gpu_spec=None if gpu_spec is None else str(gpu_spec),
         shard_size=resolve_shard_size(step.strategy, world, shard_size, ranks_per_node() if joined else None))
-    to = destination(output_format, output, units, plot)
     err = console(stderr=True)
     reporter = torchrun_rank() == 0  # under torchrun, rank 0 prints and writes the report; the others are quiet
     if not reporter:

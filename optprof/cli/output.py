@@ -11,6 +11,7 @@ import typer
 
 from optprof.cli.options import OutputFormat
 from optprof.errors import UsageError
+from optprof.files import check_writable, write_whole
 from optprof.units import Unit
 
 if TYPE_CHECKING:
@@ -31,9 +32,9 @@ def file_format(output_format: OutputFormat, output: Path | None) -> OutputForma
 
 
 def save(path: Path, data: bytes) -> None:
-    """Write `data` to `path`; a path that cannot be written is the user's one-line error."""
+    """Write `data` to `path` whole; a path that cannot be written is the user's one-line error."""
     try:
-        path.write_bytes(data)
+        write_whole(path, data)
     except OSError as exc:
         raise UsageError(f"cannot write '{path}': {exc.strerror or exc}") from exc
 
@@ -77,7 +78,11 @@ class Destination:
 
 
 def destination(output_format: OutputFormat, output: Path | None, units: Unit | None = None,
-                plot_path: Path | None = None) -> Destination:
+                plot_path: Path | None = None, save_profile: Path | None = None) -> Destination:
+    """Where the report goes, every path checked before any work (one line, exit 2)."""
+    for path, flag in ((output, "--output"), (plot_path, "--plot"), (save_profile, "--save-profile")):
+        if path is not None:
+            check_writable(path, flag)
     return Destination(output_format, output, file_format(output_format, output), units, plot_path)
 
 
@@ -102,5 +107,11 @@ def finish(result: Report, to: Destination, save_profile: Path | None = None, co
         write_profile(save_profile, result, command)
         console(stderr=True).print(f"wrote profile {save_profile}: `optprof check {save_profile}` guards it",
                                    soft_wrap=True)
+    if result.interrupted is not None:
+        import signal
+
+        console(stderr=True).print(f"interrupted by {result.interrupted}: the rows that finished are kept, the others "
+                                   "say `interrupted`", soft_wrap=True)
+        raise typer.Exit(128 + signal.Signals[result.interrupted].value)
     if result.failed:
         raise typer.Exit(1)

@@ -64,6 +64,7 @@ from optprof.config import (
     whole_number,
 )
 from optprof.errors import UsageError
+from optprof.files import check_writable
 from optprof.trainers import step_choice
 from optprof.units import parse_bytes
 
@@ -94,6 +95,10 @@ def predict(
     Every figure is labelled predicted, and the output lists what fake CPU tensors cannot see.
     Exit code 1 if an optimizer failed, 2 on bad input.
     """
+    # every path this command writes, checked before anything is imported or loaded
+    to = destination(output_format, output, units, plot, save_profile)
+    if memory_snapshot is not None:
+        check_writable(memory_snapshot, "--memory-snapshot")
     from optprof.commands.predict import run_predict
     from optprof.optimizers.registry import parse_opt_args
     from optprof.render.console import console
@@ -134,7 +139,6 @@ def predict(
     if run_config.gpu_memory_bytes is not None and run_config.gpu_memory_bytes <= run_config.reserve_bytes:
         raise UsageError("--gpu-memory must be larger than --reserve")
     one_device(fake.ranks, save_profile)
-    to = destination(output_format, output, units, plot)
     err = console(stderr=True)
     with err.status(f"predicting on fake tensors for {model} ...") as status:
         result = run_predict(run_config, on_progress=lambda name, text: status.update(f"{name}: {text}"),

@@ -49,6 +49,8 @@ def state_size(
     gets a meta gradient, each optimizer takes one real step, and everything it keeps is added up.
     Exit code 1 if an optimizer failed, 2 on bad input.
     """
+    # every path this command writes, checked before anything is imported or loaded
+    to = destination(output_format, output, units, plot, save_profile)
     from optprof.commands.state_size import run_state_size
     from optprof.optimizers.registry import parse_opt_args
     from optprof.render.console import console
@@ -61,7 +63,6 @@ def state_size(
         tuple(optimizer or ()), parse_opt_args(opt_arg or []), jobs=jobs or default_jobs(), gpus=fake.ranks,
         strategy=fake.strategy, shard_size=fake.shard_size, full_model=full_model)
     one_device(fake.ranks, save_profile)
-    to = destination(output_format, output, units, plot)
     with console(stderr=True).status(f"measuring optimizer state for {model} ...") as status:
         result = run_state_size(run_config, on_row=lambda row: status.update(f"measured {row.optimizer}"))
     finish(result, to, save_profile, "state-size")

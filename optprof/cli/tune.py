@@ -47,6 +47,8 @@ def tune(
     RMSProp / Adam, SGD ⊆ Nesterov ⊆ NAdam) are checked within it. Exit code 1 if a trial failed, 2 on bad
     input.
     """
+    # every path this command writes, checked before anything is imported or loaded
+    to = destination(output_format, output, units, plot)
     from optprof.optimizers.registry import parse_opt_args
     from optprof.render.console import console
     from optprof.tune.run import run_tune
@@ -57,7 +59,6 @@ def tune(
         model_selection(model, Dtype.FLOAT32, revision, trust_remote_code), tuple(optimizer or ()), budget,
         parse_opt_args(opt_arg or []), seed=seed, noise_seeds=noise_seeds, jobs=jobs or default_jobs(),
         space_file=None if space is None else str(space), data=None if data is None else str(data))
-    to = destination(output_format, output, units, plot)
     with console(stderr=True).status(f"tuning optimizers on {model} ...") as status:
         result = run_tune(run_config, on_trial=lambda name, trial, done, total: status.update(
             f"{done}/{total} trials: {name} point {trial.index} seed {trial.seed}: {trial.status}"))

@@ -25,6 +25,7 @@ from optprof.config import (
     default_jobs,
     parameter_dtype,
 )
+from optprof.interrupts import Interrupted, stop_children
 from optprof.model.loading import default_loaded_dtype, load_config
 from optprof.processes.forked import run_each
 from optprof.results.profiles import MEASURES, Command, Measure, Profile, find_profiles, judge, update_profile
@@ -124,7 +125,7 @@ def by_model(profiles: list[Profile]) -> list[list[int]]:
 
 
 def _measure_profiles(profiles: list[Profile], gpu: bool, on_profile: Callable[[Profile], None],
-                      ) -> list[dict[str, dict[str, float | None]]]:
+                      ) -> tuple[list[dict[str, dict[str, float | None]] | None], str | None]:
     """Each profile's actual values, in order. One process per model (its profiles share their command runs,
     `ModelRuns`); models are independent: on a CPU they run at once in forked workers, one per core. With a GPU
     they run one after another: trials there want the card to themselves, and a fork after CUDA has started is
@@ -138,7 +139,10 @@ def _measure_profiles(profiles: list[Profile], gpu: bool, on_profile: Callable[[
         runs = ModelRuns(members, jobs)
         return [measure_profile(profile, gpu, jobs, runs) for profile in members]
 
+    arrived: dict[int, dict[str, dict[str, float | None]]] = {}
+
     def announced(group: int, values: list[dict[str, dict[str, float | None]]]) -> None:
+        arrived.update(zip(groups[group], values, strict=True))
         for index in groups[group]:
             on_profile(profiles[index])
 
@@ -148,11 +152,15 @@ def _measure_profiles(profiles: list[Profile], gpu: bool, on_profile: Callable[[
         return values
 
     # Each model's profiles are announced as its figures arrive.
-    measured_groups = run_each(measured, len(groups), workers, died=again_here, on_result=announced)
+    try:
+        measured_groups = run_each(measured, len(groups), workers, died=again_here, on_result=announced)
+    except Interrupted as stop:  # the profiles measured so far are judged; the others say they were not
+        stop_children()
+        return [arrived.get(index) for index in range(len(profiles))], str(stop)
     values: dict[int, dict[str, dict[str, float | None]]] = {}
     for group, found in zip(groups, measured_groups, strict=True):
         values.update(zip(group, found, strict=True))
-    return [values[index] for index in range(len(profiles))]
+    return [values[index] for index in range(len(profiles))], None
 
 
 def run_check(paths: list[Path], *, update: bool = False, strict: bool = False, gpu: bool | None = None,
@@ -163,17 +171,21 @@ def run_check(paths: list[Path], *, update: bool = False, strict: bool = False, 
     gpu = torch.cuda.is_available() if gpu is None else gpu
     verdicts = []
     updated: dict[str, int] = {}
-    measured = _measure_profiles(profiles, gpu, on_profile or (lambda profile: None))
+    measured, interrupted = _measure_profiles(profiles, gpu, on_profile or (lambda profile: None))
     for profile, actual in zip(profiles, measured, strict=True):
         for optimizer, expected in profile.expected.items():
             for measure, value in expected.items():
-                skipped = NO_GPU if MEASURES[measure].needs_gpu and not gpu else None
-                verdicts.append(judge(profile, optimizer, measure, value, actual[optimizer].get(measure), skipped))
+                skipped = (f"{interrupted} stopped the run before this profile was measured" if actual is None
+                           else NO_GPU if MEASURES[measure].needs_gpu and not gpu else None)
+                found = None if actual is None else actual[optimizer].get(measure)
+                verdicts.append(judge(profile, optimizer, measure, value, found, skipped))
+        if actual is None or interrupted is not None:
+            continue  # a baseline is refreshed only by a whole run
         if update:
             fresh = {o: {m: v for m, v in values.items() if v is not None} for o, values in actual.items()}
             updated[str(profile.path)] = update_profile(profile.path, fresh)
     return CheckReport(verdicts=tuple(verdicts), profiles=tuple(str(p.path) for p in profiles), strict=strict,
-                       updated=updated)
+                       updated=updated, interrupted=interrupted)
 
 
 def to_junit(report: CheckReport) -> str:

@@ -29,13 +29,14 @@ from optprof.device.alloc_conf import ASYNC, AllocatorConfig, AllocConfError, en
 from optprof.distributed.torchrun import same_order, torchrun_group, torchrun_rank
 from optprof.errors import UsageError
 from optprof.hardware.catalog import LOCAL
+from optprof.interrupts import Interrupted, stop_children
 from optprof.measure.ranks import run_joined, run_ranks
 from optprof.measure.trial import TrialSpec, base_row, run_trial, trial_in_child
 from optprof.model.loading import load_selection
 from optprof.optimizers.registry import OptimizerEntry, availability, check_opt_args, resolve_optimizers
 from optprof.processes.isolated import Isolated, run_isolated, start_warm_server
 from optprof.results.reports import CompareReport, command_config
-from optprof.results.rows import RANK_FOLD, CompareRow, PredictRow, Probe
+from optprof.results.rows import RANK_FOLD, CompareRow, PredictRow, Probe, interrupted_row
 from optprof.results.vocab import Status
 
 
@@ -325,28 +326,34 @@ def run_compare(
     runner = TrialRunner(config, isolate, quiet, on_progress)
     warm = isolate and not config.torchrun
     timing_here = config.gpu == LOCAL  # op times measured in this process: nothing may run beside them
-    if warm and not timing_here:
-        start_warm_server()  # its imports overlap the predictions below
-    predictions = _shared_predictions(runner, entries, training)
-    if warm and timing_here:
-        start_warm_server()
-
     order = list(range(len(entries)))
     random.Random().shuffle(order)  # so that drift on a shared machine does not follow the optimizers' order
-    shallow = shallow_layers(config, loaded.config)
     by_index: dict[int, CompareRow] = {}
-    with torchrun_group(training.device, config.torchrun):  # after the predictions' own fake group
-        order = same_order(order, config.torchrun)
-        for index in order:
-            row = _row(runner, entries[index], training, shallow, predictions)
-            by_index[index] = row
-            if on_row is not None:
-                on_row(row)
-    rows = [by_index[i] for i in range(len(entries))]
-    if config.search is not None:
+    interrupted: str | None = None
+    try:
+        if warm and not timing_here:
+            start_warm_server()  # its imports overlap the predictions below
+        predictions = _shared_predictions(runner, entries, training)
+        if warm and timing_here:
+            start_warm_server()
+        shallow = shallow_layers(config, loaded.config)
+        with torchrun_group(training.device, config.torchrun):  # after the predictions' own fake group
+            order = same_order(order, config.torchrun)
+            for index in order:
+                row = _row(runner, entries[index], training, shallow, predictions)
+                by_index[index] = row
+                if on_row is not None:
+                    on_row(row)
+    except Interrupted as stop:  # keep what finished; the children are stopped before anything is written
+        stop_children()
+        interrupted = str(stop)
+    rows = [by_index.get(i) or interrupted_row(base_row(entries[i], config.opt_args, training), interrupted)
+            for i in range(len(entries))]
+    if config.search is not None and interrupted is None:
         rows = _with_common_micro_batch(runner, entries, rows, training)
     return CompareReport(model=info, results=tuple(rows), device=runner.device, fwd_bwd_spread=fwd_bwd_spread(rows),
-                         config=_report_config(config, training, entries, [entries[i].name for i in order], isolate))
+                         config=_report_config(config, training, entries, [entries[i].name for i in order], isolate),
+                         interrupted=interrupted)
 
 
 def _check(config: CompareConfig, isolate: bool) -> None:

@@ -52,6 +52,7 @@ from optprof.distributed.sharding import (
 )
 from optprof.errors import error_text
 from optprof.hardware.catalog import DEFAULT_GPUS_PER_NODE, LOCAL, Cluster, cluster, load_catalog, target_gpu
+from optprof.interrupts import Interrupted, stop_children
 from optprof.measure.flops import model_flops_per_token
 from optprof.model.info import config_values
 from optprof.model.loading import default_loaded_dtype, load_config, load_selection
@@ -62,7 +63,7 @@ from optprof.optimizers.state import PlaceholderScalars
 from optprof.processes.branching import can_branch
 from optprof.processes.forked import run_each, torch_threads
 from optprof.results.reports import PredictReport, command_config
-from optprof.results.rows import PredictRow, Probe
+from optprof.results.rows import PredictRow, Probe, interrupted_row
 from optprof.results.vocab import MaxMethod, Status
 from optprof.trainers import RECIPES
 
@@ -516,8 +517,21 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
     info = loaded.info
     training = dataclasses.replace(config.training, seq_len=resolve_seq_len(
         config.training.seq_len, info.max_position_embeddings, config.training.device))
-    rows = predict_rows(config, entries, training, on_progress or (lambda name, text: None),
-                        on_row or (lambda row: None))
+    finished: dict[str, PredictRow] = {}
+
+    def keep(row: PredictRow) -> None:
+        finished[row.optimizer] = row
+        if on_row is not None:
+            on_row(row)
+
+    interrupted: str | None = None
+    try:
+        rows = predict_rows(config, entries, training, on_progress or (lambda name, text: None), keep)
+    except Interrupted as stop:  # keep the rows that finished; stop the workers before anything is written
+        stop_children()
+        interrupted = str(stop)
+        rows = [finished.get(e.name) or interrupted_row(_base_row(e, config, training), interrupted)
+                for e in entries]
     time_notes: tuple[str, ...] = ()
     if config.gpu is not None:
         flops_per_token = model_flops_per_token(loaded.module, info, training.seq_len or 0)
@@ -554,6 +568,7 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
     return PredictReport(
         model=info,
         results=tuple(rows),
+        interrupted=interrupted,
         config={
             **command_config("predict", selection, [e.name for e in entries], config.opt_args),
             **dataclasses.asdict(training),

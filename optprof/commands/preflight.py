@@ -31,6 +31,7 @@ from optprof.config import (
     cache_dir,
     default_reserve,
 )
+from optprof.files import read_cache, write_whole
 from optprof.measure.nvml import open_backend, smallest_visible_card
 from optprof.measure.trial import base_row
 from optprof.model.layer_copies import representative_layers
@@ -86,10 +87,7 @@ def source_digest() -> str:
 
 
 def _read_cache(path: Path) -> dict[str, dict[str, Any]]:
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError):  # none yet, or unreadable: decide again
-        return {}
+    return read_cache(path)  # none yet, or damaged (one warning): decide again
 
 
 def support_matrix(strategy: Strategy, on_progress: Callable[[str], None] | None = None,
@@ -112,7 +110,7 @@ def support_matrix(strategy: Strategy, on_progress: Callable[[str], None] | None
         verdicts[entry.name] = (Support(cached[entry.name]["status"]), cached[entry.name]["reason"])
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(cached, indent=1, sort_keys=True))
+        write_whole(path, json.dumps(cached, indent=1, sort_keys=True).encode())
     except OSError:  # a read-only home: the decisions still stand, they are only not kept
         pass
     return verdicts

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from optprof.config import ModelSelection, StateSizeConfig, Strategy
 from optprof.distributed.sharding import adam_mini_on_cpu_ranks, fake_process_group, fake_tensors, shard_fsdp
 from optprof.errors import UsageError
+from optprof.interrupts import Interrupted, stop_children
 from optprof.model.info import ModelInfo, trainable_parameters
 from optprof.model.layer_copies import affine_at, affine_dict, layer_copies
 from optprof.model.loading import load_selection
@@ -30,7 +31,7 @@ from optprof.optimizers.state import (
 )
 from optprof.processes.forked import run_each
 from optprof.results.reports import StateSizeReport, command_config
-from optprof.results.rows import StatePart, StateSizeRow
+from optprof.results.rows import StatePart, StateSizeRow, interrupted_row
 from optprof.results.vocab import LayerExtent, StateMethod, Status
 
 if TYPE_CHECKING:
@@ -197,24 +198,42 @@ def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], Non
     check_opt_args(entries, config.opt_args)
     opt_args = config.opt_args
     selection = config.model
-    reference: int | None
-    if config.gpus > 1:
-        info, rows, reference = _sharded_rows(config, entries, on_row or (lambda row: None))
-    else:
-        loaded = load_selection(selection)
-        module, info = loaded.module, loaded.info
-        if info.params == 0:
-            raise UsageError(f"model '{selection.model}' has no parameters")
-        subject = subject_for(selection, module, info, config.full_model)
-        rows = _measure_all(entries, subject, opt_args, config.jobs, on_row or (lambda row: None))
-        reference_row = next((r for r in rows if r.optimizer == REFERENCE and r.status == Status.OK), None)
-        if reference_row is None:  # not selected (or failed with user args): measure it with defaults
-            account, _, _ = measure_subject(REGISTRY[REFERENCE], subject, {})
-            reference = account.state_bytes
+    reference: int | None = None
+    finished: dict[str, StateSizeRow] = {}
+
+    def keep(row: StateSizeRow) -> None:
+        finished[row.optimizer] = row
+        if on_row is not None:
+            on_row(row)
+
+    interrupted: str | None = None
+    loaded = load_selection(selection) if config.gpus == 1 else None
+    info = loaded.info if loaded is not None else None
+    try:
+        if loaded is None:
+            info, rows, reference = _sharded_rows(config, entries, keep)
         else:
-            reference = reference_row.state_bytes
+            module, info = loaded.module, loaded.info
+            if info.params == 0:
+                raise UsageError(f"model '{selection.model}' has no parameters")
+            subject = subject_for(selection, module, info, config.full_model)
+            rows = _measure_all(entries, subject, opt_args, config.jobs, keep)
+            reference_row = next((r for r in rows if r.optimizer == REFERENCE and r.status == Status.OK), None)
+            if reference_row is None:  # not selected (or failed with user args): measure it with defaults
+                account, _, _ = measure_subject(REGISTRY[REFERENCE], subject, {})
+                reference = account.state_bytes
+            else:
+                reference = reference_row.state_bytes
+    except Interrupted as stop:  # keep the rows that finished; stop the workers before anything is written
+        stop_children()
+        interrupted = str(stop)
+        rows = [finished.get(e.name) or interrupted_row(_base_row(e, opt_args, Status.OK), interrupted)
+                for e in entries]
+        info = info or load_selection(selection).info  # on meta, cheap
+    assert info is not None
     return StateSizeReport(
         model=info,
+        interrupted=interrupted,
         reference_state_bytes=reference,
         results=tuple(_with_reference(r, reference) for r in rows),
         config={

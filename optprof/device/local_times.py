@@ -18,6 +18,7 @@ from typing import Any
 
 from optprof.config import cache_dir
 from optprof.device.ops import OpRecord
+from optprof.files import read_cache, write_whole
 
 PLAIN = (int, float, bool, str, type(None))
 REPEAT_S = 0.01  # time each op for at least this long (seconds), in whole runs, after the warm-up runs
@@ -127,18 +128,13 @@ def measured_times(ops: Iterable[OpRecord], device: str) -> dict[str, float | No
 
 
 def _read_cache(path: Any) -> dict[str, float | None]:
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError):  # none yet, or unreadable: time again
-        return {}
+    return read_cache(path)  # none yet, or damaged (one warning): time again
 
 
 def _write_cache(path: Any, cached: dict[str, float | None]) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".{os.getpid()}.tmp")
-        temporary.write_text(json.dumps(cached))
-        os.replace(temporary, path)  # whole or not at all
+        write_whole(path, json.dumps(cached).encode())
     except OSError:
         pass  # a read-only cache costs a re-timing next time, nothing else
 
@@ -157,6 +153,9 @@ def _time_collectives_on_rank(rank: int, world: int, port: int, wanted: list[tup
     import torch
     import torch.distributed as dist
 
+    from optprof.interrupts import in_child
+
+    in_child()
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from optprof.device.allocator import CachingAllocator
+from optprof.files import write_whole
 
 FRAME_FILE = "optprof predict (simulated)"
 
@@ -53,6 +54,6 @@ def write_snapshot(allocator: CachingAllocator, path: str) -> None:
     if target.suffix == ".html":
         from torch.cuda import _memory_viz
 
-        target.write_text(_memory_viz.trace_plot(data))
+        write_whole(target, _memory_viz.trace_plot(data).encode())
     else:
-        target.write_bytes(pickle.dumps(data))
+        write_whole(target, pickle.dumps(data))

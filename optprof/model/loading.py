@@ -115,7 +115,13 @@ def load_config(
             ) from exc
         raise UsageError(f"cannot read the config of '{model}': {_first_line(exc)}") from exc
     except (ValueError, StrictDataclassError) as exc:  # an unknown model_type, untrusted code, inconsistent sizes
-        raise UsageError(f"cannot read the config of '{model}': {_first_line(exc)}") from exc
+        raise _remote_code_error(exc, model) or UsageError(
+            f"cannot read the config of '{model}': {_first_line(exc)}") from exc
+    except Exception as exc:
+        remote = _remote_code_error(exc, model)
+        if remote is None:
+            raise
+        raise remote from exc
     return config, source, location
 
 
@@ -179,8 +185,33 @@ def build_model(
                 config, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code
             )
     except (ValueError, AssertionError, StrictDataclassError) as exc:  # no causal-LM class; or sizes refused
-        raise UsageError(f"cannot build a causal LM from this config: {_first_line(exc)}") from exc
+        raise _remote_code_error(exc, str(config.name_or_path)) or UsageError(
+            f"cannot build a causal LM from this config: {_first_line(exc)}") from exc
+    except Exception as exc:
+        remote = _remote_code_error(exc, str(config.name_or_path))
+        if remote is None:
+            raise
+        raise remote from exc
     return model
+
+
+REMOTE_MODULES = "transformers_modules"  # where transformers imports a model's own code (--trust-remote-code)
+
+
+def _remote_code_error(exc: BaseException, model: str) -> UsageError | None:
+    """The model's own code (--trust-remote-code) at fault: a UsageError naming its module and the error; None
+    when the error did not come from there. Its imports are checked before it runs (transformers'
+    dynamic_module_utils.check_imports), which names the missing packages."""
+    import traceback
+
+    if isinstance(exc, ImportError) and "requires the following packages" in str(exc):
+        return UsageError(f"the model's own code for '{model}' cannot be imported: {_first_line(exc)}")
+    frames = [frame for frame in traceback.extract_tb(exc.__traceback__) if REMOTE_MODULES in frame.filename]
+    if not frames:
+        return None
+    where = frames[-1]
+    return UsageError(f"the model's own code for '{model}' failed ({Path(where.filename).name}, line {where.lineno}, "
+                      f"in {where.name}): {type(exc).__name__}: {_first_line(exc)}")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ import pickle
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
+from optprof.interrupts import forked, in_child, reaped
+
 R = TypeVar("R")
 
 
@@ -44,10 +46,12 @@ class Brancher:
             read, write = os.pipe()
             pid = os.fork()
             if pid == 0:  # the child: on from the branching point
+                in_child()
                 os.close(read)
                 self.index, self._write = index, write
                 return index
             os.close(write)
+            forked(pid)
             running.append((index, pid, read))
         while running:
             self._collect(*running.pop(0))
@@ -57,6 +61,7 @@ class Brancher:
         with os.fdopen(read, "rb") as pipe:
             data = pipe.read()  # read before waiting: a child blocks on a full pipe
         os.waitpid(pid, 0)
+        reaped(pid)
         if data:
             self.results[index] = pickle.loads(data)
 

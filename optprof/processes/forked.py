@@ -12,6 +12,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
+from optprof.interrupts import Interrupted, in_child, stop_children
+
 # The work of the pool being run: set just before the pool forks, so each worker finds it in its own memory.
 _work: Callable[[int], Any] | None = None
 
@@ -50,14 +52,19 @@ def forked_map(work: Callable[[int], Any], order: Iterable[int], jobs: int,
     _work = work
     results: dict[int, Any] = {}
     try:
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=in_child) as pool:
             futures = {pool.submit(_run, index): index for index in order}
-            for future in as_completed(futures):
-                try:
-                    results[futures[future]] = future.result()
-                except BrokenProcessPool:
-                    continue
-                on_result(futures[future], results[futures[future]])
+            try:
+                for future in as_completed(futures):
+                    try:
+                        results[futures[future]] = future.result()
+                    except BrokenProcessPool:
+                        continue
+                    on_result(futures[future], results[futures[future]])
+            except Interrupted:  # stop the workers now: leaving the pool would wait for their work to end
+                pool.shutdown(wait=False, cancel_futures=True)
+                stop_children(grace_s=0.0)
+                raise
     finally:
         _work = None
     return results

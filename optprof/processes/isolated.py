@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from typing import Any, cast
 
 from optprof.errors import error_text
+from optprof.interrupts import in_child
 
 
 def free_port() -> int:
@@ -47,6 +48,8 @@ class Isolated:
 
 
 def _child(target: Target, argument: Any, connection: Any) -> None:
+    in_child()  # Ctrl-C is the parent's to act on; the parent stops this process with SIGTERM
+
     def progress(text: str) -> None:
         connection.send(("progress", text))
 

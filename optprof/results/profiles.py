@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from optprof.config import Amp, DeviceKind, Dtype, parse_checkpointing, parse_loss, parse_mp_policy
 from optprof.errors import UsageError, read_user_text
+from optprof.files import write_whole
 from optprof.results.rows import Verdict
 from optprof.results.vocab import Judgement, Status
 from optprof.trainers import RECIPES
@@ -241,7 +242,7 @@ def update_profile(path: Path, actual: Mapping[str, Mapping[str, float]]) -> int
             if new is not None and values[measure] != new:
                 values[measure] = MEASURES[measure].stored(new)
                 changed += 1
-    path.write_text(tomlkit.dumps(document))
+    write_whole(path, tomlkit.dumps(document).encode())
     return changed
 
 
@@ -297,6 +298,6 @@ def write_profile(path: Path, report: ModelReport, command: Command) -> None:
                                 if getattr(row, m.row_field) is not None} for row in ok}
     text = profile_text(report.model.name, [row.optimizer for row in ok], settings, expected, command)
     try:
-        path.write_text(text)
+        write_whole(path, text.encode())
     except OSError as exc:
         raise UsageError(f"cannot write '{path}': {exc.strerror or exc}") from exc

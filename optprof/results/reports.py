@@ -54,6 +54,8 @@ class Report:
 
     environment: dict[str, Any] = field(default_factory=environment)
     created: str = field(default_factory=now_iso)
+    # The signal that stopped the run (SIGINT, SIGTERM): the finished rows are as measured, the rest `interrupted`
+    interrupted: str | None = None
 
     def rows(self) -> tuple[Any, ...]:
         return getattr(self, self.ROWS)

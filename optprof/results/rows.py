@@ -3,7 +3,9 @@ how a distributed trial's rank rows fold into one."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from optprof.results.vocab import (
     FoldRule,
@@ -355,3 +357,12 @@ class BudgetRanking:
     trials: int
     expected_best_val_loss: dict[str, float]
     ranking: tuple[str, ...]  # best first
+
+
+RowT = TypeVar("RowT", StateSizeRow, CompareRow, PredictRow, "TuneRow")
+
+
+def interrupted_row(row: RowT, signal_name: str | None) -> RowT:
+    """`row` (its head: optimizer, settings) as a row the signal stopped before it finished."""
+    return dataclasses.replace(row, status=Status.INTERRUPTED,
+                               reason=f"{signal_name or 'a signal'} stopped the run before this row finished")

@@ -15,6 +15,7 @@ class Status(StrEnum):
     OOM = "oom"  # ran out of device memory at this micro-batch: a finding, not an error
     UNSUPPORTED = "unsupported"  # this setup cannot run this way (the reason says why): a finding
     NO_FIT = "does not fit"  # --micro-batch auto: not even micro-batch 1 fits the memory limit
+    INTERRUPTED = "interrupted"  # SIGINT or SIGTERM stopped the run before this row finished: nothing is known of it
 
 
 class Support(StrEnum):

@@ -13,6 +13,7 @@ from typing import Any
 
 from optprof.config import DEFAULT_TUNE_OPTIMIZERS, TuneConfig
 from optprof.errors import UsageError
+from optprof.interrupts import Interrupted, stop_children
 from optprof.model.loading import load_selection
 from optprof.optimizers.registry import (
     INCLUSION_CHAINS,
@@ -24,7 +25,7 @@ from optprof.optimizers.registry import (
 )
 from optprof.processes.forked import run_each, torch_threads
 from optprof.results.reports import TuneReport, command_config
-from optprof.results.rows import TuneRow, TuneTrial
+from optprof.results.rows import TuneRow, TuneTrial, interrupted_row
 from optprof.results.vocab import Status
 from optprof.tune.conclusions import (
     best_of,
@@ -68,16 +69,31 @@ def run_tune(config: TuneConfig, on_trial: OnTrial | None = None) -> TuneReport:
                              config.opt_args, model_overrides)
 
     # Interleaved (every optimizer's first point, then every second...), so all optimizers share the machine alike.
-    first = _run_trials([spec(e, i, config.seed) for i in range(config.budget.trials) for e in runnable],
-                        corpus, config.jobs, on_trial)
-    trials = {e.name: [t for s, t in first if s.entry is e] for e in runnable}
-    best = {name: best_of(found) for name, found in trials.items()}
-    noise_specs = [spec(e, best[e.name].index, config.seed + k)  # type: ignore[union-attr]
-                   for e in runnable if best[e.name] is not None for k in range(1, config.noise_seeds + 1)]
-    reruns = _run_trials(noise_specs, corpus, config.jobs, on_trial)
-    rows = [_row(e, config, spaces, trials.get(e.name, []), best.get(e.name),
-                 [t for s, t in reruns if s.entry is e]) for e in entries]
-    return TuneReport(model=info, config=_report_config(config, entries), results=tuple(rows),
+    first_specs = [spec(e, i, config.seed) for i in range(config.budget.trials) for e in runnable]
+    first: list[tuple[TuneTrialSpec, TuneTrial]] = []
+    reruns: list[tuple[TuneTrialSpec, TuneTrial]] = []
+    best: dict[str, TuneTrial | None] = {}
+    interrupted: str | None = None
+    try:
+        _run_trials(first_specs, corpus, config.jobs, on_trial, first)
+        best = {e.name: best_of(_in_order(first, e)) for e in runnable}
+        noise_specs = [spec(e, best[e.name].index, config.seed + k)  # type: ignore[union-attr]
+                       for e in runnable if best[e.name] is not None for k in range(1, config.noise_seeds + 1)]
+        _run_trials(noise_specs, corpus, config.jobs, on_trial, reruns)
+    except Interrupted as stop:  # keep the optimizers whose every trial finished
+        stop_children()
+        interrupted = str(stop)
+    rows = []
+    for e in entries:
+        trials = _in_order(first, e)
+        mine = sorted((t for s, t in reruns if s.entry is e), key=lambda t: t.seed)
+        found = best.get(e.name) if e.name in best else best_of(trials)
+        whole = len(trials) == config.budget.trials and (found is None or len(mine) == config.noise_seeds)
+        if interrupted is not None and availability(e) is None and not whole:
+            rows.append(interrupted_row(TuneRow(**e.row_head(config.opt_args), status=Status.OK), interrupted))
+        else:
+            rows.append(_row(e, config, spaces, trials, found, mine))
+    return TuneReport(model=info, config=_report_config(config, entries), results=tuple(rows), interrupted=interrupted,
                       inclusion=inclusion_checks(rows, inclusion_pairs(INCLUSION_CHAINS)),
                       ranking_by_budget=ranking_by_budget(rows), corpus=corpus.info,
                       notes=_notes(config, corpus))
@@ -110,9 +126,15 @@ def _check(config: TuneConfig) -> None:
         raise UsageError(f"--noise-seeds must be 0 or more, got {config.noise_seeds}")
 
 
-def _run_trials(specs: list[TuneTrialSpec], corpus: Corpus, jobs: int,
-                on_trial: OnTrial | None) -> list[tuple[TuneTrialSpec, TuneTrial]]:
-    """Each spec's trial, in the specs' order; a trial whose worker died becomes a failed trial."""
+def _in_order(found: list[tuple[TuneTrialSpec, TuneTrial]], entry: OptimizerEntry) -> list[TuneTrial]:
+    """`entry`'s trials in the order of their points (they arrive in the order they finish)."""
+    return sorted((t for s, t in found if s.entry is entry), key=lambda t: t.index)
+
+
+def _run_trials(specs: list[TuneTrialSpec], corpus: Corpus, jobs: int, on_trial: OnTrial | None,
+                kept: list[tuple[TuneTrialSpec, TuneTrial]]) -> None:
+    """Each spec's trial into `kept`, as each finishes (an interrupt keeps those); a trial whose worker died
+    becomes a failed trial."""
     done: list[int] = []
 
     def work(index: int) -> TuneTrial:
@@ -120,6 +142,7 @@ def _run_trials(specs: list[TuneTrialSpec], corpus: Corpus, jobs: int,
 
     def arrived(index: int, trial: TuneTrial) -> None:
         done.append(index)
+        kept.append((specs[index], trial))
         if on_trial is not None:
             on_trial(specs[index].entry.name, trial, len(done), len(specs))
 
@@ -130,7 +153,8 @@ def _run_trials(specs: list[TuneTrialSpec], corpus: Corpus, jobs: int,
 
     with torch_threads(1):  # forked workers or, without fork, here: each trial on one thread, the same numbers
         trials = run_each(lambda index, here: work(index), len(specs), jobs, died, arrived, always_fork=True)
-    return list(zip(specs, trials, strict=True))
+    arrived_ids = set(done)
+    kept.extend((specs[index], trial) for index, trial in enumerate(trials) if index not in arrived_ids)  # died
 
 
 def _row(entry: OptimizerEntry, config: TuneConfig, spaces: dict, trials: list[TuneTrial], best: TuneTrial | None,

@@ -28,8 +28,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("model",),  # MODEL -> config -> module, setups, layer copies
     ("processes",),  # forked pools, isolated trials
     ("trainers",),  # named trainers' step settings (--recipe), pure data
-    ("config", "units", "quiet"),
-    ("errors", ""),  # "" is the package itself (__version__)
+    ("config", "units", "quiet", "files"),
+    ("errors", "interrupts", ""),  # "" is the package itself (__version__)
 )
 RANK = {name: index for index, layer in enumerate(LAYERS) for name in layer}
 

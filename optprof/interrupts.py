@@ -1,0 +1,114 @@
+"""SIGINT and SIGTERM (Ctrl-C; what SLURM preemption and CI time limits send) as an exception the commands catch,
+so that the rows finished so far are printed and saved, the rest marked `interrupted`, every child process stopped
+and waited for, and the exit code 130 or 143. A second signal stops at once.
+
+Children never see the signal as theirs to act on: each ignores SIGINT (a terminal's Ctrl-C reaches the whole
+process group) and dies quietly on SIGTERM, which is how the parent stops them (`in_child`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_GRACE_S = 2.0  # a child stopped with SIGTERM gets this long to go before SIGKILL
+
+_received: list[int] = []  # the signals this process took, in order
+_forked: set[int] = set()  # children forked with os.fork (not multiprocessing's), still running
+
+
+class Interrupted(BaseException):
+    """A signal asked this process to stop; BaseException, like KeyboardInterrupt, so that no `except Exception`
+    turns it into a row's failure."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(signal.Signals(signum).name)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    if _received:  # the second signal: stop now, children first
+        stop_children(grace_s=0.0)
+        os._exit(128 + signum)
+    _received.append(signum)
+    raise Interrupted(signum)
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Take SIGINT and SIGTERM as `Interrupted` for the duration (main thread only: signals arrive there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    _received.clear()
+    for sig in SIGNALS:
+        signal.signal(sig, _on_signal)
+    try:
+        yield
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
+def in_child() -> None:
+    """In a child process, first thing: the parent decides about signals; SIGTERM (the parent stopping it) ends it
+    without a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _received.clear()
+    _forked.clear()
+
+
+def forked(pid: int) -> None:
+    """An os.fork child to stop with the others on an interrupt."""
+    _forked.add(pid)
+
+
+def reaped(pid: int) -> None:
+    _forked.discard(pid)
+
+
+def stop_children(grace_s: float = STOP_GRACE_S) -> None:
+    """Stop every child this process started (multiprocessing's and os.fork's) and wait for each: SIGTERM, then
+    SIGKILL after `grace_s`. Also the fork server and the resource tracker, which would outlive nothing else."""
+    children = multiprocessing.active_children()
+    for child in children:
+        with contextlib.suppress(OSError):
+            child.terminate()
+    for pid in list(_forked):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    for child in children:
+        child.join(grace_s)
+        if child.is_alive():
+            child.kill()
+            child.join()
+    for pid in list(_forked):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pid, 0)
+        _forked.discard(pid)
+    _stop_helpers()
+
+
+def _stop_helpers() -> None:
+    """multiprocessing's fork server and resource tracker: stopped and waited for (each has a `_stop`)."""
+    from multiprocessing import forkserver, resource_tracker
+
+    for helper in (getattr(forkserver, "_forkserver", None), getattr(resource_tracker, "_resource_tracker", None)):
+        stop = getattr(helper, "_stop", None)
+        if stop is not None:
+            with contextlib.suppress(Exception):
+                stop()
