@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from types import FrameType
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 STOP_GRACE_S = 2.0  # a child stopped with SIGTERM gets this long to go before SIGKILL
+REAP_S = 0.5  # after a second signal: how long to wait for SIGKILLed children to be reaped
 
 _received: list[int] = []  # the signals this process took, in order
 _forked: set[int] = set()  # children forked with os.fork (not multiprocessing's), still running
@@ -38,10 +42,32 @@ class Interrupted(BaseException):
 
 def _on_signal(signum: int, frame: FrameType | None) -> None:
     if _received:  # the second signal: stop now, children first
-        stop_children(grace_s=0.0)
+        _kill_children()
         os._exit(128 + signum)
     _received.append(signum)
     raise Interrupted(signum)
+
+
+def _kill_children() -> None:
+    """SIGKILL to every child, taking no lock and waiting for nothing: the first signal's cleanup may hold
+    multiprocessing's locks when a second signal arrives. The fork server and the resource tracker end on their
+    own once this process is gone (their pipes close)."""
+    pids = {child.pid for child in multiprocessing.active_children()} | _forked
+    helpers = (getattr(multiprocessing.forkserver, "_forkserver", None),
+               getattr(multiprocessing.resource_tracker, "_resource_tracker", None))
+    pids |= {getattr(helper, "_forkserver_pid", None) or getattr(helper, "_pid", None) for helper in helpers}
+    killed = [pid for pid in pids if pid]
+    for pid in killed:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + REAP_S
+    while killed and time.monotonic() < deadline:  # reap them, so that none is left even as a zombie
+        for pid in list(killed):
+            with contextlib.suppress(ChildProcessError, OSError):
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    continue
+            killed.remove(pid)
+        time.sleep(0.005)
 
 
 @contextlib.contextmanager
