@@ -176,12 +176,26 @@ def fake_run(config: PredictConfig, training: TrainingSettings) -> Iterator[tupl
         yield mesh, stack.enter_context(fake_tensors())
 
 
+def _output_shape_from_values(exc: BaseException) -> bool:
+    """An op whose output's shape depends on tensor values (`nonzero`, `unique`, boolean masks: dbrx's and
+    longcat_flash's expert loops), which fake tensors refuse with DynamicOutputShapeException."""
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DynamicOutputShapeException):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def _classified(exc: BaseException, entry: OptimizerEntry, config: PredictConfig,
                 scalars: PlaceholderScalars | None) -> tuple[StepFailed, bool]:
     """A failed step's status and reason, and whether the model had read tensor values (fake tensors have none
     to give it; a real step may well run: preflight leaves that undecided)."""
     status, reason = status_of(exc, entry, config.gpus, config.strategy)
-    values_read = status == Status.FAILED and scalars is not None and bool(scalars.integer_reads)
+    values_read = status == Status.FAILED and (
+        (scalars is not None and bool(scalars.integer_reads)) or _output_shape_from_values(exc))
     if values_read:
         status, reason = Status.UNSUPPORTED, DATA_DEPENDENT + error_text(exc)
     return StepFailed(status, reason), values_read

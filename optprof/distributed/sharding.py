@@ -250,8 +250,44 @@ def fake_tensors() -> Iterator[PlaceholderScalars]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with (FakeTensorMode(allow_non_fake_inputs=True), PlaceholderScalars() as scalars,
-          _transformers_treat_fake_as_real(), _experts_without_grouped_mm_kernel(), _fake_kernel_errors_unlogged()):
+          _transformers_treat_fake_as_real(), _experts_without_grouped_mm_kernel(), _fake_kernel_errors_unlogged(),
+          _truncated_normal_without_rejection()):
         yield scalars
+
+
+def _truncated_normal(tensor: Any, mean: float = 0.0, std: float = 1.0, a: float = -2.0, b: float = 2.0,
+                      generator: Any = None) -> Any:
+    """trunc_normal_ on a tensor without values: one normal draw, clamped, both in place (what the real one
+    allocates: nothing beyond its temporaries, which a fake tensor never holds)."""
+    import torch
+
+    with torch.no_grad():
+        return tensor.normal_(mean, std, generator=generator).clamp_(a, b)
+
+
+@contextlib.contextmanager
+def _truncated_normal_without_rejection() -> Iterator[None]:
+    """torch's trunc_normal_ redraws until no value lies outside [a, b] (`_no_grad_trunc_normal_`: `while True:
+    ... if not mask.any(): break`); on fake tensors `mask.any()` is a placeholder that always says True, so the
+    loop never ends (gemma3's, ModernBERT's and every SigLIP / ViT tower's init). Inside, it draws once and clamps;
+    transformers' init wrappers look the function up in TORCH_INIT_FUNCTIONS at each call, so that entry too."""
+    import torch
+
+    table: dict[str, Any] | None = None
+    with contextlib.suppress(ImportError):
+        from transformers import initialization
+
+        table = getattr(initialization, "TORCH_INIT_FUNCTIONS", None)
+    originals = (torch.nn.init.trunc_normal_, None if table is None else table.get("trunc_normal_"))
+    torch.nn.init.trunc_normal_ = _truncated_normal
+    if table is not None and originals[1] is not None:
+        table["trunc_normal_"] = _truncated_normal
+    try:
+        yield
+    finally:
+        torch.nn.init.trunc_normal_ = originals[0]
+        if table is not None and originals[1] is not None:
+            table["trunc_normal_"] = originals[1]
 
 
 @contextlib.contextmanager

@@ -62,6 +62,12 @@ def _first_attr(config: Any, *names: str, default: Any = None) -> Any:
     return default
 
 
+def _context_length(config: Any) -> int | None:
+    """The positions the model can take; None when it has no bound (xlnet says -1: relative positions, no table)."""
+    length = _first_attr(config, "max_position_embeddings", "n_positions")
+    return length if isinstance(length, int) and length > 0 else None
+
+
 def config_values(config: PretrainedConfig, keys: tuple[str, ...]) -> dict[str, Any]:
     """The values of those of `keys` the config (or its text part) has: what `overrides` in load_model sets."""
     found: dict[str, Any] = {}
@@ -182,7 +188,7 @@ def describe(
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         vocab_size=int(_first_attr(text, "vocab_size", default=0)),
-        max_position_embeddings=_first_attr(text, "max_position_embeddings", "n_positions"),
+        max_position_embeddings=_context_length(text),
         num_experts=experts,
         experts_per_token=top_k,
         active_params=active,

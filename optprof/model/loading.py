@@ -187,11 +187,10 @@ def build_model(
     except (ValueError, AssertionError, StrictDataclassError) as exc:  # no causal-LM class; or sizes refused
         raise _remote_code_error(exc, str(config.name_or_path)) or UsageError(
             f"cannot build a causal LM from this config: {_first_line(exc)}") from exc
-    except Exception as exc:
-        remote = _remote_code_error(exc, str(config.name_or_path))
-        if remote is None:
-            raise
-        raise remote from exc
+    except Exception as exc:  # transformers' own code refused the config (an attribute it lacks, ...)
+        raise _remote_code_error(exc, str(config.name_or_path)) or UsageError(
+            f"transformers cannot build a causal LM from this config: {type(exc).__name__}: {_first_line(exc)}"
+        ) from exc
     return model
 
 
