@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0  # a CPU build on local disk; installed first so no dependency pulls another torch
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast check lint typecheck bench clean
+.PHONY: install run test test-fast check lint typecheck bench sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,13 +31,19 @@ test: install lint typecheck
 test-fast: install lint
 	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile tests/unit
 
+sweep: install  # every causal LM type transformers ships, through state-size, predict and compare (about 30 min)
+	$(BIN)/python tests/benchmarks/sweep_causal_lms.py --jobs $(JOBS) --out sweep.json
+
 check: install
 	$(BIN)/optprof check profiles/ --junit check-results.xml
 
 lint: install
 	$(BIN)/ruff check optprof tests
 
-typecheck: install
+typesweep: install  # every causal LM type transformers ships, through state-size, predict and compare (about 30 min)
+	$(BIN)/python tests/benchmarks/sweep_causal_lms.py --jobs $(JOBS) --out sweep.json
+
+check: install
 	$(BIN)/mypy
 
 bench: install

@@ -43,6 +43,8 @@ def train(rank: int, world: int, port: int, model: str, training: TrainingSettin
             losses.append(total.item() / world)
         if rank == 0:
             Path(out).write_text(json.dumps(losses))
+        dist.barrier()  # both ranks leave together: a rank destroying its group while the other still talks
+        # over it aborted ("terminate called without an active exception") on a loaded machine
     finally:
         dist.destroy_process_group()
 
