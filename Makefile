@@ -40,10 +40,7 @@ check: install
 lint: install
 	$(BIN)/ruff check optprof tests
 
-typesweep: install  # every causal LM type transformers ships, through state-size, predict and compare (about 30 min)
-	$(BIN)/python tests/benchmarks/sweep_causal_lms.py --jobs $(JOBS) --out sweep.json
-
-check: install
+typecheck: install
 	$(BIN)/mypy
 
 bench: install
