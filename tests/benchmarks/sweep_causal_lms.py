@@ -146,7 +146,7 @@ def run_one(model_type: str, folder: Path, with_compare: bool) -> dict[str, Any]
     return found
 
 
-def sweep_type(model_type: str, index: int, root: Path) -> dict[str, Any]:
+def sweep_type(model_type: str, index: int, root: Path, limit_s: float = LIMIT_S) -> dict[str, Any]:
     folder = root / model_type.replace("/", "_")
     folder.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -154,7 +154,7 @@ def sweep_type(model_type: str, index: int, root: Path) -> dict[str, Any]:
     if index % COMPARE_EVERY == 0:
         command.append("--compare")
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=LIMIT_S,
+        done = subprocess.run(command, capture_output=True, text=True, timeout=limit_s,
                               env={**os.environ, "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"})
         lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
         result = json.loads(lines[-1]) if lines else {"sweep": f"the type's process died: {done.stderr[-300:]}"}
@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--only", default="")
     parser.add_argument("--out", default="sweep.json")
+    parser.add_argument("--limit", type=float, default=LIMIT_S, help="seconds per type, all its commands")
     parser.add_argument("--one", default="")  # internal: one type, in its own process
     parser.add_argument("--folder", default="")
     parser.add_argument("--compare", action="store_true")
@@ -183,7 +184,7 @@ def main() -> None:
     chosen = [t for t in types if not args.only or t in args.only.split(",")]
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as root, ThreadPoolExecutor(args.jobs) as pool:
-        futures = {t: pool.submit(sweep_type, t, types.index(t), Path(root)) for t in chosen}
+        futures = {t: pool.submit(sweep_type, t, types.index(t), Path(root), args.limit) for t in chosen}
         results = {t: future.result() for t, future in futures.items()}
     wall = time.monotonic() - started
     Path(args.out).write_text(json.dumps(results, indent=1, sort_keys=True))
