@@ -105,9 +105,10 @@ def reaped(pid: int) -> None:
     _forked.discard(pid)
 
 
-def stop_children(grace_s: float = STOP_GRACE_S) -> None:
+def stop_children(grace_s: float = STOP_GRACE_S, helpers: bool = True) -> None:
     """Stop every child this process started (multiprocessing's and os.fork's) and wait for each: SIGTERM, then
-    SIGKILL after `grace_s`. Also the fork server and the resource tracker, which would outlive nothing else."""
+    SIGKILL after `grace_s`. With `helpers`, also the fork server and the resource tracker, which would outlive
+    nothing else (a run that goes on after a time limit keeps them)."""
     children = multiprocessing.active_children()
     for child in children:
         with contextlib.suppress(OSError):
@@ -126,7 +127,8 @@ def stop_children(grace_s: float = STOP_GRACE_S) -> None:
         with contextlib.suppress(ChildProcessError, OSError):
             os.waitpid(pid, 0)
         _forked.discard(pid)
-    _stop_helpers()
+    if helpers:
+        _stop_helpers()
 
 
 def _stop_helpers() -> None:
@@ -138,3 +140,29 @@ def _stop_helpers() -> None:
         if stop is not None:
             with contextlib.suppress(Exception):
                 stop()
+
+
+class TimeLimit(BaseException):
+    """Work in this process ran past its time limit (`time_limit`); BaseException so that no `except Exception`
+    around a fake step turns it into that step's failure."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float, what: str) -> Iterator[None]:
+    """Raise TimeLimit in this (main) thread if the body runs longer than `seconds` (SIGALRM): a fake step that
+    never ends (a model's init looping on values a fake tensor does not have) becomes a reason, not a hang.
+    Children forked inside are stopped by the caller's handler. Elsewhere than the main thread: no limit."""
+    if threading.current_thread() is not threading.main_thread() or seconds <= 0:
+        yield
+        return
+
+    def expired(signum: int, frame: FrameType | None) -> None:
+        raise TimeLimit(f"{what} did not end within {seconds:g} s")
+
+    before = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)

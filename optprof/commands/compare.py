@@ -7,7 +7,7 @@ import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from optprof.commands.micro_batch import search_max_micro_batch
 from optprof.commands.predict import predict_optimizer, predict_rows
@@ -29,7 +29,7 @@ from optprof.device.alloc_conf import ASYNC, AllocatorConfig, AllocConfError, en
 from optprof.distributed.torchrun import same_order, torchrun_group, torchrun_rank
 from optprof.errors import UsageError
 from optprof.hardware.catalog import LOCAL
-from optprof.interrupts import Interrupted, stop_children
+from optprof.interrupts import Interrupted, TimeLimit, stop_children, time_limit
 from optprof.measure.ranks import run_joined, run_ranks
 from optprof.measure.trial import TrialSpec, base_row, run_trial, trial_in_child
 from optprof.model.loading import load_selection
@@ -65,6 +65,7 @@ class TrialRunner:
         self.quiet = quiet
         self.on_progress = on_progress
         self.device: dict[str, Any] = {}  # as the first trial that got a device saw it
+        self.skipped: str | None = None  # why no more predictions are made here (a fake step ran past the limit)
 
     def progress(self, name: str, text: str) -> None:
         if self.on_progress is not None:
@@ -133,8 +134,29 @@ def _predicted(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSet
                              lambda text: runner.progress(entry.name, f"predicting: {text}"))
 
 
-def _not_predicted(config: CompareConfig) -> str | None:
+R = TypeVar("R")
+LATE_PREDICTION: tuple[PredictRow | None, str | None] = (None, "its prediction ran past the time limit")
+NO_PREDICTIONS: dict[str, PredictRow] = {}
+
+
+def _limited(runner: TrialRunner, what: str, work: Callable[[], R], fallback: R) -> R:
+    """`work()` in this process under the trial time limit: a fake step that never ends costs its decision (the
+    fallback; the trial still runs, under its own limit), not the whole command. After one such overrun no
+    further predictions are made here (`runner.skipped` says why)."""
+    try:
+        with time_limit(runner.config.trial_timeout_s, what):
+            return work()
+    except TimeLimit as late:
+        stop_children(grace_s=0.0, helpers=False)  # forked predict workers, if any were waiting
+        runner.skipped = f"{late} (--trial-timeout): no prediction here"
+        runner.progress(what.split("'")[0], str(late))
+        return fallback
+
+
+def _not_predicted(config: CompareConfig, skipped: str | None = None) -> str | None:
     """Why compare's rows get no prediction (None: they do)."""
+    if skipped is not None:
+        return skipped
     if not config.predict:
         return "--no-predict"
     if config.offload_optimizer:
@@ -151,7 +173,7 @@ def _shared_predictions(runner: TrialRunner, entries: list[OptimizerEntry],
     """Every optimizer's prediction at once, before any trial: one fake model and one forward and backward per
     micro-batch for all of them (predict.predict_rows), where each alone would build its own."""
     config = runner.config
-    if _not_predicted(config) is not None:
+    if _not_predicted(config, runner.skipped) is not None:
         return {}
     predict_config = _predict_config(runner, tuple(e.name for e in entries), training, config.gpus, config.search)
     rows = predict_rows(predict_config, entries, training,
@@ -163,7 +185,7 @@ def _prediction(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSe
                 search: SearchSettings | None = None,
                 shared: dict[str, PredictRow] | None = None) -> tuple[PredictRow | None, str | None]:
     """The row's prediction (see `_predicted`; from `shared` where it was made there), or why there is none."""
-    why = _not_predicted(runner.config)
+    why = _not_predicted(runner.config, runner.skipped)
     if why is not None:
         return None, why
     row = (shared or {}).get(entry.name) or _predicted(runner, entry, training, runner.config.gpus, search)
@@ -205,7 +227,9 @@ def _checked_against_prediction(runner: TrialRunner, entry: OptimizerEntry, trai
     same = predicted if predicted is not None and predicted.micro_batch == row.micro_batch else None
     # the allocator model's figures, or the step time, at this size
     if peak is None or (same is None and (training.device == DeviceKind.CUDA or runner.config.gpu is not None)):
-        same, why = _prediction(runner, entry, dataclasses.replace(training, micro_batch=row.micro_batch))
+        at_size = dataclasses.replace(training, micro_batch=row.micro_batch)
+        same, why = _limited(runner, f"{entry.name}'s prediction", lambda: _prediction(runner, entry, at_size),
+                             LATE_PREDICTION)
         if same is None:
             return dataclasses.replace(row, notes=(*row.notes, f"no prediction to check against: {why}"))
         peak = same.predicted_peak_bytes
@@ -285,19 +309,23 @@ def _row(runner: TrialRunner, entry: OptimizerEntry, training: TrainingSettings,
     if reason is not None:  # no process needed to say so
         row = base_row(entry, config.opt_args, training)
         return dataclasses.replace(row, status=Status.UNAVAILABLE, reason=reason)
-    unsupported = unsupported_row(config, entry, training, shallow)
+    unsupported = _limited(runner, f"{entry.name}'s preflight",
+                           lambda: unsupported_row(config, entry, training, shallow), None)
     if unsupported is not None:
         return unsupported
-    predicted, why = _prediction(runner, entry, training, config.search, predictions)
+    predicted, why = _limited(runner, f"{entry.name}'s prediction",
+                              lambda: _prediction(runner, entry, training, config.search, predictions),
+                              LATE_PREDICTION)
 
     def fit_prediction() -> PredictRow | None:
         """The row's own prediction, else one made for the fit: one device's for the replicated strategies."""
-        if predicted is not None or runner.config.offload_optimizer:
+        if predicted is not None or runner.config.offload_optimizer or runner.skipped is not None:
             return predicted
         row = _predicted(runner, entry, training, config.gpus if config.strategy in SHARDED_STRATEGIES else 1)
         return row if row.status == Status.OK else None
 
-    no_fit = no_fit_row(config, entry, training, fit_prediction)
+    no_fit = _limited(runner, f"{entry.name}'s fit check", lambda: no_fit_row(config, entry, training, fit_prediction),
+                      None)
     if no_fit is not None:
         return no_fit
     if config.search is not None:
@@ -333,7 +361,8 @@ def run_compare(
     try:
         if warm and not timing_here:
             start_warm_server()  # its imports overlap the predictions below
-        predictions = _shared_predictions(runner, entries, training)
+        predictions = _limited(runner, "the predictions", lambda: _shared_predictions(runner, entries, training),
+                               NO_PREDICTIONS)
         if warm and timing_here:
             start_warm_server()
         shallow = shallow_layers(config, loaded.config)

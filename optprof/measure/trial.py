@@ -22,6 +22,7 @@ from optprof.config import (
     parameter_dtype,
 )
 from optprof.distributed.sharding import wrap_for_strategy, zero1_optimizer
+from optprof.errors import error_text
 from optprof.measure.device import Device, NvmlFactory, device_facts, nvml_reader_for, open_device
 from optprof.measure.flops import device_peak_flops, model_flops_per_token
 from optprof.measure.nvml import NvmlReader, open_backend
@@ -165,6 +166,8 @@ class _Measured:
 
 def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: Device, progress: Progress,
              nvml: NvmlFactory, rank: int = 0) -> TrialOutcome:
+    import torch
+
     t = spec.training
     rss_baseline = process_rss()
     if t.memory_limit_bytes is not None:
@@ -184,10 +187,17 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
     account = account_state(step.optimizer, step.params, entry.second_moment_keys)
     tracked = None
     snapshot = snapshot_path(spec.memory_snapshot_dir, entry.name, rank)
+    breakdown_note = None
     if t.breakdown:
         progress("memory breakdown (one tracked step)")
-        with cuda_memory_history(snapshot):
-            tracked = tracked_step(step, account.state_bytes)
+        try:
+            with cuda_memory_history(snapshot):
+                tracked = tracked_step(step, account.state_bytes)
+        except torch.OutOfMemoryError:
+            raise  # a finding about memory: the row's status
+        except Exception as exc:  # the optional breakdown costs itself, not the row (reformer's reversible layers)
+            breakdown_note = (f"the memory breakdown's tracked step failed ({error_text(exc)}): the row's figures "
+                              "are the timed steps' alone, without the tensor-level peak")
     repetitions: list[float] = []
     if t.time_optimizer_step:  # last: repeated updates on one set of gradients move the weights off the trace
         progress("repeating the optimizer step for its timing")
@@ -214,7 +224,7 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
         loss_first=step.losses[0],
         loss_last=step.losses[-1],
         losses=tuple(step.losses),
-        notes=tuple(_notes(spec, device, measured)) + ((
+        notes=tuple(_notes(spec, device, measured)) + ((breakdown_note,) if breakdown_note else ()) + ((
             f"memory snapshot of the tracked step: {snapshot} (open it in PyTorch's memory visualiser)",)
             if snapshot is not None and tracked is not None else ()),
     )

@@ -1,0 +1,39 @@
+"""What the sweep of every causal LM found (issue 37): a failed memory breakdown costs the breakdown, not the row;
+a fake step in compare's own process that never ends costs its decision, not the command."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+
+from optprof.commands.compare import run_compare
+from optprof.config import CompareConfig, ModelSelection, TrainingSettings
+
+TRAINING = TrainingSettings(device="cpu", seq_len=16, steps=2, time_optimizer_step=False)
+
+
+def test_a_failed_breakdown_costs_the_breakdown_not_the_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    def reversible(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the tracker cannot follow reversible layers")  # reformer's, under MemTracker
+
+    monkeypatch.setattr("optprof.measure.trial.tracked_step", reversible)
+    row = run_compare(CompareConfig(ModelSelection("demo"), ("sgd",), TRAINING, predict=False), isolate=False).results[0]
+    assert row.status == "ok" and row.tokens_per_s and row.tensor_peak_bytes is None
+    assert any("memory breakdown's tracked step failed" in note for note in row.notes), row.notes
+
+
+def test_a_prediction_that_never_ends_costs_the_prediction_not_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    def endless(*args: Any, **kwargs: Any) -> None:
+        while True:  # a model's init looping on values fake tensors do not have
+            time.sleep(0.01)
+
+    monkeypatch.setattr("optprof.commands.compare.predict_rows", endless)
+    monkeypatch.setattr("optprof.commands.compare._predicted", endless)
+    config = CompareConfig(ModelSelection("demo"), ("sgd",), TRAINING, trial_timeout_s=1.0, preflight=False)
+    started = time.monotonic()
+    row = run_compare(config, isolate=False).results[0]
+    assert time.monotonic() - started < 60
+    assert row.status == "ok" and row.predicted_peak_bytes is None
+    assert any("did not end within 1 s" in note for note in row.notes), row.notes
