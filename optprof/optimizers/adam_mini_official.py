@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from optprof.errors import SetupUnsupported
 from optprof.model.info import embedding_weights
 
 # The package's code paths, in the order its step() tries them.
@@ -79,6 +80,10 @@ def adam_mini_for_model(model: nn.Module, *, hidden_size: int, num_heads: int | 
                         head_dim: int | None, world_size: int, **args: Any) -> torch.optim.Optimizer:
     """The package's Adam_mini over every trainable parameter of `model`, each group named for its role."""
     from adam_mini import Adam_mini
+
+    if not hidden_size:  # blt: a patcher, an encoder, a decoder and a global transformer, each of its own width
+        raise SetupUnsupported("Adam-mini partitions by one hidden size and head count, and this model's config "
+                               "has none at its top level (its transformers have sizes of their own)")
 
     class AdamMiniWithViews(Adam_mini):
         """Adam_mini whose 3-D parameters are 2-D views: their gradients follow before each step."""

@@ -6,9 +6,10 @@ runs in a process of its own under a time limit, so a hang is a row, not the end
     make sweep
 
 Prints a table of counts per command (clean, unsupported with a reason, refused in one line, failed, hung) and one
-line per type that is not clean. The tiny sizes are the issue's: hidden 64, 2 layers, 4 heads / 2 kv heads, head
-dim 16, vocab 512, 4 experts with top-2; special token ids inside the vocabulary; tests/support/architectures.py's
-FIXES where a family needs more.
+line per type that is not clean. "eager" is transformers' own CPU training step (forward with labels, backward)
+without optprof: a type whose eager step fails cannot run in any command, and that is not optprof's to fix.
+The tiny sizes are the issue's: hidden 64, 2 layers, 4 heads / 2 kv heads, head dim 16, vocab 512, 4 experts with
+top-2; special token ids inside the vocabulary; tests/support/architectures.py's FIXES where a family needs more.
 """
 
 from __future__ import annotations
@@ -106,6 +107,21 @@ def _status(report: dict[str, Any]) -> tuple[str, str]:
     return "clean", ""
 
 
+def _eager_step(folder: Path) -> list[str]:
+    """transformers' own eager training step on CPU (forward with labels, backward), without optprof: where it
+    fails, no command of optprof's can run the model either, and the row says so."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        tokens = torch.randint(3, 64, (2, 32))
+        model(input_ids=tokens, labels=tokens).loss.backward()
+    except Exception as exc:
+        return ["failed", f"transformers' own CPU step: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"]
+    return ["clean", ""]
+
+
 def run_one(model_type: str, folder: Path, with_compare: bool) -> dict[str, Any]:
     """In this process (the child): the tiny config, then each command through optprof's entry point."""
     from optprof.cli.app import main
@@ -116,6 +132,7 @@ def run_one(model_type: str, folder: Path, with_compare: bool) -> dict[str, Any]
         tiny_config(model_type).save_pretrained(folder)
     except Exception as exc:  # the config class itself refuses the tiny sizes: not optprof's to run
         return {"config": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    found["eager"] = _eager_step(folder)
     commands = {"state-size": ["state-size", str(folder), "-o", OPTIMIZERS],
                 "predict": ["predict", str(folder), "-o", OPTIMIZERS, "--device", "cpu", "--seq-len", "32"]}
     if with_compare:
@@ -193,7 +210,7 @@ def main() -> None:
     built = [t for t in chosen if "config" not in results[t] and "sweep" not in results[t]]
     print(f"tiny configs built: {len(built)} / {len(chosen)}")
     print("| command | clean | unsupported | refused (one line) | failed | hung |\n|---|---:|---:|---:|---:|---:|")
-    for command in ("state-size", "predict", "compare"):
+    for command in ("eager", "state-size", "predict", "compare"):
         ran = [results[t][command][0] for t in built if command in results[t]]
         counts = {kind: ran.count(kind) for kind in ("clean", "unsupported", "refused", "failed", "hung")}
         print(f"| {command} ({len(ran)}) | " + " | ".join(str(counts[k]) for k in counts) + " |")
@@ -203,7 +220,7 @@ def main() -> None:
         if "config" in result or "sweep" in result:
             print(f"- {t}: config: {result.get('config') or result.get('sweep')}")
             continue
-        for command in ("state-size", "predict", "compare"):
+        for command in ("eager", "state-size", "predict", "compare"):
             if command in result and result[command][0] != "clean":
                 print(f"- {t}: {command} {result[command][0]}: {result[command][1]}")
 

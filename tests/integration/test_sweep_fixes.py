@@ -19,7 +19,8 @@ def test_a_failed_breakdown_costs_the_breakdown_not_the_row(monkeypatch: pytest.
         raise RuntimeError("the tracker cannot follow reversible layers")  # reformer's, under MemTracker
 
     monkeypatch.setattr("optprof.measure.trial.tracked_step", reversible)
-    row = run_compare(CompareConfig(ModelSelection("demo"), ("sgd",), TRAINING, predict=False), isolate=False).results[0]
+    config = CompareConfig(ModelSelection("demo"), ("sgd",), TRAINING, predict=False)
+    row = run_compare(config, isolate=False).results[0]
     assert row.status == "ok" and row.tokens_per_s and row.tensor_peak_bytes is None
     assert any("memory breakdown's tracked step failed" in note for note in row.notes), row.notes
 
