@@ -17,6 +17,7 @@ from typing import Any
 
 from optprof.config import REPLICATED_STRATEGIES, DeviceKind, FsdpUnits, Strategy, TrainingSettings, mesh_shape
 from optprof.model.info import transformer_blocks
+from optprof.model.setups import movable_fake_parameters
 from optprof.optimizers.registry import distributed_world_size
 from optprof.optimizers.state import PlaceholderScalars
 
@@ -251,7 +252,7 @@ def fake_tensors() -> Iterator[PlaceholderScalars]:
 
     with (FakeTensorMode(allow_non_fake_inputs=True), PlaceholderScalars() as scalars,
           _transformers_treat_fake_as_real(), _experts_without_grouped_mm_kernel(), _fake_kernel_errors_unlogged(),
-          _truncated_normal_without_rejection()):
+          _truncated_normal_without_rejection(), movable_fake_parameters()):
         yield scalars
 
 

@@ -249,11 +249,15 @@ def load_model(
 
 
 def apply_overrides(config: PretrainedConfig, overrides: dict[str, Any]) -> None:
-    """Set each attribute the config (or its text part) already has; others are ignored."""
+    """Set each attribute the config (or its text part) already has; others are ignored. A config that refuses a
+    key (prophetnet's num_hidden_layers: set the encoder's and decoder's) is the user's one line."""
     for key, value in overrides.items():
         for part in {id(config): config, id(text_config(config)): text_config(config)}.values():
             if hasattr(part, key):
-                setattr(part, key, value)
+                try:
+                    setattr(part, key, value)
+                except NotImplementedError as exc:
+                    raise UsageError(f"this config does not take {key}: {_first_line(exc)}") from exc
 
 
 def load_selection(

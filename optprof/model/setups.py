@@ -105,17 +105,16 @@ def apply_setup(model: nn.Module, setup: TrainingSetup) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _movable_fake_parameters(model: nn.Module) -> Iterator[None]:
-    """peft moves each new adapter to its base layer's device and dtype with `Module.to`, and torch's `to` cannot
-    move a fake parameter (it swaps tensors, and fake tensors carry weak references: "Couldn't swap"). For a model
-    of fake tensors (predict), `to` replaces each parameter by its converted copy instead, a shared one once."""
+def movable_fake_parameters() -> Iterator[None]:
+    """torch's `Module.to` / `_apply` cannot move a fake parameter (it swaps tensors, and fake tensors carry weak
+    references: "Couldn't swap"). peft moves each new adapter with it, and some models' own `__init__` casts a
+    submodule (deepseek_v4's norms, hy_v4's hyper-connections, inkling's convolutions: `.to(dtype=float32)`).
+    Inside, `_apply` on a module holding fake tensors replaces each parameter by its converted copy instead (one
+    shared copy per parameter); on real tensors it is torch's own."""
     import torch
     from torch import nn
     from torch._subclasses.fake_tensor import is_fake
 
-    if not any(is_fake(p) for p in model.parameters()):
-        yield
-        return
     original = nn.Module._apply
     converted: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id -> (the original, kept alive; its copy)
 
@@ -132,7 +131,13 @@ def _movable_fake_parameters(model: nn.Module) -> Iterator[None]:
             module._buffers[key] = None if buffer is None else fn(buffer)
         return module
 
-    nn.Module._apply = apply_by_replacing  # type: ignore[method-assign]
+    def apply(module: nn.Module, fn: Any, recurse: bool = True) -> nn.Module:
+        tensors = [*module.parameters(recurse=recurse), *module.buffers(recurse=recurse)]
+        if any(is_fake(t) for t in tensors):
+            return apply_by_replacing(module, fn, recurse)
+        return original(module, fn, recurse)
+
+    nn.Module._apply = apply  # type: ignore[method-assign]
     try:
         yield
     finally:
@@ -214,7 +219,7 @@ def _with_lora(model: nn.Module, lora: LoraSpec) -> nn.Module:
     given |= {"lora_dropout": lora.dropout} if lora.dropout is not None else {}
     given |= {"target_modules": list(lora.targets)} if lora.targets else {}
     try:
-        with _movable_fake_parameters(model):
+        with movable_fake_parameters():
             wrapped = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **given))
     except ValueError as exc:  # no default targets for the architecture, or targets that match nothing
         raise UsageError(f"--lora: {str(exc).splitlines()[0]} (name the modules with targets=a+b)") from None
