@@ -78,18 +78,15 @@ def loaded_dtype(model: str, revision: str | None, trust_remote_code: bool) -> D
 def allocator_settings(device: DeviceKind, alloc_conf: str | None, snapshot: Path | None) -> str | None:
     """The PYTORCH_CUDA_ALLOC_CONF the allocator model follows: --alloc-conf, else the environment's; None for a
     CPU target, which has no caching allocator (asking for one there is an error)."""
-    from optprof.device.alloc_conf import ASYNC, AllocatorConfig, AllocConfError, environment_name
+    from optprof.device.alloc_conf import ASYNC, AllocatorConfig, environment_name
 
     if device != DeviceKind.CUDA:
         if alloc_conf is not None or snapshot is not None:
             raise UsageError("--alloc-conf and --memory-snapshot model CUDA's caching allocator: use --device cuda")
         return None
-    source = "--alloc-conf" if alloc_conf is not None else environment_name()
-    try:
-        config = AllocatorConfig.from_environment(alloc_conf)
-    except AllocConfError as exc:
-        raise UsageError(f"{source}: torch 2.13 refuses it: {exc}") from None
+    config = AllocatorConfig.checked(alloc_conf)
     if config.backend == ASYNC:
+        source = "--alloc-conf" if alloc_conf is not None else environment_name()
         raise UsageError(f"{source}: backend:cudaMallocAsync hands memory to CUDA's stream-ordered pool, whose "
                          "reuse and release the caching-allocator model does not follow: predict without it "
                          "(the native allocator), or measure with compare on the card")

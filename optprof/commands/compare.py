@@ -25,7 +25,7 @@ from optprof.config import (
     resolve_seq_len,
     step_record,
 )
-from optprof.device.alloc_conf import ASYNC, AllocatorConfig, AllocConfError, environment_name
+from optprof.device.alloc_conf import ASYNC, AllocatorConfig
 from optprof.distributed.torchrun import same_order, torchrun_group, torchrun_rank
 from optprof.errors import UsageError
 from optprof.hardware.catalog import LOCAL
@@ -198,10 +198,7 @@ def allocator_model(device: DeviceKind) -> str | None:
     does not follow (the predictions are then the tensor peaks)."""
     if device != DeviceKind.CUDA:
         return None
-    try:
-        config = AllocatorConfig.from_environment()
-    except AllocConfError as exc:
-        raise UsageError(f"{environment_name()}: torch 2.13 refuses it: {exc}") from None
+    config = AllocatorConfig.checked()
     return None if config.backend == ASYNC else config.text()
 
 

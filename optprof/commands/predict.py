@@ -63,7 +63,7 @@ from optprof.optimizers.state import PlaceholderScalars
 from optprof.processes.branching import can_branch
 from optprof.processes.forked import run_each, torch_threads
 from optprof.results.reports import PredictReport, command_config
-from optprof.results.rows import PredictRow, Probe, interrupted_row
+from optprof.results.rows import FinishedRows, PredictRow, Probe
 from optprof.results.vocab import MaxMethod, Status
 from optprof.trainers import RECIPES
 
@@ -531,21 +531,14 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
     info = loaded.info
     training = dataclasses.replace(config.training, seq_len=resolve_seq_len(
         config.training.seq_len, info.max_position_embeddings, config.training.device))
-    finished: dict[str, PredictRow] = {}
-
-    def keep(row: PredictRow) -> None:
-        finished[row.optimizer] = row
-        if on_row is not None:
-            on_row(row)
-
+    finished: FinishedRows[PredictRow] = FinishedRows(on_row)
     interrupted: str | None = None
     try:
-        rows = predict_rows(config, entries, training, on_progress or (lambda name, text: None), keep)
+        rows = predict_rows(config, entries, training, on_progress or (lambda name, text: None), finished)
     except Interrupted as stop:  # keep the rows that finished; stop the workers before anything is written
         stop_children()
         interrupted = str(stop)
-        rows = [finished.get(e.name) or interrupted_row(_base_row(e, config, training), interrupted)
-                for e in entries]
+        rows = finished.or_interrupted((_base_row(e, config, training) for e in entries), interrupted)
     time_notes: tuple[str, ...] = ()
     if config.gpu is not None:
         flops_per_token = model_flops_per_token(loaded.module, info, training.seq_len or 0)

@@ -31,7 +31,7 @@ from optprof.optimizers.state import (
 )
 from optprof.processes.forked import run_each
 from optprof.results.reports import StateSizeReport, command_config
-from optprof.results.rows import StatePart, StateSizeRow, interrupted_row
+from optprof.results.rows import FinishedRows, StatePart, StateSizeRow
 from optprof.results.vocab import LayerExtent, StateMethod, Status
 
 if TYPE_CHECKING:
@@ -199,25 +199,19 @@ def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], Non
     opt_args = config.opt_args
     selection = config.model
     reference: int | None = None
-    finished: dict[str, StateSizeRow] = {}
-
-    def keep(row: StateSizeRow) -> None:
-        finished[row.optimizer] = row
-        if on_row is not None:
-            on_row(row)
-
+    finished: FinishedRows[StateSizeRow] = FinishedRows(on_row)
     interrupted: str | None = None
     loaded = load_selection(selection) if config.gpus == 1 else None
     info = loaded.info if loaded is not None else None
     try:
         if loaded is None:
-            info, rows, reference = _sharded_rows(config, entries, keep)
+            info, rows, reference = _sharded_rows(config, entries, finished)
         else:
             module, info = loaded.module, loaded.info
             if info.params == 0:
                 raise UsageError(f"model '{selection.model}' has no parameters")
             subject = subject_for(selection, module, info, config.full_model)
-            rows = _measure_all(entries, subject, opt_args, config.jobs, keep)
+            rows = _measure_all(entries, subject, opt_args, config.jobs, finished)
             reference_row = next((r for r in rows if r.optimizer == REFERENCE and r.status == Status.OK), None)
             if reference_row is None:  # not selected (or failed with user args): measure it with defaults
                 account, _, _ = measure_subject(REGISTRY[REFERENCE], subject, {})
@@ -227,8 +221,7 @@ def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], Non
     except Interrupted as stop:  # keep the rows that finished; stop the workers before anything is written
         stop_children()
         interrupted = str(stop)
-        rows = [finished.get(e.name) or interrupted_row(_base_row(e, opt_args, Status.OK), interrupted)
-                for e in entries]
+        rows = finished.or_interrupted((_base_row(e, opt_args, Status.OK) for e in entries), interrupted)
         info = info or load_selection(selection).info  # on meta, cheap
     assert info is not None
     return StateSizeReport(

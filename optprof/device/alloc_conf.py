@@ -22,6 +22,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from optprof.errors import UsageError
+
 KMB = 1 << 20
 SIZE_MAX = 2**64 - 1
 MIN_LARGE_ALLOC_MB = 10  # kMinLargeAlloc / kMB: large_segment_size_mb must exceed it
@@ -78,6 +80,15 @@ class AllocatorConfig:
     def from_environment(cls, given: str | None = None) -> AllocatorConfig:
         """`given` (--alloc-conf), else the first of torch's variables that is set."""
         return cls.parse(given if given is not None else environment_text())
+
+    @classmethod
+    def checked(cls, given: str | None = None) -> AllocatorConfig:
+        """`from_environment`, a configuration torch refuses being the user's one line naming where it came from."""
+        try:
+            return cls.from_environment(given)
+        except AllocConfError as exc:
+            source = "--alloc-conf" if given is not None else environment_name()
+            raise UsageError(f"{source}: torch 2.13 refuses it: {exc}") from None
 
     def text(self) -> str:
         """A configuration string that parses back to this configuration (expandable_segments always named)."""

@@ -49,7 +49,7 @@ from optprof.measure.tracker import (
 from optprof.model.info import trainable_parameters
 from optprof.model.loading import load_selection
 from optprof.optimizers.implementation import set_implementation
-from optprof.optimizers.outcome import status_of
+from optprof.optimizers.outcome import is_out_of_memory, status_of
 from optprof.optimizers.registry import (
     OptimizerEntry,
     availability,
@@ -166,8 +166,6 @@ class _Measured:
 
 def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: Device, progress: Progress,
              nvml: NvmlFactory, rank: int = 0) -> TrialOutcome:
-    import torch
-
     t = spec.training
     rss_baseline = process_rss()
     if t.memory_limit_bytes is not None:
@@ -193,9 +191,9 @@ def _measure(spec: TrialSpec, entry: OptimizerEntry, base: CompareRow, device: D
         try:
             with cuda_memory_history(snapshot):
                 tracked = tracked_step(step, account.state_bytes)
-        except torch.OutOfMemoryError:
-            raise  # a finding about memory: the row's status
         except Exception as exc:  # the optional breakdown costs itself, not the row (reformer's reversible layers)
+            if is_out_of_memory(exc):
+                raise  # a finding about memory: the row's status
             breakdown_note = (f"the memory breakdown's tracked step failed ({error_text(exc)}): the row's figures "
                               "are the timed steps' alone, without the tensor-level peak")
     repetitions: list[float] = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -95,6 +96,12 @@ class Report:
         return data
 
     @classmethod
+    def _rows_upgraded(cls, data: dict[str, Any], upgrade: Callable[[dict[str, Any]], dict[str, Any]]
+                       ) -> dict[str, Any]:
+        """`data` with `upgrade` applied to each row that is a mapping (a damaged row is left for decoding)."""
+        return {**data, cls.ROWS: [upgrade(row) if isinstance(row, dict) else row for row in data.get(cls.ROWS) or ()]}
+
+    @classmethod
     def from_json(cls, text: str) -> Report:
         return cls.from_dict(json.loads(text))
 
@@ -142,15 +149,16 @@ class StateSizeReport(ModelReport):
         """Version 1 appended the layer extent to the method ("meta step, extrapolated from ..."): split."""
         if version >= 2:
             return data
-        rows = []
-        for row in data.get("results") or ():
-            method = row.get("method") if isinstance(row, dict) else None
+
+        def split(row: dict[str, Any]) -> dict[str, Any]:
+            method = row.get("method")
             text = method if isinstance(method, str) else ""
             extent = next((e for e in LayerExtent if text.endswith(f", {e}")), None)
-            if extent is not None:
-                row = {**row, "method": text.removesuffix(f", {extent}"), "layer_extent": extent.value}
-            rows.append(row)
-        return {**data, "results": rows}
+            if extent is None:
+                return row
+            return {**row, "method": text.removesuffix(f", {extent}"), "layer_extent": extent.value}
+
+        return cls._rows_upgraded(data, split)
 
     reference_state_bytes: int | None  # AdamW's, measured in the same run
     results: tuple[StateSizeRow, ...]
@@ -179,16 +187,18 @@ class PredictReport(ModelReport):
     def upgraded(cls, data: dict[str, Any], version: int) -> dict[str, Any]:
         if version >= 2:
             return data
-        rows = []
-        for row in data.get("results") or ():
-            if isinstance(row, dict) and "predicted_fragmentation_bytes" in row:
-                row = dict(row)
-                row["predicted_cached_free_at_reserved_peak_bytes"] = row.pop("predicted_fragmentation_bytes")
-                reserved, allocated = row.get("predicted_reserved_bytes"), row.get("predicted_allocated_bytes")
-                if isinstance(reserved, int) and isinstance(allocated, int):
-                    row["predicted_reserved_minus_allocated_bytes"] = reserved - allocated
-            rows.append(row)
-        return {**data, "results": rows}
+
+        def renamed(row: dict[str, Any]) -> dict[str, Any]:
+            if "predicted_fragmentation_bytes" not in row:
+                return row
+            row = dict(row)
+            row["predicted_cached_free_at_reserved_peak_bytes"] = row.pop("predicted_fragmentation_bytes")
+            reserved, allocated = row.get("predicted_reserved_bytes"), row.get("predicted_allocated_bytes")
+            if isinstance(reserved, int) and isinstance(allocated, int):
+                row["predicted_reserved_minus_allocated_bytes"] = reserved - allocated
+            return row
+
+        return cls._rows_upgraded(data, renamed)
 
     results: tuple[PredictRow, ...]
     assumptions: tuple[str, ...]  # what fake CPU tensors cannot see, and what was assumed instead

@@ -4,8 +4,9 @@ how a distributed trial's rank rows fold into one."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from optprof.results.vocab import (
     FoldRule,
@@ -366,3 +367,20 @@ def interrupted_row(row: RowT, signal_name: str | None) -> RowT:
     """`row` (its head: optimizer, settings) as a row the signal stopped before it finished."""
     return dataclasses.replace(row, status=Status.INTERRUPTED,
                                reason=f"{signal_name or 'a signal'} stopped the run before this row finished")
+
+
+class FinishedRows(Generic[RowT]):
+    """A command's rows by optimizer as they finish, each passed on to `on_row`: what an interrupt keeps."""
+
+    def __init__(self, on_row: Callable[[RowT], None] | None) -> None:
+        self.rows: dict[str, RowT] = {}
+        self.on_row: Callable[[RowT], None] | None = on_row
+
+    def __call__(self, row: RowT) -> None:
+        self.rows[row.optimizer] = row
+        if self.on_row is not None:
+            self.on_row(row)
+
+    def or_interrupted(self, heads: Iterable[RowT], signal_name: str) -> list[RowT]:
+        """For each row head, its finished row, else the head as interrupted by `signal_name`."""
+        return [self.rows.get(head.optimizer) or interrupted_row(head, signal_name) for head in heads]

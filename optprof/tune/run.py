@@ -72,7 +72,6 @@ def run_tune(config: TuneConfig, on_trial: OnTrial | None = None) -> TuneReport:
     first_specs = [spec(e, i, config.seed) for i in range(config.budget.trials) for e in runnable]
     first: list[tuple[TuneTrialSpec, TuneTrial]] = []
     reruns: list[tuple[TuneTrialSpec, TuneTrial]] = []
-    best: dict[str, TuneTrial | None] = {}
     interrupted: str | None = None
     try:
         _run_trials(first_specs, corpus, config.jobs, on_trial, first)
@@ -87,7 +86,7 @@ def run_tune(config: TuneConfig, on_trial: OnTrial | None = None) -> TuneReport:
     for e in entries:
         trials = _in_order(first, e)
         mine = sorted((t for s, t in reruns if s.entry is e), key=lambda t: t.seed)
-        found = best.get(e.name) if e.name in best else best_of(trials)
+        found = best_of(trials)
         whole = len(trials) == config.budget.trials and (found is None or len(mine) == config.noise_seeds)
         if interrupted is not None and availability(e) is None and not whole:
             rows.append(interrupted_row(TuneRow(**e.row_head(config.opt_args), status=Status.OK), interrupted))
