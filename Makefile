@@ -50,6 +50,7 @@ bench: install
 	$(BIN)/python tests/benchmarks/bench_time_model.py
 	$(BIN)/python tests/benchmarks/bench_time_h200.py
 	$(BIN)/python tests/benchmarks/bench_memory_h200.py
+	$(BIN)/python tests/benchmarks/bench_plan.py
 	$(BIN)/python tests/benchmarks/bench_tune.py
 
 clean:

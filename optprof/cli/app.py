@@ -14,7 +14,7 @@ from typing import Annotated, Protocol, cast
 import typer
 
 from optprof import __version__
-from optprof.cli import check, compare, listing, predict, report, state_size, tune
+from optprof.cli import check, compare, listing, plan, predict, report, state_size, tune
 from optprof.cli.inputs import SESSION
 from optprof.cli.options import DebugOpt
 from optprof.errors import UsageError
@@ -52,6 +52,7 @@ def _main(
 app.command("state-size")(state_size.state_size)
 app.command("compare")(compare.compare)
 app.command("predict")(predict.predict)
+app.command("plan")(plan.plan)
 app.command("tune")(tune.tune)
 app.command("check")(check.check)
 app.command("optimizers")(listing.optimizers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from optprof.cli.inputs import (
     allocator_settings,
     calibration_bytes,
@@ -57,8 +59,11 @@ from optprof.cli.options import (
 )
 from optprof.cli.output import destination, finish
 from optprof.config import (
+    Amp,
     DeviceKind,
+    Dtype,
     PredictConfig,
+    Strategy,
     TrainingSettings,
     default_jobs,
     whole_number,
@@ -100,9 +105,34 @@ def predict(
     if memory_snapshot is not None:
         check_writable(memory_snapshot, "--memory-snapshot")
     from optprof.commands.predict import run_predict
-    from optprof.optimizers.registry import parse_opt_args
     from optprof.render.console import console
     from optprof.render.tables import prediction_line
+
+    run_config = predict_config(
+        model, optimizer, opt_arg, gpu_memory, reserve, gpus, strategy, shard_size, device, dtype, amp, recipe,
+        mp_policy, activation_checkpointing, loss, alloc_conf, memory_snapshot, seq_len, micro_batch, grad_accum,
+        gradient_checkpointing, max_micro_batch, revision, trust_remote_code, lora, qlora, freeze, attention, gpu,
+        gpu_spec, network, gpus_per_node, calibration, jobs)
+    one_device(run_config.gpus, save_profile)
+    err = console(stderr=True)
+    with err.status(f"predicting on fake tensors for {model} ...") as status:
+        result = run_predict(run_config, on_progress=lambda name, text: status.update(f"{name}: {text}"),
+                             on_row=lambda row: err.print(prediction_line(row)))
+    finish(result, to, save_profile, "predict")
+
+
+def predict_config(
+    model: str, optimizer: list[str] | None, opt_arg: list[str] | None, gpu_memory: str | None,
+    reserve: str | None, gpus: int | None, strategy: Strategy | None, shard_size: int | None, device: DeviceKind,
+    dtype: Dtype | None, amp: Amp | None, recipe: str | None, mp_policy: str | None,
+    activation_checkpointing: str | None, loss: str | None, alloc_conf: str | None, memory_snapshot: Path | None,
+    seq_len: int | None, micro_batch: str | None, grad_accum: int, gradient_checkpointing: bool,
+    max_micro_batch: int, revision: str | None, trust_remote_code: bool, lora: str | None, qlora: str | None,
+    freeze: list[str] | None, attention: str | None, gpu: str | None, gpu_spec: Path | None, network: str | None,
+    gpus_per_node: int | None, calibration: Path | None, jobs: int | None,
+) -> PredictConfig:
+    """predict's flags as its PredictConfig (`optprof plan` builds one per setup the same way)."""
+    from optprof.optimizers.registry import parse_opt_args
 
     step = step_choice(recipe, dtype, strategy, amp, mp_policy, activation_checkpointing, gradient_checkpointing, loss,
                        gpus or 1, lambda: loaded_dtype(model, revision, trust_remote_code))
@@ -138,9 +168,4 @@ def predict(
         calibration=None if calibration is None else str(calibration))
     if run_config.gpu_memory_bytes is not None and run_config.gpu_memory_bytes <= run_config.reserve_bytes:
         raise UsageError("--gpu-memory must be larger than --reserve")
-    one_device(fake.ranks, save_profile)
-    err = console(stderr=True)
-    with err.status(f"predicting on fake tensors for {model} ...") as status:
-        result = run_predict(run_config, on_progress=lambda name, text: status.update(f"{name}: {text}"),
-                             on_row=lambda row: err.print(prediction_line(row)))
-    finish(result, to, save_profile, "predict")
+    return run_config

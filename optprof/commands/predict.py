@@ -189,7 +189,7 @@ def _output_shape_from_values(exc: BaseException) -> bool:
     return False
 
 
-def _classified(exc: BaseException, entry: OptimizerEntry, config: PredictConfig,
+def classified(exc: BaseException, entry: OptimizerEntry, config: PredictConfig,
                 scalars: PlaceholderScalars | None) -> tuple[StepFailed, bool]:
     """A failed step's status and reason, and whether the model had read tensor values (fake tensors have none
     to give it; a real step may well run: preflight leaves that undecided)."""
@@ -217,7 +217,7 @@ def predict_outcome(config: PredictConfig, entry: OptimizerEntry, training: Trai
             trainer = FakeTrainer(config, entry, training, mesh)
             row = _traced_row(trainer, config, entry, training, progress)
     except Exception as exc:
-        failed, values_read = _classified(exc, entry, config, scalars)
+        failed, values_read = classified(exc, entry, config, scalars)
         return dataclasses.replace(base, status=failed.status, reason=failed.reason,
                                    predict_s=time.perf_counter() - started), values_read
     return dataclasses.replace(row, predict_s=time.perf_counter() - started), False
@@ -390,7 +390,7 @@ def _predict_shared(config: PredictConfig, entries: list[OptimizerEntry], traini
     scalars: PlaceholderScalars | None = None
 
     def classify(entry: OptimizerEntry, exc: BaseException) -> StepFailed:
-        return _classified(exc, entry, config, scalars)[0]
+        return classified(exc, entry, config, scalars)[0]
 
     def failed_row(position: int, failed: StepFailed) -> PredictRow:
         return dataclasses.replace(_base_row(entries[position], config, training), status=failed.status,

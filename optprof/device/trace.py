@@ -87,7 +87,27 @@ def extrapolated(one: AllocationTrace, two: AllocationTrace, at: int, micro_batc
     return AllocationTrace(events, dict(one.tags), dict(one.marks))  # no ops: time is predicted from traced steps
 
 
-def _frees_in_order(events: list[TraceEvent], marks: dict[str, int]) -> list[TraceEvent]:
+def extrapolated_ops(one: AllocationTrace, two: AllocationTrace, at: int, micro_batch: int) -> list[OpRecord] | None:
+    """The ops at `micro_batch` from the traces at `at` and `at + 1`: the same ops reading and writing the same
+    allocations, each op's FLOPs, bytes and matmul dimensions on the line through its two values (a token-wise op
+    grows with the batch; the optimizer's do not). None where the ops differ in anything else."""
+    if len(one.ops) != len(two.ops):
+        return None
+    ops = []
+    for a, b in zip(one.ops, two.ops, strict=True):
+        if (a.name, a.kind, a.stream, a.phase, a.dtype, a.reads, a.writes, a.group, a.mnk is None) != \
+                (b.name, b.kind, b.stream, b.phase, b.dtype, b.reads, b.writes, b.group, b.mnk is None):
+            return None
+        step = micro_batch - at
+        mnk = None if a.mnk is None or b.mnk is None else \
+            (a.mnk[0] + step * (b.mnk[0] - a.mnk[0]), a.mnk[1] + step * (b.mnk[1] - a.mnk[1]),
+             a.mnk[2] + step * (b.mnk[2] - a.mnk[2]), a.mnk[3] + step * (b.mnk[3] - a.mnk[3]))
+        ops.append(dataclasses.replace(a, flops=a.flops + step * (b.flops - a.flops),
+                                       bytes=a.bytes + step * (b.bytes - a.bytes), mnk=mnk, key=None, spec=None))
+    return ops
+
+
+def frees_in_order(events: list[TraceEvent], marks: dict[str, int]) -> list[TraceEvent]:
     """Each run of consecutive frees (not crossing a mark) sorted by allocation."""
     ordered: list[TraceEvent] = []
     cuts = set(marks.values())
@@ -188,7 +208,7 @@ class TraceRecorder:
         renumbered = [TraceEvent(e.alloc, number[e.id], e.size, e.stream) for e in events]
         tags = {number[allocation]: tag for allocation, tag in trace.tags.items() if allocation in number}
         ops = [_renumbered(op, number) for op in trace.ops]
-        return AllocationTrace(_frees_in_order(renumbered, marks), tags, marks, ops)
+        return AllocationTrace(frees_in_order(renumbered, marks), tags, marks, ops)
 
     def tag_tensors(self, tensors: Any, tag: str) -> None:
         """Name what these tensors' storages are (allocating those not seen yet: they were alive already)."""

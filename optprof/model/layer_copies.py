@@ -93,3 +93,31 @@ def affine_dict(values: list[dict[str, int]], layers: int) -> dict[str, int] | N
     if None in found.values():
         return None
     return {key: v for key, v in found.items() if v is not None}
+
+
+def layer_period(config: PretrainedConfig, trust_remote_code: bool = False) -> tuple[int, int] | None:
+    """The layer count and the smallest period of the model's layer pattern: the layers' own modules (classes,
+    parameter names and shapes) and every per-layer list of the config (layer types, per-layer widths) repeat
+    every `period` layers, after a prefix that may differ (a dense first layer before MoE ones). None without a
+    layer count or a list of layers to read. Built on meta."""
+    text = text_config(config)
+    key = layer_count_key(text)
+    if key is None:
+        return None
+    count = getattr(text, key)
+    model = build_model(config, device="meta", trust_remote_code=trust_remote_code)
+    import torch
+
+    blocks = next((module for module in model.modules()
+                   if isinstance(module, torch.nn.ModuleList) and len(module) == count), None)
+    if blocks is None:
+        return None
+    signatures = [tuple((name, type(sub).__name__) for name, sub in block.named_modules())
+                  + tuple((name, tuple(p.shape)) for name, p in block.named_parameters()) for block in blocks]
+    lists = [value for value in vars(text).values() if isinstance(value, list | tuple) and len(value) == count]
+    layers = [(signature, *(str(values[i]) for values in lists)) for i, signature in enumerate(signatures)]
+    prefix = 1  # layers before the pattern settles (a dense first layer) are the traces' static part
+    for period in range(1, count + 1):
+        if all(layers[i] == layers[i + period] for i in range(prefix, count - period)):
+            return count, period
+    return count, count

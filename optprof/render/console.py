@@ -14,7 +14,6 @@ from optprof.config import Strategy
 from optprof.results.reports import (
     CompareReport,
     ModelReport,
-    PredictReport,
     StateSizeReport,
     TuneReport,
 )
@@ -113,9 +112,8 @@ def report_units(report: ModelReport, units: str | None = None) -> str:
         largest = max((row.peak_bytes or row.predicted_peak_bytes or 0 for row in report.results), default=0)
     elif isinstance(report, TuneReport):
         largest = max((row.state_bytes or 0 for row in report.results), default=0)
-    else:
-        assert isinstance(report, PredictReport)
-        largest = max((row.predicted_device_bytes or 0 for row in report.results), default=0)
+    else:  # predict and plan
+        largest = max((getattr(row, "predicted_device_bytes", None) or 0 for row in report.rows()), default=0)
     return auto_units(largest)
 
 

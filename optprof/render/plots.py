@@ -19,7 +19,14 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from optprof.render.console import report_units
-from optprof.results.reports import CompareReport, ModelReport, PredictReport, StateSizeReport, TuneReport
+from optprof.results.reports import (
+    CompareReport,
+    ModelReport,
+    PlanReport,
+    PredictReport,
+    StateSizeReport,
+    TuneReport,
+)
 from optprof.results.vocab import BREAKDOWN_KEYS, Status
 from optprof.units import UNITS
 
@@ -71,13 +78,15 @@ def title(report: ModelReport) -> str:
         where = f"measured on {report.device.get('name') or report.device.get('type', 'the device')}"
     elif isinstance(report, PredictReport):
         where = f"predicted for {report.config.get('target_device')} (fake tensors)"
+    elif isinstance(report, PlanReport):
+        where = f"plan for {report.config.get('gpus')} x {report.config.get('gpu')} (predicted, fake tensors)"
     elif isinstance(report, TuneReport):
         c = report.config
         where = (f"{c.get('trials')} trials per optimizer of {c.get('steps')} steps, held-out loss "
                  f"({'byte' if report.corpus.tokenizer == 'bytes' else 'tokenizer'} tokens)")
     else:
         where = "optimizer state, measured on the meta device"
-    ranks = report.config.get("gpus") or 1
+    ranks = 1 if isinstance(report, PlanReport) else report.config.get("gpus") or 1
     per_rank = f", per rank of {ranks} ({report.config.get('strategy')})" if ranks > 1 else ""
     amp = report.config.get("amp")
     precision = f"{m.dtype} weights, {amp} autocast" if amp else m.dtype
@@ -91,6 +100,10 @@ def panels_for(report: ModelReport) -> list[Panel]:
         return [_state_panel] if any(row.state_bytes is not None for row in ok) else []
     if isinstance(report, TuneReport):
         return [_best_curves_panel, _budget_panel] if any(row.best_trial is not None for row in ok) else []
+    if isinstance(report, PlanReport):
+        from optprof.render.plan import plan_panel
+
+        return [plan_panel] if any(row.predicted_tokens_per_s_per_gpu for row in ok) else []
     if isinstance(report, PredictReport):
         panels: list[Panel] = [_predicted_memory_panel] if any(row.predicted_breakdown for row in ok) else []
         if any(len(row.predicted_peaks) > 1 for row in ok):

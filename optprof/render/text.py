@@ -14,6 +14,7 @@ from optprof.results.reports import (
     ModelReport,
     ModelsReport,
     OptimizersReport,
+    PlanReport,
     PredictReport,
     Report,
     StateSizeReport,
@@ -38,6 +39,10 @@ def render(report: Report, units: str | None = None, models: list[tuple[str, Mod
         body = compare_table(report, chosen)
     elif isinstance(report, TuneReport):
         body = tune_table(report, chosen)
+    elif isinstance(report, PlanReport):
+        from optprof.render.plan import plan_table
+
+        body = plan_table(report, chosen)
     else:
         assert isinstance(report, PredictReport)
         body = predict_table(report, chosen)

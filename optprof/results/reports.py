@@ -23,6 +23,7 @@ from optprof.results.rows import (
     InclusionCheck,
     ModelListing,
     OptimizerListing,
+    PlanRow,
     PredictRow,
     StateSizeRow,
     TuneRow,
@@ -205,6 +206,19 @@ class PredictReport(ModelReport):
 
 
 @dataclass(frozen=True, kw_only=True)
+class PlanReport(ModelReport):
+    SCHEMA: ClassVar[str] = "optprof.plan"
+
+    results: tuple[PlanRow, ...]
+    # setups, considered (setups x optimizers), pruned (by a bound), traced (setups stepped), searched_s, confirm_s
+    search: dict[str, Any]
+    assumptions: tuple[str, ...]
+
+    def chosen(self) -> dict[str, PlanRow]:
+        return {row.optimizer: row for row in self.results if row.choice == "chosen"}
+
+
+@dataclass(frozen=True, kw_only=True)
 class TuneReport(ModelReport):
     SCHEMA: ClassVar[str] = "optprof.tune"
 
@@ -266,6 +280,6 @@ class ModelsReport(Report):
 
 
 REPORT_TYPES: dict[str, type[Report]] = {
-    cls.SCHEMA: cls for cls in (StateSizeReport, CompareReport, PredictReport, TuneReport, CheckReport,
-                                OptimizersReport, ModelsReport)
+    cls.SCHEMA: cls for cls in (StateSizeReport, CompareReport, PredictReport, PlanReport, TuneReport,
+                                CheckReport, OptimizersReport, ModelsReport)
 }

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from optprof.results.vocab import (
     FoldRule,
@@ -242,6 +242,38 @@ class PredictRow(StepRow):
     predicted_tokens_per_s_per_gpu_at_max: float | None = None
     predicted_mfu_at_max: float | None = None
     predict_s: float | None = None  # wall time of this optimizer's prediction
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """One setup under one optimizer in `optprof plan`. Every `predicted_` figure comes from fake tensors."""
+
+    optimizer: str
+    setup: str  # e.g. "fsdp, AC selective-op, loss chunked:8"
+    strategy: str
+    shard_size: int | None
+    activation_checkpointing: str
+    loss: str
+    status: Status
+    reason: str | None = None
+    choice: str | None = None  # chosen, runner-up, slower, does not fit, or the status
+    pruned: bool = False  # decided by a bound, nothing traced
+    micro_batch: int | None = None  # the chosen size: the largest that fits, or the fastest for the global batch
+    grad_accum: int | None = None
+    max_micro_batch: int | None = None  # the largest whose replay fits the card
+    predicted_reserved_bytes: int | None = None  # at micro_batch (where it does not fit: at the smallest tried)
+    predicted_device_bytes: int | None = None  # reserved plus what lies outside the allocator
+    device_memory_bytes: int | None = None  # the card's
+    short_by_bytes: int | None = None  # does not fit: by how much
+    predicted_step_s: float | None = None
+    predicted_phase_s: dict[str, float] = field(default_factory=dict)
+    predicted_tokens_per_s_per_gpu: float | None = None
+    predicted_tokens_per_s: float | None = None  # all GPUs
+    predicted_mfu: float | None = None
+    slower_by: float | None = None  # 1 - tokens/s per GPU / the chosen setup's
+    trace_method: str | None = None  # layer-periodic (which copies) or traced whole, and why
+    command: str | None = None  # the predict command that reproduces this setup
+    confirmed: dict[str, Any] = field(default_factory=dict)  # the chosen setup's full predict, and the differences
 
 
 @dataclass(frozen=True)

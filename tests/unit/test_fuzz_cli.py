@@ -27,7 +27,7 @@ JUNK = ["", "0", "-1", "1", "3", "1e99", "-0.5", "nan", "inf", "abc", "12GB", "1
         "/nonexistent/x.json", "/tmp", "99999999999999999999999", "auto", "fsdp", "hsdp", "True"]
 LONG_WORK = ["optprof.commands.state_size.run_state_size", "optprof.commands.predict.run_predict",
              "optprof.commands.compare.run_compare", "optprof.tune.run.run_tune", "optprof.commands.check.run_check",
-             "optprof.commands.preflight.optimizers_with_support"]
+             "optprof.commands.preflight.optimizers_with_support", "optprof.commands.plan.run_plan"]
 
 
 def _commands() -> dict[str, Any]:

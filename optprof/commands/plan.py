@@ -1,0 +1,483 @@
+"""`optprof plan`: the fastest predicted setup that fits, per optimizer, from a search over the setups a trainer
+chooses between (how the model is sharded, activation checkpointing, the loss, the micro-batch and gradient
+accumulation).
+
+Each setup is one step on fake tensors, as predict runs it, at micro-batches 2 and 3 (every optimizer over one
+forward and backward), traced on two shallow copies of the model and written for all its layers
+(`shallow_step`); the trace at any other micro-batch is extrapolated from those two (each allocation's size and
+each op's cost on the line through its two values), replayed through the caching-allocator model for the largest
+micro-batch that fits, and costed on the catalog GPU's timeline. A setup is pruned before any trace where a bound
+shows it cannot fit: the sharded parameters, gradients and state alone exceed the card, or the same strategy with
+full checkpointing and the chunked loss (the least memory of its setups) does not fit micro-batch 1. The chosen
+setup per optimizer is confirmed by a full predict (the whole model traced at the chosen micro-batch), and any
+difference is reported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from optprof.commands.fake_step import StepFailed
+from optprof.commands.predict import run_predict, step_seconds, time_target
+from optprof.commands.shallow_step import layer_periodic_traces, shallow_copies
+from optprof.config import PredictConfig, Strategy, parameter_dtype, resolve_seq_len
+from optprof.device.alloc_conf import AllocatorConfig
+from optprof.device.replay import replay
+from optprof.device.trace import AllocationTrace, extrapolated, extrapolated_ops
+from optprof.errors import UsageError
+from optprof.measure.flops import model_flops_per_token
+from optprof.model.loading import load_selection
+from optprof.optimizers.registry import OptimizerEntry, availability, check_opt_args, resolve_optimizers
+from optprof.processes.forked import run_each
+from optprof.results.reports import PlanReport, command_config
+from optprof.results.rows import PlanRow
+from optprof.results.vocab import Status
+
+CHECKPOINTING = ("none", "selective-op", "selective-layer:2", "full")
+LOSSES = ("default", "chunked:8")
+TRACED_AT = (2, 3)  # micro-batches traced per setup; every other size is extrapolated from these two
+RUNNERS_UP = 2
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One way to train: the strategy (with its shard size for hsdp), activation checkpointing and the loss."""
+
+    strategy: Strategy
+    shard_size: int | None
+    activation_checkpointing: str
+    loss: str
+
+    def label(self) -> str:
+        sharding = f"hsdp:{self.shard_size}" if self.strategy == Strategy.HSDP else str(self.strategy)
+        return f"{sharding}, AC {self.activation_checkpointing}, loss {self.loss}"
+
+    def flags(self, gpus: int) -> str:
+        sharding = f" --strategy {self.strategy}" if gpus > 1 else ""
+        if self.strategy == Strategy.HSDP:
+            sharding += f" --shard-size {self.shard_size}"
+        return f"{sharding} --activation-checkpointing {self.activation_checkpointing} --loss {self.loss}"
+
+
+def setups(gpus: int, gpus_per_node: int = 8, strategies: tuple[str, ...] | None = None,
+           checkpointing: tuple[str, ...] = CHECKPOINTING, losses: tuple[str, ...] = LOSSES) -> list[Setup]:
+    """Every setup for `gpus` GPUs: FSDP2 over all of them, hsdp sharded within a node (or within half the GPUs
+    where they fit in one), zero2; on one GPU, the model unsharded. Times each checkpointing mode and loss.
+    `strategies` (fsdp, hsdp, zero2), `checkpointing` and `losses` narrow the search."""
+    shardings: list[tuple[Strategy, int | None]] = [(Strategy.FSDP, None)]
+    if gpus > 1:
+        group = gpus_per_node if gpus > gpus_per_node else gpus // 2
+        if group > 1 and gpus % group == 0:
+            shardings.append((Strategy.HSDP, group))
+        shardings.append((Strategy.ZERO2, None))
+    if strategies is not None:
+        unknown = set(strategies) - {str(strategy) for strategy, _ in shardings}
+        if unknown:
+            raise UsageError(f"--strategy {', '.join(sorted(unknown))}: plan searches "
+                             f"{', '.join(str(s) for s, _ in shardings)} on {gpus} GPU(s)")
+        shardings = [(strategy, size) for strategy, size in shardings if str(strategy) in strategies]
+    return [Setup(strategy, shard, mode, loss) for strategy, shard in shardings for mode in checkpointing
+            for loss in losses]
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """The plan's search: each setup's predict configuration (as predict's flags would build it), the shared
+    flags of the predict command that reproduces a setup, and the global batch to reach (tokens, or None)."""
+
+    configs: tuple[tuple[Setup, PredictConfig], ...]
+    reproduce: str  # "optprof predict MODEL --gpu ... --gpus N": each setup's own flags follow
+    global_batch_tokens: int | None = None
+    confirm: bool = True
+    jobs: int = 1
+
+
+@dataclass(frozen=True)
+class Evaluated:
+    """One optimizer under one setup, as the search found it (the row's figures before ranking)."""
+
+    status: Status
+    reason: str | None = None
+    pruned: bool = False
+    micro_batch: int | None = None
+    grad_accum: int | None = None
+    max_micro_batch: int | None = None
+    reserved_bytes: int | None = None
+    short_by_bytes: int | None = None
+    step_s: float | None = None
+    phase_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    trace_method: str | None = None
+
+
+class _Traces:
+    """One optimizer's traces of one setup at TRACED_AT, and any micro-batch on their line."""
+
+    def __init__(self, traces: dict[int, AllocationTrace]) -> None:
+        self.traces = traces
+
+    def at(self, micro_batch: int) -> AllocationTrace | None:
+        if micro_batch in self.traces:
+            return self.traces[micro_batch]
+        low, high = (self.traces[size] for size in TRACED_AT)
+        trace = extrapolated(low, high, TRACED_AT[0], micro_batch)
+        ops = extrapolated_ops(low, high, TRACED_AT[0], micro_batch)
+        return None if trace is None or ops is None else dataclasses.replace(trace, ops=ops)
+
+
+def _usable(config: PredictConfig) -> int:
+    assert config.gpu_memory_bytes is not None
+    return config.gpu_memory_bytes - config.reserve_bytes
+
+
+def _largest(traces: _Traces, config: PredictConfig, cap: int) -> int:
+    """The largest micro-batch from 2 up to `cap` whose replay fits the card (0: not even 2): first guessed from
+    the line through the peaks reserved at 2 and 3, then settled by replays around the guess (a bisection where
+    the guess is off by more than one)."""
+    allocator = AllocatorConfig.parse(config.alloc_conf or "")
+    usable = _usable(config)
+
+    def fits(micro_batch: int) -> bool:
+        trace = traces.at(micro_batch)
+        return trace is not None and replay(trace, allocator, usable, total_memory=config.gpu_memory_bytes).oom is None
+
+    low = TRACED_AT[0]
+    if not fits(low):
+        return 0
+    reserved = [replay(traces.traces[size], allocator, None, total_memory=config.gpu_memory_bytes).peak_reserved
+                for size in TRACED_AT]
+    growth = reserved[1] - reserved[0]
+    guess = cap if growth <= 0 else max(low, min(cap, low + (usable - reserved[0]) // growth))
+    if fits(guess):
+        if guess == cap or not fits(guess + 1):
+            return guess
+        largest, miss = guess + 1, cap + 1
+    else:
+        largest, miss = low, guess
+    while largest + 1 < miss:
+        middle = (largest + miss) // 2
+        largest, miss = (middle, miss) if fits(middle) else (largest, middle)
+    return largest
+
+
+def _timed(traces: _Traces, config: PredictConfig, micro_batch: int, accumulation: int
+           ) -> tuple[float, dict[str, float]] | None:
+    """The step's predicted seconds and phases at `micro_batch`, with `accumulation` micro-batches per step: forward,
+    backward and the exposed communication once per micro-batch, the optimizer once (an assumption the notes
+    state; the confirming predict traces the accumulation itself)."""
+    trace = traces.at(micro_batch)
+    if trace is None:
+        return None
+    timed = step_seconds(trace, config, config.training)
+    phases = dict(timed.phase_s)
+    for phase in ("forward", "backward", "exposed_communication"):
+        phases[phase] = phases.get(phase, 0.0) * accumulation
+    return sum(phases.values()), phases
+
+
+def _per_rank_sequences(config: PredictConfig, global_batch_tokens: int | None, seq_len: int) -> int | None:
+    if global_batch_tokens is None:
+        return None
+    ranks = config.gpus * config.replicas
+    if global_batch_tokens % (ranks * seq_len):
+        raise UsageError(f"--global-batch {global_batch_tokens:,} tokens is not a whole number of {seq_len}-token "
+                         f"sequences per GPU over {ranks} GPUs")
+    return global_batch_tokens // (ranks * seq_len)
+
+
+def _chosen_size(traces: _Traces, config: PredictConfig, largest: int, sequences: int | None
+                 ) -> tuple[int, int, float, dict[str, float]] | None:
+    """(micro-batch, accumulation, step seconds, phases): the largest that fits (no global batch), else the fastest
+    micro-batch that divides each GPU's sequences per step."""
+    if sequences is None:
+        timed = _timed(traces, config, largest, 1)
+        return None if timed is None else (largest, 1, *timed)
+    best = None
+    for size in range(1, min(largest, sequences) + 1):
+        if sequences % size:
+            continue
+        timed = _timed(traces, config, size, sequences // size)
+        if timed is not None and (best is None or timed[0] < best[2]):
+            best = (size, sequences // size, *timed)
+    return best
+
+
+def _bound(config: PredictConfig, params: int, state_bytes: dict[str, int], entry: OptimizerEntry) -> int | None:
+    """What the parameters, gradients and state hold per rank, sharded (a lower bound of any step's peak)."""
+    if entry.name not in state_bytes:
+        return None
+    width = 2 if parameter_dtype(config.model, config.training).value in ("bfloat16", "float16") else 4
+    shards = config.shard_size or config.gpus if config.strategy in (Strategy.FSDP, Strategy.HSDP, Strategy.ZERO2) \
+        else 1
+    return (2 * params * width + state_bytes[entry.name]) // max(1, shards)
+
+
+def evaluate(setup_config: PredictConfig, entries: list[OptimizerEntry], sequences: int | None) -> list[Evaluated]:
+    """Every optimizer of `entries` under one setup: traced at TRACED_AT (a step that needs micro-batch 1 to fit is
+    traced there too), its largest micro-batch, and the chosen size's time."""
+    copies = shallow_copies(setup_config)
+    traced, method = layer_periodic_traces(setup_config, entries, setup_config.training, list(TRACED_AT), copies)
+    found = []
+    for entry, outcome in zip(entries, traced, strict=True):
+        if isinstance(outcome, StepFailed):
+            found.append(Evaluated(outcome.status, outcome.reason, trace_method=method))
+            continue
+        traces = _Traces(outcome)
+        largest = _largest(traces, setup_config, setup_config.max_micro_batch)
+        if largest == 0:  # micro-batch 1 is a step of its own (it often allocates one tensor fewer)
+            ones, _ = layer_periodic_traces(setup_config, [entry], setup_config.training, [1], copies)
+            one = ones[0]
+            if isinstance(one, StepFailed):
+                found.append(Evaluated(one.status, one.reason, trace_method=method))
+                continue
+            traces.traces[1] = one[1]
+            allocator = AllocatorConfig.parse(setup_config.alloc_conf or "")
+            usable = _usable(setup_config)
+            if replay(one[1], allocator, usable, total_memory=setup_config.gpu_memory_bytes).oom is not None:
+                # by how much: the step's reserved peak on a card without a limit, less what this one has
+                needed = replay(one[1], allocator, None, total_memory=setup_config.gpu_memory_bytes).peak_reserved
+                found.append(Evaluated(Status.NO_FIT, "does not fit at micro-batch 1",
+                                       short_by_bytes=max(0, needed - usable), reserved_bytes=needed,
+                                       trace_method=method))
+                continue
+            largest = 1
+        chosen = _chosen_size(traces, setup_config, largest, sequences)
+        if chosen is None:
+            found.append(Evaluated(Status.NO_FIT, "no micro-batch that fits divides each GPU's share of the global "
+                                   "batch", max_micro_batch=largest, trace_method=method))
+            continue
+        size, accumulation, step_s, phases = chosen
+        at = traces.at(size)
+        assert at is not None
+        # on the card: the allocator frees its cache and retries before it fails, as predict's replay does
+        reserved = replay(at, AllocatorConfig.parse(setup_config.alloc_conf or ""), _usable(setup_config),
+                          total_memory=setup_config.gpu_memory_bytes).peak_reserved
+        found.append(Evaluated(Status.OK, micro_batch=size, grad_accum=accumulation, max_micro_batch=largest,
+                               reserved_bytes=reserved, step_s=step_s, phase_s=phases, trace_method=method))
+    return found
+
+
+def run_plan(config: PlanConfig, on_progress: Callable[[str], None] = lambda text: None) -> PlanReport:
+    started = time.perf_counter()
+    first = config.configs[0][1]
+    entries = resolve_optimizers(list(first.optimizers))
+    check_opt_args(entries, first.opt_args)
+    loaded = load_selection(first.model)
+    info = loaded.info
+    seq_len = resolve_seq_len(first.training.seq_len, info.max_position_embeddings, first.training.device)
+    configs = [(setup, dataclasses.replace(c, training=dataclasses.replace(c.training, seq_len=seq_len)))
+               for setup, c in config.configs]
+    sequences = _per_rank_sequences(first, config.global_batch_tokens, seq_len)
+    available = [e for e in entries if availability(e) is None]
+    from optprof.commands.state_size import run_state_size
+    from optprof.config import StateSizeConfig
+
+    state = run_state_size(StateSizeConfig(first.model, tuple(e.name for e in available), first.opt_args))
+    state_bytes = {row.optimizer: row.state_bytes for row in state.results if row.state_bytes is not None}
+    shallow_copies(first)  # the model's layer pattern, read once before the workers fork
+    results: dict[tuple[int, str], Evaluated] = {}
+    for entry in entries:
+        reason = availability(entry)
+        if reason is not None:
+            for index in range(len(configs)):
+                results[(index, entry.name)] = Evaluated(Status.UNAVAILABLE, reason)
+    # bounds: the sharded parameters, gradients and state alone
+    for index, (_, setup_config) in enumerate(configs):
+        for entry in available:
+            bound = _bound(setup_config, info.params, state_bytes, entry)
+            if bound is not None and bound > _usable(setup_config):
+                results[(index, entry.name)] = Evaluated(
+                    Status.NO_FIT, "parameters, gradients and state alone exceed the card", pruned=True,
+                    short_by_bytes=bound - _usable(setup_config))
+    traced_setups = 0
+
+    def evaluate_all(indices: list[int]) -> None:
+        nonlocal traced_setups
+        work = [(index, [e for e in available if (index, e.name) not in results]) for index in indices]
+        work = [(index, wanted) for index, wanted in work if wanted]
+        traced_setups += len(work)
+
+        def one(position: int, here: bool) -> list[Evaluated]:
+            index, wanted = work[position]
+            if here:
+                on_progress(f"setup {index + 1} of {len(configs)}: {configs[index][0].label()}")
+            return evaluate(configs[index][1], wanted, sequences)
+
+        outcomes = run_each(one, len(work), config.jobs,
+                            died=lambda position: [Evaluated(Status.FAILED, "the worker died")
+                                                   for _ in work[position][1]],
+                            on_result=lambda position, found: on_progress(
+                                f"traced {configs[work[position][0]][0].label()}"))
+        for (index, wanted), found in zip(work, outcomes, strict=True):
+            for entry, evaluated in zip(wanted, found, strict=True):
+                results[(index, entry.name)] = evaluated
+
+    # the least-memory setup of each strategy first: where it does not fit, neither does the rest of that strategy
+    least = _least_memory([setup for setup, _ in configs])
+    evaluate_all(sorted(set(least.values())))
+    for index, (setup, _) in enumerate(configs):
+        bound_index = least.get((setup.strategy, setup.shard_size))
+        if bound_index is None or bound_index == index:
+            continue
+        for entry in available:
+            bounding = results.get((bound_index, entry.name))
+            if bounding is not None and bounding.status == Status.NO_FIT and (index, entry.name) not in results:
+                results[(index, entry.name)] = Evaluated(
+                    Status.NO_FIT, f"{configs[bound_index][0].label()}, the least memory of this strategy, does "
+                    "not fit", pruned=True, short_by_bytes=bounding.short_by_bytes)
+    evaluate_all([i for i in range(len(configs)) if i not in least.values()])
+    searched_s = time.perf_counter() - started
+    flops_per_token = model_flops_per_token(loaded.module, info, seq_len)
+    rows = _ranked(configs, entries, results, config, flops_per_token, seq_len)
+    confirm_s = None
+    if config.confirm:
+        confirming = time.perf_counter()
+        rows = _confirmed(rows, configs, seq_len, on_progress)
+        confirm_s = time.perf_counter() - confirming
+    considered = len(configs) * len(available)
+    pruned = sum(1 for r in results.values() if r.pruned)
+    methods = sorted({r.trace_method for r in results.values() if r.trace_method})
+    target = time_target(first)
+    return PlanReport(
+        model=info, results=tuple(rows),
+        config={**command_config("plan", first.model, [e.name for e in entries], first.opt_args),
+                "gpu": first.gpu, "gpus": first.gpus * first.replicas, "seq_len": seq_len,
+                "global_batch_tokens": config.global_batch_tokens, "gpu_memory_bytes": first.gpu_memory_bytes,
+                "reserve_bytes": first.reserve_bytes, "recipe": first.training.recipe, "amp": first.training.amp,
+                "alloc_conf": first.alloc_conf},
+        search={"setups": len(configs), "considered": considered, "pruned": pruned,
+                "traced": traced_setups, "searched_s": searched_s, "confirm_s": confirm_s},
+        assumptions=tuple(methods) + _notes(config, target is not None),
+    )
+
+
+def _holds_less(one: Setup, other: Setup) -> bool:
+    """Whether `one` holds no more memory than `other` by construction: it recomputes at least as much (full
+    recomputes every block; selective modes more than none) and its loss is chunked where the other's is not."""
+    def recomputes(mode: str) -> int:
+        return 2 if mode == "full" else 0 if mode == "none" else 1
+
+    modes = (recomputes(one.activation_checkpointing), recomputes(other.activation_checkpointing))
+    comparable = modes[0] > modes[1] or one.activation_checkpointing == other.activation_checkpointing or \
+        modes[0] == 2
+    return comparable and (one.loss == other.loss or one.loss != "default")
+
+
+def _least_memory(found: list[Setup]) -> dict[tuple[Strategy, int | None], int]:
+    """Per strategy, the setup that holds no more than any other of it (by `_holds_less`), where one does."""
+    least = {}
+    for key in dict.fromkeys((s.strategy, s.shard_size) for s in found):
+        group = [i for i, s in enumerate(found) if (s.strategy, s.shard_size) == key]
+        bound = next((i for i in group if all(_holds_less(found[i], found[j]) for j in group)), None)
+        if bound is not None:
+            least[key] = bound
+    return least
+
+
+def _notes(config: PlanConfig, timed: bool) -> tuple[str, ...]:
+    notes = [
+        "each setup was predicted from fake tensors at micro-batches 2 and 3 (every optimizer over one forward "
+        "and backward); other micro-batches on the line through those two: each allocation's size and each op's "
+        "FLOPs and bytes (exact where the step's tensors grow linearly with the batch, as a decoder's do)",
+        "largest micro-batch: the largest whose replay through the caching-allocator model fits the card, less what "
+        "lies outside the allocator",
+        "DDP and ZeRO-1 are not searched: predict shards with FSDP2 (compare measures them)",
+    ]
+    if config.global_batch_tokens is not None:
+        notes.append("gradient accumulation: forward, backward and their exposed communication once per micro-batch, "
+                     "the optimizer once per step (predicted from one micro-batch's step; the confirming predict "
+                     "traces the accumulation itself); memory as at one micro-batch")
+    if not timed:
+        notes.append("no --gpu: nothing to rank by time")
+    return tuple(notes)
+
+
+def _ranked(configs: list[tuple[Setup, PredictConfig]], entries: list[OptimizerEntry],
+            results: dict[tuple[int, str], Evaluated], config: PlanConfig, flops_per_token: float,
+            seq_len: int) -> list[PlanRow]:
+    """One row per optimizer and setup: per optimizer the chosen setup first (most tokens/s per GPU), then the
+    runners-up and the slower by how much, then those that do not fit by how far and the rest."""
+    rows: list[PlanRow] = []
+    for entry in entries:
+        own = []
+        for index, (setup, setup_config) in enumerate(configs):
+            found = results[(index, entry.name)]
+            row = _row(entry.name, setup, setup_config, found, flops_per_token, seq_len, config.reproduce)
+            own.append(row)
+        fitting = sorted((r for r in own if r.status == Status.OK and r.predicted_tokens_per_s_per_gpu),
+                         key=lambda r: -(r.predicted_tokens_per_s_per_gpu or 0))
+        best = fitting[0].predicted_tokens_per_s_per_gpu if fitting else None
+        ranked = []
+        for place, row in enumerate(fitting):
+            slower = None if best is None or place == 0 else 1 - (row.predicted_tokens_per_s_per_gpu or 0) / best
+            choice = "chosen" if place == 0 else "runner-up" if place <= RUNNERS_UP else "slower"
+            ranked.append(dataclasses.replace(row, choice=choice, slower_by=slower))
+        rest = [r for r in own if r not in fitting]
+        rest.sort(key=lambda r: (r.status != Status.NO_FIT, r.short_by_bytes or 0))
+        ranked += [dataclasses.replace(r, choice="does not fit" if r.status == Status.NO_FIT else str(r.status))
+                   for r in rest]
+        rows += ranked
+    return rows
+
+
+def _row(optimizer: str, setup: Setup, setup_config: PredictConfig, found: Evaluated, flops_per_token: float,
+         seq_len: int, reproduce: str) -> PlanRow:
+    ranks = setup_config.gpus * setup_config.replicas
+    per_gpu = mfu = None
+    if found.step_s and found.micro_batch and found.grad_accum:
+        per_gpu = found.micro_batch * found.grad_accum * seq_len / found.step_s
+        target = time_target(setup_config)
+        mfu = None if target is None else flops_per_token * per_gpu / target.gpu.peak("bf16")
+    device = None if found.reserved_bytes is None else found.reserved_bytes + setup_config.reserve_bytes
+    command = None
+    if found.micro_batch is not None:
+        accumulation = f" --grad-accum {found.grad_accum}" if (found.grad_accum or 1) > 1 else ""
+        command = (f"{reproduce} -o {optimizer}{setup.flags(ranks)} --micro-batch {found.micro_batch}"
+                   f"{accumulation}")
+    return PlanRow(
+        optimizer=optimizer, setup=setup.label(), strategy=str(setup.strategy), shard_size=setup.shard_size,
+        activation_checkpointing=setup.activation_checkpointing, loss=setup.loss, status=found.status,
+        reason=found.reason, pruned=found.pruned, micro_batch=found.micro_batch, grad_accum=found.grad_accum,
+        max_micro_batch=found.max_micro_batch, predicted_reserved_bytes=found.reserved_bytes,
+        predicted_device_bytes=device, device_memory_bytes=setup_config.gpu_memory_bytes,
+        short_by_bytes=found.short_by_bytes, predicted_step_s=found.step_s, predicted_phase_s=found.phase_s,
+        predicted_tokens_per_s_per_gpu=per_gpu, predicted_tokens_per_s=None if per_gpu is None else per_gpu * ranks,
+        predicted_mfu=mfu, trace_method=found.trace_method, command=command)
+
+
+def _confirmed(rows: list[PlanRow], configs: list[tuple[Setup, PredictConfig]], seq_len: int,
+               on_progress: Callable[[str], None]) -> list[PlanRow]:
+    """Each optimizer's chosen setup predicted again by the full method (the whole model traced at the chosen
+    micro-batch and accumulation), its figures kept beside the plan's and their differences named."""
+    by_label = {setup.label(): setup_config for setup, setup_config in configs}
+    out = []
+    for row in rows:
+        if row.choice != "chosen" or row.micro_batch is None:
+            out.append(row)
+            continue
+        on_progress(f"confirming {row.optimizer}: {row.setup}")
+        setup_config = by_label[row.setup]
+        training = dataclasses.replace(setup_config.training, micro_batch=row.micro_batch,
+                                       grad_accum=row.grad_accum or 1, seq_len=seq_len)
+        full = run_predict(dataclasses.replace(setup_config, optimizers=(row.optimizer,), training=training,
+                                               max_micro_batch=row.micro_batch)).results[0]
+        confirmed: dict[str, Any] = {
+            "status": str(full.status), "predicted_reserved_bytes": full.predicted_reserved_bytes,
+            "predicted_step_s": full.predicted_step_s,
+            "predicted_tokens_per_s_per_gpu": full.predicted_tokens_per_s_per_gpu}
+        differences = []
+        if full.status != Status.OK:
+            differences.append(f"the full predict says {full.status}: {full.reason}")
+        else:
+            if full.predicted_max_micro_batch is not None and full.predicted_max_micro_batch < row.micro_batch:
+                differences.append("the full predict does not fit this micro-batch")
+            for name, ours, theirs in (("reserved", row.predicted_reserved_bytes, full.predicted_reserved_bytes),
+                                       ("step time", row.predicted_step_s, full.predicted_step_s)):
+                if ours and theirs and abs(ours / theirs - 1) > 0.005:
+                    differences.append(f"{name} {ours / theirs - 1:+.1%} against the full predict")
+        confirmed["differences"] = differences or ["none (within 0.5%)"]
+        out.append(dataclasses.replace(row, confirmed=confirmed))
+    return out

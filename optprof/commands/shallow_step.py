@@ -1,0 +1,122 @@
+"""A step's trace from shallow copies of the model: layer-periodic tracing (device/periodic.py) put to work.
+
+The model's layer pattern repeats every `period` layers (`model.layer_copies.layer_period`); copies of its
+first `small` and `small + period` layers are traced on fake tensors, and the trace of all its layers is
+written from those two (`LayerPeriodic`), which refuses unless it gives both back exactly. Where the pattern
+does not repeat (or the copies would cost as much as the model) the whole model is traced, and the note says why.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass
+
+from optprof.commands.fake_step import FakeTrainer, SharedTrainer, StepFailed, Traced
+from optprof.commands.predict import classified, fake_run
+from optprof.config import Checkpointing, PredictConfig, TrainingSettings
+from optprof.device.periodic import LayerPeriodic, NotPeriodic
+from optprof.device.trace import AllocationTrace
+from optprof.model.layer_copies import layer_period
+from optprof.model.loading import load_config
+from optprof.optimizers.registry import OptimizerEntry
+
+
+@dataclass(frozen=True)
+class Shallow:
+    """Which copies stand for the model: `small` and `large` (= small + period) of its `blocks` layers."""
+
+    blocks: int
+    period: int
+    small: int
+    large: int
+
+
+@functools.cache
+def _model_period(model: str, revision: str | None, trust_remote_code: bool) -> tuple[int, int] | None:
+    """The model's layer count and pattern period (built on meta once per model)."""
+    loaded = load_config(model, revision=revision, trust_remote_code=trust_remote_code)[0]
+    return layer_period(loaded, trust_remote_code)
+
+
+def shallow_copies(config: PredictConfig) -> Shallow | str:
+    """The two copies to trace, or why the whole model is traced instead. The period is the layer pattern's, and
+    a multiple of K under selective-layer:K checkpointing (every K-th block recomputed). The smaller copy holds the
+    first layer (which may differ) and two periods, so that every repeating run shows twice; both copies end a
+    whole number of periods before the model's last layer."""
+    selection = config.model
+    found = _model_period(selection.model, selection.revision, selection.trust_remote_code)
+    if found is None:
+        return "the model names no layer count or list of layers"
+    blocks, period = found
+    if config.training.checkpointing == Checkpointing.SELECTIVE_LAYER:
+        period = math.lcm(period, config.training.checkpoint_every)
+    small = 1 + 2 * period
+    small += (blocks - small) % period
+    if small + 3 * period > blocks:  # room for the retry with one period more
+        return f"its layers repeat every {period} of {blocks}: copies would cost about as much as the model"
+    return Shallow(blocks, period, small, small + period)
+
+
+# one optimizer's traces by micro-batch, or why its step failed
+Outcome = dict[int, AllocationTrace] | StepFailed
+
+
+def traced(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
+           micro_batches: list[int], layers: int | None = None) -> list[Outcome]:
+    """Each optimizer's traces at these micro-batches, on the model or a copy of its first `layers` layers: one
+    forward and backward per micro-batch for all of them (`SharedTrainer`), an optimizer that changes backward on
+    its own model (`FakeTrainer`). A failure is that optimizer's, classified as predict classifies it."""
+    config = dataclasses.replace(config, layers=layers)
+    found: dict[int, Outcome] = {}
+    with fake_run(config, training) as (mesh, scalars):
+        def classify(entry: OptimizerEntry, exc: BaseException) -> StepFailed:
+            return classified(exc, entry, config, scalars)[0]
+
+        trainer = SharedTrainer(config, entries, training, mesh, 1, classify)
+        found.update(trainer.failed)
+        if trainer.optimizers:
+            trainer.trace_all({size: list(trainer.optimizers) for size in micro_batches})
+            for index in trainer.optimizers:
+                outcomes = [trainer.outcome(size, index) for size in micro_batches]
+                failed = next((o for o in outcomes if isinstance(o, StepFailed)), None)
+                found[index] = failed or {size: o.trace for size, o in zip(micro_batches, outcomes, strict=True)
+                                          if isinstance(o, Traced) and o.trace is not None}
+        for index in trainer.own_step:
+            try:
+                own = FakeTrainer(config, entries[index], training, mesh)
+                found[index] = {size: own.trace(size) for size in micro_batches}
+            except Exception as exc:
+                found[index] = classify(entries[index], exc)
+    return [found[index] for index in range(len(entries))]
+
+
+def layer_periodic_traces(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
+                          micro_batches: list[int], copies: Shallow | str) -> tuple[list[Outcome], str]:
+    """Each optimizer's traces of the whole model at these micro-batches, written from two shallow copies where
+    its layers repeat (`copies`, from `shallow_copies`), else traced whole, with a note that says which. Where the
+    copies' runs are too short to tell a rule (a run that shows once), the copies grow by a period, once."""
+    if isinstance(copies, str):
+        return traced(config, entries, training, micro_batches), f"traced whole: {copies}"
+    small = traced(config, entries, training, micro_batches, copies.small)
+    large = traced(config, entries, training, micro_batches, copies.large)
+    reason = ""
+    for attempt in range(2):
+        if attempt:  # one period more: the larger copy becomes the smaller
+            copies = dataclasses.replace(copies, small=copies.large, large=copies.large + copies.period)
+            small, large = large, traced(config, entries, training, micro_batches, copies.large)
+        failed = next((o for o in [*small, *large] if isinstance(o, StepFailed)), None)
+        if failed is not None:  # a copy's step failed: the whole model's may not
+            reason = f"a shallow copy's step failed ({failed.status}: {failed.reason})"
+            break
+        try:
+            written: list[Outcome] = [
+                {size: LayerPeriodic(one[size], two[size], copies.small, copies.large).at(copies.blocks)  # type: ignore[index]
+                 for size in micro_batches} for one, two in zip(small, large, strict=True)]
+        except NotPeriodic as exc:
+            reason = str(exc)
+            continue
+        return written, (f"layer-periodic: traced copies of {copies.small} and {copies.large} of its "
+                         f"{copies.blocks} layers (a period of {copies.period}), the rest written from them")
+    return traced(config, entries, training, micro_batches), f"traced whole: {reason}"
