@@ -87,6 +87,38 @@ def interruptible() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def held_signals(what: str) -> Iterator[None]:
+    """Under `interruptible`, SIGINT and SIGTERM that arrive during the body are held until it ends, then raised as
+    `Interrupted`; a second one stops at once, as ever. For a fake step run in this process: its Python code runs
+    inside torch's C++ (dispatch, a tensor's deallocation), and an exception raised there by a signal handler can
+    end in std::terminate (compare's parent aborted so, once in CI: "terminate called after throwing an instance
+    of 'python_error'")."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not _on_signal:
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        if held or _received:
+            _kill_children()
+            os._exit(128 + signum)
+        held.append(signum)
+        os.write(2, f"{signal.Signals(signum).name}: stopping after {what} (again to stop now)\n".encode())
+
+    for sig in SIGNALS:
+        signal.signal(sig, hold)
+    try:
+        yield
+    finally:
+        for sig in SIGNALS:
+            signal.signal(sig, _on_signal)
+        if held:  # the signal wins over whatever the body raised
+            _received.append(held[0])
+            raise Interrupted(held[0])
+
+
 def in_child() -> None:
     """In a child process, first thing: the parent decides about signals; SIGTERM (the parent stopping it) ends it
     without a traceback."""

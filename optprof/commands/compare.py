@@ -29,7 +29,7 @@ from optprof.device.alloc_conf import ASYNC, AllocatorConfig
 from optprof.distributed.torchrun import same_order, torchrun_group, torchrun_rank
 from optprof.errors import UsageError
 from optprof.hardware.catalog import LOCAL
-from optprof.interrupts import Interrupted, TimeLimit, stop_children, time_limit
+from optprof.interrupts import Interrupted, TimeLimit, held_signals, stop_children, time_limit
 from optprof.measure.ranks import run_joined, run_ranks
 from optprof.measure.trial import TrialSpec, base_row, run_trial, trial_in_child
 from optprof.model.loading import load_selection
@@ -144,7 +144,7 @@ def _limited(runner: TrialRunner, what: str, work: Callable[[], R], fallback: R)
     fallback; the trial still runs, under its own limit), not the whole command. After one such overrun no
     further predictions are made here (`runner.skipped` says why)."""
     try:
-        with time_limit(runner.config.trial_timeout_s, what):
+        with held_signals(what), time_limit(runner.config.trial_timeout_s, what):
             return work()
     except TimeLimit as late:
         stop_children(grace_s=0.0, helpers=False)  # forked predict workers, if any were waiting
