@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0  # a CPU build on local disk; installed first so no dependency pulls another torch
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast check lint typecheck bench sweep clean
+.PHONY: install run test test-fast check lint typecheck bench sweep periodic clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ test-fast: install lint
 
 sweep: install  # every causal LM type transformers ships, through state-size, predict and compare (12-18 min on 2 cores)
 	$(BIN)/python tests/benchmarks/sweep_causal_lms.py --jobs $(JOBS) --out sweep.json
+
+periodic: install  # layer-periodic traces against real ones at two depths, every family of the sweep (~9 min)
+	OPTPROF_ALL_FAMILIES=1 $(BIN)/python -m pytest -q -n $(JOBS) tests/integration/test_periodic_trace.py
 
 check: install
 	$(BIN)/optprof check profiles/ --junit check-results.xml
