@@ -114,10 +114,19 @@ def layer_period(config: PretrainedConfig, trust_remote_code: bool = False) -> t
         return None
     signatures = [tuple((name, type(sub).__name__) for name, sub in block.named_modules())
                   + tuple((name, tuple(p.shape)) for name, p in block.named_parameters()) for block in blocks]
-    lists = [value for value in vars(text).values() if isinstance(value, list | tuple) and len(value) == count]
+    lists = [_per_layer(value, count) for value in vars(text).values()
+             if isinstance(value, list | tuple) and len(value) == count]
     layers = [(signature, *(str(values[i]) for values in lists)) for i, signature in enumerate(signatures)]
     prefix = 1  # layers before the pattern settles (a dense first layer) are the traces' static part
     for period in range(1, count + 1):
         if all(layers[i] == layers[i + period] for i in range(prefix, count - period)):
             return count, period
     return count, count
+
+
+def _per_layer(values: list | tuple, count: int) -> list:
+    """A config list as one value per layer: a list of layer indices that happens to name every layer
+    (llama4's `moe_layers`, lfm2's `full_attn_idxs`) says which layers, not a value per layer."""
+    indices = all(isinstance(v, int) and not isinstance(v, bool) for v in values) and \
+        list(values) == sorted(set(values)) and all(0 <= v < count for v in values)
+    return [i in set(values) for i in range(count)] if indices else list(values)
