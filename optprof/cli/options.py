@@ -222,3 +222,24 @@ SaveProfileOpt = Annotated[Path | None, typer.Option(
 UnitsOpt = Annotated[Unit | None, typer.Option(
     "--units", help="Byte units in tables: gb, gib, mb or mib (default: gb, or mb for small models).")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and library warnings.")]
+
+# ------------------------------------------------------------------------------------------ plan
+PlanGpuOpt = Annotated[str, typer.Option(
+    "--gpu", help="The GPU of the hardware catalog to plan for (`optprof gpus` lists them; it also sets the "
+    "default --gpu-memory).")]
+PlanGpusOpt = Annotated[int, typer.Option("--gpus", min=1, help="GPUs to train on.")]
+GlobalBatchOpt = Annotated[str | None, typer.Option(
+    "--global-batch", help="Tokens per optimizer step over all GPUs (e.g. 4M or 4194304): each setup takes the "
+    "fastest micro-batch and gradient accumulation that reach it. Default: each setup at its largest micro-batch, "
+    "no accumulation.")]
+StrategiesOpt = Annotated[str | None, typer.Option(
+    "--strategy", help="Search only these, comma-separated: fsdp, hsdp (sharded within a node), zero2 (default: "
+    "all; fsdp alone on one GPU).")]
+CheckpointingModesOpt = Annotated[str | None, typer.Option(
+    "--activation-checkpointing", help="Search only these modes, comma-separated (default: none, selective-op, "
+    "selective-layer:2, full).")]
+LossesOpt = Annotated[str | None, typer.Option(
+    "--loss", help="Search only these losses, comma-separated (default: default, chunked:8).")]
+ConfirmOpt = Annotated[bool, typer.Option(
+    "--confirm/--no-confirm", help="Predict each optimizer's chosen setup again by the full method (the whole "
+    "model traced at the chosen micro-batch) and report any difference.")]

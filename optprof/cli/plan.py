@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
-import typer
-
 from optprof.cli.options import (
     DEFAULT_MODEL,
     AllocConfOpt,
     AmpOpt,
+    CheckpointingModesOpt,
+    ConfirmOpt,
     DeviceOpt,
     FormatOpt,
+    GlobalBatchOpt,
     GpuMemoryOpt,
     GpuSpecOpt,
     GpusPerNodeOpt,
     JobsOpt,
+    LossesOpt,
     MaxMicroBatchOpt,
     ModelArg,
     MpPolicyOpt,
@@ -24,38 +24,20 @@ from optprof.cli.options import (
     OptimizerOpt,
     OutputFormat,
     OutputOpt,
+    PlanGpuOpt,
+    PlanGpusOpt,
     PlotOpt,
     RecipeDtypeOpt,
     RecipeOpt,
     RevisionOpt,
     SeqLenOpt,
+    StrategiesOpt,
     TrustOpt,
     UnitsOpt,
 )
 from optprof.cli.output import destination, finish
 from optprof.config import Amp, DeviceKind, PredictConfig, default_jobs
 from optprof.errors import UsageError
-
-PlanGpuOpt = Annotated[str, typer.Option(
-    "--gpu", help="The GPU of the hardware catalog to plan for (`optprof gpus` lists them; it also sets the "
-    "default --gpu-memory).")]
-PlanGpusOpt = Annotated[int, typer.Option("--gpus", min=1, help="GPUs to train on.")]
-GlobalBatchOpt = Annotated[str | None, typer.Option(
-    "--global-batch", help="Tokens per optimizer step over all GPUs (e.g. 4M or 4194304): each setup takes the "
-    "fastest micro-batch and gradient accumulation that reach it. Default: each setup at its largest micro-batch, "
-    "no accumulation.")]
-StrategiesOpt = Annotated[str | None, typer.Option(
-    "--strategy", help="Search only these, comma-separated: fsdp, hsdp (sharded within a node), zero2 (default: "
-    "all; fsdp alone on one GPU).")]
-CheckpointingModesOpt = Annotated[str | None, typer.Option(
-    "--activation-checkpointing", help="Search only these modes, comma-separated (default: none, selective-op, "
-    "selective-layer:2, full).")]
-LossesOpt = Annotated[str | None, typer.Option(
-    "--loss", help="Search only these losses, comma-separated (default: default, chunked:8).")]
-ConfirmOpt = Annotated[bool, typer.Option(
-    "--confirm/--no-confirm", help="Predict each optimizer's chosen setup again by the full method (the whole "
-    "model traced at the chosen micro-batch) and report any difference.")]
-
 
 TOKEN_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
 

@@ -159,7 +159,7 @@ class StepFailure(Exception):
         self.failed = failed
 
 
-class _Simulated:
+class Simulated:
     """The replays of a trainer's traces through the caching-allocator model, once per micro-batch and capacity."""
 
     records: bool
@@ -193,7 +193,7 @@ class _Simulated:
         return self._replays[(micro_batch, capacity)]
 
 
-class FakeTrainer(_Simulated):
+class FakeTrainer(Simulated):
     """One optimizer over a fake model: warmed up once (lazy state), then a tracked step per micro-batch."""
 
     def __init__(self, config: PredictConfig, entry: OptimizerEntry, training: TrainingSettings,
@@ -384,7 +384,7 @@ class SharedTrainer:
         return {index: found.get(branch, StepFailed(Status.FAILED, DIED)) for branch, index in enumerate(indices)}
 
 
-class SharedView(_Simulated):
+class SharedView(Simulated):
     """One optimizer's side of a SharedTrainer, as a FakeTrainer looks (`peak`, `trace`, `simulated`)."""
 
     def __init__(self, trainer: SharedTrainer, index: int) -> None:

@@ -21,12 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from optprof.commands.fake_step import StepFailed
+from optprof.commands.fake_step import Simulated, StepFailed
 from optprof.commands.predict import run_predict, step_seconds, time_target
 from optprof.commands.shallow_step import layer_periodic_traces, shallow_copies
-from optprof.config import PredictConfig, Strategy, parameter_dtype, resolve_seq_len
-from optprof.device.alloc_conf import AllocatorConfig
-from optprof.device.replay import replay
+from optprof.config import Dtype, PredictConfig, Strategy, parameter_dtype, resolve_seq_len
+from optprof.device.replay import Replay
 from optprof.device.trace import AllocationTrace, extrapolated, extrapolated_ops
 from optprof.errors import UsageError
 from optprof.measure.flops import model_flops_per_token
@@ -113,19 +112,44 @@ class Evaluated:
     trace_method: str | None = None
 
 
-class _Traces:
-    """One optimizer's traces of one setup at TRACED_AT, and any micro-batch on their line."""
+class _Traces(Simulated):
+    """One optimizer's traces of one setup at TRACED_AT, and any micro-batch on their line (each written once), with
+    their replays through the caching-allocator model (`Simulated`: once per micro-batch and capacity)."""
 
-    def __init__(self, traces: dict[int, AllocationTrace]) -> None:
-        self.traces = traces
+    def __init__(self, config: PredictConfig, traces: dict[int, AllocationTrace]) -> None:
+        super().__init__(config)
+        self.traces: dict[int, AllocationTrace | None] = dict(traces)
+        self.usable = _usable(config)
 
     def at(self, micro_batch: int) -> AllocationTrace | None:
-        if micro_batch in self.traces:
-            return self.traces[micro_batch]
-        low, high = (self.traces[size] for size in TRACED_AT)
-        trace = extrapolated(low, high, TRACED_AT[0], micro_batch)
-        ops = extrapolated_ops(low, high, TRACED_AT[0], micro_batch)
-        return None if trace is None or ops is None else dataclasses.replace(trace, ops=ops)
+        """The trace at `micro_batch`; None where no line holds through the traced two."""
+        if micro_batch not in self.traces:
+            low, high = (self.traces[size] for size in TRACED_AT)
+            assert low is not None and high is not None
+            trace = extrapolated(low, high, TRACED_AT[0], micro_batch)
+            ops = extrapolated_ops(low, high, TRACED_AT[0], micro_batch)
+            self.traces[micro_batch] = None if trace is None or ops is None else dataclasses.replace(trace, ops=ops)
+        return self.traces[micro_batch]
+
+    def trace(self, micro_batch: int) -> AllocationTrace:
+        found = self.at(micro_batch)
+        assert found is not None
+        return found
+
+    def fits(self, micro_batch: int) -> bool:
+        """Whether the step at `micro_batch` replays without running out of the card's memory."""
+        return self.at(micro_batch) is not None and self.on_card(micro_batch).oom is None
+
+    def on_card(self, micro_batch: int) -> Replay:
+        replayed = self.simulated(micro_batch, self.usable)
+        assert replayed is not None  # a CUDA target: the allocator model is on
+        return replayed
+
+    def unlimited(self, micro_batch: int) -> int:
+        """The step's reserved peak on a card without a limit (how much a step that does not fit needs)."""
+        replayed = self.simulated(micro_batch, None)
+        assert replayed is not None
+        return replayed.peak_reserved
 
 
 def _usable(config: PredictConfig) -> int:
@@ -133,33 +157,25 @@ def _usable(config: PredictConfig) -> int:
     return config.gpu_memory_bytes - config.reserve_bytes
 
 
-def _largest(traces: _Traces, config: PredictConfig, cap: int) -> int:
+def _largest(traces: _Traces, cap: int) -> int:
     """The largest micro-batch from 2 up to `cap` whose replay fits the card (0: not even 2): first guessed from
     the line through the peaks reserved at 2 and 3, then settled by replays around the guess (a bisection where
     the guess is off by more than one)."""
-    allocator = AllocatorConfig.parse(config.alloc_conf or "")
-    usable = _usable(config)
-
-    def fits(micro_batch: int) -> bool:
-        trace = traces.at(micro_batch)
-        return trace is not None and replay(trace, allocator, usable, total_memory=config.gpu_memory_bytes).oom is None
-
     low = TRACED_AT[0]
-    if not fits(low):
+    if not traces.fits(low):
         return 0
-    reserved = [replay(traces.traces[size], allocator, None, total_memory=config.gpu_memory_bytes).peak_reserved
-                for size in TRACED_AT]
+    reserved = [traces.unlimited(size) for size in TRACED_AT]
     growth = reserved[1] - reserved[0]
-    guess = cap if growth <= 0 else max(low, min(cap, low + (usable - reserved[0]) // growth))
-    if fits(guess):
-        if guess == cap or not fits(guess + 1):
+    guess = cap if growth <= 0 else max(low, min(cap, low + (traces.usable - reserved[0]) // growth))
+    if traces.fits(guess):
+        if guess == cap or not traces.fits(guess + 1):
             return guess
         largest, miss = guess + 1, cap + 1
     else:
         largest, miss = low, guess
     while largest + 1 < miss:
         middle = (largest + miss) // 2
-        largest, miss = (middle, miss) if fits(middle) else (largest, middle)
+        largest, miss = (middle, miss) if traces.fits(middle) else (largest, middle)
     return largest
 
 
@@ -209,10 +225,9 @@ def _bound(config: PredictConfig, params: int, state_bytes: dict[str, int], entr
     """What the parameters, gradients and state hold per rank, sharded (a lower bound of any step's peak)."""
     if entry.name not in state_bytes:
         return None
-    width = 2 if parameter_dtype(config.model, config.training).value in ("bfloat16", "float16") else 4
-    shards = config.shard_size or config.gpus if config.strategy in (Strategy.FSDP, Strategy.HSDP, Strategy.ZERO2) \
-        else 1
-    return (2 * params * width + state_bytes[entry.name]) // max(1, shards)
+    width = 2 if parameter_dtype(config.model, config.training) in (Dtype.BFLOAT16, Dtype.FLOAT16) else 4
+    shards = config.shard_size or config.gpus  # every searched strategy shards with FSDP2 (hsdp within its group)
+    return (2 * params * width + state_bytes[entry.name]) // shards
 
 
 def evaluate(setup_config: PredictConfig, entries: list[OptimizerEntry], sequences: int | None) -> list[Evaluated]:
@@ -225,8 +240,8 @@ def evaluate(setup_config: PredictConfig, entries: list[OptimizerEntry], sequenc
         if isinstance(outcome, StepFailed):
             found.append(Evaluated(outcome.status, outcome.reason, trace_method=method))
             continue
-        traces = _Traces(outcome)
-        largest = _largest(traces, setup_config, setup_config.max_micro_batch)
+        traces = _Traces(setup_config, outcome)
+        largest = _largest(traces, setup_config.max_micro_batch)
         if largest == 0:  # micro-batch 1 is a step of its own (it often allocates one tensor fewer)
             ones, _ = layer_periodic_traces(setup_config, [entry], setup_config.training, [1], copies)
             one = ones[0]
@@ -234,13 +249,10 @@ def evaluate(setup_config: PredictConfig, entries: list[OptimizerEntry], sequenc
                 found.append(Evaluated(one.status, one.reason, trace_method=method))
                 continue
             traces.traces[1] = one[1]
-            allocator = AllocatorConfig.parse(setup_config.alloc_conf or "")
-            usable = _usable(setup_config)
-            if replay(one[1], allocator, usable, total_memory=setup_config.gpu_memory_bytes).oom is not None:
-                # by how much: the step's reserved peak on a card without a limit, less what this one has
-                needed = replay(one[1], allocator, None, total_memory=setup_config.gpu_memory_bytes).peak_reserved
+            if not traces.fits(1):
+                needed = traces.unlimited(1)  # by how much: less what this card has
                 found.append(Evaluated(Status.NO_FIT, "does not fit at micro-batch 1",
-                                       short_by_bytes=max(0, needed - usable), reserved_bytes=needed,
+                                       short_by_bytes=max(0, needed - traces.usable), reserved_bytes=needed,
                                        trace_method=method))
                 continue
             largest = 1
@@ -250,11 +262,8 @@ def evaluate(setup_config: PredictConfig, entries: list[OptimizerEntry], sequenc
                                    "batch", max_micro_batch=largest, trace_method=method))
             continue
         size, accumulation, step_s, phases = chosen
-        at = traces.at(size)
-        assert at is not None
         # on the card: the allocator frees its cache and retries before it fails, as predict's replay does
-        reserved = replay(at, AllocatorConfig.parse(setup_config.alloc_conf or ""), _usable(setup_config),
-                          total_memory=setup_config.gpu_memory_bytes).peak_reserved
+        reserved = traces.on_card(size).peak_reserved
         found.append(Evaluated(Status.OK, micro_batch=size, grad_accum=accumulation, max_micro_batch=largest,
                                reserved_bytes=reserved, step_s=step_s, phase_s=phases, trace_method=method))
     return found
@@ -271,7 +280,8 @@ def run_plan(config: PlanConfig, on_progress: Callable[[str], None] = lambda tex
     configs = [(setup, dataclasses.replace(c, training=dataclasses.replace(c.training, seq_len=seq_len)))
                for setup, c in config.configs]
     sequences = _per_rank_sequences(first, config.global_batch_tokens, seq_len)
-    available = [e for e in entries if availability(e) is None]
+    missing = {e.name: reason for e in entries if (reason := availability(e)) is not None}
+    available = [e for e in entries if e.name not in missing]
     from optprof.commands.state_size import run_state_size
     from optprof.config import StateSizeConfig
 
@@ -279,11 +289,9 @@ def run_plan(config: PlanConfig, on_progress: Callable[[str], None] = lambda tex
     state_bytes = {row.optimizer: row.state_bytes for row in state.results if row.state_bytes is not None}
     shallow_copies(first)  # the model's layer pattern, read once before the workers fork
     results: dict[tuple[int, str], Evaluated] = {}
-    for entry in entries:
-        reason = availability(entry)
-        if reason is not None:
-            for index in range(len(configs)):
-                results[(index, entry.name)] = Evaluated(Status.UNAVAILABLE, reason)
+    for name, reason in missing.items():
+        for index in range(len(configs)):
+            results[(index, name)] = Evaluated(Status.UNAVAILABLE, reason)
     # bounds: the sharded parameters, gradients and state alone
     for index, (_, setup_config) in enumerate(configs):
         for entry in available:

@@ -7,7 +7,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from rich import box
 from rich.console import Console
+from rich.table import Table
 from rich.text import Text
 
 from optprof.config import Strategy
@@ -30,6 +32,16 @@ from optprof.units import (
 
 STATUS_STYLE = {Status.OK: "green", Status.FAILED: "bold red", Status.UNAVAILABLE: "yellow",
                 Status.UNSUPPORTED: "yellow", Status.OOM: "magenta"}
+
+
+def titled_table(title: str) -> Table:
+    """The simple table every command's output uses: its title on the left, a rule under the header."""
+    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+
+
+def share(value: float | None) -> str:
+    """A fraction as a percentage, one decimal ('-' when unknown)."""
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def units_note(units: str) -> str:

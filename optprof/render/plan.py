@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rich import box
 from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from optprof.render.console import share, titled_table
 from optprof.results.reports import PlanReport
 from optprof.results.rows import PlanRow
 from optprof.results.vocab import Status
@@ -19,10 +19,6 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
 
 COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860")
-
-
-def _share(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
 
 
 def _why(row: PlanRow, units: str) -> str:
@@ -46,7 +42,7 @@ def plan_table(report: PlanReport, units: str) -> Group:
             + (f", global batch {config['global_batch_tokens']:,} tokens" if config.get("global_batch_tokens")
                else ", each setup at its largest micro-batch"))
     parts: list[Table | Text] = []
-    best = _table(head)
+    best = titled_table(head)
     for name in ("optimizer", "setup", "µbatch\nx accum", f"device\n{unit}", "tokens/s\nper GPU", "MFU",
                  "step\nms", "confirmed\nby predict"):
         best.add_column(name, justify="left" if name in ("optimizer", "setup", "confirmed\nby predict") else "right",
@@ -62,10 +58,10 @@ def plan_table(report: PlanReport, units: str) -> Group:
         best.add_row(optimizer, row.setup, f"{row.micro_batch} x {row.grad_accum}",
                      f"{format_bytes(row.predicted_device_bytes, units)} / "
                      f"{format_bytes(row.device_memory_bytes, units)}",
-                     format_rate(row.predicted_tokens_per_s_per_gpu), _share(row.predicted_mfu),
+                     format_rate(row.predicted_tokens_per_s_per_gpu), share(row.predicted_mfu),
                      format_ms(row.predicted_step_s), confirmed)
     parts.append(best)
-    detail = _table("Every setup, per optimizer: the chosen first, then the runners-up and why the others lost")
+    detail = titled_table("Every setup, per optimizer: the chosen first, then the runners-up and why the others lost")
     for name in ("optimizer", "setup", "µbatch", f"device\n{unit}", "tokens/s\nper GPU", "why"):
         detail.add_column(name, justify="right" if name in ("µbatch", f"device\n{unit}", "tokens/s\nper GPU")
                           else "left", no_wrap=name in ("optimizer", "µbatch"))
@@ -90,29 +86,22 @@ def plan_table(report: PlanReport, units: str) -> Group:
     return Group(*parts)
 
 
-def _table(title: str) -> Table:
-    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, title_style="bold")
-
-
 def plan_panel(ax: Axes, report: PlanReport, scale: float, unit: str) -> None:
     """Tokens/s per GPU against device memory per setup, one colour per optimizer; the card's memory as a line;
     each optimizer's chosen setup ringed."""
     optimizers = list(dict.fromkeys(row.optimizer for row in report.results))
     for index, optimizer in enumerate(optimizers):
-        rows = [r for r in report.results if r.optimizer == optimizer and r.predicted_tokens_per_s_per_gpu
-                and r.predicted_device_bytes]
+        points = [((r.predicted_device_bytes or 0) / scale, r.predicted_tokens_per_s_per_gpu or 0.0, r)
+                  for r in report.results if r.optimizer == optimizer and r.predicted_tokens_per_s_per_gpu
+                  and r.predicted_device_bytes]
         colour = COLOURS[index % len(COLOURS)]
-        ax.scatter([(r.predicted_device_bytes or 0) / scale for r in rows],
-                   [r.predicted_tokens_per_s_per_gpu or 0.0 for r in rows], color=colour, s=18, alpha=0.7,
+        ax.scatter([x for x, _, _ in points], [y for _, y, _ in points], color=colour, s=18, alpha=0.7,
                    label=optimizer)
-        for row in rows:
+        for x, y, row in points:
             if row.choice == "chosen":
-                ax.scatter([row.predicted_device_bytes / scale], [row.predicted_tokens_per_s_per_gpu],  # type: ignore
-                           s=160, facecolors="none", edgecolors=colour, linewidths=2)
-                ax.annotate(f"{optimizer}: {row.setup}, µbatch {row.micro_batch}",
-                            (row.predicted_device_bytes / scale, row.predicted_tokens_per_s_per_gpu),  # type: ignore
-                            textcoords="offset points", xytext=(-12, -16 - 12 * index), ha="right", fontsize=7,
-                            color=colour)
+                ax.scatter([x], [y], s=160, facecolors="none", edgecolors=colour, linewidths=2)
+                ax.annotate(f"{optimizer}: {row.setup}, µbatch {row.micro_batch}", (x, y), textcoords="offset points",
+                            xytext=(-12, -16 - 12 * index), ha="right", fontsize=7, color=colour)
     memory = report.config.get("gpu_memory_bytes")
     if memory:
         ax.axvline(memory / scale, color="black", linestyle="--", linewidth=1, label="the card's memory")

@@ -9,7 +9,16 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
-from optprof.render.console import failure_line, parts_text, short_dtype, status_cell, strategy, units_note
+from optprof.render.console import (
+    failure_line,
+    parts_text,
+    share,
+    short_dtype,
+    status_cell,
+    strategy,
+    titled_table,
+    units_note,
+)
 from optprof.results.profiles import MEASURES
 from optprof.results.reports import (
     CheckReport,
@@ -85,14 +94,6 @@ def state_size_table(report: StateSizeReport, units: str = "gb") -> Group:
     return Group(table, legend, *notes)
 
 
-def _table(title: str) -> Table:
-    return Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
-
-
-def _share(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
-
-
 def predict_table(report: PredictReport, units: str) -> Group:
     """What a decision needs first (state, device memory against the card, largest micro-batch, tokens/s per GPU,
     MFU, status), then the memory breakdown and, with --gpu, the step's time split, each in a table of its own so
@@ -107,7 +108,7 @@ def predict_table(report: PredictReport, units: str) -> Group:
     at_max = any(row.predicted_step_s_at_max is not None for row in report.results)
     simulated = any(row.predicted_reserved_bytes is not None for row in report.results)
     gpu = f" on {config['gpu']}" if config.get("gpu") else ""
-    table = _table(f"PREDICTED for {config['target_device']}{gpu}{shape}{ranks}")
+    table = titled_table(f"PREDICTED for {config['target_device']}{gpu}{shape}{ranks}")
     table.add_column("optimizer", style="bold", no_wrap=True)
     table.add_column(f"state\n{unit}", justify="right", no_wrap=True)
     table.add_column(f"{'device' if simulated else '+ reserve'}\n{unit}", justify="right", no_wrap=True)
@@ -128,12 +129,12 @@ def predict_table(report: PredictReport, units: str) -> Group:
         table.add_row(
             row.optimizer, format_bytes(row.state_bytes, units), format_bytes(row.predicted_device_bytes, units),
             *((largest,) if memory is not None else ()),
-            *((format_rate(row.predicted_tokens_per_s_per_gpu), _share(row.predicted_mfu)) if timed else ()),
-            *((format_rate(row.predicted_tokens_per_s_per_gpu_at_max), _share(row.predicted_mfu_at_max))
+            *((format_rate(row.predicted_tokens_per_s_per_gpu), share(row.predicted_mfu)) if timed else ()),
+            *((format_rate(row.predicted_tokens_per_s_per_gpu_at_max), share(row.predicted_mfu_at_max))
               if at_max else ()),
             status,
         )
-    breakdown = _table(f"Memory per device at micro-batch {first.micro_batch if first else '-'} ({unit})")
+    breakdown = titled_table(f"Memory per device at micro-batch {first.micro_batch if first else '-'} ({unit})")
     breakdown.add_column("optimizer", style="bold", no_wrap=True)
     for key in ("params", "grads", "activ.", "temps", "tensor\npeak"):
         breakdown.add_column(key, justify="right", no_wrap=True)
@@ -152,7 +153,8 @@ def predict_table(report: PredictReport, units: str) -> Group:
             format_bytes(row.predicted_device_bytes, units))
     tables: list[Table] = [table, breakdown]
     if timed:
-        timing = _table("Step time, ms (predicted): forward + backward + optimizer + exposed communication = step")
+        timing = titled_table(
+            "Step time, ms (predicted): forward + backward + optimizer + exposed communication = step")
         timing.add_column("optimizer", style="bold", no_wrap=True)
         for key in ("µbatch", "fwd", "bwd", "optim.", "exposed\ncomm.", "step", "all\ncomm."):
             timing.add_column(key, justify="right", no_wrap=True)
