@@ -29,7 +29,7 @@ from optprof.distributed.sharding import shard_fsdp, zero1_optimizer
 from optprof.hardware.catalog import LOCAL, target_gpu
 from optprof.measure.device import CpuDevice
 from optprof.measure.step import TrainStep, configure_model, make_batches
-from optprof.measure.tracker import TensorPeakTracker, TrackedPeak, tracked_step
+from optprof.measure.tracker import TensorPeakTracker, TrackedPeak, recorded_step, tracked_step
 from optprof.model.info import trainable_parameters
 from optprof.model.loading import load_selection
 from optprof.model.setups import qlora_weight_saving
@@ -130,7 +130,7 @@ class FakeModel:
 class Traced:
     """One optimizer's tracked step at one micro-batch."""
 
-    peak: TrackedPeak
+    peak: TrackedPeak | None  # None from a SharedTrainer that records the trace alone (`tensor_peak=False`)
     trace: AllocationTrace | None  # with the allocator model only
 
 
@@ -255,11 +255,13 @@ class SharedTrainer:
     Built: the model once; each optimizer, warmed up by its first step (where its state appears, as in the full
     method). `failed` holds the optimizers that failed so far, `own_step` those that change backward (run them with
     `FakeTrainer`). `trace_all` traces micro-batches, each for the optimizers that asked for it; `outcome` reads
-    what came back."""
+    what came back. With `tensor_peak=False` a step with an allocation trace is recorded without MemTracker:
+    `Traced.peak` is None (for callers that read only traces)."""
 
     def __init__(self, config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
-                 mesh: Any, jobs: int, classify: Classify) -> None:
+                 mesh: Any, jobs: int, classify: Classify, tensor_peak: bool = True) -> None:
         self.config = config
+        self.tensor_peak = tensor_peak
         self.entries = entries
         self.jobs = jobs
         self.classify = classify
@@ -360,13 +362,18 @@ class SharedTrainer:
         recorder = self.fake.recorder()
 
         def compute(brancher: Any) -> Traced:
-            def join(tracked: TensorPeakTracker) -> None:
+            def join(tracked: TensorPeakTracker | None = None) -> None:
                 index = indices[brancher.fork()]
                 optimizer = self.optimizers[index]
-                tracked.join(optimizer, self.state_bytes[index])
+                step.optimizer = optimizer
+                if tracked is not None:
+                    tracked.join(optimizer, self.state_bytes[index])
                 if recorder is not None:
                     recorder.join_state(state_tensors(optimizer, self.fake.params))
 
+            if not self.tensor_peak and recorder is not None:
+                recorded_step(step, recorder, join=join)
+                return Traced(None, recorder.finished_trace())
             peak = tracked_step(step, 0, recorder, join=join)
             return Traced(lowered(peak, self.fake.parameter_saving),
                           None if recorder is None else recorder.finished_trace())
@@ -407,7 +414,9 @@ class SharedView(Simulated):
             raise NeedTrace(missing)
 
     def peak(self, micro_batch: int) -> TrackedPeak:
-        return self._traced(micro_batch).peak
+        peak = self._traced(micro_batch).peak
+        assert peak is not None, "the shared trainer recorded traces alone"
+        return peak
 
     def trace(self, micro_batch: int) -> AllocationTrace:
         trace = self._traced(micro_batch).trace

@@ -23,7 +23,7 @@ from typing import Any
 
 from optprof.commands.fake_step import Simulated, StepFailed
 from optprof.commands.predict import run_predict, step_seconds, time_target
-from optprof.commands.shallow_step import layer_periodic_traces, shallow_copies
+from optprof.commands.shallow_step import Shallow, layer_periodic_traces, shallow_copies
 from optprof.config import Dtype, PredictConfig, Strategy, parameter_dtype, resolve_seq_len
 from optprof.device.replay import Replay
 from optprof.device.trace import AllocationTrace, extrapolated, extrapolated_ops
@@ -318,7 +318,8 @@ def run_plan(config: PlanConfig, on_progress: Callable[[str], None] = lambda tex
                             died=lambda position: [Evaluated(Status.FAILED, "the worker died")
                                                    for _ in work[position][1]],
                             on_result=lambda position, found: on_progress(
-                                f"traced {configs[work[position][0]][0].label()}"))
+                                f"traced {configs[work[position][0]][0].label()}"),
+                            order=sorted(range(len(work)), key=lambda p: -_traced_layers(configs[work[p][0]][1])))
         for (index, wanted), found in zip(work, outcomes, strict=True):
             for entry, evaluated in zip(wanted, found, strict=True):
                 results[(index, entry.name)] = evaluated
@@ -360,6 +361,13 @@ def run_plan(config: PlanConfig, on_progress: Callable[[str], None] = lambda tex
                 "traced": traced_setups, "searched_s": searched_s, "confirm_s": confirm_s},
         assumptions=tuple(methods) + _notes(config, target is not None),
     )
+
+
+def _traced_layers(setup_config: PredictConfig) -> int:
+    """The layers a setup's traces run through (its two shallow copies, else the whole model): what its search
+    costs, roughly, so that the workers take the dearest first and none is left with one at the end."""
+    copies = shallow_copies(setup_config)
+    return copies.small + copies.large if isinstance(copies, Shallow) else 10**6  # whole: dearer than any copies
 
 
 def _holds_less(one: Setup, other: Setup) -> bool:

@@ -345,6 +345,7 @@ class TraceRecorder:
     def recording(self) -> Iterator[AllocationTrace]:
         import torch
         from torch.distributed.fsdp._fully_shard import _fsdp_collectives
+        from torch.distributed.tensor import DTensor
         from torch.utils._python_dispatch import TorchDispatchMode
         from torch.utils._pytree import tree_flatten
 
@@ -352,6 +353,11 @@ class TraceRecorder:
 
         class Mode(TorchDispatchMode):
             def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                if any(t is DTensor for t in types):
+                    # as MemTracker.__torch_dispatch__ (torch/distributed/_tools/mem_tracker.py): modes run before
+                    # subclasses, so DTensor (FSDP2's sharded parameters, gradients and state) is let run and
+                    # desugar into the local ops on each rank's shards, which come back here to be recorded
+                    return NotImplemented
                 recorder._workspace(func)
                 out = func(*args, **(kwargs or {}))
                 if isinstance(out, torch.Tensor):  # most ops: one tensor, no flattening needed

@@ -214,6 +214,20 @@ def tracked_step(step: TrainStep, state_bytes: int, recorder: TraceRecorder | No
     return tracked.result
 
 
+def recorded_step(step: TrainStep, recorder: TraceRecorder, join: Callable[[], None] | None = None) -> None:
+    """One untimed step under the allocation recorder alone: `tracked_step`'s trace without MemTracker, whose
+    dispatch mode and module hooks cost about a quarter of a fake step; for a caller that reads only the trace (a
+    plan's shallow copies). With `join`, as `tracked_step`'s, called after backward (nothing to register)."""
+    with _recorded(step, recorder, with_state=join is None):
+        _mark_phases(step, recorder)
+        if join is not None:
+            _then(step, join)
+        try:
+            step.run()
+        finally:
+            step.after_backward = None
+
+
 def _then(step: TrainStep, action: Callable[[], None]) -> None:
     """`action` after whatever the step already does after backward."""
     before = step.after_backward
