@@ -36,6 +36,7 @@ from optprof.model.setups import qlora_weight_saving
 from optprof.optimizers.implementation import set_implementation
 from optprof.optimizers.registry import OptimizerEntry
 from optprof.optimizers.state import account_state, fused_update, needs_gradient_graph, state_tensors
+from optprof.optimizers.trained import plain_name, untrained_in
 from optprof.processes.branching import run_branched
 from optprof.results.vocab import Status
 
@@ -294,7 +295,8 @@ class SharedTrainer:
         """Each optimizer's first step (clipping, scaler and zero_grad as the step runs them), from gradients of the
         parameters' shapes: its state appears, as in `FakeTrainer`'s first step. Those gradients are a forward and
         backward's under fp16's loss scaler (unscaling needs the scale backward made), else made directly, after one
-        forward under FSDP2 (its lazy initialisation, and the unsharded parameters every later step resizes)."""
+        forward under FSDP2 (its lazy initialisation, and the unsharded parameters every later step resizes), for
+        the parameters that get one from backward (`optimizers.trained.untrained_in`)."""
         import torch
 
         params = self.fake.params
@@ -309,8 +311,11 @@ class SharedTrainer:
                     reshard = getattr(module, "reshard", None)  # FSDPModule's
                     if callable(reshard):
                         reshard()  # what backward would have done: the root's stay gathered after forward
+            untrained = untrained_in(self.config.model)  # backward leaves these without a gradient: no state
+            skipped = set() if isinstance(untrained, str) else {
+                id(param) for name, param in self.fake.model.named_parameters() if plain_name(name) in untrained}
             for param in params:
-                param.grad = torch.zeros_like(param)
+                param.grad = None if id(param) in skipped else torch.zeros_like(param)
         gradients = [p.grad for p in params]
         for index, optimizer in list(self.optimizers.items()):
             for param, gradient in zip(params, gradients, strict=True):

@@ -31,6 +31,7 @@ from optprof.errors import UsageError
 from optprof.measure.flops import model_flops_per_token
 from optprof.model.loading import load_selection
 from optprof.optimizers.registry import OptimizerEntry, availability, check_opt_args, resolve_optimizers
+from optprof.optimizers.trained import untrained_in
 from optprof.processes.forked import run_each
 from optprof.results.reports import PlanReport, command_config
 from optprof.results.rows import PlanRow
@@ -288,6 +289,7 @@ def run_plan(config: PlanConfig, on_progress: Callable[[str], None] = lambda tex
     state = run_state_size(StateSizeConfig(first.model, tuple(e.name for e in available), first.opt_args))
     state_bytes = {row.optimizer: row.state_bytes for row in state.results if row.state_bytes is not None}
     shallow_copies(first)  # the model's layer pattern, read once before the workers fork
+    untrained_in(first.model)  # and which parameters get no gradient (each fake step's warm-up asks)
     results: dict[tuple[int, str], Evaluated] = {}
     for name, reason in missing.items():
         for index in range(len(configs)):

@@ -60,6 +60,7 @@ from optprof.model.setups import QLORA_PREDICTED
 from optprof.optimizers.outcome import status_of
 from optprof.optimizers.registry import OptimizerEntry, availability, check_opt_args, resolve_optimizers
 from optprof.optimizers.state import PlaceholderScalars
+from optprof.optimizers.trained import untrained_in, untrained_note
 from optprof.processes.branching import can_branch
 from optprof.processes.forked import run_each, torch_threads
 from optprof.results.reports import PredictReport, command_config
@@ -558,6 +559,9 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
                         "tokens x top-k rows however the tokens are routed, so the prediction holds for any "
                         "routing, balanced or not (compare reports the routing it saw); an implementation with a "
                         "capacity per expert (padding or dropping tokens) would differ",)
+    untrained = untrained_note(untrained_in(selection))
+    if untrained is not None:
+        assumptions += (untrained,)
     assumptions += recipe_notes(training, selection, config.replicas)
     outside = allocator_notes(config)
     assumptions += tuple(line for _, line in outside)

@@ -25,10 +25,10 @@ from optprof.optimizers.registry import (
 from optprof.optimizers.state import (
     StateAccount,
     account_state,
-    give_meta_gradients,
     logical_state_bytes,
     step_on_meta,
 )
+from optprof.optimizers.trained import give_meta_gradients, untrained_count, untrained_in, untrained_parameters
 from optprof.processes.forked import run_each
 from optprof.results.reports import StateSizeReport, command_config
 from optprof.results.rows import FinishedRows, StatePart, StateSizeRow
@@ -41,10 +41,11 @@ REFERENCE = "adamw"
 
 
 def measure_entry(
-    entry: OptimizerEntry, module: nn.Module, info: ModelInfo, opt_args: dict
+    entry: OptimizerEntry, module: nn.Module, info: ModelInfo, opt_args: dict, untrained: frozenset[str] = frozenset()
 ) -> tuple[StateAccount, StateMethod]:
-    """Build `entry` over the meta `module`, step once, and account its state."""
-    give_meta_gradients(module)
+    """Build `entry` over the meta `module`, step once (every parameter with a gradient but the `untrained`), and
+    account its state."""
+    give_meta_gradients(module, untrained)
     optimizer, method = step_on_meta(lambda: entry.build(module, info, opt_args))
     return account_state(optimizer, trainable_parameters(module), entry.second_moment_keys), method
 
@@ -52,23 +53,27 @@ def measure_entry(
 @dataclass(frozen=True)
 class Subject:
     """What the optimizers step over: the whole model on meta and, where its figures extrapolate, copies of
-    its first 1, 2 and 3 layers (None: the whole model is stepped, for the reason in `why`)."""
+    its first 1, 2 and 3 layers (None: the whole model is stepped, for the reason in `why`); `untrained`: the
+    parameters that get no gradient (`optimizers.trained`), by name, which no optimizer keeps state for."""
 
     module: nn.Module
     info: ModelInfo
     copies: tuple[tuple[nn.Module, ModelInfo], ...] | None = None
     why: str | None = None
+    untrained: frozenset[str] = frozenset()
 
 
 def subject_for(selection: ModelSelection, module: nn.Module, info: ModelInfo, full_model: bool) -> Subject:
     """The copies a decoder's repeated layers allow: a step costs time per parameter tensor, and a 7B model has
     32 layers of the same tensors (see `model.layer_copies.layer_copies`)."""
+    found = untrained_parameters(module)
+    untrained = found if isinstance(found, frozenset) else frozenset()
     if full_model:
-        return Subject(module, info, why="--full-model")
+        return Subject(module, info, why="--full-model", untrained=untrained)
     copies, why = layer_copies(selection, info)
     if why is not None:
-        return Subject(module, info, why=why)
-    return Subject(module, info, tuple((copy.module, copy.info) for copy in copies))
+        return Subject(module, info, why=why, untrained=untrained)
+    return Subject(module, info, tuple((copy.module, copy.info) for copy in copies), untrained=untrained)
 
 
 def _extrapolated(accounts: list[StateAccount], layers: int) -> StateAccount | None:
@@ -103,12 +108,13 @@ def measure_subject(entry: OptimizerEntry, subject: Subject, opt_args: dict,
                     ) -> tuple[StateAccount, StateMethod, LayerExtent | None]:
     """`measure_entry` on the copies, extrapolated; on the whole model where there are none or a figure is not
     affine in the layer count (a buffer sized by the largest tensor, say), which the extent then says."""
+    untrained = subject.untrained
     if subject.copies is None:
-        return (*measure_entry(entry, subject.module, subject.info, opt_args), None)
-    measured = [measure_entry(entry, module, info, opt_args) for module, info in subject.copies]
+        return (*measure_entry(entry, subject.module, subject.info, opt_args, untrained), None)
+    measured = [measure_entry(entry, module, info, opt_args, untrained) for module, info in subject.copies]
     account = _extrapolated([a for a, _ in measured], subject.info.num_layers)
     if account is None:
-        return (*measure_entry(entry, subject.module, subject.info, opt_args), LayerExtent.NOT_AFFINE)
+        return (*measure_entry(entry, subject.module, subject.info, opt_args, untrained), LayerExtent.NOT_AFFINE)
     return account, measured[-1][1], LayerExtent.EXTRAPOLATED
 
 
@@ -129,14 +135,15 @@ def _row(entry: OptimizerEntry, subject: Subject, opt_args: dict, ranks: int = 1
         status, reason = status_of(exc, entry, ranks, strategy)
         return dataclasses.replace(base, status=status, reason=reason)
     entries = account.second_moment_entries
+    trained = subject.info.trained_params - untrained_count(subject.module, subject.untrained)
     return dataclasses.replace(
         base,
         state_bytes=account.state_bytes,
-        bytes_per_param=account.state_bytes / subject.info.trained_params,
+        bytes_per_param=account.state_bytes / trained,
         state_dtypes=account.bytes_by_dtype,
         state_tensors=account.tensors,
         second_moment_entries=entries,
-        second_moment_removed=None if entries is None else 1.0 - entries / subject.info.trained_params,
+        second_moment_removed=None if entries is None else 1.0 - entries / trained,
         method=method,
         layer_extent=extent,
         state_parts=account.parts,
@@ -163,7 +170,7 @@ def _measure_all(
 
 
 def _sharded_rows(config: StateSizeConfig, entries: list[OptimizerEntry], on_row: Callable[[StateSizeRow], None],
-                  ) -> tuple[ModelInfo, list[StateSizeRow], int]:
+                  ) -> tuple[ModelInfo, list[StateSizeRow], int, frozenset[str]]:
     """--gpus N: the model sharded by FSDP2 over a fake process group, on fake tensors; each optimizer steps
     once and rank 0's own state is counted (real sharding, not a division). Also AdamW's, as reference."""
     with (fake_process_group(config.gpus, config.strategy, config.shard_size) as mesh, adam_mini_on_cpu_ranks(),
@@ -172,25 +179,29 @@ def _sharded_rows(config: StateSizeConfig, entries: list[OptimizerEntry], on_row
         module, info = loaded.module, loaded.info
         shard_fsdp(module, mesh, config.strategy)
         params = trainable_parameters(module)
+        found = untrained_in(config.model)  # on a meta build: here the pass would be a sharded fake step
+        untrained = found if isinstance(found, frozenset) else frozenset()
 
         def logical(entry: OptimizerEntry) -> int:
-            give_meta_gradients(module)
+            give_meta_gradients(module, untrained)
             optimizer, _ = step_on_meta(lambda: entry.build(module, info, config.opt_args))
             return logical_state_bytes(optimizer, params)
 
         rows = []
         for entry in entries:
-            row = _row(entry, Subject(module, info), config.opt_args, config.gpus, config.strategy)
+            row = _row(entry, Subject(module, info, untrained=untrained), config.opt_args, config.gpus,
+                       config.strategy)
             row = dataclasses.replace(row, world_size=config.gpus)
             if row.status == Status.OK:
+                trained = info.trained_params - untrained_count(module, untrained)
                 row = dataclasses.replace(row, method=StateMethod.FSDP_FAKE, state_logical_bytes=logical(entry),
-                                          bytes_per_param=(row.state_bytes or 0) / (info.trained_params / config.gpus))
+                                          bytes_per_param=(row.state_bytes or 0) / (trained / config.gpus))
             rows.append(row)
             on_row(row)
         selected = next((r for r in rows if r.optimizer == REFERENCE and r.status == Status.OK), None)
         reference = (selected.state_bytes if selected is not None and selected.state_bytes is not None
-                     else measure_entry(REGISTRY[REFERENCE], module, info, {})[0].state_bytes)
-    return info, rows, reference
+                     else measure_entry(REGISTRY[REFERENCE], module, info, {}, untrained)[0].state_bytes)
+    return info, rows, reference, untrained
 
 
 def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], None] | None = None) -> StateSizeReport:
@@ -203,14 +214,16 @@ def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], Non
     interrupted: str | None = None
     loaded = load_selection(selection) if config.gpus == 1 else None
     info = loaded.info if loaded is not None else None
+    untrained: frozenset[str] = frozenset()
     try:
         if loaded is None:
-            info, rows, reference = _sharded_rows(config, entries, finished)
+            info, rows, reference, untrained = _sharded_rows(config, entries, finished)
         else:
             module, info = loaded.module, loaded.info
             if info.params == 0:
                 raise UsageError(f"model '{selection.model}' has no parameters")
             subject = subject_for(selection, module, info, config.full_model)
+            untrained = subject.untrained
             rows = _measure_all(entries, subject, opt_args, config.jobs, finished)
             reference_row = next((r for r in rows if r.optimizer == REFERENCE and r.status == Status.OK), None)
             if reference_row is None:  # not selected (or failed with user args): measure it with defaults
@@ -229,6 +242,7 @@ def run_state_size(config: StateSizeConfig, on_row: Callable[[StateSizeRow], Non
         interrupted=interrupted,
         reference_state_bytes=reference,
         results=tuple(_with_reference(r, reference) for r in rows),
+        untrained_parameters=tuple(sorted(untrained)),
         config={
             **command_config("state-size", selection, [e.name for e in entries], opt_args),
             "gpus": config.gpus,

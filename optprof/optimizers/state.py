@@ -83,12 +83,6 @@ def eager_compile() -> Iterator[None]:
         yield
 
 
-def give_meta_gradients(model: nn.Module) -> None:
-    for param in model.parameters():
-        if param.requires_grad:
-            param.grad = torch.empty_like(param)
-
-
 # What reading a value of a meta tensor raises (`.item()`, `bool()`, `float()`): the one error that
 # PlaceholderScalars answers, so the one a retry under placeholders may fix.
 META_VALUE_READ = "Tensor.item() cannot be called on meta tensors"

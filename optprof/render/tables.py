@@ -91,6 +91,10 @@ def state_size_table(report: StateSizeReport, units: str = "gb") -> Group:
             f"copies of the model's first 1, 2 and 3 layers and extrapolated to its {report.model.num_layers}: "
             "the copies' parameters add up to the model's, and every figure was checked affine in the layer count "
             "(exact; --full-model steps the whole model).", style="dim"))
+    if report.untrained_parameters:
+        from optprof.optimizers.trained import untrained_note
+
+        notes.append(Text(f"{untrained_note(frozenset(report.untrained_parameters))}.", style="dim"))
     return Group(table, legend, *notes)
 
 

@@ -163,6 +163,8 @@ class StateSizeReport(ModelReport):
 
     reference_state_bytes: int | None  # AdamW's, measured in the same run
     results: tuple[StateSizeRow, ...]
+    # parameters that require grad but get no gradient from a forward and backward: no state (optimizers/trained.py)
+    untrained_parameters: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)

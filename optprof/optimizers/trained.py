@@ -1,0 +1,99 @@
+"""Which parameters train: those that get a gradient from a forward and backward, not merely those that require one.
+
+Some causal LMs hold parameters their text-only step never uses: fuyu's vision embedding (no image patches),
+pegasus's cross-attention in every decoder layer (no encoder states). They require grad, but backward leaves their
+`.grad` None, and AdamW (like most optimizers) keeps no state for a parameter without a gradient. optprof's meta
+and fake steps made gradients for every parameter directly, and so counted state the real step never holds
+(issue 37: fuyu's state 2,444,952 B by state-size, 1,062,032 B measured by compare).
+
+`untrained_parameters` runs one short forward and backward on the meta device (no data, no memory: a fraction of a
+second for a 7B model) and names the parameters left without a gradient; the steps then give gradients only to the
+others. Where that pass cannot run on meta (a kernel without a meta implementation), every parameter that
+requires grad keeps one, as before, and the reason is returned for the notes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+from optprof.errors import error_text
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from optprof.config import ModelSelection
+
+# module names that wrappers insert between a model's own (activation checkpointing, FSDP1, torch.compile)
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
+PROBE_TOKENS = 16  # one sequence this long: enough for every layer to run (sliding windows, chunked attention)
+
+
+def plain_name(name: str) -> str:
+    """A parameter's name as the model itself names it, without what wrappers inserted."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def give_meta_gradients(model: nn.Module, untrained: frozenset[str] = frozenset()) -> None:
+    """A gradient for each parameter that requires one, except those backward leaves without one (`untrained`:
+    names as `plain_name` gives them), for which optimizers keep no state."""
+    import torch
+
+    for name, param in model.named_parameters():
+        param.grad = torch.empty_like(param) if param.requires_grad and plain_name(name) not in untrained else None
+
+
+def untrained_parameters(model: nn.Module) -> frozenset[str] | str:
+    """The names (`plain_name`) of the parameters that require grad but get no gradient from one forward and
+    backward of `model` (on the meta device) over one sequence of token ids; a str: why the pass could not run.
+    The model's gradients are dropped afterwards."""
+    import torch
+
+    from optprof.optimizers.state import PlaceholderScalars
+
+    trained = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    if not trained:
+        return frozenset()
+    device = next(iter(trained.values())).device
+    ids = torch.zeros((1, PROBE_TOKENS), dtype=torch.long, device=device)  # token 0: in every vocabulary
+    try:
+        with PlaceholderScalars():
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        return frozenset(plain_name(name) for name, param in trained.items() if param.grad is None)
+    except Exception as exc:
+        return f"a meta forward and backward failed ({error_text(exc)[:160]})"
+    finally:
+        for param in model.parameters():
+            param.grad = None
+
+
+@functools.cache
+def untrained_in(selection: ModelSelection) -> frozenset[str] | str:
+    """`untrained_parameters` of the selected model, built on meta once per process (the fake steps' models are
+    built on fake tensors, where the pass would cost a step)."""
+    from optprof.model.loading import load_selection
+
+    try:
+        loaded = load_selection(selection)
+    except Exception as exc:
+        return f"the model did not build on meta ({error_text(exc)[:160]})"
+    return untrained_parameters(loaded.module)
+
+
+def untrained_count(model: nn.Module, untrained: frozenset[str]) -> int:
+    """How many parameters (elements, the whole model's under sharding) the `untrained` tensors hold."""
+    return sum(param.numel() for name, param in model.named_parameters() if plain_name(name) in untrained)
+
+
+def untrained_note(untrained: frozenset[str] | str) -> str | None:
+    """What the notes say: which parameters get no gradient (and so no state), or why every one was given one."""
+    if isinstance(untrained, str):
+        return f"every parameter that requires grad was given a gradient: {untrained}"
+    if not untrained:
+        return None
+    names = sorted(untrained)
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return (f"{len(names)} parameter tensors require grad but get no gradient from a forward and backward (so no "
+            f"optimizer state, as in the real step): {shown}")
