@@ -529,6 +529,7 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
     check_opt_args(entries, config.opt_args)
     selection = config.model
     loaded = load_selection(selection)
+    untrained_in(selection, loaded.module)  # which parameters get no gradient, from this meta build
     info = loaded.info
     training = dataclasses.replace(config.training, seq_len=resolve_seq_len(
         config.training.seq_len, info.max_position_embeddings, config.training.device))

@@ -14,7 +14,6 @@ requires grad keeps one, as before, and the reason is returned for the notes.
 
 from __future__ import annotations
 
-import functools
 from typing import TYPE_CHECKING
 
 from optprof.errors import error_text
@@ -69,17 +68,24 @@ def untrained_parameters(model: nn.Module) -> frozenset[str] | str:
             param.grad = None
 
 
-@functools.cache
-def untrained_in(selection: ModelSelection) -> frozenset[str] | str:
-    """`untrained_parameters` of the selected model, built on meta once per process (the fake steps' models are
-    built on fake tensors, where the pass would cost a step)."""
-    from optprof.model.loading import load_selection
+_FOUND: dict[ModelSelection, frozenset[str] | str] = {}  # per selection, once per process (forks inherit it)
 
-    try:
-        loaded = load_selection(selection)
-    except Exception as exc:
-        return f"the model did not build on meta ({error_text(exc)[:160]})"
-    return untrained_parameters(loaded.module)
+
+def untrained_in(selection: ModelSelection, module: nn.Module | None = None) -> frozenset[str] | str:
+    """`untrained_parameters` of the selected model: of `module` (the selection built on meta) where the caller
+    has it, else of a meta build made here; once per selection and process (the fake steps' models are built on
+    fake tensors, where the pass would cost a step)."""
+    if selection not in _FOUND:
+        if module is None:
+            from optprof.model.loading import load_selection
+
+            try:
+                module = load_selection(selection).module
+            except Exception as exc:
+                _FOUND[selection] = f"the model did not build on meta ({error_text(exc)[:160]})"
+                return _FOUND[selection]
+        _FOUND[selection] = untrained_parameters(module)
+    return _FOUND[selection]
 
 
 def untrained_count(model: nn.Module, untrained: frozenset[str]) -> int:
