@@ -311,7 +311,8 @@ class SharedTrainer:
                     reshard = getattr(module, "reshard", None)  # FSDPModule's
                     if callable(reshard):
                         reshard()  # what backward would have done: the root's stay gathered after forward
-            untrained = untrained_in(self.config.model)  # backward leaves these without a gradient: no state
+            # backward leaves these without a gradient, and so without state
+            untrained = untrained_in(self.config.model, step.training.seq_len or 1)
             skipped = set() if isinstance(untrained, str) else {
                 id(param) for name, param in self.fake.model.named_parameters() if plain_name(name) in untrained}
             for param in params:

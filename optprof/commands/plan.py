@@ -289,7 +289,7 @@ def run_plan(config: PlanConfig, on_progress: Callable[[str], None] = lambda tex
     state = run_state_size(StateSizeConfig(first.model, tuple(e.name for e in available), first.opt_args))
     state_bytes = {row.optimizer: row.state_bytes for row in state.results if row.state_bytes is not None}
     shallow_copies(first)  # the model's layer pattern, read once before the workers fork
-    untrained_in(first.model)  # and which parameters get no gradient (each fake step's warm-up asks)
+    untrained_in(first.model, seq_len)  # and which parameters get no gradient (each fake step's warm-up asks)
     results: dict[tuple[int, str], Evaluated] = {}
     for name, reason in missing.items():
         for index in range(len(configs)):

@@ -529,10 +529,10 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
     check_opt_args(entries, config.opt_args)
     selection = config.model
     loaded = load_selection(selection)
-    untrained_in(selection, loaded.module)  # which parameters get no gradient, from this meta build
     info = loaded.info
     training = dataclasses.replace(config.training, seq_len=resolve_seq_len(
         config.training.seq_len, info.max_position_embeddings, config.training.device))
+    untrained_in(selection, training.seq_len or 1, loaded.module)  # which parameters get no gradient, on meta
     finished: FinishedRows[PredictRow] = FinishedRows(on_row)
     interrupted: str | None = None
     try:
@@ -560,7 +560,7 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
                         "tokens x top-k rows however the tokens are routed, so the prediction holds for any "
                         "routing, balanced or not (compare reports the routing it saw); an implementation with a "
                         "capacity per expert (padding or dropping tokens) would differ",)
-    untrained = untrained_note(untrained_in(selection))
+    untrained = untrained_note(untrained_in(selection, training.seq_len or 1), training.seq_len or 1)
     if untrained is not None:
         assumptions += (untrained,)
     assumptions += recipe_notes(training, selection, config.replicas)

@@ -28,7 +28,7 @@ from optprof.optimizers.state import (
     logical_state_bytes,
     step_on_meta,
 )
-from optprof.optimizers.trained import give_meta_gradients, untrained_count, untrained_in, untrained_parameters
+from optprof.optimizers.trained import STATE_SIZE_TOKENS, give_meta_gradients, untrained_count, untrained_in
 from optprof.processes.forked import run_each
 from optprof.results.reports import StateSizeReport, command_config
 from optprof.results.rows import FinishedRows, StatePart, StateSizeRow
@@ -66,7 +66,7 @@ class Subject:
 def subject_for(selection: ModelSelection, module: nn.Module, info: ModelInfo, full_model: bool) -> Subject:
     """The copies a decoder's repeated layers allow: a step costs time per parameter tensor, and a 7B model has
     32 layers of the same tensors (see `model.layer_copies.layer_copies`)."""
-    found = untrained_parameters(module)
+    found = untrained_in(selection, STATE_SIZE_TOKENS, module)
     untrained = found if isinstance(found, frozenset) else frozenset()
     if full_model:
         return Subject(module, info, why="--full-model", untrained=untrained)
@@ -179,7 +179,7 @@ def _sharded_rows(config: StateSizeConfig, entries: list[OptimizerEntry], on_row
         module, info = loaded.module, loaded.info
         shard_fsdp(module, mesh, config.strategy)
         params = trainable_parameters(module)
-        found = untrained_in(config.model)  # on a meta build: here the pass would be a sharded fake step
+        found = untrained_in(config.model, STATE_SIZE_TOKENS)  # a meta build: here it would be a sharded fake step
         untrained = found if isinstance(found, frozenset) else frozenset()
 
         def logical(entry: OptimizerEntry) -> int:

@@ -6,10 +6,12 @@ pegasus's cross-attention in every decoder layer (no encoder states). They requi
 and fake steps made gradients for every parameter directly, and so counted state the real step never holds
 (issue 37: fuyu's state 2,444,952 B by state-size, 1,062,032 B measured by compare).
 
-`untrained_parameters` runs one short forward and backward on the meta device (no data, no memory: a fraction of a
+`untrained_parameters` runs one forward and backward on the meta device (no data, no memory: a fraction of a
 second for a 7B model) and names the parameters left without a gradient; the steps then give gradients only to the
-others. Where that pass cannot run on meta (a kernel without a meta implementation), every parameter that
-requires grad keeps one, as before, and the reason is returned for the notes.
+others. Which parameters train can depend on the sequence's length (deepseek_v4's long-range compressor emits
+nothing below 128 tokens, and so trains only above), so the pass runs at the step's length; state-size, which has
+none, at 2048 tokens, and says so. Where that pass cannot run on meta (a kernel without a meta implementation),
+every parameter that requires grad keeps one, as before, and the reason is returned for the notes.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ if TYPE_CHECKING:
 
 # module names that wrappers insert between a model's own (activation checkpointing, FSDP1, torch.compile)
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
-PROBE_TOKENS = 16  # one sequence this long: enough for every layer to run (sliding windows, chunked attention)
+STATE_SIZE_TOKENS = 2048  # state-size's pass, which has no step length: a usual training sequence
 
 
 def plain_name(name: str) -> str:
@@ -44,9 +46,10 @@ def give_meta_gradients(model: nn.Module, untrained: frozenset[str] = frozenset(
         param.grad = torch.empty_like(param) if param.requires_grad and plain_name(name) not in untrained else None
 
 
-def untrained_parameters(model: nn.Module) -> frozenset[str] | str:
+def untrained_parameters(model: nn.Module, tokens: int) -> frozenset[str] | str:
     """The names (`plain_name`) of the parameters that require grad but get no gradient from one forward and
-    backward of `model` (on the meta device) over one sequence of token ids; a str: why the pass could not run.
+    backward of `model` (on the meta device) over one sequence of `tokens` token ids; a str: why the pass could
+    not run.
     The model's gradients are dropped afterwards."""
     import torch
 
@@ -56,7 +59,7 @@ def untrained_parameters(model: nn.Module) -> frozenset[str] | str:
     if not trained:
         return frozenset()
     device = next(iter(trained.values())).device
-    ids = torch.zeros((1, PROBE_TOKENS), dtype=torch.long, device=device)  # token 0: in every vocabulary
+    ids = torch.zeros((1, tokens), dtype=torch.long, device=device)  # token 0: in every vocabulary
     try:
         with PlaceholderScalars():
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
@@ -68,24 +71,38 @@ def untrained_parameters(model: nn.Module) -> frozenset[str] | str:
             param.grad = None
 
 
-_FOUND: dict[ModelSelection, frozenset[str] | str] = {}  # per selection, once per process (forks inherit it)
+# per selection and length, once per process (forks inherit it)
+_FOUND: dict[tuple[ModelSelection, int], frozenset[str] | str] = {}
 
 
-def untrained_in(selection: ModelSelection, module: nn.Module | None = None) -> frozenset[str] | str:
+def untrained_in(selection: ModelSelection, tokens: int, module: nn.Module | None = None) -> frozenset[str] | str:
     """`untrained_parameters` of the selected model: of `module` (the selection built on meta) where the caller
     has it, else of a meta build made here; once per selection and process (the fake steps' models are built on
-    fake tensors, where the pass would cost a step)."""
-    if selection not in _FOUND:
-        if module is None:
-            from optprof.model.loading import load_selection
+    fake tensors, where the pass would cost a step). Where the pass fails in another dtype, it is tried once more in
+    bf16: some kernels have meta implementations for bf16 alone (the grouped matmul of deepseek_v4's experts), and
+    which parameters get a gradient does not depend on the dtype."""
+    import dataclasses
 
-            try:
-                module = load_selection(selection).module
-            except Exception as exc:
-                _FOUND[selection] = f"the model did not build on meta ({error_text(exc)[:160]})"
-                return _FOUND[selection]
-        _FOUND[selection] = untrained_parameters(module)
-    return _FOUND[selection]
+    from optprof.config import Dtype
+
+    key = (selection, tokens)
+    if key not in _FOUND:
+        found = untrained_parameters(module, tokens) if module is not None else _built(selection, tokens)
+        if isinstance(found, str) and selection.dtype != Dtype.BFLOAT16:
+            again = _built(dataclasses.replace(selection, dtype=Dtype.BFLOAT16), tokens)
+            found = again if isinstance(again, frozenset) else found
+        _FOUND[key] = found
+    return _FOUND[key]
+
+
+def _built(selection: ModelSelection, tokens: int) -> frozenset[str] | str:
+    from optprof.model.loading import load_selection
+
+    try:
+        module = load_selection(selection).module
+    except Exception as exc:
+        return f"the model did not build on meta ({error_text(exc)[:160]})"
+    return untrained_parameters(module, tokens)
 
 
 def untrained_count(model: nn.Module, untrained: frozenset[str]) -> int:
@@ -93,7 +110,7 @@ def untrained_count(model: nn.Module, untrained: frozenset[str]) -> int:
     return sum(param.numel() for name, param in model.named_parameters() if plain_name(name) in untrained)
 
 
-def untrained_note(untrained: frozenset[str] | str) -> str | None:
+def untrained_note(untrained: frozenset[str] | str, tokens: int) -> str | None:
     """What the notes say: which parameters get no gradient (and so no state), or why every one was given one."""
     if isinstance(untrained, str):
         return f"every parameter that requires grad was given a gradient: {untrained}"
@@ -101,5 +118,5 @@ def untrained_note(untrained: frozenset[str] | str) -> str | None:
         return None
     names = sorted(untrained)
     shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
-    return (f"{len(names)} parameter tensors require grad but get no gradient from a forward and backward (so no "
-            f"optimizer state, as in the real step): {shown}")
+    return (f"{len(names)} parameter tensors require grad but get no gradient from a forward and backward of "
+            f"{tokens:,} tokens (so no optimizer state, as in the real step): {shown}")

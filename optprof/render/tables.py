@@ -92,9 +92,10 @@ def state_size_table(report: StateSizeReport, units: str = "gb") -> Group:
             "the copies' parameters add up to the model's, and every figure was checked affine in the layer count "
             "(exact; --full-model steps the whole model).", style="dim"))
     if report.untrained_parameters:
-        from optprof.optimizers.trained import untrained_note
+        from optprof.optimizers.trained import STATE_SIZE_TOKENS, untrained_note
 
-        notes.append(Text(f"{untrained_note(frozenset(report.untrained_parameters))}.", style="dim"))
+        note = untrained_note(frozenset(report.untrained_parameters), STATE_SIZE_TOKENS)
+        notes.append(Text(f"{note}.", style="dim"))
     return Group(table, legend, *notes)
 
 

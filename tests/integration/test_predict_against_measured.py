@@ -79,7 +79,7 @@ def test_parameters_without_a_gradient_get_no_state_in_any_command(family: str, 
     from tests.support.architectures import write_tiny
 
     model = write_tiny(family, tmp_path)
-    untrained = untrained_in(ModelSelection(model))
+    untrained = untrained_in(ModelSelection(model), 2048)  # state-size's length (optimizers.trained)
     assert isinstance(untrained, frozenset) and untrained
     assert all("vision_embed" in name or "encoder_attn" in name for name in untrained)
     training = TrainingSettings(device="cpu", seq_len=16, steps=1)
@@ -92,3 +92,21 @@ def test_parameters_without_a_gradient_get_no_state_in_any_command(family: str, 
     assert sharded.results[0].state_logical_bytes == measured.state_bytes
     assert predicted.predicted_peak_bytes == pytest.approx(measured.tensor_peak_bytes, rel=0.02)
     assert set(sized.untrained_parameters) == set(sharded.untrained_parameters) == untrained
+
+
+def test_which_parameters_train_depends_on_the_sequence_length(tmp_path: Path) -> None:
+    """deepseek_v4's long-range compressor emits one entry per 128 tokens: below that its weights get no gradient
+    (and no state), above it they train. Its grouped matmul has a meta kernel for bf16 alone, so the pass runs on a
+    bf16 meta build. predict and compare agree on the state at a short length."""
+    from optprof.optimizers.trained import untrained_in
+    from tests.support.architectures import write_tiny
+
+    selection = ModelSelection(write_tiny("deepseek_v4", tmp_path))
+    short, long = untrained_in(selection, 16), untrained_in(selection, 256)
+    assert isinstance(short, frozenset) and isinstance(long, frozenset)
+    assert short and all("compressor" in name for name in short) and not long
+    training = TrainingSettings(device="cpu", seq_len=16, steps=1)
+    measured = run_compare(CompareConfig(selection, ("adamw",), training), isolate=False).results[0]
+    predicted = run_predict(PredictConfig(selection, ("adamw",), training)).results[0]
+    assert measured.status == predicted.status == "ok", (measured.reason, predicted.reason)
+    assert predicted.state_bytes == measured.state_bytes
