@@ -42,6 +42,8 @@ class ModelInfo:
     active_params: int | None = None
     trainable_params: int | None = None  # what takes gradients and optimizer state (None in old reports: all)
     setup: str = "full training"  # what trains, in words (setups.describe_setup)
+    # an encoder built as a causal LM without `is_decoder`: its attention sees future tokens (`bidirectional`)
+    warning: str | None = None
 
     @property
     def trained_params(self) -> int:
@@ -193,7 +195,28 @@ def describe(
         experts_per_token=top_k,
         active_params=active,
         trainable_params=sum(p.numel() for p in trainable_parameters(model)),
+        warning=BIDIRECTIONAL if bidirectional(model, config) else None,
     )
+
+
+BIDIRECTIONAL = ("an encoder (BERT-style) built as a causal LM with is_decoder false: its attention sees every token, "
+                 "future ones included, so this is not a causal LM's step (its loss falls to near nothing); set "
+                 '"is_decoder": true in its config.json to profile it as a decoder')
+
+
+def bidirectional(model: nn.Module, config: PretrainedConfig) -> bool:
+    """Whether `model` is one of transformers' encoders with a causal-LM head (BERT, RoBERTa, RoFormer, ELECTRA and
+    their kin: each `*ForCausalLM.__init__` warns "add `is_decoder=True`" and reads `config.is_decoder`), built
+    without `is_decoder`, so that nothing masks future tokens (issue 37: roformer's loss fell from 6.35 to 1.27)."""
+    import inspect
+
+    if getattr(config, "is_decoder", True):
+        return False
+    try:
+        source = inspect.getsource(type(model).__init__)
+    except (OSError, TypeError):  # built in C or from a string: no source to read
+        return False
+    return "is_decoder" in source
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -67,6 +67,7 @@ def model_line(report: ModelReport) -> Text:
         f"hidden {m.hidden_size}, {m.num_layers} layers, {attention}vocab {m.vocab_size:,}",
         (setup, "bold"),
         f"\nstep: {step}" if step else "",
+        (f"\nwarning: {m.warning}", "bold yellow") if m.warning else "",
     )
 
 
