@@ -112,6 +112,11 @@ class TrainStep:
         """`scaler`: fp16's loss scaler, when the caller needs its own (predict's never skips a step)."""
         import torch
 
+        from optprof.model.info import needs_more_than_tokens
+
+        refused = needs_more_than_tokens(model)
+        if refused is not None:  # a finding about this model, in the row, as for an optimizer that cannot run here
+            raise SetupUnsupported(refused)
         self.model = model
         self.optimizer = optimizer
         self.params = params

@@ -199,6 +199,20 @@ def describe(
     )
 
 
+# Models whose training step needs inputs besides token ids, which optprof does not make: the reason, per model type
+NEEDS_MORE_THAN_TOKENS = {
+    "git": "GIT is an image-to-text model: its loss starts after the image tokens it expects first, so a step on text "
+           "alone has nothing to predict (transformers' own step fails the same way); it needs pixel_values, which "
+           "optprof does not make",
+}
+
+
+def needs_more_than_tokens(model: nn.Module) -> str | None:
+    """Why `model`'s step cannot run on token ids alone (`NEEDS_MORE_THAN_TOKENS`), or None."""
+    config = getattr(model, "config", None)
+    return NEEDS_MORE_THAN_TOKENS.get(str(getattr(config, "model_type", "")))
+
+
 BIDIRECTIONAL = ("an encoder (BERT-style) built as a causal LM with is_decoder false: its attention sees every token, "
                  "future ones included, so this is not a causal LM's step (its loss falls to near nothing); set "
                  '"is_decoder": true in its config.json to profile it as a decoder')

@@ -240,12 +240,26 @@ def load_model(
     torch_dtype(dtype)  # validate before the slower config lookup
     config, source, location = load_config(model, revision=revision, trust_remote_code=trust_remote_code)
     apply_overrides(config, (overrides or {}) | (first_layers(config, layers) if layers else {}))
+    chosen = _step_defaults(config)
     module = build_model(config, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     setup = setup or TrainingSetup()
     if not setup.is_full:
         module = apply_setup(module, setup)
     info = describe(module, config, name=model, source=source, location=location, dtype=dtype)
-    return LoadedModel(module, config, dataclasses.replace(info, setup=describe_setup(setup, module)))
+    warning = "; ".join(note for note in (info.warning, chosen) if note) or None
+    return LoadedModel(module, config, dataclasses.replace(info, setup=describe_setup(setup, module), warning=warning))
+
+
+def _step_defaults(config: PretrainedConfig) -> str | None:
+    """What a token-only step needs set that the config leaves unset, set, and said: X-MOD's language adapter, of
+    which each layer holds one per language (all of one shape) and uses one; without a default_language its forward
+    fails ("Input language unknown", transformers' own step too)."""
+    languages = getattr(config, "languages", None)
+    if getattr(config, "model_type", "") != "xmod" or not languages or getattr(config, "default_language", None):
+        return None
+    config.default_language = next(iter(languages))
+    return (f"X-MOD's language adapter is {config.default_language}, the first of its config's languages (it names no "
+            "default_language; every language's adapter has the same shape)")
 
 
 def apply_overrides(config: PretrainedConfig, overrides: dict[str, Any]) -> None:

@@ -38,3 +38,22 @@ def test_a_prediction_that_never_ends_costs_the_prediction_not_the_command(monke
     assert time.monotonic() - started < 60
     assert row.status == "ok" and row.predicted_peak_bytes is None
     assert any("did not end within 1 s" in note for note in row.notes), row.notes
+
+
+def test_git_is_unsupported_with_its_reason_and_xmod_runs_with_its_first_language(tmp_path: Any) -> None:
+    """Transformers' own token-only step fails on both (issue 37). GIT needs image inputs: its rows say so as
+    `unsupported`, never a bare `failed`. X-MOD only lacks a default language adapter: optprof chooses the config's
+    first, says so on the model line, and its step runs."""
+    from optprof.commands.predict import run_predict
+    from optprof.config import PredictConfig
+    from tests.support.architectures import write_tiny
+
+    git = ModelSelection(write_tiny("git", tmp_path))
+    for row in (run_compare(CompareConfig(git, ("adamw",), TRAINING, predict=False, preflight=False),
+                            isolate=False).results[0],
+                run_predict(PredictConfig(git, ("adamw",), TRAINING)).results[0]):
+        assert row.status == "unsupported" and "image" in (row.reason or ""), row.reason
+    xmod = run_compare(CompareConfig(ModelSelection(write_tiny("xmod", tmp_path)), ("adamw",), TRAINING,
+                                     predict=False, preflight=False), isolate=False)
+    assert xmod.results[0].status == "ok", xmod.results[0].reason
+    assert xmod.model.warning is not None and "language adapter is en_XX" in xmod.model.warning
