@@ -115,22 +115,33 @@ class Evaluated:
 
 class _Traces(Simulated):
     """One optimizer's traces of one setup at TRACED_AT, and any micro-batch on their line (each written once), with
-    their replays through the caching-allocator model (`Simulated`: once per micro-batch and capacity)."""
+    their replays through the caching-allocator model (`Simulated`: once per micro-batch and capacity). A written
+    trace holds the allocations alone (what a replay reads) until its time is asked for (`timed_trace`): the search
+    for the largest micro-batch replays several sizes and times one."""
 
     def __init__(self, config: PredictConfig, traces: dict[int, AllocationTrace]) -> None:
         super().__init__(config)
-        self.traces: dict[int, AllocationTrace | None] = dict(traces)
+        self.traces: dict[int, AllocationTrace] = dict(traces)  # as traced: allocations and ops
+        self.written: dict[int, AllocationTrace | None] = {}  # on the line: allocations (no ops)
         self.usable = _usable(config)
 
     def at(self, micro_batch: int) -> AllocationTrace | None:
-        """The trace at `micro_batch`; None where no line holds through the traced two."""
-        if micro_batch not in self.traces:
+        """The trace at `micro_batch` (its ops only where traced); None where no line holds through the traced two."""
+        if micro_batch in self.traces:
+            return self.traces[micro_batch]
+        if micro_batch not in self.written:
             low, high = (self.traces[size] for size in TRACED_AT)
-            assert low is not None and high is not None
-            trace = extrapolated(low, high, TRACED_AT[0], micro_batch)
-            ops = extrapolated_ops(low, high, TRACED_AT[0], micro_batch)
-            self.traces[micro_batch] = None if trace is None or ops is None else dataclasses.replace(trace, ops=ops)
-        return self.traces[micro_batch]
+            self.written[micro_batch] = extrapolated(low, high, TRACED_AT[0], micro_batch)
+        return self.written[micro_batch]
+
+    def timed_trace(self, micro_batch: int) -> AllocationTrace | None:
+        """The trace at `micro_batch` with its ops, for the step's time; None where no line holds for them."""
+        trace = self.at(micro_batch)
+        if trace is None or micro_batch in self.traces:
+            return trace
+        low, high = (self.traces[size] for size in TRACED_AT)
+        ops = extrapolated_ops(low, high, TRACED_AT[0], micro_batch)
+        return None if ops is None else dataclasses.replace(trace, ops=ops)
 
     def trace(self, micro_batch: int) -> AllocationTrace:
         found = self.at(micro_batch)
@@ -185,7 +196,7 @@ def _timed(traces: _Traces, config: PredictConfig, micro_batch: int, accumulatio
     """The step's predicted seconds and phases at `micro_batch`, with `accumulation` micro-batches per step: forward,
     backward and the exposed communication once per micro-batch, the optimizer once (an assumption the notes
     state; the confirming predict traces the accumulation itself)."""
-    trace = traces.at(micro_batch)
+    trace = traces.timed_trace(micro_batch)
     if trace is None:
         return None
     timed = step_seconds(trace, config, config.training)
@@ -259,8 +270,11 @@ def evaluate(setup_config: PredictConfig, entries: list[OptimizerEntry], sequenc
             largest = 1
         chosen = _chosen_size(traces, setup_config, largest, sequences)
         if chosen is None:
-            found.append(Evaluated(Status.NO_FIT, "no micro-batch that fits divides each GPU's share of the global "
-                                   "batch", max_micro_batch=largest, trace_method=method))
+            reason = ("its ops at micro-batch {largest} are not on the line through micro-batches 2 and 3, so its "
+                      "time cannot be written" if sequences is None else
+                      "no micro-batch that fits divides each GPU's share of the global batch")
+            found.append(Evaluated(Status.NO_FIT if sequences is not None else Status.FAILED,
+                                   reason.format(largest=largest), max_micro_batch=largest, trace_method=method))
             continue
         size, accumulation, step_s, phases = chosen
         # on the card: the allocator frees its cache and retries before it fails, as predict's replay does
