@@ -46,55 +46,67 @@ def give_meta_gradients(model: nn.Module, untrained: frozenset[str] = frozenset(
         param.grad = torch.empty_like(param) if param.requires_grad and plain_name(name) not in untrained else None
 
 
-def untrained_parameters(model: nn.Module, tokens: int) -> frozenset[str] | str:
+class TooManyOps(Exception):
+    """A pass dispatched more ops than its budget (a model that loops over the tokens in Python)."""
+
+
+def untrained_parameters(model: nn.Module, tokens: int, op_budget: int | None = None) -> frozenset[str] | str:
     """The names (`plain_name`) of the parameters that require grad but get no gradient from one forward and
     backward of `model` (on the meta device) over one sequence of `tokens` token ids; a str: why the pass could
-    not run.
-    The model's gradients are dropped afterwards."""
+    not run. With `op_budget`, TooManyOps once the pass has dispatched that many ops. The model's gradients are
+    dropped afterwards."""
     import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
 
     from optprof.optimizers.state import PlaceholderScalars
+
+    class Budget(TorchDispatchMode):
+        left = op_budget
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if self.left is not None:
+                self.left -= 1
+                if self.left < 0:
+                    raise TooManyOps(f"more than {op_budget:,} ops")
+            return func(*args, **(kwargs or {}))
 
     trained = {name: param for name, param in model.named_parameters() if param.requires_grad}
     if not trained:
         return frozenset()
     device = next(iter(trained.values())).device
     ids = torch.zeros((1, tokens), dtype=torch.long, device=device)  # token 0: in every vocabulary
+    budget = Budget()
     try:
-        with PlaceholderScalars():
+        with PlaceholderScalars(), budget:
             model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         return frozenset(plain_name(name) for name, param in trained.items() if param.grad is None)
     except Exception as exc:
+        if budget.left is not None and budget.left < 0:
+            raise TooManyOps(str(exc)) from exc
         return f"a meta forward and backward failed ({error_text(exc)[:160]})"
     finally:
         for param in model.parameters():
             param.grad = None
 
 
-SHORT_TOKENS = 16  # the first pass: every layer runs
-LONG_PASS_BUDGET_S = 2.0  # the pass at the full length, where the short one says it costs no more than this
+SHORT_TOKENS = 32  # the pass where the full length would cost too much: every layer runs
+# a whole model's forward and backward dispatches some 150 ops per layer at any length (about 12,000 for 80 layers);
+# a model that steps token by token dispatches hundreds per token and layer, and is stopped here (about 1.5 s)
+OP_BUDGET = 50_000
 
 
 def probed(model: nn.Module, tokens: int) -> frozenset[str] | str:
-    """`untrained_parameters` at `tokens`, where that is cheap: a pass on meta costs the same at any length for a
-    model that attends to a sequence at once (0.04 s for a tiny llama at 16 or 256 tokens), but a model that steps
-    token by token loops in Python (rwkv's tiny config: 0.37 s at 16 tokens, 4.8 s at 256; a full one, minutes).
-    So the pass runs at 16 and 32 tokens first, and at `tokens` only where the cost per token between those two,
-    carried to `tokens`, stays within LONG_PASS_BUDGET_S; else the 32-token answer stands (a parameter that would
-    train only past 32 tokens would then keep no state: none is known among the models that loop)."""
-    import time
-
-    if tokens <= 2 * SHORT_TOKENS:
+    """`untrained_parameters` at `tokens`, where that is cheap: a pass on meta costs about the same at any length for
+    a model that attends to a sequence at once, but a model that steps token by token loops in Python (rwkv's tiny
+    config: 0.37 s at 16 tokens, 4.8 s at 256; a full one, minutes). So the pass at `tokens` stops after OP_BUDGET
+    ops, and then the pass runs at 32 tokens (a parameter that would train only past 32 tokens would then keep no
+    state: none is known among the models that loop)."""
+    if tokens <= SHORT_TOKENS:
         return untrained_parameters(model, tokens)
-    seconds = []
-    for length in (SHORT_TOKENS, 2 * SHORT_TOKENS):
-        started = time.perf_counter()
-        found = untrained_parameters(model, length)
-        seconds.append(time.perf_counter() - started)
-    per_token = max(0.0, seconds[1] - seconds[0]) / SHORT_TOKENS  # the first pass also pays one-off costs
-    if isinstance(found, frozenset) and seconds[1] + per_token * (tokens - 2 * SHORT_TOKENS) <= LONG_PASS_BUDGET_S:
-        found = untrained_parameters(model, tokens)
-    return found
+    try:
+        return untrained_parameters(model, tokens, OP_BUDGET)
+    except TooManyOps:
+        return untrained_parameters(model, SHORT_TOKENS)
 
 
 # per selection and length, once per process (forks inherit it)
