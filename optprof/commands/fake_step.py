@@ -36,7 +36,7 @@ from optprof.model.setups import qlora_weight_saving
 from optprof.optimizers.implementation import set_implementation
 from optprof.optimizers.registry import OptimizerEntry
 from optprof.optimizers.state import account_state, fused_update, needs_gradient_graph, state_tensors
-from optprof.optimizers.trained import plain_name, untrained_in
+from optprof.optimizers.trained import names_found, plain_name, untrained_in
 from optprof.processes.branching import run_branched
 from optprof.results.vocab import Status
 
@@ -312,9 +312,8 @@ class SharedTrainer:
                     if callable(reshard):
                         reshard()  # what backward would have done: the root's stay gathered after forward
             # backward leaves these without a gradient, and so without state
-            untrained = untrained_in(self.config.model, step.training.seq_len or 1)
-            skipped = set() if isinstance(untrained, str) else {
-                id(param) for name, param in self.fake.model.named_parameters() if plain_name(name) in untrained}
+            untrained = names_found(untrained_in(self.config.model, step.training.seq_len or 1))
+            skipped = {id(param) for name, param in self.fake.model.named_parameters() if plain_name(name) in untrained}
             for param in params:
                 param.grad = None if id(param) in skipped else torch.zeros_like(param)
         gradients = [p.grad for p in params]

@@ -532,7 +532,7 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
     info = loaded.info
     training = dataclasses.replace(config.training, seq_len=resolve_seq_len(
         config.training.seq_len, info.max_position_embeddings, config.training.device))
-    untrained_in(selection, training.seq_len or 1, loaded.module)  # which parameters get no gradient, on meta
+    untrained = untrained_in(selection, training.seq_len or 1, loaded.module)  # no gradient, from this meta build
     finished: FinishedRows[PredictRow] = FinishedRows(on_row)
     interrupted: str | None = None
     try:
@@ -560,9 +560,9 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
                         "tokens x top-k rows however the tokens are routed, so the prediction holds for any "
                         "routing, balanced or not (compare reports the routing it saw); an implementation with a "
                         "capacity per expert (padding or dropping tokens) would differ",)
-    untrained = untrained_note(untrained_in(selection, training.seq_len or 1), training.seq_len or 1)
-    if untrained is not None:
-        assumptions += (untrained,)
+    untrained_line = untrained_note(untrained, training.seq_len or 1)
+    if untrained_line is not None:
+        assumptions += (untrained_line,)
     assumptions += recipe_notes(training, selection, config.replicas)
     outside = allocator_notes(config)
     assumptions += tuple(line for _, line in outside)

@@ -28,7 +28,13 @@ from optprof.optimizers.state import (
     logical_state_bytes,
     step_on_meta,
 )
-from optprof.optimizers.trained import STATE_SIZE_TOKENS, give_meta_gradients, untrained_count, untrained_in
+from optprof.optimizers.trained import (
+    STATE_SIZE_TOKENS,
+    give_meta_gradients,
+    names_found,
+    untrained_count,
+    untrained_in,
+)
 from optprof.processes.forked import run_each
 from optprof.results.reports import StateSizeReport, command_config
 from optprof.results.rows import FinishedRows, StatePart, StateSizeRow
@@ -62,12 +68,16 @@ class Subject:
     why: str | None = None
     untrained: frozenset[str] = frozenset()
 
+    @property
+    def trained_params(self) -> int:
+        """The parameters that take a gradient, and so state: the trainable ones but the `untrained`."""
+        return self.info.trained_params - untrained_count(self.module, self.untrained)
+
 
 def subject_for(selection: ModelSelection, module: nn.Module, info: ModelInfo, full_model: bool) -> Subject:
     """The copies a decoder's repeated layers allow: a step costs time per parameter tensor, and a 7B model has
     32 layers of the same tensors (see `model.layer_copies.layer_copies`)."""
-    found = untrained_in(selection, STATE_SIZE_TOKENS, module)
-    untrained = found if isinstance(found, frozenset) else frozenset()
+    untrained = names_found(untrained_in(selection, STATE_SIZE_TOKENS, module))
     if full_model:
         return Subject(module, info, why="--full-model", untrained=untrained)
     copies, why = layer_copies(selection, info)
@@ -135,7 +145,7 @@ def _row(entry: OptimizerEntry, subject: Subject, opt_args: dict, ranks: int = 1
         status, reason = status_of(exc, entry, ranks, strategy)
         return dataclasses.replace(base, status=status, reason=reason)
     entries = account.second_moment_entries
-    trained = subject.info.trained_params - untrained_count(subject.module, subject.untrained)
+    trained = subject.trained_params
     return dataclasses.replace(
         base,
         state_bytes=account.state_bytes,
@@ -179,8 +189,10 @@ def _sharded_rows(config: StateSizeConfig, entries: list[OptimizerEntry], on_row
         module, info = loaded.module, loaded.info
         shard_fsdp(module, mesh, config.strategy)
         params = trainable_parameters(module)
-        found = untrained_in(config.model, STATE_SIZE_TOKENS)  # a meta build: here it would be a sharded fake step
-        untrained = found if isinstance(found, frozenset) else frozenset()
+        # on a meta build of its own: on this module the pass would be a sharded fake step
+        untrained = names_found(untrained_in(config.model, STATE_SIZE_TOKENS))
+        subject = Subject(module, info, untrained=untrained)
+        trained_per_rank = subject.trained_params / config.gpus
 
         def logical(entry: OptimizerEntry) -> int:
             give_meta_gradients(module, untrained)
@@ -189,13 +201,11 @@ def _sharded_rows(config: StateSizeConfig, entries: list[OptimizerEntry], on_row
 
         rows = []
         for entry in entries:
-            row = _row(entry, Subject(module, info, untrained=untrained), config.opt_args, config.gpus,
-                       config.strategy)
+            row = _row(entry, subject, config.opt_args, config.gpus, config.strategy)
             row = dataclasses.replace(row, world_size=config.gpus)
             if row.status == Status.OK:
-                trained = info.trained_params - untrained_count(module, untrained)
                 row = dataclasses.replace(row, method=StateMethod.FSDP_FAKE, state_logical_bytes=logical(entry),
-                                          bytes_per_param=(row.state_bytes or 0) / (trained / config.gpus))
+                                          bytes_per_param=(row.state_bytes or 0) / trained_per_rank)
             rows.append(row)
             on_row(row)
         selected = next((r for r in rows if r.optimizer == REFERENCE and r.status == Status.OK), None)

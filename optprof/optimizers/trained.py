@@ -143,6 +143,11 @@ def _built(selection: ModelSelection, tokens: int) -> frozenset[str] | str:
     return probed(module, tokens)
 
 
+def names_found(found: frozenset[str] | str) -> frozenset[str]:
+    """The names `untrained_in` found; none where its pass could not run (every parameter keeps a gradient)."""
+    return found if isinstance(found, frozenset) else frozenset()
+
+
 def untrained_count(model: nn.Module, untrained: frozenset[str]) -> int:
     """How many parameters (elements, the whole model's under sharding) the `untrained` tensors hold."""
     return sum(param.numel() for name, param in model.named_parameters() if plain_name(name) in untrained)
