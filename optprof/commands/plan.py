@@ -170,21 +170,35 @@ def _usable(config: PredictConfig) -> int:
 
 
 def _largest(traces: _Traces, cap: int) -> int:
-    """The largest micro-batch from 2 up to `cap` whose replay fits the card (0: not even 2): first guessed from
-    the line through the peaks reserved at 2 and 3, then settled by replays around the guess (a bisection where
-    the guess is off by more than one)."""
-    low = TRACED_AT[0]
+    """The largest micro-batch from 2 up to `cap` whose replay fits the card (0: not even 2). The line through the
+    peaks allocated at 2 and 3 bounds it from above (a step's allocations alone cannot pass the card; the cache's
+    fragmentation costs a few micro-batches more), so the search starts there: down by steps that double until one
+    fits (up where the bound itself fits), then a bisection between the last fit and the first miss."""
+    low, high = TRACED_AT
     if not traces.fits(low):
         return 0
-    reserved = [traces.unlimited(size) for size in TRACED_AT]
-    growth = reserved[1] - reserved[0]
-    guess = cap if growth <= 0 else max(low, min(cap, low + (traces.usable - reserved[0]) // growth))
-    if traces.fits(guess):
-        if guess == cap or not traces.fits(guess + 1):
-            return guess
-        largest, miss = guess + 1, cap + 1
+    if high > cap or not traces.fits(high):
+        return low
+    allocated = [traces.on_card(size).peak_allocated for size in TRACED_AT]
+    growth = allocated[1] - allocated[0]
+    bound = cap if growth <= 0 else max(high, min(cap, low + (traces.usable - allocated[0]) // growth))
+    largest, miss, step = high, cap + 1, 1
+    if traces.fits(bound):
+        largest = bound
+        while largest < cap:  # not a bound after all: gallop up
+            probe = min(cap, largest + step)
+            if not traces.fits(probe):
+                miss = probe
+                break
+            largest, step = probe, step * 2
     else:
-        largest, miss = low, guess
+        miss = bound
+        while miss - step > largest:
+            probe = miss - step
+            if traces.fits(probe):
+                largest = probe
+                break
+            miss, step = probe, step * 2
     while largest + 1 < miss:
         middle = (largest + miss) // 2
         largest, miss = (middle, miss) if traces.fits(middle) else (largest, middle)

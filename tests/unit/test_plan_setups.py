@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from optprof.cli.plan import token_count
-from optprof.commands.plan import Setup, _least_memory, setups
+from optprof.commands.plan import Setup, _largest, _least_memory, setups
 from optprof.config import Strategy
 from optprof.errors import UsageError
 
@@ -40,3 +42,29 @@ def test_token_counts(text: str, tokens: int) -> None:
 def test_a_bad_token_count_is_a_usage_error() -> None:
     with pytest.raises(UsageError, match="token count"):
         token_count("4 tokens")
+
+
+class _Line:
+    """A step whose allocated peak grows by `per` a micro-batch from `base`, and that fits up to `fits_to` (the
+    cache's fragmentation keeps it below where its allocations alone reach the card)."""
+
+    def __init__(self, base: int, per: int, usable: int, fits_to: int) -> None:
+        self.base, self.per, self.usable, self.fits_to = base, per, usable, fits_to
+        self.probes: list[int] = []
+
+    def fits(self, micro_batch: int) -> bool:
+        self.probes.append(micro_batch)
+        return micro_batch <= self.fits_to
+
+    def on_card(self, micro_batch: int) -> SimpleNamespace:
+        return SimpleNamespace(peak_allocated=self.base + self.per * micro_batch)
+
+
+@pytest.mark.parametrize("fits_to", [0, 1, 2, 3, 4, 9, 17, 18, 21, 22, 40, 256])
+@pytest.mark.parametrize("per", [0, 1, 3])
+def test_the_largest_micro_batch_is_the_largest_that_fits(fits_to: int, per: int) -> None:
+    # the bound from the allocated line sits at 21 where per is 1: below it, on it and past it (not a bound)
+    line = _Line(base=10, per=per, usable=31, fits_to=fits_to)
+    expected = 0 if fits_to < 2 else min(fits_to, 256)
+    assert _largest(line, 256) == expected  # type: ignore[arg-type]
+    assert len(line.probes) <= 2 + 2 * 8 + 1  # galloping and bisecting: about two log2(cap) at most
