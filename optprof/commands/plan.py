@@ -28,6 +28,7 @@ from optprof.config import Dtype, PredictConfig, Strategy, parameter_dtype, reso
 from optprof.device.replay import Replay
 from optprof.device.trace import AllocationTrace, extrapolated, extrapolated_ops
 from optprof.errors import UsageError
+from optprof.interrupts import Interrupted, stop_children
 from optprof.measure.flops import model_flops_per_token
 from optprof.model.loading import load_selection
 from optprof.optimizers.registry import OptimizerEntry, availability, check_opt_args, resolve_optimizers
@@ -336,7 +337,6 @@ def run_plan(config: PlanConfig, on_progress: Callable[[str], None] = lambda tex
         nonlocal traced_setups
         work = [(index, [e for e in available if (index, e.name) not in results]) for index in indices]
         work = [(index, wanted) for index, wanted in work if wanted]
-        traced_setups += len(work)
 
         def one(position: int, here: bool) -> list[Evaluated]:
             index, wanted = work[position]
@@ -344,44 +344,67 @@ def run_plan(config: PlanConfig, on_progress: Callable[[str], None] = lambda tex
                 on_progress(f"setup {index + 1} of {len(configs)}: {configs[index][0].label()}")
             return evaluate(configs[index][1], wanted, sequences)
 
-        outcomes = run_each(one, len(work), config.jobs,
-                            died=lambda position: [Evaluated(Status.FAILED, "the worker died")
-                                                   for _ in work[position][1]],
-                            on_result=lambda position, found: on_progress(
-                                f"traced {configs[work[position][0]][0].label()}"),
-                            order=sorted(range(len(work)), key=lambda p: -_traced_layers(configs[work[p][0]][1])))
-        for (index, wanted), found in zip(work, outcomes, strict=True):
+        def kept(position: int, found: list[Evaluated]) -> None:  # as each finishes: what a signal keeps
+            nonlocal traced_setups
+            index, wanted = work[position]
+            traced_setups += 1
             for entry, evaluated in zip(wanted, found, strict=True):
                 results[(index, entry.name)] = evaluated
 
-    # the least-memory setup of each strategy first: where it does not fit, neither does the rest of that strategy
-    least = _least_memory([setup for setup, _ in configs])
-    evaluate_all(sorted(set(least.values())))
-    for index, (setup, _) in enumerate(configs):
-        bound_index = least.get((setup.strategy, setup.shard_size))
-        if bound_index is None or bound_index == index:
-            continue
-        for entry in available:
-            bounding = results.get((bound_index, entry.name))
-            if bounding is not None and bounding.status == Status.NO_FIT and (index, entry.name) not in results:
-                results[(index, entry.name)] = Evaluated(
-                    Status.NO_FIT, f"{configs[bound_index][0].label()}, the least memory of this strategy, does "
-                    "not fit", pruned=True, short_by_bytes=bounding.short_by_bytes)
-    evaluate_all([i for i in range(len(configs)) if i not in least.values()])
+        def finished(position: int, found: list[Evaluated]) -> None:
+            kept(position, found)
+            on_progress(f"traced {configs[work[position][0]][0].label()}")
+
+        outcomes = run_each(one, len(work), config.jobs,
+                            died=lambda position: [Evaluated(Status.FAILED, "the worker died")
+                                                   for _ in work[position][1]],
+                            on_result=finished,
+                            order=sorted(range(len(work)), key=lambda p: -_traced_layers(configs[work[p][0]][1])))
+        for position, found in enumerate(outcomes):
+            if (work[position][0], work[position][1][0].name) not in results:  # its worker died: no result came
+                kept(position, found)
+
+    interrupted: str | None = None
+    try:
+        # the least-memory setup of each strategy first: where it does not fit, neither does the rest of that strategy
+        least = _least_memory([setup for setup, _ in configs])
+        evaluate_all(sorted(set(least.values())))
+        for index, (setup, _) in enumerate(configs):
+            bound_index = least.get((setup.strategy, setup.shard_size))
+            if bound_index is None or bound_index == index:
+                continue
+            for entry in available:
+                bounding = results.get((bound_index, entry.name))
+                if bounding is not None and bounding.status == Status.NO_FIT and (index, entry.name) not in results:
+                    results[(index, entry.name)] = Evaluated(
+                        Status.NO_FIT, f"{configs[bound_index][0].label()}, the least memory of this strategy, "
+                        "does not fit", pruned=True, short_by_bytes=bounding.short_by_bytes)
+        evaluate_all([i for i in range(len(configs)) if i not in least.values()])
+    except Interrupted as stop:  # the setups searched so far are kept and ranked; the rest say so
+        stop_children()
+        interrupted = str(stop)
+        for index in range(len(configs)):
+            for entry in available:
+                results.setdefault((index, entry.name), Evaluated(
+                    Status.INTERRUPTED, f"{interrupted} stopped the search before this setup was traced"))
     searched_s = time.perf_counter() - started
     flops_per_token = model_flops_per_token(loaded.module, info, seq_len)
     rows = _ranked(configs, entries, results, config, flops_per_token, seq_len)
     confirm_s = None
-    if config.confirm:
+    if config.confirm and interrupted is None:  # a signal asked to stop, not to go on
         confirming = time.perf_counter()
-        rows = _confirmed(rows, configs, seq_len, on_progress)
+        try:
+            rows = _confirmed(rows, configs, seq_len, on_progress)
+        except Interrupted as stop:  # the search's rows stand, unconfirmed
+            stop_children()
+            interrupted = str(stop)
         confirm_s = time.perf_counter() - confirming
     considered = len(configs) * len(available)
     pruned = sum(1 for r in results.values() if r.pruned)
     methods = sorted({r.trace_method for r in results.values() if r.trace_method})
     target = time_target(first)
     return PlanReport(
-        model=info, results=tuple(rows),
+        model=info, results=tuple(rows), interrupted=interrupted,
         config={**command_config("plan", first.model, [e.name for e in entries], first.opt_args),
                 "gpu": first.gpu, "gpus": first.gpus * first.replicas, "seq_len": seq_len,
                 "global_batch_tokens": config.global_batch_tokens, "gpu_memory_bytes": first.gpu_memory_bytes,

@@ -54,3 +54,36 @@ def test_bad_plan_input_is_one_line(argv: list[str], says: str, model_dir: Calla
                         "--strategy", "fsdp", "--activation-checkpointing", "none", "--loss", "default",
                         "--no-confirm", *argv], capsys)
     assert code == 2 and says in err and "Traceback" not in err, err
+
+
+def test_an_interrupted_plan_keeps_the_setups_searched_and_exits_130(
+        model_dir: Callable[[str], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    import signal
+
+    from optprof.commands import plan
+    from optprof.interrupts import Interrupted
+
+    searched = plan.evaluate
+    calls = {"n": 0}
+
+    def second_is_interrupted(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 2:  # Ctrl-C while the second setup is traced
+            raise Interrupted(signal.SIGINT)
+        return searched(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(plan, "evaluate", second_is_interrupted)
+    out = tmp_path / "plan.json"
+    code, _, err = run(["plan", model_dir("tiny-llama"), "--gpu", "h100-sxm", "-o", "adamw", "--seq-len", "16",
+                        "--activation-checkpointing", "none,full", "--loss", "default", "--max-micro-batch", "8",
+                        "--jobs", "1", "-f", "json", "--output", str(out)], capsys)
+    assert code == 130 and "interrupted by SIGINT" in err, err
+    report = read_report(out)
+    assert isinstance(report, PlanReport) and report.interrupted == "SIGINT"
+    assert sorted(str(row.status) for row in report.results) == ["interrupted", "ok"]
+    chosen = report.chosen()["adamw"]  # the one setup searched is ranked, and not confirmed: the user asked to stop
+    assert chosen.status == "ok" and not chosen.confirmed
+    assert report.search["traced"] == 1
+    code, shown, _ = run(["report", str(out)], capsys)
+    assert code == 0 and "stopped the search before this setup was traced" in shown
