@@ -239,7 +239,15 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The modules whose class the model's `_no_split_modules` names (its transformer blocks), in order: the units
-    FSDP2 shards one by one and activation checkpointing wraps."""
+    """The outermost modules whose class the model's `_no_split_modules` names (its transformer blocks), in order:
+    the units FSDP2 shards one by one and activation checkpointing wraps."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    return [module for module in model.modules() if type(module).__name__ in names]
+    blocks: list[nn.Module] = []
+    inside: list[str] = []  # the blocks' own names: a named class nested in a block is part of it (mamba names its
+    # MambaMixer beside MambaBlock; FSDP2 cannot shard a block's parameters twice, and a block checkpointed inside
+    # another would be recomputed twice)
+    for name, module in model.named_modules():
+        if type(module).__name__ in names and not any(name.startswith(outer + ".") for outer in inside):
+            blocks.append(module)
+            inside.append(name)
+    return blocks

@@ -27,9 +27,6 @@ BLOCKS = 40  # deep enough for a period of 6 to be copied, retried once and chec
 CUDA_BF16 = TrainingSettings(device=DeviceKind.CUDA, seq_len=16, amp="bf16")
 # jetmoe's experts cannot be built as a shallow copy of 16 layers here (split sizes); a known limitation
 SKIP = {"jetmoe": "its tiny config's experts fail to build at these depths"}
-# predict's own FSDP2 step fails on these at 4 layers and more, whole or copied ("Cannot concatenate overlapping
-# meshes"): a finding about predict, not about the copies
-SKIP_FSDP2 = {"mamba": "predict's FSDP2 step fails on it at 4+ layers", "falcon_mamba": "as mamba"}
 
 
 def deep_config(model_type: str, layers: int = BLOCKS) -> Any:
@@ -57,8 +54,6 @@ FAMILIES_RUN = FAMILIES if os.environ.get("OPTPROF_ALL_FAMILIES") else REPRESENT
 def test_the_written_trace_is_the_deeper_models_trace(family: str, gpus: int, tmp_path: Path) -> None:
     if family in SKIP:
         pytest.skip(SKIP[family])
-    if gpus > 1 and family in SKIP_FSDP2:
-        pytest.skip(SKIP_FSDP2[family])
     if gpus == 1 and family != "llama" and not os.environ.get("OPTPROF_ALL_FAMILIES"):
         pytest.skip("one device: llama in the test tier, every family with OPTPROF_ALL_FAMILIES=1")
     _check_written_against_real(family, gpus, CUDA_BF16, tmp_path)

@@ -275,3 +275,22 @@ def test_state_size_follows_the_recipes_parameter_dtype(capsys: pytest.CaptureFi
     full, tune = state(), state("--recipe", "torchtune")
     assert state("--recipe", "torchtune", "--dtype", "float32") == full  # an explicit flag wins
     assert tune < full and state("--dtype", "bfloat16") == tune  # torchtune's parameters are bfloat16
+
+
+def test_a_block_class_named_inside_another_block_is_part_of_it(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """mamba's `_no_split_modules` names MambaMixer beside MambaBlock, which holds it: the units FSDP2 shards
+    and checkpointing wraps are the blocks alone (sharding the mixer again failed predict from 4 layers on:
+    "Cannot concatenate overlapping meshes"; checkpointing both recomputed each mixer twice)."""
+    from optprof.model.info import transformer_blocks
+    from optprof.model.loading import load_model
+
+    folder = Path(write_tiny("mamba", tmp_path))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 4}))
+    blocks = transformer_blocks(load_model(str(folder)).module)
+    assert [type(block).__name__ for block in blocks] == ["MambaBlock"] * 4
+    code, out, err = run(["predict", str(folder), "--gpus", "2", "--device", "cuda", "--seq-len", "16", "-o", "adamw",
+                          "--activation-checkpointing", "selective-layer:2", "-f", "json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["results"][0]["status"] == "ok"
