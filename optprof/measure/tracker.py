@@ -139,6 +139,8 @@ class TensorPeakTracker:
         self.state_bytes = state_bytes
         self.tracker = _memory_tracker(step, with_optimizer)
         self._fwd_bwd: list[int] = []
+        self._grad_hooks: list[Any] = []  # ModTracker's, this step's (`_module_grad_hooks`)
+        self._hooks_kept = contextlib.ExitStack()
         self.result: TrackedPeak | None = None
 
     def _peak_snapshot(self) -> dict[Any, int]:
@@ -151,10 +153,17 @@ class TensorPeakTracker:
     def __enter__(self) -> TensorPeakTracker:
         step = self.step
         step.before_forward = self.tracker.reset_mod_stats  # MemTracker refuses a second root forward otherwise
-        step.after_backward = lambda: self._fwd_bwd.append(int(self._peak_snapshot().get("Total", 0)))
+        step.after_backward = self._after_backward
         step.measure_grads = True
+        self._hooks_kept.enter_context(_module_grad_hooks(self._grad_hooks))
         self.tracker.__enter__()
         return self
+
+    def _after_backward(self) -> None:
+        self._fwd_bwd.append(int(self._peak_snapshot().get("Total", 0)))
+        for handle in self._grad_hooks:  # backward is done: what they held of its graph goes, as in a step untracked
+            handle.remove()
+        self._grad_hooks.clear()
 
     def join(self, optimizer: Any, state_bytes: int) -> None:
         """Track `optimizer` from here on as if it had been tracked from the start (its state is alive throughout a
@@ -185,6 +194,7 @@ class TensorPeakTracker:
         try:
             self.tracker.__exit__(*exc)
         finally:
+            self._hooks_kept.close()
             step.before_forward = step.after_backward = None
             step.measure_grads = False
         if exc[0] is not None:
@@ -193,6 +203,31 @@ class TensorPeakTracker:
         categories = {k: int(v) for k, v in snapshot.items() if k != "Total"}
         self.result = TrackedPeak(int(snapshot.get("Total", 0)), tracker_breakdown(categories, self.state_bytes),
                                   step.grad_bytes, self._fwd_bwd[0])
+
+
+@contextlib.contextmanager
+def _module_grad_hooks(handles: list[Any]) -> Iterator[None]:
+    """Collect in `handles` the gradient hooks MemTracker's ModTracker registers on each module's inputs and outputs
+    in forward (torch/distributed/_tools/mod_tracker.py, `_fw_pre_hook` and `_fw_post_hook`), for removal after
+    backward. The hook on a module's inputs holds their autograd nodes in its closure (torch/autograd/graph.py,
+    `register_multi_grad_hook`, mode "all": `grad_fns`), and the node holds the hook: a cycle through C++ that
+    Python's collector does not break, so the step's graph outlived backward, and with it what a custom op kept on
+    its context rather than saving it for backward (transformers' grouped_mm fallback keeps `offs`, 16 B per MoE
+    layer), which the real step frees (issue 37: MoE predictions were 16-32 B high)."""
+    import torch.distributed._tools.mod_tracker as mod_tracker
+
+    original = mod_tracker.register_multi_grad_hook
+
+    def register(*args: Any, **kwargs: Any) -> Any:
+        handle = original(*args, **kwargs)
+        handles.append(handle)
+        return handle
+
+    mod_tracker.register_multi_grad_hook = register
+    try:
+        yield
+    finally:
+        mod_tracker.register_multi_grad_hook = original
 
 
 def tracked_step(step: TrainStep, state_bytes: int, recorder: TraceRecorder | None = None,
