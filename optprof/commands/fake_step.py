@@ -94,6 +94,13 @@ class FakeModel:
             shard_fsdp(self.model, mesh, config.strategy, training=training)
         self.params = trainable_parameters(self.model)
 
+    def configure(self, training: TrainingSettings) -> None:
+        """Another setup's checkpointing and loss on this model, built and warmed up without either (plan's setups
+        of one strategy share their copies): both replace forwards on the instances (measure/checkpointing.py,
+        measure/loss.py), which FSDP2's hooks run around, sharded or not. In a forked child, which keeps it."""
+        self.training = training
+        configure_model(self.model, training)
+
     def optimizer(self, entry: OptimizerEntry) -> Any:
         def build() -> Any:
             return entry.build(self.model, self.info, self.config.opt_args)
@@ -331,16 +338,21 @@ class SharedTrainer:
         for param in params:
             param.grad = None
 
+    def forget_traces(self) -> None:
+        """Drop what `trace_all` brought back (the next setup on this model traces the same sizes)."""
+        self._outcomes.clear()
+
     def outcome(self, micro_batch: int, index: int) -> Traced | StepFailed | None:
         """Optimizer `index`'s tracked step at `micro_batch`; None while not traced."""
         return self._outcomes.get(micro_batch, {}).get(index)
 
-    def trace_all(self, wanted: dict[int, list[int]]) -> None:
+    def trace_all(self, wanted: dict[int, list[int]], prepare: Callable[[], None] | None = None) -> None:
         """Trace each micro-batch of `wanted` for the optimizers listed with it: the micro-batches at once, each in a
         forked child, each forking again after backward, one child per optimizer (`jobs` of those at a time, shared
-        out among the micro-batches)."""
+        out among the micro-batches). `prepare` runs in each micro-batch's child before its step (a setup of its
+        own on this model, which the parent keeps as it was)."""
         sizes = sorted(wanted)
-        if len(sizes) == 1:
+        if len(sizes) == 1 and prepare is None:
             self._outcomes.setdefault(sizes[0], {}).update(self._branches(sizes[0], wanted[sizes[0]], self.jobs))
             return
         # every size at once, even past `jobs`: a size's child is busy for its forward and backward and then waits on
@@ -350,6 +362,8 @@ class SharedTrainer:
 
         def one_size(brancher: Any) -> dict[int, Traced | StepFailed]:
             size = sizes[brancher.fork()]
+            if prepare is not None:
+                prepare()
             return self._branches(size, wanted[size], inner)
 
         def failed(position: int, exc: BaseException) -> dict[int, Traced | StepFailed]:

@@ -4,9 +4,11 @@ accumulation).
 
 Each setup is one step on fake tensors, as predict runs it, at micro-batches 2 and 3 (every optimizer over one
 forward and backward), traced on two shallow copies of the model and written for all its layers
-(`shallow_step`); the trace at any other micro-batch is extrapolated from those two (each allocation's size and
-each op's cost on the line through its two values), replayed through the caching-allocator model for the largest
-micro-batch that fits, and costed on the catalog GPU's timeline. A setup is pruned before any trace where a bound
+(`shallow_step`); the setups of one strategy differ only in checkpointing and loss, and share their copies, each
+built and warmed up once for several of them (`layer_periodic_setups`). The trace at any other micro-batch is
+extrapolated from those two (each allocation's size and each op's cost on the line through its two values),
+replayed through the caching-allocator model for the largest micro-batch that fits, and costed on the catalog
+GPU's timeline. A setup is pruned before any trace where a bound
 shows it cannot fit: the sharded parameters, gradients and state alone exceed the card, or the same strategy with
 full checkpointing and the chunked loss (the least memory of its setups) does not fit micro-batch 1. The chosen
 setup per optimizer is confirmed by a full predict (the whole model traced at the chosen micro-batch), and any
@@ -23,7 +25,7 @@ from typing import Any
 
 from optprof.commands.fake_step import Simulated, StepFailed
 from optprof.commands.predict import run_predict, step_seconds, time_target
-from optprof.commands.shallow_step import Shallow, layer_periodic_traces, shallow_copies
+from optprof.commands.shallow_step import Shallow, layer_periodic_setups, shallow_copies
 from optprof.config import Dtype, PredictConfig, Strategy, parameter_dtype, resolve_seq_len
 from optprof.device.replay import Replay
 from optprof.device.trace import AllocationTrace, extrapolated, extrapolated_ops
@@ -42,6 +44,8 @@ CHECKPOINTING = ("none", "selective-op", "selective-layer:2", "full")
 LOSSES = ("default", "chunked:8")
 TRACED_AT = (2, 3)  # micro-batches traced per setup; every other size is extrapolated from these two
 RUNNERS_UP = 2
+LINEAR_STEPS = 8  # sizes below the bound tried one by one before a bisection
+SHARED_SETUPS = 3  # setups per piece of work that share their copies' build (more: fewer builds, idler workers)
 
 
 @dataclass(frozen=True)
@@ -172,9 +176,11 @@ def _usable(config: PredictConfig) -> int:
 
 def _largest(traces: _Traces, cap: int) -> int:
     """The largest micro-batch from 2 up to `cap` whose replay fits the card (0: not even 2). The line through the
-    peaks allocated at 2 and 3 bounds it from above (a step's allocations alone cannot pass the card; the cache's
-    fragmentation costs a few micro-batches more), so the search starts there: down by steps that double until one
-    fits (up where the bound itself fits), then a bisection between the last fit and the first miss."""
+    peaks allocated at 2 and 3 bounds it from above (a step's allocations alone cannot pass the card, and the peak
+    allocated grows at least as fast past 3: a maximum of lines), so the search starts there and steps down one size
+    at a time (the cache's fragmentation costs a few sizes, and can leave a size that fits above one that does not:
+    llama-3.1-8b, hsdp, full checkpointing, Adam-mini fits 8 and 10, not 9), for LINEAR_STEPS sizes; further down, by
+    doubling steps and a bisection. Up where the bound itself fits."""
     low, high = TRACED_AT
     if not traces.fits(low):
         return 0
@@ -193,7 +199,14 @@ def _largest(traces: _Traces, cap: int) -> int:
                 break
             largest, step = probe, step * 2
     else:
-        miss = bound
+        # nothing above a bound fits: the first fit below it is the largest (no bound where nothing grows: the cap)
+        stop = max(high + 1, bound - (LINEAR_STEPS if growth > 0 else 0))
+        for size in range(bound - 1, stop - 1, -1):
+            if traces.fits(size):
+                return size
+        if stop == high + 1:
+            return high
+        miss = stop
         while miss - step > largest:
             probe = miss - step
             if traces.fits(probe):
@@ -257,46 +270,63 @@ def _bound(config: PredictConfig, params: int, state_bytes: dict[str, int], entr
     return (2 * params * width + state_bytes[entry.name]) // shards
 
 
-def evaluate(setup_config: PredictConfig, entries: list[OptimizerEntry], sequences: int | None) -> list[Evaluated]:
-    """Every optimizer of `entries` under one setup: traced at TRACED_AT (a step that needs micro-batch 1 to fit is
-    traced there too), its largest micro-batch, and the chosen size's time."""
-    copies = shallow_copies(setup_config)
-    traced, method = layer_periodic_traces(setup_config, entries, setup_config.training, list(TRACED_AT), copies)
-    found = []
-    for entry, outcome in zip(entries, traced, strict=True):
-        if isinstance(outcome, StepFailed):
-            found.append(Evaluated(outcome.status, outcome.reason, trace_method=method))
-            continue
-        traces = _Traces(setup_config, outcome)
-        largest = _largest(traces, setup_config.max_micro_batch)
-        if largest == 0:  # micro-batch 1 is a step of its own (it often allocates one tensor fewer)
-            ones, _ = layer_periodic_traces(setup_config, [entry], setup_config.training, [1], copies)
-            one = ones[0]
-            if isinstance(one, StepFailed):
-                found.append(Evaluated(one.status, one.reason, trace_method=method))
-                continue
-            traces.traces[1] = one[1]
-            if not traces.fits(1):
-                needed = traces.unlimited(1)  # by how much: less what this card has
-                found.append(Evaluated(Status.NO_FIT, "does not fit at micro-batch 1",
-                                       short_by_bytes=max(0, needed - traces.usable), reserved_bytes=needed,
-                                       trace_method=method))
-                continue
-            largest = 1
-        chosen = _chosen_size(traces, setup_config, largest, sequences)
-        if chosen is None:
-            reason = ("its ops at micro-batch {largest} are not on the line through micro-batches 2 and 3, so its "
-                      "time cannot be written" if sequences is None else
-                      "no micro-batch that fits divides each GPU's share of the global batch")
-            found.append(Evaluated(Status.NO_FIT if sequences is not None else Status.FAILED,
-                                   reason.format(largest=largest), max_micro_batch=largest, trace_method=method))
-            continue
-        size, accumulation, step_s, phases = chosen
-        # on the card: the allocator frees its cache and retries before it fails, as predict's replay does
-        reserved = traces.on_card(size).peak_reserved
-        found.append(Evaluated(Status.OK, micro_batch=size, grad_accum=accumulation, max_micro_batch=largest,
-                               reserved_bytes=reserved, step_s=step_s, phase_s=phases, trace_method=method))
-    return found
+def evaluate(setup_configs: list[PredictConfig], entries: list[OptimizerEntry], sequences: int | None
+             ) -> list[list[Evaluated]]:
+    """Every optimizer of `entries` under each setup of one strategy (they differ in checkpointing and loss, and
+    share their shallow copies, each built and warmed up once: `layer_periodic_setups`): traced at TRACED_AT, its
+    largest micro-batch, and the chosen size's time. A step that does not fit 2 is traced at 1 (a step of its own:
+    it often allocates one tensor fewer), once for every setup and optimizer that needs it."""
+    copies = shallow_copies(setup_configs[0])
+    traced = layer_periodic_setups(setup_configs, entries, list(TRACED_AT), copies)
+    methods = [method for _, method in traced]
+    searched: list[list[Evaluated | _Traces]] = [
+        [Evaluated(o.status, o.reason, trace_method=method) if isinstance(o, StepFailed) else _Traces(config, o)
+         for o in outcomes] for config, (outcomes, method) in zip(setup_configs, traced, strict=True)]
+    largest = {(place, index): _largest(traces, setup_configs[place].max_micro_batch)
+               for place, row in enumerate(searched) for index, traces in enumerate(row)
+               if isinstance(traces, _Traces)}
+    needing = sorted({place for (place, _), size in largest.items() if size == 0})
+    wanted = sorted({index for (_, index), size in largest.items() if size == 0})
+    if needing:
+        ones = layer_periodic_setups([setup_configs[place] for place in needing], [entries[i] for i in wanted], [1],
+                                     copies)
+        for place, (outcomes, _) in zip(needing, ones, strict=True):
+            for index, one in zip(wanted, outcomes, strict=True):
+                traces = searched[place][index]
+                if largest.get((place, index)) != 0 or not isinstance(traces, _Traces):
+                    continue
+                if isinstance(one, StepFailed):
+                    searched[place][index] = Evaluated(one.status, one.reason, trace_method=methods[place])
+                else:
+                    traces.traces[1] = one[1]
+    return [[traces if isinstance(traces, Evaluated) else
+             _evaluated(setup_configs[place], traces, largest[(place, index)], sequences, methods[place])
+             for index, traces in enumerate(row)] for place, row in enumerate(searched)]
+
+
+def _evaluated(setup_config: PredictConfig, traces: _Traces, largest: int, sequences: int | None,
+               method: str) -> Evaluated:
+    """One optimizer under one setup, from its traces and its largest micro-batch from 2 (0: its trace at 1, if
+    any, decides)."""
+    if largest == 0:
+        assert 1 in traces.traces  # `evaluate` traced it (where that failed, the row says so instead)
+        if not traces.fits(1):
+            needed = traces.unlimited(1)  # by how much: less what this card has
+            return Evaluated(Status.NO_FIT, "does not fit at micro-batch 1", reserved_bytes=needed,
+                             short_by_bytes=max(0, needed - traces.usable), trace_method=method)
+        largest = 1
+    chosen = _chosen_size(traces, setup_config, largest, sequences)
+    if chosen is None:
+        reason = ("its ops at micro-batch {largest} are not on the line through micro-batches 2 and 3, so its "
+                  "time cannot be written" if sequences is None else
+                  "no micro-batch that fits divides each GPU's share of the global batch")
+        return Evaluated(Status.NO_FIT if sequences is not None else Status.FAILED, reason.format(largest=largest),
+                         max_micro_batch=largest, trace_method=method)
+    size, accumulation, step_s, phases = chosen
+    # on the card: the allocator frees its cache and retries before it fails, as predict's replay does
+    reserved = traces.on_card(size).peak_reserved
+    return Evaluated(Status.OK, micro_batch=size, grad_accum=accumulation, max_micro_batch=largest,
+                     reserved_bytes=reserved, step_s=step_s, phase_s=phases, trace_method=method)
 
 
 def run_plan(config: PlanConfig, on_progress: Callable[[str], None] = lambda text: None) -> PlanReport:
@@ -334,34 +364,34 @@ def run_plan(config: PlanConfig, on_progress: Callable[[str], None] = lambda tex
     traced_setups = 0
 
     def evaluate_all(indices: list[int]) -> None:
-        nonlocal traced_setups
-        work = [(index, [e for e in available if (index, e.name) not in results]) for index in indices]
-        work = [(index, wanted) for index, wanted in work if wanted]
+        wanted = {index: [e for e in available if (index, e.name) not in results] for index in indices}
+        items = _shared_work([(index, configs[index]) for index in indices if wanted[index]], wanted)
 
-        def one(position: int, here: bool) -> list[Evaluated]:
-            index, wanted = work[position]
+        def one(position: int, here: bool) -> list[list[Evaluated]]:
+            chunk = items[position]
             if here:
-                on_progress(f"setup {index + 1} of {len(configs)}: {configs[index][0].label()}")
-            return evaluate(configs[index][1], wanted, sequences)
+                on_progress(f"{len(chunk)} setup(s) from {configs[chunk[0]][0].label()}")
+            return evaluate([configs[index][1] for index in chunk], wanted[chunk[0]], sequences)
 
-        def kept(position: int, found: list[Evaluated]) -> None:  # as each finishes: what a signal keeps
+        def kept(position: int, found: list[list[Evaluated]]) -> None:  # as each finishes: what a signal keeps
             nonlocal traced_setups
-            index, wanted = work[position]
-            traced_setups += 1
-            for entry, evaluated in zip(wanted, found, strict=True):
-                results[(index, entry.name)] = evaluated
+            for index, evaluated in zip(items[position], found, strict=True):
+                traced_setups += 1
+                for entry, row in zip(wanted[index], evaluated, strict=True):
+                    results[(index, entry.name)] = row
 
-        def finished(position: int, found: list[Evaluated]) -> None:
+        def finished(position: int, found: list[list[Evaluated]]) -> None:
             kept(position, found)
-            on_progress(f"traced {configs[work[position][0]][0].label()}")
+            on_progress(f"traced {', '.join(configs[index][0].label() for index in items[position])}")
 
-        outcomes = run_each(one, len(work), config.jobs,
-                            died=lambda position: [Evaluated(Status.FAILED, "the worker died")
-                                                   for _ in work[position][1]],
+        outcomes = run_each(one, len(items), config.jobs,
+                            died=lambda position: [[Evaluated(Status.FAILED, "the worker died") for _ in wanted[i]]
+                                                   for i in items[position]],
                             on_result=finished,
-                            order=sorted(range(len(work)), key=lambda p: -_traced_layers(configs[work[p][0]][1])))
+                            order=sorted(range(len(items)), key=lambda p: -_cost(items[p], configs)))
         for position, found in enumerate(outcomes):
-            if (work[position][0], work[position][1][0].name) not in results:  # its worker died: no result came
+            first = items[position][0]
+            if (first, wanted[first][0].name) not in results:  # its worker died: no result came
                 kept(position, found)
 
     interrupted: str | None = None
@@ -416,11 +446,26 @@ def run_plan(config: PlanConfig, on_progress: Callable[[str], None] = lambda tex
     )
 
 
-def _traced_layers(setup_config: PredictConfig) -> int:
-    """The layers a setup's traces run through (its two shallow copies, else the whole model): what its search
-    costs, roughly, so that the workers take the dearest first and none is left with one at the end."""
-    copies = shallow_copies(setup_config)
-    return copies.small + copies.large if isinstance(copies, Shallow) else 10**6  # whole: dearer than any copies
+def _shared_work(setups: list[tuple[int, tuple[Setup, PredictConfig]]], wanted: dict[int, list[OptimizerEntry]]
+                 ) -> list[list[int]]:
+    """The setups (by index) in pieces of work: those of one strategy with the same shallow copies and optimizers
+    share the copies' build and warm-up (`evaluate`), in pieces of at most SHARED_SETUPS, so that the workers stay
+    busy; a setup traced whole goes alone."""
+    groups: dict[tuple[Any, ...], list[int]] = {}
+    for index, (setup, setup_config) in setups:
+        copies = shallow_copies(setup_config)
+        key = (setup.strategy, setup.shard_size, copies if isinstance(copies, Shallow) else index,
+               tuple(entry.name for entry in wanted[index]))
+        groups.setdefault(key, []).append(index)
+    return [group[start:start + SHARED_SETUPS] for group in groups.values()
+            for start in range(0, len(group), SHARED_SETUPS)]
+
+
+def _cost(chunk: list[int], configs: list[tuple[Setup, PredictConfig]]) -> int:
+    """A piece's cost, roughly: the layers its traces run through (its setups' two shallow copies, else the whole
+    model), so that the workers take the dearest first and none is left with one at the end."""
+    copies = shallow_copies(configs[chunk[0]][1])
+    return len(chunk) * (copies.small + copies.large if isinstance(copies, Shallow) else 10**6)
 
 
 def _holds_less(one: Setup, other: Setup) -> bool:

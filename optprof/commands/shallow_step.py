@@ -97,6 +97,40 @@ def traced(config: PredictConfig, entries: list[OptimizerEntry], training: Train
     return [found[index] for index in range(len(entries))]
 
 
+def traced_setups(configs: list[PredictConfig], entries: list[OptimizerEntry], micro_batches: list[int],
+                  layers: int | None = None) -> list[list[Outcome]]:
+    """`traced` for setups that differ only in their checkpointing and loss (plan's, per strategy), on one model:
+    built, sharded and warmed up once without either, each setup's applied in the forked child of each micro-batch
+    (`FakeModel.configure`). Equal to tracing each on its own (tests/integration/test_shared_setups.py), for what
+    a build and warm-up cost: a fifth of a shallow copy's setup."""
+    base_training = dataclasses.replace(configs[0].training, checkpointing=Checkpointing.NONE, loss_chunks=None)
+    config = dataclasses.replace(configs[0], layers=layers, training=base_training)
+    found: list[dict[int, Outcome]] = [{} for _ in configs]
+    with fake_run(config, base_training) as (mesh, scalars):
+        def classify(entry: OptimizerEntry, exc: BaseException) -> StepFailed:
+            return classified(exc, entry, config, scalars)[0]
+
+        trainer = SharedTrainer(config, entries, base_training, mesh, 1, classify, tensor_peak=False)
+        for place in found:
+            place.update(trainer.failed)
+        for position, setup in enumerate(configs):
+            if not trainer.optimizers:
+                break
+            trainer.trace_all({size: list(trainer.optimizers) for size in micro_batches},
+                              prepare=functools.partial(trainer.fake.configure, setup.training))
+            for index in trainer.optimizers:
+                outcomes = [trainer.outcome(size, index) for size in micro_batches]
+                failed = next((o for o in outcomes if isinstance(o, StepFailed)), None)
+                found[position][index] = failed or {
+                    size: o.trace for size, o in zip(micro_batches, outcomes, strict=True)
+                    if isinstance(o, Traced) and o.trace is not None}
+            trainer.forget_traces()
+    for index in trainer.own_step:  # one that changes backward: on its own model per setup, as `traced` runs it
+        for position, setup in enumerate(configs):
+            found[position][index] = traced(setup, [entries[index]], setup.training, micro_batches, layers)[0]
+    return [[place[index] for index in range(len(entries))] for place in found]
+
+
 def layer_periodic_traces(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
                           micro_batches: list[int], copies: Shallow | str) -> tuple[list[Outcome], str]:
     """Each optimizer's traces of the whole model at these micro-batches, written from two shallow copies where
@@ -111,17 +145,48 @@ def layer_periodic_traces(config: PredictConfig, entries: list[OptimizerEntry], 
         if attempt:  # one period more: the larger copy becomes the smaller
             copies = dataclasses.replace(copies, small=copies.large, large=copies.large + copies.period)
             small, large = large, traced(config, entries, training, micro_batches, copies.large)
-        failed = next((o for o in [*small, *large] if isinstance(o, StepFailed)), None)
-        if failed is not None:  # a copy's step failed: the whole model's may not
-            reason = f"a shallow copy's step failed ({failed.status}: {failed.reason})"
+        written = _written(small, large, copies, micro_batches)
+        if not isinstance(written, str):
+            return written, _method(copies)
+        reason = written
+        if reason.startswith(COPY_FAILED):
             break
-        try:
-            written: list[Outcome] = [
-                {size: LayerPeriodic(one[size], two[size], copies.small, copies.large).at(copies.blocks)  # type: ignore[index]
-                 for size in micro_batches} for one, two in zip(small, large, strict=True)]
-        except NotPeriodic as exc:
-            reason = str(exc)
-            continue
-        return written, (f"layer-periodic: traced copies of {copies.small} and {copies.large} of its "
-                         f"{copies.blocks} layers (a period of {copies.period}), the rest written from them")
     return traced(config, entries, training, micro_batches), f"traced whole: {reason}"
+
+
+def layer_periodic_setups(configs: list[PredictConfig], entries: list[OptimizerEntry], micro_batches: list[int],
+                          copies: Shallow | str) -> list[tuple[list[Outcome], str]]:
+    """`layer_periodic_traces` of setups that differ only in their checkpointing and loss and share their copies
+    (plan's, per strategy), whose copies are each built and warmed up once for all of them (`traced_setups`). A setup
+    whose copies do not write its trace goes on alone: one period more, then the whole model."""
+    if isinstance(copies, str) or len(configs) == 1:
+        return [layer_periodic_traces(config, entries, config.training, micro_batches, copies) for config in configs]
+    small = traced_setups(configs, entries, micro_batches, copies.small)
+    large = traced_setups(configs, entries, micro_batches, copies.large)
+    found = []
+    for config, one, two in zip(configs, small, large, strict=True):
+        written = _written(one, two, copies, micro_batches)
+        found.append((written, _method(copies)) if not isinstance(written, str) else
+                     layer_periodic_traces(config, entries, config.training, micro_batches, copies))
+    return found
+
+
+COPY_FAILED = "a shallow copy's step failed"
+
+
+def _written(small: list[Outcome], large: list[Outcome], copies: Shallow, micro_batches: list[int]
+             ) -> list[Outcome] | str:
+    """Each optimizer's whole-model traces written from its copies' (`LayerPeriodic`), or why not."""
+    failed = next((o for o in [*small, *large] if isinstance(o, StepFailed)), None)
+    if failed is not None:  # a copy's step failed: the whole model's may not
+        return f"{COPY_FAILED} ({failed.status}: {failed.reason})"
+    try:
+        return [{size: LayerPeriodic(one[size], two[size], copies.small, copies.large).at(copies.blocks)  # type: ignore[index]
+                 for size in micro_batches} for one, two in zip(small, large, strict=True)]
+    except NotPeriodic as exc:
+        return str(exc)
+
+
+def _method(copies: Shallow) -> str:
+    return (f"layer-periodic: traced copies of {copies.small} and {copies.large} of its {copies.blocks} layers (a "
+            f"period of {copies.period}), the rest written from them")

@@ -247,7 +247,11 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     # MambaMixer beside MambaBlock; FSDP2 cannot shard a block's parameters twice, and a block checkpointed inside
     # another would be recomputed twice)
     for name, module in model.named_modules():
-        if type(module).__name__ in names and not any(name.startswith(outer + ".") for outer in inside):
+        # FSDP2 renames a sharded module's class FSDP<name> (torch/distributed/fsdp/_fully_shard/_fully_shard.py,
+        # fully_shard): plan checkpoints copies sharded and warmed up once for all its setups
+        kind = type(module).__name__
+        kind = kind.removeprefix("FSDP") if kind.startswith("FSDP") and kind not in names else kind
+        if kind in names and not any(name.startswith(outer + ".") for outer in inside):
             blocks.append(module)
             inside.append(name)
     return blocks

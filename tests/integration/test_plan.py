@@ -87,3 +87,44 @@ def test_an_interrupted_plan_keeps_the_setups_searched_and_exits_130(
     assert report.search["traced"] == 1
     code, shown, _ = run(["report", str(out)], capsys)
     assert code == 0 and "stopped the search before this setup was traced" in shown
+
+
+def test_a_step_that_fits_only_micro_batch_1_is_traced_there(model_dir: Callable[[str], str], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """A card between the steps at micro-batches 1 and 2 (a large vocabulary's logits): AdamW fits 1 alone, SGD (no
+    state) fits 2; micro-batch 1, a step of its own, is traced once for every setup that needs it, and the full
+    predict agrees."""
+    config = json.loads((Path(model_dir("tiny-llama")) / "config.json").read_text())
+    folder = tmp_path / "wide-vocabulary"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 128_000}))
+    reserve = 794_820_608  # outside the allocator on an h100-sxm (context, NCCL): the card less this is usable
+    out = tmp_path / "plan.json"
+    code, _, err = run(["plan", str(folder), "--gpu", "h100-sxm", "-o", "adamw,sgd", "--seq-len", "64",
+                        "--activation-checkpointing", "none,full", "--loss", "default", "--max-micro-batch", "4",
+                        "--gpu-memory", str(reserve + 330_000_000), "-f", "json", "--output", str(out)], capsys)
+    assert code == 0, err
+    report = read_report(out)
+    assert isinstance(report, PlanReport) and report.config["reserve_bytes"] == reserve
+    assert {(row.optimizer, row.max_micro_batch) for row in report.results} == {("adamw", 1), ("sgd", 2)}
+    assert all(row.confirmed["differences"] == ["none (within 0.5%)"] for row in report.chosen().values())
+
+
+def test_setups_of_a_strategy_share_their_shallow_copies(model_dir: Callable[[str], str], tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """A model deep enough for layer-periodic copies: the setups of one strategy are traced on copies built and
+    warmed up once (`shallow_step.layer_periodic_setups`), and each chosen setup agrees with its full predict."""
+    config = json.loads((Path(model_dir("tiny-llama")) / "config.json").read_text())
+    folder = tmp_path / "deep"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 8}))
+    out = tmp_path / "plan.json"
+    code, _, err = run(["plan", str(folder), "--gpu", "h100-sxm", "-o", "adamw", "--seq-len", "16",
+                        "--activation-checkpointing", "none,selective-op,full",
+                        "--loss", "default", "--max-micro-batch", "8", "--jobs", "1", "-f", "json", "--output",
+                        str(out)], capsys)
+    assert code == 0, err
+    report = read_report(out)
+    assert isinstance(report, PlanReport) and report.search["traced"] == 3
+    assert all(row.status == "ok" and (row.trace_method or "").startswith("layer-periodic") for row in report.results)
+    assert report.chosen()["adamw"].confirmed["differences"] == ["none (within 0.5%)"]
