@@ -85,13 +85,6 @@ def plan(
     if recipe is None and amp is None and dtype is None and mp_policy is None:
         amp = Amp.BF16  # what people train with; float32 throughout would plan for a step nobody runs
     tokens = None if global_batch is None else token_count(global_batch)
-    shared = dict(model=model, optimizer=optimizer, opt_arg=opt_arg, gpu_memory=gpu_memory, reserve=None,
-                  gpus=gpus, device=device, dtype=dtype, amp=amp, recipe=recipe, mp_policy=mp_policy,
-                  loss=None, alloc_conf=alloc_conf, memory_snapshot=None, seq_len=seq_len, micro_batch="1",
-                  grad_accum=1, gradient_checkpointing=False, max_micro_batch=max_micro_batch, revision=revision,
-                  trust_remote_code=trust_remote_code, lora=None, qlora=None, freeze=None, attention=None, gpu=gpu,
-                  gpu_spec=gpu_spec, network=network, gpus_per_node=gpus_per_node, calibration=None, jobs=1)
-    configs = []
     def listed(text: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
         return default if text is None else tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -99,10 +92,16 @@ def plan(
                     listed(activation_checkpointing, CHECKPOINTING), listed(loss, LOSSES))
     if not chosen:
         raise UsageError("nothing to search: --strategy, --activation-checkpointing and --loss leave no setup")
-    for setup in chosen:
-        flags = {**shared, "strategy": setup.strategy if gpus > 1 else None, "shard_size": setup.shard_size,
-                 "activation_checkpointing": setup.activation_checkpointing, "loss": setup.loss}
-        configs.append((setup, predict_config(**flags)))  # type: ignore[arg-type]
+    configs = []
+    for setup in chosen:  # predict's flags for each setup: its sharding, checkpointing and loss, the rest shared
+        configs.append((setup, predict_config(
+            model=model, optimizer=optimizer, opt_arg=opt_arg, gpu_memory=gpu_memory, reserve=None, gpus=gpus,
+            strategy=setup.strategy if gpus > 1 else None, shard_size=setup.shard_size, device=device, dtype=dtype,
+            amp=amp, recipe=recipe, mp_policy=mp_policy, activation_checkpointing=setup.activation_checkpointing,
+            loss=setup.loss, alloc_conf=alloc_conf, memory_snapshot=None, seq_len=seq_len, micro_batch="1",
+            grad_accum=1, gradient_checkpointing=False, max_micro_batch=max_micro_batch, revision=revision,
+            trust_remote_code=trust_remote_code, lora=None, qlora=None, freeze=None, attention=None, gpu=gpu,
+            gpu_spec=gpu_spec, network=network, gpus_per_node=gpus_per_node, calibration=None, jobs=1)))
     reproduce = " ".join(["optprof predict", model, f"--gpu {gpu}", f"--gpus {gpus}" if gpus > 1 else "",
                           f"--recipe {recipe}" if recipe else "", f"--amp {amp}" if amp else "",
                           f"--dtype {dtype}" if dtype else "", f"--mp-policy {mp_policy}" if mp_policy else "",
