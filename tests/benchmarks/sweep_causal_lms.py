@@ -45,7 +45,8 @@ TINY: dict[str, Any] = dict(
 )
 SPECIAL = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id", "unk_token_id",
            "mask_token_id", "decoder_start_token_id", "image_token_id", "image_token_index", "video_token_id")
-# Fields that must agree with the small ones: per-layer lists cut to the layer count (LAYER_LISTS), and a few
+# Fields that must agree with the small ones: per-layer lists cut to the layer count, one layer of each kind kept
+# where it can be (LAYER_LISTS, `_cut`), multi-head latent attention's derived dims, and a few
 # families' own switches (the sweep's FIXES, beside tests/support/architectures.py's)
 LAYER_LISTS = ("layer_types", "layers_block_type", "block_types", "hybrid_override_pattern", "attn_type_list",
                "mlp_layer_types", "full_attention_layers", "sliding_window_pattern_list")
@@ -83,9 +84,14 @@ def tiny_config(model_type: str) -> Any:
             for key in LAYER_LISTS:
                 value = vars(part).get(key)
                 if layers is not None and isinstance(value, list | tuple) and len(value) > layers:
-                    setattr(part, key, type(value)(value[:layers]))
+                    setattr(part, key, type(value)(_cut(list(value), layers)))
                 elif layers is not None and isinstance(value, str) and len(value) > layers:
-                    setattr(part, key, value[:layers])
+                    setattr(part, key, "".join(_cut(list(value), layers)))
+            if isinstance(vars(part).get("qk_rope_head_dim"), int):  # multi-head latent attention's derived dims
+                if "head_dim" in vars(part):
+                    part.head_dim = part.qk_rope_head_dim  # the rotary part's
+                if "qk_head_dim" in vars(part):
+                    part.qk_head_dim = part.qk_nope_head_dim + part.qk_rope_head_dim
             for value in list(vars(part).values()):
                 if isinstance(value, PretrainedConfig):
                     shrink(value)
@@ -94,6 +100,18 @@ def tiny_config(model_type: str) -> Any:
         for key, value in {**FIXES.get(model_type, {}), **SWEEP_FIXES.get(model_type, {})}.items():
             setattr(config, key, value)
     return config
+
+
+def _cut(values: list[Any], layers: int) -> list[Any]:
+    """A per-layer list cut to `layers` that keeps one layer of each kind where it can: the first `layers` of a
+    hybrid are often all linear attention (qwen3_next: three before each full one), and transformers' step fails
+    on a model with no attention layer at all (`get_mask_sizes` on a cache of linear layers alone)."""
+    kinds = list(dict.fromkeys(map(str, values)))
+    if len(kinds) > layers:
+        return values[:layers]
+    firsts = sorted({str(value): index for index, value in reversed(list(enumerate(values)))}.values())
+    rest = [index for index in range(len(values)) if index not in firsts]
+    return [values[index] for index in sorted(firsts + rest[:layers - len(firsts)])]
 
 
 def _status(report: dict[str, Any]) -> tuple[str, str]:
