@@ -92,6 +92,8 @@ def tiny_config(model_type: str) -> Any:
                     part.head_dim = part.qk_rope_head_dim  # the rotary part's
                 if "qk_head_dim" in vars(part):
                     part.qk_head_dim = part.qk_nope_head_dim + part.qk_rope_head_dim
+                if "num_key_value_heads" in vars(part):
+                    part.num_key_value_heads = part.num_attention_heads  # its keys have every head (FIXES' deepseek_v3)
             for value in list(vars(part).values()):
                 if isinstance(value, PretrainedConfig):
                     shrink(value)
