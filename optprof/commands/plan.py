@@ -306,8 +306,8 @@ def evaluate(setup_configs: list[PredictConfig], entries: list[OptimizerEntry], 
 
 def _evaluated(setup_config: PredictConfig, traces: _Traces, largest: int, sequences: int | None,
                method: str) -> Evaluated:
-    """One optimizer under one setup, from its traces and its largest micro-batch from 2 (0: its trace at 1, if
-    any, decides)."""
+    """One optimizer under one setup, from its traces and its largest micro-batch from 2 (0: its trace at 1
+    decides)."""
     if largest == 0:
         assert 1 in traces.traces  # `evaluate` traced it (where that failed, the row says so instead)
         if not traces.fits(1):

@@ -83,11 +83,7 @@ def traced(config: PredictConfig, entries: list[OptimizerEntry], training: Train
         found.update(trainer.failed)
         if trainer.optimizers:
             trainer.trace_all({size: list(trainer.optimizers) for size in micro_batches})
-            for index in trainer.optimizers:
-                outcomes = [trainer.outcome(size, index) for size in micro_batches]
-                failed = next((o for o in outcomes if isinstance(o, StepFailed)), None)
-                found[index] = failed or {size: o.trace for size, o in zip(micro_batches, outcomes, strict=True)
-                                          if isinstance(o, Traced) and o.trace is not None}
+            found.update(_shared_outcomes(trainer, micro_batches))
         for index in trainer.own_step:
             try:
                 own = FakeTrainer(config, entries[index], training, mesh)
@@ -95,6 +91,17 @@ def traced(config: PredictConfig, entries: list[OptimizerEntry], training: Train
             except Exception as exc:
                 found[index] = classify(entries[index], exc)
     return [found[index] for index in range(len(entries))]
+
+
+def _shared_outcomes(trainer: SharedTrainer, micro_batches: list[int]) -> dict[int, Outcome]:
+    """Each shared optimizer's traces at these micro-batches, as `trace_all` brought them back, or its failure."""
+    found: dict[int, Outcome] = {}
+    for index in trainer.optimizers:
+        outcomes = [trainer.outcome(size, index) for size in micro_batches]
+        failed = next((o for o in outcomes if isinstance(o, StepFailed)), None)
+        found[index] = failed or {size: o.trace for size, o in zip(micro_batches, outcomes, strict=True)
+                                  if isinstance(o, Traced) and o.trace is not None}
+    return found
 
 
 def traced_setups(configs: list[PredictConfig], entries: list[OptimizerEntry], micro_batches: list[int],
@@ -118,12 +125,7 @@ def traced_setups(configs: list[PredictConfig], entries: list[OptimizerEntry], m
                 break
             trainer.trace_all({size: list(trainer.optimizers) for size in micro_batches},
                               prepare=functools.partial(trainer.fake.configure, setup.training))
-            for index in trainer.optimizers:
-                outcomes = [trainer.outcome(size, index) for size in micro_batches]
-                failed = next((o for o in outcomes if isinstance(o, StepFailed)), None)
-                found[position][index] = failed or {
-                    size: o.trace for size, o in zip(micro_batches, outcomes, strict=True)
-                    if isinstance(o, Traced) and o.trace is not None}
+            found[position].update(_shared_outcomes(trainer, micro_batches))
             trainer.forget_traces()
     for index in trainer.own_step:  # one that changes backward: on its own model per setup, as `traced` runs it
         for position, setup in enumerate(configs):

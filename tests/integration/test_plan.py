@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support.cli import run
+from support.cli import interrupt_second_call, run
 
 from optprof.results.io import read_report
 from optprof.results.reports import PlanReport
@@ -59,21 +59,9 @@ def test_bad_plan_input_is_one_line(argv: list[str], says: str, model_dir: Calla
 def test_an_interrupted_plan_keeps_the_setups_searched_and_exits_130(
         model_dir: Callable[[str], str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    import signal
-
     from optprof.commands import plan
-    from optprof.interrupts import Interrupted
 
-    searched = plan.evaluate
-    calls = {"n": 0}
-
-    def second_is_interrupted(*args: object, **kwargs: object) -> object:
-        calls["n"] += 1
-        if calls["n"] == 2:  # Ctrl-C while the second setup is traced
-            raise Interrupted(signal.SIGINT)
-        return searched(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(plan, "evaluate", second_is_interrupted)
+    interrupt_second_call(monkeypatch, plan, "evaluate")  # Ctrl-C while the second setup is traced
     out = tmp_path / "plan.json"
     code, _, err = run(["plan", model_dir("tiny-llama"), "--gpu", "h100-sxm", "-o", "adamw", "--seq-len", "16",
                         "--activation-checkpointing", "none,full", "--loss", "default", "--max-micro-batch", "8",

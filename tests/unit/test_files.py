@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from support.cli import run
+from support.cli import interrupt_second_call, run
 
 from optprof.errors import UsageError
 from optprof.files import check_writable, read_cache, write_whole
@@ -107,21 +107,9 @@ def test_the_models_own_code_at_fault_is_one_line_naming_it(tmp_path: Path, conf
 
 def test_an_interrupt_keeps_the_finished_rows_and_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             capsys) -> None:  # type: ignore[no-untyped-def]
-    import signal
-
     from optprof.commands import state_size
-    from optprof.interrupts import Interrupted
 
-    measured = state_size._row
-    calls = {"n": 0}
-
-    def second_is_interrupted(*args: object, **kwargs: object) -> object:
-        calls["n"] += 1
-        if calls["n"] == 2:  # Ctrl-C while the second optimizer is measured
-            raise Interrupted(signal.SIGINT)
-        return measured(*args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(state_size, "_row", second_is_interrupted)
+    interrupt_second_call(monkeypatch, state_size, "_row")  # Ctrl-C while the second optimizer is measured
     output = tmp_path / "run.json"
     code, _, err = run(["state-size", "demo", "-o", "sgd,adamw,adam-mini", "--jobs", "1", "--output", str(output)],
                        capsys)
