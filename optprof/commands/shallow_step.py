@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from optprof.commands.fake_step import FakeTrainer, SharedTrainer, StepFailed, Traced
 from optprof.commands.predict import classified, fake_run
 from optprof.config import Checkpointing, PredictConfig, TrainingSettings
-from optprof.device.periodic import LayerPeriodic, NotPeriodic
+from optprof.device.periodic import LayerPeriodic, NotPeriodic, at_other_batch
 from optprof.device.trace import AllocationTrace
 from optprof.model.layer_copies import layer_period
 from optprof.model.loading import load_config
@@ -140,8 +141,13 @@ def layer_periodic_traces(config: PredictConfig, entries: list[OptimizerEntry], 
     copies' runs are too short to tell a rule (a run that shows once), the copies grow by a period, once."""
     if isinstance(copies, str):
         return traced(config, entries, training, micro_batches), f"traced whole: {copies}"
+    layers = copies.large
+
+    def trace_rest(missing: list[int]) -> list[Outcome]:
+        return traced(config, [entries[i] for i in missing], training, micro_batches[1:], layers)
+
     small = traced(config, entries, training, micro_batches, copies.small)
-    large = traced(config, entries, training, micro_batches, copies.large)
+    large = _completed(small, traced(config, entries, training, micro_batches[:1], layers), micro_batches, trace_rest)
     reason = ""
     for attempt in range(2):
         if attempt:  # one period more: the larger copy becomes the smaller
@@ -164,14 +170,45 @@ def layer_periodic_setups(configs: list[PredictConfig], entries: list[OptimizerE
     whose copies do not write its trace goes on alone: one period more, then the whole model."""
     if isinstance(copies, str) or len(configs) == 1:
         return [layer_periodic_traces(config, entries, config.training, micro_batches, copies) for config in configs]
+    layers = copies.large
+
+    def trace_rest(setup: PredictConfig, missing: list[int]) -> list[Outcome]:
+        return traced(setup, [entries[i] for i in missing], setup.training, micro_batches[1:], layers)
+
     small = traced_setups(configs, entries, micro_batches, copies.small)
-    large = traced_setups(configs, entries, micro_batches, copies.large)
+    large = [_completed(one, two, micro_batches, functools.partial(trace_rest, setup))
+             for setup, one, two in zip(configs, small, traced_setups(configs, entries, micro_batches[:1], layers),
+                                        strict=True)]
     found = []
     for config, one, two in zip(configs, small, large, strict=True):
         written = _written(one, two, copies, micro_batches) if _copy_failure(one, two) is None else ""
         found.append((written, _method(copies)) if not isinstance(written, str) else
                      layer_periodic_traces(config, entries, config.training, micro_batches, copies))
     return found
+
+
+def _completed(small: list[Outcome], large: list[Outcome], micro_batches: list[int],
+               trace_rest: Callable[[list[int]], list[Outcome]]) -> list[Outcome]:
+    """The larger copy's outcomes, traced at the first micro-batch only (`large`), at every one: each other
+    micro-batch's trace written from the smaller copy's (`at_other_batch`), a quarter of a plan's tracing saved;
+    where that is refused, `trace_rest(optimizer indices)` traces them."""
+    done: list[Outcome] = []
+    missing: list[int] = []
+    for index, (one, two) in enumerate(zip(small, large, strict=True)):
+        if isinstance(one, StepFailed) or isinstance(two, StepFailed):
+            done.append(two if isinstance(two, StepFailed) else one)
+            continue
+        first = micro_batches[0]
+        try:
+            done.append({first: two[first], **{size: at_other_batch(one[first], one[size], two[first])
+                                               for size in micro_batches[1:]}})
+        except NotPeriodic:
+            done.append(two)
+            missing.append(index)
+    if missing and len(micro_batches) > 1:
+        for index, rest in zip(missing, trace_rest(missing), strict=True):
+            done[index] = rest if isinstance(rest, StepFailed) else {**done[index], **rest}  # type: ignore[dict-item]
+    return done
 
 
 def _copy_failure(small: list[Outcome], large: list[Outcome]) -> str | None:

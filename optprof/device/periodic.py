@@ -13,6 +13,10 @@ Nothing is trusted that was not seen: the model learnt from the two traces must 
 and op for op, or it is refused (`NotPeriodic`: the caller traces the whole model and says so). The tests hold the
 written trace equal to a real trace of more blocks for every architecture family. Op keys and specs (what
 `--gpu local` times) are not carried: a periodic trace serves the catalog's costs.
+
+`at_other_batch` saves one of the four traces a plan needs per setup (two copies at two micro-batches): the larger
+copy's trace at the second micro-batch is its trace at the first with each number moved as the same record's moved
+in the smaller copy, where every copy of a repeating run moved alike there.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from optprof.device.ops import OpRecord
-from optprof.device.trace import AllocationTrace, TraceEvent, frees_in_order
+from optprof.device.trace import AllocationTrace, TraceEvent, extrapolated, extrapolated_ops, frees_in_order
 
 # A position's place in a sequence: ("s", n) the n-th static item, ("r", region, copy, offset) in a repeating run;
 # a reference's target may also be ("x", id): a storage from before the recording (not in the events)
@@ -395,3 +399,50 @@ def _id(target: Place, number: dict[Place, int]) -> int:
     if target not in number:
         raise NotPeriodic(f"a reference to {target}, which the written trace does not have")
     return number[target]
+
+
+def at_other_batch(small: AllocationTrace, small_other: AllocationTrace, large: AllocationTrace) -> AllocationTrace:
+    """The larger copy's trace at the micro-batch of `small_other`, from `large` (at `small`'s micro-batch): each
+    size, FLOP count, byte count and matmul dimension moved by what the same record's moved from `small` to
+    `small_other` (a record of a repeating run: what that record moved in every copy of the run in `small`, which
+    must agree). Refused (`NotPeriodic`) where the smaller copy's two traces differ in
+    more than numbers, or a record that grows with the blocks also moves with the micro-batch."""
+    if extrapolated(small, small_other, 0, 1) is None or extrapolated_ops(small, small_other, 0, 1) is None:
+        raise NotPeriodic("the smaller copy's traces at the two micro-batches differ in more than sizes")
+    event_moves = _moves(_event_items(small), _event_items(large),
+                         [(b.size - a.size,) for a, b in zip(small.events, small_other.events, strict=True)])
+    events = [dataclasses.replace(event, size=event.size + move[0])
+              for event, move in zip(large.events, event_moves, strict=True)]
+    before, after = _op_items(small), _op_items(small_other)
+    op_moves = _moves(before, _op_items(large), [tuple(b - a for a, b in zip(one.numbers, two.numbers, strict=True))
+                                                 for one, two in zip(before, after, strict=True)])
+    ops = []
+    for op, move in zip(large.ops, op_moves, strict=True):
+        flops, size, *mnk = (number + step for number, step in zip((op.flops, op.bytes, *(op.mnk or ())), move,
+                                                                     strict=True))
+        ops.append(dataclasses.replace(op, flops=flops, bytes=size, mnk=None if op.mnk is None else tuple(mnk),
+                                       key=None, spec=None))
+    return AllocationTrace(events, dict(large.tags), dict(large.marks), ops)
+
+
+def _moves(small: list[_Item], large: list[_Item], moved: list[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    """What each of `large`'s items moves by, from what each of `small`'s moved (`moved`), by their places."""
+    layout = Layout([(i.key, i.numbers) for i in small], [(i.key, i.numbers) for i in large])
+    by_place: dict[Place, tuple[int, ...]] = {}
+    statics: dict[Place, tuple[int, ...]] = {}
+    for place, item, move in zip(layout.places(-1), small, moved, strict=True):
+        key = place if place[0] == "s" else (place[1], place[3])  # a run's record: alike in every copy
+        if by_place.setdefault(key, move) != move:
+            raise NotPeriodic("the copies of a repeating run move differently with the micro-batch")
+        if place[0] == "s":
+            statics[key] = item.numbers
+    out = []
+    for place, item in zip(layout.places(0), large, strict=True):
+        key = place if place[0] == "s" else (place[1], place[3])
+        if key not in by_place:
+            raise NotPeriodic("a repeating run the smaller copy lacks")
+        move = by_place[key]
+        if any(move) and place[0] == "s" and statics[key] != item.numbers:
+            raise NotPeriodic("a record that grows with the blocks also moves with the micro-batch")
+        out.append(move)
+    return out
