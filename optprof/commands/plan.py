@@ -363,42 +363,10 @@ def run_plan(config: PlanConfig, on_progress: Callable[[str], None] = lambda tex
                     short_by_bytes=bound - _usable(setup_config))
     traced_setups = 0
 
-    def evaluate_all(indices: list[int]) -> None:
-        wanted = {index: [e for e in available if (index, e.name) not in results] for index in indices}
-        items = _shared_work([(index, configs[index]) for index in indices if wanted[index]], wanted)
+    # the least-memory setup of each strategy first: where it does not fit, neither does the rest of that strategy
+    least = _least_memory([setup for setup, _ in configs])
 
-        def one(position: int, here: bool) -> list[list[Evaluated]]:
-            chunk = items[position]
-            if here:
-                on_progress(f"{len(chunk)} setup(s) from {configs[chunk[0]][0].label()}")
-            return evaluate([configs[index][1] for index in chunk], wanted[chunk[0]], sequences)
-
-        def kept(position: int, found: list[list[Evaluated]]) -> None:  # as each finishes: what a signal keeps
-            nonlocal traced_setups
-            for index, evaluated in zip(items[position], found, strict=True):
-                traced_setups += 1
-                for entry, row in zip(wanted[index], evaluated, strict=True):
-                    results[(index, entry.name)] = row
-
-        def finished(position: int, found: list[list[Evaluated]]) -> None:
-            kept(position, found)
-            on_progress(f"traced {', '.join(configs[index][0].label() for index in items[position])}")
-
-        outcomes = run_each(one, len(items), config.jobs,
-                            died=lambda position: [[Evaluated(Status.FAILED, "the worker died") for _ in wanted[i]]
-                                                   for i in items[position]],
-                            on_result=finished,
-                            order=sorted(range(len(items)), key=lambda p: -_cost(items[p], configs)))
-        for position, found in enumerate(outcomes):
-            first = items[position][0]
-            if (first, wanted[first][0].name) not in results:  # its worker died: no result came
-                kept(position, found)
-
-    interrupted: str | None = None
-    try:
-        # the least-memory setup of each strategy first: where it does not fit, neither does the rest of that strategy
-        least = _least_memory([setup for setup, _ in configs])
-        evaluate_all(sorted(set(least.values())))
+    def prune_by_least() -> None:
         for index, (setup, _) in enumerate(configs):
             bound_index = least.get((setup.strategy, setup.shard_size))
             if bound_index is None or bound_index == index:
@@ -409,7 +377,46 @@ def run_plan(config: PlanConfig, on_progress: Callable[[str], None] = lambda tex
                     results[(index, entry.name)] = Evaluated(
                         Status.NO_FIT, f"{configs[bound_index][0].label()}, the least memory of this strategy, "
                         "does not fit", pruned=True, short_by_bytes=bounding.short_by_bytes)
-        evaluate_all([i for i in range(len(configs)) if i not in least.values()])
+
+    wanted = {index: [e for e in available if (index, e.name) not in results] for index in range(len(configs))}
+    items = _shared_work([(index, configs[index]) for index in range(len(configs)) if wanted[index]], wanted)
+
+    def one(position: int, here: bool) -> list[list[Evaluated]]:
+        chunk = items[position]
+        if here:
+            on_progress(f"{len(chunk)} setup(s) from {configs[chunk[0]][0].label()}")
+        return evaluate([configs[index][1] for index in chunk], wanted[chunk[0]], sequences)
+
+    def kept(position: int, found: list[list[Evaluated]]) -> None:  # as each finishes: what a signal keeps
+        nonlocal traced_setups
+        for index, evaluated in zip(items[position], found, strict=True):
+            traced_setups += 1
+            for entry, row in zip(wanted[index], evaluated, strict=True):
+                results[(index, entry.name)] = row  # a setup traced where a bound had pruned it: what it found
+
+    def finished(position: int, found: list[list[Evaluated]]) -> None:
+        kept(position, found)
+        prune_by_least()
+        on_progress(f"traced {', '.join(configs[index][0].label() for index in items[position])}")
+
+    def needless(position: int) -> bool:  # every row of the piece pruned since: not traced
+        return all((index, entry.name) in results for index in items[position] for entry in wanted[index])
+
+    interrupted: str | None = None
+    try:
+        # one pass, the pieces holding a least-memory setup first (dearest first within each kind), so that a
+        # strategy whose least does not fit has its pieces not yet begun pruned (`needless`), without a first
+        # pass that leaves a worker idle and builds the least-memory setups' copies for them alone
+        order = sorted(range(len(items)), key=lambda p: (not set(items[p]) & set(least.values()),
+                                                          -_cost(items[p], configs)))
+        outcomes = run_each(one, len(items), config.jobs,
+                            died=lambda position: [[Evaluated(Status.FAILED, "the worker died") for _ in wanted[i]]
+                                                   for i in items[position]],
+                            on_result=finished, order=order, skip=needless)
+        for position, found in enumerate(outcomes):
+            leading = items[position][0]
+            if (leading, wanted[leading][0].name) not in results:  # its worker died: no result came
+                kept(position, found)
     except Interrupted as stop:  # the setups searched so far are kept and ranked; the rest say so
         stop_children()
         interrupted = str(stop)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
@@ -44,10 +44,11 @@ def _run(index: int) -> Any:
 
 
 def forked_map(work: Callable[[int], Any], order: Iterable[int], jobs: int,
-               on_result: Callable[[int, Any], None]) -> dict[int, Any]:
+               on_result: Callable[[int, Any], None], skip: Callable[[int], bool] | None = None) -> dict[int, Any]:
     """work(i) for each i of `order` (submitted in that order) in `jobs` forked workers; the results by index,
     each passed to on_result as it arrives. An index whose worker died (a crash, the OOM killer) is missing:
-    the caller says so in its row, or runs it again where the error can show."""
+    the caller says so in its row, or runs it again where the error can show. After each result, a piece not yet
+    started for which `skip(i)` holds is not run (missing too: what a result made needless, as plan prunes)."""
     global _work
     _work = work
     results: dict[int, Any] = {}
@@ -58,9 +59,12 @@ def forked_map(work: Callable[[int], Any], order: Iterable[int], jobs: int,
                 for future in as_completed(futures):
                     try:
                         results[futures[future]] = future.result()
-                    except BrokenProcessPool:
+                    except (BrokenProcessPool, CancelledError):
                         continue
                     on_result(futures[future], results[futures[future]])
+                    for waiting, index in futures.items():
+                        if skip is not None and not waiting.done() and skip(index):
+                            waiting.cancel()  # False once a worker has taken it: then it runs
             except Interrupted:  # stop the workers now: leaving the pool would wait for their work to end
                 pool.shutdown(wait=False, cancel_futures=True)
                 stop_children(grace_s=0.0)
@@ -75,19 +79,22 @@ R = TypeVar("R")
 
 def run_each(work: Callable[[int, bool], R], count: int, jobs: int, died: Callable[[int], R],
              on_result: Callable[[int, R], None] | None = None, order: Sequence[int] | None = None,
-             always_fork: bool = False) -> list[R]:
+             always_fork: bool = False, skip: Callable[[int], bool] | None = None) -> list[R]:
     """[work(i, here) for i in range(count)]: in `jobs` forked workers where that helps (or `always_fork`, so that
-    every piece runs alike) and the platform can fork; else one after another in this process, in index order.
+    every piece runs alike) and the platform can fork; else one after another in this process (in `order`).
     `here` tells work whether it runs in this process (where it may report progress). `order` is the order of
     submission to the workers (longest first packs them best). A piece whose worker died gives `died(i)`: the
-    caller's row saying so, or the piece run again here, where its error can show."""
+    caller's row saying so, or the piece run again here, where its error can show. A piece for which `skip(i)`
+    holds once an earlier result is in is not run (where it can still be held back; `died(i)` then too)."""
     found: dict[int, R] = {}
     notify = on_result or (lambda index, result: None)
     if count and can_fork() and (always_fork or min(jobs, count) > 1):
         found = forked_map(lambda index: work(index, False), order if order is not None else range(count),
-                           max(1, min(jobs, count)), notify)
+                           max(1, min(jobs, count)), notify, skip)
     else:
-        for index in range(count):
+        for index in order if order is not None else range(count):
+            if skip is not None and skip(index):
+                continue
             found[index] = work(index, True)
             notify(index, found[index])
     return [found[index] if index in found else died(index) for index in range(count)]

@@ -98,6 +98,32 @@ def test_a_step_that_fits_only_micro_batch_1_is_traced_there(model_dir: Callable
     assert all(row.confirmed["differences"] == ["none (within 0.5%)"] for row in report.chosen().values())
 
 
+def test_a_strategy_whose_least_memory_setup_does_not_fit_is_pruned(model_dir: Callable[[str], str],
+                                                                     tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A card above what the sharded parameters, gradients and state hold (no bound prunes) but below the step of
+    full checkpointing with the chunked loss at micro-batch 1: that setup is traced, and the strategy's other three
+    are pruned by it, untraced, each saying why."""
+    config = json.loads((Path(model_dir("tiny-llama")) / "config.json").read_text())
+    folder = tmp_path / "wide-vocabulary"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 128_000}))
+    out = tmp_path / "plan.json"
+    # 1_264_582_656 B outside the allocator on 2 h100-sxm; the state bound needs 35-65 MB more, the step 80-240 MB
+    code, _, err = run(["plan", str(folder), "--gpu", "h100-sxm", "--gpus", "2", "--strategy", "fsdp", "-o", "adamw",
+                        "--seq-len", "64", "--activation-checkpointing", "none,full", "--loss", "default,chunked:8",
+                        "--max-micro-batch", "4", "--no-confirm", "--jobs", "1", "--gpu-memory", "1360000000",
+                        "-f", "json", "--output", str(out)], capsys)
+    assert code == 0, err
+    report = read_report(out)
+    assert isinstance(report, PlanReport)
+    assert (report.search["considered"], report.search["pruned"], report.search["traced"]) == (4, 3, 1)
+    least = [row for row in report.results if row.setup == "fsdp, AC full, loss chunked:8"]
+    assert [row.reason for row in least] == ["does not fit at micro-batch 1"]
+    assert all(row.status == "does not fit" and "the least memory of this strategy, does not fit" in row.reason
+               for row in report.results if row not in least)
+
+
 def test_setups_of_a_strategy_share_their_shallow_copies(model_dir: Callable[[str], str], tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     """A model deep enough for layer-periodic copies: the setups of one strategy are traced on copies built and

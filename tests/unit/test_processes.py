@@ -1,7 +1,9 @@
-"""run_each: the same results serially and in forked workers, and a row for a worker that died."""
+"""run_each: the same results serially and in forked workers, a row for a worker that died, and pieces a result
+made needless left unrun."""
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 
@@ -20,6 +22,25 @@ def test_serial_and_forked_give_the_same_results_in_index_order() -> None:
     assert [value for value, _ in forked] == [value for value, _ in serial] == [0, 1, 4, 9, 16]
     assert {here for _, here in forked} == {False} and {here for _, here in serial} == {True}
     assert sorted(arrived) == [0, 1, 2, 3, 4]  # each result announced once
+
+
+def test_pieces_a_result_made_needless_are_not_run_serially_or_forked() -> None:
+    """As plan prunes a strategy once its least-memory setup does not fit: after piece 0's result, pieces 5-9 are
+    needless; those not yet begun are not run and get the caller's row (forked, a worker may have taken a few)."""
+    for always_fork in (False, True):
+        arrived: list[int] = []
+        results = run_each(squared, 10, 1, died=lambda i: (-1, False), on_result=functools.partial(_arrived, arrived),
+                           always_fork=always_fork, skip=functools.partial(_after_zero, arrived))
+        assert results[0][0] == 0 and results[9] == (-1, False), always_fork
+        assert 9 not in arrived
+
+
+def _arrived(arrived: list[int], index: int, result: object) -> None:
+    arrived.append(index)
+
+
+def _after_zero(arrived: list[int], index: int) -> bool:
+    return 0 in arrived and index >= 5
 
 
 def test_a_worker_that_dies_gives_its_row_and_the_rest_are_kept_or_said() -> None:
