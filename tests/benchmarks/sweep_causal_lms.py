@@ -15,6 +15,7 @@ top-2; special token ids inside the vocabulary; tests/support/architectures.py's
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -41,7 +42,12 @@ TINY: dict[str, Any] = dict(
     kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
     state_size=8, expand=2, conv_kernel=4, time_step_rank=4, mamba_n_heads=4, mamba_d_head=32,
     linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
-    sliding_window=64, tie_word_embeddings=False,
+    sliding_window=64, tie_word_embeddings=False, hidden_size_global=64,  # blt's local models see its global one
+    # encoder-decoder families' decoders (plbart, whisper; blenderbot's cache counts encoder_layers), the top-k's other
+    # names (ernie4_5_moe, kimi_linear: 6 or 8 of 4 experts), one dense layer of two where a family counts them, and
+    # no layers sharing another's keys and values (gemma3n: the last 15 of 35; two layers have none to spare)
+    encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+    decoder_ffn_dim=128, moe_k=2, num_experts_per_token=2, num_dense_layers=1, num_kv_shared_layers=0,
 )
 SPECIAL = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id", "unk_token_id",
            "mask_token_id", "decoder_start_token_id", "image_token_id", "image_token_index", "video_token_id")
@@ -50,8 +56,20 @@ SPECIAL = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_
 # families' own switches (the sweep's FIXES, beside tests/support/architectures.py's)
 LAYER_LISTS = ("layer_types", "layers_block_type", "block_types", "hybrid_override_pattern", "attn_type_list",
                "mlp_layer_types", "full_attention_layers", "sliding_window_pattern_list")
+QSA = dict(indexer_n_heads=4, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4)
 SWEEP_FIXES: dict[str, dict[str, Any]] = {
-    "reformer": dict(is_decoder=True),  # ReformerModelWithLMHead refuses a config that is not a decoder
+    # ReformerModelWithLMHead refuses a config that is not a decoder; training needs the axial position shape to
+    # multiply to the sequence (32 tokens) and its dims to sum to hidden, and chunks that divide the sequence
+    "reformer": dict(is_decoder=True, axial_pos_shape=(4, 8), axial_pos_embds_dim=(16, 48),
+                     local_attn_chunk_length=16, lsh_attn_chunk_length=16),
+    "blt": dict(use_cache=False),  # its cache is built from the top config, which has no num_hidden_layers
+    # the default configs below cannot build a model at all; the Hub's checkpoints set these
+    "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0}}),
+    "dbrx": {"attn_config.rope_theta": 10000.0, "attn_config.clip_qkv": 8.0},  # DbrxAttention reads both
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"]),  # None by default, indexed per layer
+    "qwen4_exp_text": QSA, "qwen4_exp": {f"text_config.{key}": value for key, value in QSA.items()},  # indexed layers
+    "xmod": dict(default_language="en_XX"),  # its adapters need a language; en_XX is the default's only one
+    "xlstm": dict(qk_dim_factor=1.0),  # its cache rounds hidden x qk_dim_factor up to a multiple of 64, its layers not
 }
 COMPARE_EVERY = 5  # compare runs every fifth type (its real steps are the sweep's cost)
 OPTIMIZERS = "adamw,adam-mini"
@@ -69,6 +87,7 @@ def tiny_config(model_type: str) -> Any:
         config = AutoConfig.for_model(model_type)
 
         def shrink(part: Any) -> None:
+            before = _layers(part)
             for key, value in TINY.items():
                 if key in vars(part) and not isinstance(getattr(type(part), key, None), property):
                     setattr(part, key, value)
@@ -79,8 +98,11 @@ def tiny_config(model_type: str) -> Any:
                     setattr(part, key, index % 3)
                 elif isinstance(value, list):
                     setattr(part, key, [v if not isinstance(v, int) or v < vocab else index % 3 for v in value])
-            layers = next((vars(part)[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
-                           if isinstance(vars(part).get(k), int)), None)
+            layers = _layers(part)
+            for key, value in list(vars(part).items()):  # any other list with one entry per layer (swiglu limits)
+                if key not in LAYER_LISTS and isinstance(value, list | tuple) and before != layers and \
+                        len(value) == before:
+                    setattr(part, key, type(value)(_cut(list(value), layers)))
             for key in LAYER_LISTS:
                 value = vars(part).get(key)
                 if layers is not None and isinstance(value, list | tuple) and len(value) > layers:
@@ -100,8 +122,49 @@ def tiny_config(model_type: str) -> Any:
 
         shrink(config)
         for key, value in {**FIXES.get(model_type, {}), **SWEEP_FIXES.get(model_type, {})}.items():
-            setattr(config, key, value)
-    return config
+            *path, name = key.split(".")  # "attn_config.rope_theta": in a sub-config
+            setattr(functools.reduce(getattr, path, config), name, value)
+        return _rebuilt(config)
+
+
+def _layers(part: Any) -> int | None:
+    return next((vars(part)[k] for k in ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+                 if isinstance(vars(part).get(k), int)), None)
+
+
+def _rebuilt(part: Any) -> Any:
+    """The config built again from its fields, sub-configs first, so that what its `__post_init__` derived from the
+    default sizes is derived from the tiny ones: fields that default to None and still hold the default config's
+    derived value are left out (zamba's attention_hidden_size, xlstm's num_blocks, hrm_text's layers per stack,
+    gemma4's per-layer overrides), and so are attributes that are no fields (zamba2's mamba_headdim), which a
+    reload would otherwise set back over the derived ones; attributes the default has not (a fix's) are kept."""
+    import dataclasses
+
+    from transformers import PretrainedConfig
+
+    for key, value in list(vars(part).items()):
+        if isinstance(value, PretrainedConfig):
+            setattr(part, key, _rebuilt(value))
+    try:
+        default = vars(type(part)())
+    except Exception:  # a sub-config class that needs arguments: kept as it is
+        return part
+    fields = {f.name: f.default for f in dataclasses.fields(part) if f.init}
+
+    def derived(key: str, value: Any) -> bool:  # a field that defaults to None, holding what the default derived
+        return fields[key] is None and key in default and not isinstance(value, PretrainedConfig) and \
+            _same(value, default[key])
+
+    given = {key: value for key, value in vars(part).items() if key in fields and not derived(key, value)}
+    added = {key: value for key, value in vars(part).items() if key not in fields and key not in default}
+    return type(part)(**given, **added)
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
 
 
 def _cut(values: list[Any], layers: int) -> list[Any]:
