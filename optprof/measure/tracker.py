@@ -61,7 +61,8 @@ def tracker_breakdown(snapshot: dict[Any, int], state_bytes: int) -> dict[str, i
 
 
 class _NoHook:
-    """Stands for a gradient hook never registered: a frozen parameter (LoRA's base, --freeze) takes none."""
+    """Stands for a gradient hook never registered: a frozen parameter (LoRA's base, --freeze) takes none, nor a
+    module's inputs outside the autograd graph (`_module_grad_hooks`)."""
 
     def remove(self) -> None:
         pass
@@ -218,8 +219,15 @@ def _module_grad_hooks(handles: list[Any]) -> Iterator[None]:
 
     original = mod_tracker.register_multi_grad_hook
 
-    def register(*args: Any, **kwargs: Any) -> Any:
-        handle = original(*args, **kwargs)
+    def register(tensors: Any, *args: Any, **kwargs: Any) -> Any:
+        # an input that requires grad but has no autograd node: a leaf made where grad is off, as inside a custom
+        # Function's forward (reformer's reversible layers run their blocks there); ModTracker's own helper asserts
+        # on it (torch/autograd/graph.py, `_get_grad_fn_or_grad_acc`). Such a module is not in the graph: its
+        # backward entry goes unmarked, which moves only MemTracker's attribution by module, not the peak
+        tensors = [t for t in tensors if _has_node(t)]
+        if not tensors:
+            return _NoHook()
+        handle = original(tensors, *args, **kwargs)
         handles.append(handle)
         return handle
 
@@ -228,6 +236,16 @@ def _module_grad_hooks(handles: list[Any]) -> Iterator[None]:
         yield
     finally:
         mod_tracker.register_multi_grad_hook = original
+
+
+def _has_node(tensor: Any) -> bool:
+    from torch.autograd.graph import _get_grad_fn_or_grad_acc
+
+    try:
+        _get_grad_fn_or_grad_acc(tensor)
+    except AssertionError:
+        return False
+    return True
 
 
 def tracked_step(step: TrainStep, state_bytes: int, recorder: TraceRecorder | None = None,

@@ -3,6 +3,7 @@ about (trainable, embedding, expert)."""
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
@@ -58,10 +59,42 @@ def text_config(config: PretrainedConfig) -> PretrainedConfig:
 
 def _first_attr(config: Any, *names: str, default: Any = None) -> Any:
     for name in names:
-        value = getattr(config, name, None)
+        value = _attr(config, name)
         if value is not None:
             return value
     return default
+
+
+def _attr(config: Any, name: str) -> Any:
+    """config.name, or None; on a heterogeneous config (transformers' per-layer attributes: gemma4's head_dim), an
+    attribute that varies by layer reads as most of its layers have it (`per_layer_differences` says so)."""
+    try:
+        return getattr(config, name, None)
+    except Exception as exc:  # AmbiguousGlobalPerLayerAttributeError (transformers >= 5.x), by name: older lack it
+        if type(exc).__name__ != "AmbiguousGlobalPerLayerAttributeError":
+            raise
+        values = _per_layer(config, name)
+        return Counter(values).most_common(1)[0][0] if values else None
+
+
+def _per_layer(config: Any, name: str) -> list[Any]:
+    view = getattr(config, "per_layer_config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if view is None or not isinstance(layers, int):
+        return []
+    return [getattr(view[index], name, None) for index in range(layers)]
+
+
+def per_layer_differences(config: PretrainedConfig) -> str | None:
+    """The attributes a heterogeneous config sets per layer that differ between its layers, in words, or None."""
+    text = text_config(config)
+    names = sorted(getattr(text, "per_layer_attributes", None) or ())
+    differ = {name: sorted(set(values), key=str) for name in names if len(set(values := _per_layer(text, name))) > 1}
+    if not differ:
+        return None
+    listed = ", ".join(f"{name} {' / '.join(map(str, values))}" for name, values in differ.items())
+    return (f"per-layer sizes differ ({listed}): the shape shown, Adam-mini's head blocks and the MFU's attention "
+            "term take the value most layers have")
 
 
 def _context_length(config: Any) -> int | None:
@@ -195,7 +228,8 @@ def describe(
         experts_per_token=top_k,
         active_params=active,
         trainable_params=sum(p.numel() for p in trainable_parameters(model)),
-        warning=BIDIRECTIONAL if bidirectional(model, config) else None,
+        warning="; ".join(note for note in (BIDIRECTIONAL if bidirectional(model, config) else None,
+                                            per_layer_differences(config)) if note) or None,
     )
 
 
@@ -204,6 +238,10 @@ NEEDS_MORE_THAN_TOKENS = {
     "git": "GIT is an image-to-text model: its loss starts after the image tokens it expects first, so a step on text "
            "alone has nothing to predict (transformers' own step fails the same way); it needs pixel_values, which "
            "optprof does not make",
+    **dict.fromkeys(("gemma4_assistant", "gemma4_unified_assistant"),
+                    "a Gemma 4 drafter: its forward takes the target model's embeddings and shared key/value states "
+                    "(inputs_embeds, shared_kv_states), not token ids (transformers' own step fails the same way); "
+                    "optprof does not make them"),
 }
 
 

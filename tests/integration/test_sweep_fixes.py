@@ -3,6 +3,7 @@ a fake step in compare's own process that never ends costs its decision, not the
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -57,3 +58,22 @@ def test_git_is_unsupported_with_its_reason_and_xmod_runs_with_its_first_languag
                                      predict=False, preflight=False), isolate=False)
     assert xmod.results[0].status == "ok", xmod.results[0].reason
     assert xmod.model.warning is not None and "language adapter is en_XX" in xmod.model.warning
+
+
+@pytest.mark.parametrize("model_type", ["gemma4_text", "reformer"])
+def test_types_the_sweeps_generator_freed_are_predicted_as_measured(model_type: str, tmp_path: Any) -> None:
+    """Two types transformers' own step trains once the sweep's tiny configs are consistent, which optprof failed:
+    gemma4's head_dim is set per layer (reading the global one raises: the model line takes most layers' value
+    and says the sizes differ), and reformer's reversible blocks run inside a custom Function's forward, where
+    MemTracker's module hooks met inputs with no autograd node. Both predicted to the byte of the measured step."""
+    from tests.benchmarks.sweep_causal_lms import tiny_config
+
+    tiny_config(model_type).save_pretrained(tmp_path)
+    training = dataclasses.replace(TRAINING, seq_len=32)  # reformer's axial positions (4 x 8) make 32 tokens
+    report = run_compare(CompareConfig(ModelSelection(str(tmp_path)), ("adamw",), training, preflight=False),
+                         isolate=False)
+    row = report.results[0]
+    assert row.status == "ok", row.reason
+    assert row.predicted_peak_bytes == row.tensor_peak_bytes
+    if model_type == "gemma4_text":
+        assert report.model.warning is not None and "head_dim 16 / 512" in report.model.warning
