@@ -132,7 +132,7 @@ def attention_shape(config: PretrainedConfig) -> tuple[int, int, int] | None:
     heads = int(heads)
     kv_heads = int(_first_attr(text, "num_key_value_heads", "num_kv_heads", "multi_query_group_num", default=heads))
     head_dim = int(_first_attr(text, "head_dim", default=hidden_size(config) // heads))
-    nope, rope = getattr(text, "qk_nope_head_dim", None), getattr(text, "qk_rope_head_dim", None)
+    nope, rope = _attr(text, "qk_nope_head_dim"), _attr(text, "qk_rope_head_dim")
     if nope and rope:  # multi-head latent attention: a query/key head is its non-rotary plus rotary part
         head_dim = int(nope) + int(rope)
     return heads, kv_heads, head_dim

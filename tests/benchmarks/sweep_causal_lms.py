@@ -48,6 +48,7 @@ TINY: dict[str, Any] = dict(
     # no layers sharing another's keys and values (gemma3n: the last 15 of 35; two layers have none to spare)
     encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
     decoder_ffn_dim=128, moe_k=2, num_experts_per_token=2, num_dense_layers=1, num_kv_shared_layers=0,
+    adapter_in_dim=64, adapter_input_size=64, adapter_out_dim=64,  # a tower's adapter: its hidden to the text's
 )
 SPECIAL = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id", "unk_token_id",
            "mask_token_id", "decoder_start_token_id", "image_token_id", "image_token_index", "video_token_id")
@@ -69,6 +70,8 @@ SWEEP_FIXES: dict[str, dict[str, Any]] = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention"]),  # None by default, indexed per layer
     "qwen4_exp_text": QSA, "qwen4_exp": {f"text_config.{key}": value for key, value in QSA.items()},  # indexed layers
     "xmod": dict(default_language="en_XX"),  # its adapters need a language; en_XX is the default's only one
+    "kolibri1_1": dict(index_num_heads=2),  # at most the query heads of a key head (4 of 2: 2)
+    "zaya": dict(num_experts_per_tok=1),  # its validator: "supports num_experts_per_tok=1 only"
     "xlstm": dict(qk_dim_factor=1.0),  # its cache rounds hidden x qk_dim_factor up to a multiple of 64, its layers not
 }
 COMPARE_EVERY = 5  # compare runs every fifth type (its real steps are the sweep's cost)
@@ -115,7 +118,8 @@ def tiny_config(model_type: str) -> Any:
                 if "qk_head_dim" in vars(part):
                     part.qk_head_dim = part.qk_nope_head_dim + part.qk_rope_head_dim
                 if "num_key_value_heads" in vars(part):
-                    part.num_key_value_heads = part.num_attention_heads  # its keys have every head (FIXES' deepseek_v3)
+                    part.num_key_value_heads = vars(part)["num_attention_heads"]  # every head's keys (deepseek_v3);
+                    # read from the fields: a per-layer attribute of a heterogeneous config raises on access
             for value in list(vars(part).values()):
                 if isinstance(value, PretrainedConfig):
                     shrink(value)
