@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 TORCH := torch==2.13.0  # a CPU build on local disk; installed first so no dependency pulls another torch
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-fast check lint typecheck bench sweep periodic clean
+.PHONY: install run test test-fast check lint typecheck bench sweep families clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,18 +24,20 @@ run: install
 	@echo "the figures: compare.png (optprof compare -f html --output compare.html: a page with tables and figures)"
 
 JOBS ?= 2  # pytest workers (pytest-xdist): the machine's two cores
+DIST ?= worksteal  # an idle worker takes tests from the other: no file left running alone at the end
 
 test: install lint typecheck
-	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist $(DIST)
 
 test-fast: install lint
-	$(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile tests/unit
+	$(BIN)/python -m pytest -q -n $(JOBS) --dist $(DIST) tests/unit
 
 sweep: install  # every causal LM type transformers ships, through state-size, predict and compare (12-18 min on 2 cores)
 	$(BIN)/python tests/benchmarks/sweep_causal_lms.py --jobs $(JOBS) --out sweep.json
 
-periodic: install  # layer-periodic traces against real ones at two depths, every family of the sweep (~9 min)
-	OPTPROF_ALL_FAMILIES=1 $(BIN)/python -m pytest -q -n $(JOBS) tests/integration/test_periodic_trace.py
+families: install  # every family of the architecture tests through every command, and its layer-periodic trace
+	OPTPROF_ALL_FAMILIES=1 $(BIN)/python -m pytest -q -n $(JOBS) --dist $(DIST) \
+		tests/integration/test_architectures.py tests/integration/test_periodic_trace.py
 
 check: install
 	$(BIN)/optprof check profiles/ --junit check-results.xml

@@ -49,6 +49,7 @@ TINY: dict[str, Any] = dict(
     encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
     decoder_ffn_dim=128, moe_k=2, num_experts_per_token=2, num_dense_layers=1, num_kv_shared_layers=0,
     adapter_in_dim=64, adapter_input_size=64, adapter_out_dim=64,  # a tower's adapter: its hidden to the text's
+    vocab_size_per_layer_input=512, hidden_size_per_layer_input=16,  # gemma3n / gemma4: 262144 x 256 per layer
 )
 SPECIAL = ("pad_token_id", "bos_token_id", "eos_token_id", "cls_token_id", "sep_token_id", "unk_token_id",
            "mask_token_id", "decoder_start_token_id", "image_token_id", "image_token_index", "video_token_id")

@@ -1,13 +1,14 @@
 """Every decoder family through state-size, predict and compare: each row works, or says why it cannot
 (`unsupported`, with the reason); never `failed`, never an internal error. predict's rows, from one forward and
-backward shared by the optimizers, equal those of each optimizer's own steps (issue 28)."""
+backward shared by the optimizers, equal those of each optimizer's own steps (issue 28). `make test` runs the
+representative families (`support.architectures.REPRESENTATIVE`); `make families` runs all of them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-from support.architectures import FAMILIES, MOE, NO_ATTENTION, sweep, write_tiny
+from support.architectures import ALL_FAMILIES, FAMILIES, MOE, NO_ATTENTION, REPRESENTATIVE, sweep, write_tiny
 
 from optprof.model.loading import load_model
 from optprof.optimizers.registry import DEFAULT_OPTIMIZERS
@@ -16,7 +17,7 @@ PREDICTION_TOLERANCE = 0.02  # predicted vs measured tensor peak on CPU
 ROUTING_COUNTED = ("mixtral", "qwen3_moe", "olmoe", "gpt_oss", "deepseek_v3", "qwen2_moe")
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES if ALL_FAMILIES else REPRESENTATIVE)
 def test_family_runs_every_command(family: str, tmp_path: Path) -> None:
     result = sweep(family, tmp_path, DEFAULT_OPTIMIZERS)
     for (command, optimizer), (status, reason) in result.statuses.items():

@@ -8,6 +8,7 @@ key/value heads as heads). A few thousand parameters each: a family's shapes, no
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +47,10 @@ FAMILIES = (
     "granitemoehybrid", "nemotron_h", "lfm2", "recurrent_gemma", "mamba", "mamba2", "falcon_mamba", "rwkv",
     "modernbert-decoder",  # its init calls trunc_normal_, which never ended on fake tensors (issue 37)
 )
+# `make test` runs these through every command (dense, alternating attention, MoE with MLA, hybrid, attention-free,
+# and modernbert-decoder's init), within its five minutes; `make families` (OPTPROF_ALL_FAMILIES=1) runs every family
+REPRESENTATIVE = ("llama", "gemma3_text", "mixtral", "deepseek_v3", "jamba", "mamba", "modernbert-decoder")
+ALL_FAMILIES = bool(os.environ.get("OPTPROF_ALL_FAMILIES"))
 MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "granitemoe", "jetmoe", "gpt_oss", "llama4_text",
        "deepseek_v2", "deepseek_v3", "glm4_moe", "qwen3_next", "jamba", "granitemoehybrid", "nemotron_h")
 NO_ATTENTION = ("mamba", "mamba2", "falcon_mamba", "rwkv")
