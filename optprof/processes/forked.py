@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import CancelledError, ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, TypeVar
 
@@ -45,26 +45,38 @@ def _run(index: int) -> Any:
 
 def forked_map(work: Callable[[int], Any], order: Iterable[int], jobs: int,
                on_result: Callable[[int, Any], None], skip: Callable[[int], bool] | None = None) -> dict[int, Any]:
-    """work(i) for each i of `order` (submitted in that order) in `jobs` forked workers; the results by index,
-    each passed to on_result as it arrives. An index whose worker died (a crash, the OOM killer) is missing:
-    the caller says so in its row, or runs it again where the error can show. After each result, a piece not yet
-    started for which `skip(i)` holds is not run (missing too: what a result made needless, as plan prunes)."""
+    """work(i) for each i of `order` (submitted in that order, one per free worker) in `jobs` forked workers; the
+    results by index, each passed to on_result as it arrives. An index whose worker died (a crash, the OOM killer)
+    is missing, and so is every one not yet begun then: the caller says so in its row, or runs it again where the
+    error can show. A piece for which `skip(i)` holds when a worker is free for it is not run (missing too: what
+    a result made needless, as plan prunes)."""
     global _work
     _work = work
     results: dict[int, Any] = {}
+    waiting = list(order)
     try:
         with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork"), initializer=in_child) as pool:
-            futures = {pool.submit(_run, index): index for index in order}
+            running: dict[Future[Any], int] = {}
+
+            def submit() -> None:  # one piece per free worker, so that `skip` decides each with every result so far
+                while waiting and len(running) < jobs:
+                    index = waiting.pop(0)
+                    if skip is None or not skip(index):
+                        running[pool.submit(_run, index)] = index
+
             try:
-                for future in as_completed(futures):
-                    try:
-                        results[futures[future]] = future.result()
-                    except (BrokenProcessPool, CancelledError):
-                        continue
-                    on_result(futures[future], results[futures[future]])
-                    for waiting, index in futures.items():
-                        if skip is not None and not waiting.done() and skip(index):
-                            waiting.cancel()  # False once a worker has taken it: then it runs
+                submit()
+                while running:
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        index = running.pop(future)
+                        try:
+                            results[index] = future.result()
+                        except BrokenProcessPool:  # a worker died: the pool takes nothing more
+                            waiting.clear()
+                            continue
+                        on_result(index, results[index])
+                    submit()
             except Interrupted:  # stop the workers now: leaving the pool would wait for their work to end
                 pool.shutdown(wait=False, cancel_futures=True)
                 stop_children(grace_s=0.0)

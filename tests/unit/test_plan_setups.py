@@ -26,7 +26,9 @@ def test_eight_gpus_search_24_setups_per_optimizer() -> None:
 def test_the_least_memory_setup_bounds_its_strategy_only_where_it_holds_least() -> None:
     every = setups(2, strategies=("fsdp",))
     least = _least_memory(every)
-    assert every[least[(Strategy.FSDP, None)]] == Setup(Strategy.FSDP, None, "full", "chunked:8")
+    # per loss: the chunked loss is not less by construction (an A800 zero2 step reserved more with it)
+    assert {key: every[index] for key, index in least.items()} == {
+        (Strategy.FSDP, None, loss): Setup(Strategy.FSDP, None, "full", loss) for loss in ("default", "chunked:8")}
     # two selective modes: neither holds less than the other by construction, so no bound
     neither = [Setup(Strategy.FSDP, None, "selective-op", "default"),
                Setup(Strategy.FSDP, None, "selective-layer:2", "default")]
