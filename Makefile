@@ -35,9 +35,10 @@ test-fast: install lint
 sweep: install  # every causal LM type transformers ships, through state-size, predict and compare (12-18 min on 2 cores)
 	$(BIN)/python tests/benchmarks/sweep_causal_lms.py --jobs $(JOBS) --out sweep.json
 
-families: install  # every family of the architecture tests through every command, and its layer-periodic trace
+families: install  # every family through every command and its layer-periodic trace; Llama-2-7B's layer copies
 	OPTPROF_ALL_FAMILIES=1 $(BIN)/python -m pytest -q -n $(JOBS) --dist $(DIST) \
-		tests/integration/test_architectures.py tests/integration/test_periodic_trace.py
+		tests/integration/test_architectures.py tests/integration/test_periodic_trace.py \
+		tests/integration/test_layer_copies.py
 
 check: install
 	$(BIN)/optprof check profiles/ --junit check-results.xml
