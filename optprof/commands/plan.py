@@ -8,9 +8,10 @@ forward and backward), traced on two shallow copies of the model and written for
 built and warmed up once for several of them (`layer_periodic_setups`). The trace at any other micro-batch is
 extrapolated from those two (each allocation's size and each op's cost on the line through its two values),
 replayed through the caching-allocator model for the largest micro-batch that fits, and costed on the catalog
-GPU's timeline. A setup is pruned before any trace where a bound
-shows it cannot fit: the sharded parameters, gradients and state alone exceed the card, or the same strategy and
-loss with full checkpointing (the least memory of those setups) does not fit micro-batch 1. The chosen
+GPU's timeline. A setup is pruned, untraced, where a bound shows
+it cannot fit: the sharded parameters, gradients and state alone exceed the card (before any trace), or the same
+strategy and loss with full checkpointing (the least memory of those setups, traced first) does not fit
+micro-batch 1. The chosen
 setup per optimizer is confirmed by a full predict (the whole model traced at the chosen micro-batch), and any
 difference is reported.
 """

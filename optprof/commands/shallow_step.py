@@ -141,13 +141,9 @@ def layer_periodic_traces(config: PredictConfig, entries: list[OptimizerEntry], 
     copies' runs are too short to tell a rule (a run that shows once), the copies grow by a period, once."""
     if isinstance(copies, str):
         return traced(config, entries, training, micro_batches), f"traced whole: {copies}"
-    layers = copies.large
-
-    def trace_rest(missing: list[int]) -> list[Outcome]:
-        return traced(config, [entries[i] for i in missing], training, micro_batches[1:], layers)
-
     small = traced(config, entries, training, micro_batches, copies.small)
-    large = _completed(small, traced(config, entries, training, micro_batches[:1], layers), micro_batches, trace_rest)
+    large = _completed(small, traced(config, entries, training, micro_batches[:1], copies.large), micro_batches,
+                       functools.partial(_traced_rest, config, training, entries, micro_batches, copies.large))
     reason = ""
     for attempt in range(2):
         if attempt:  # one period more: the larger copy becomes the smaller
@@ -170,15 +166,11 @@ def layer_periodic_setups(configs: list[PredictConfig], entries: list[OptimizerE
     whose copies do not write its trace goes on alone: one period more, then the whole model."""
     if isinstance(copies, str) or len(configs) == 1:
         return [layer_periodic_traces(config, entries, config.training, micro_batches, copies) for config in configs]
-    layers = copies.large
-
-    def trace_rest(setup: PredictConfig, missing: list[int]) -> list[Outcome]:
-        return traced(setup, [entries[i] for i in missing], setup.training, micro_batches[1:], layers)
-
     small = traced_setups(configs, entries, micro_batches, copies.small)
-    large = [_completed(one, two, micro_batches, functools.partial(trace_rest, setup))
-             for setup, one, two in zip(configs, small, traced_setups(configs, entries, micro_batches[:1], layers),
-                                        strict=True)]
+    large = [_completed(one, two, micro_batches,
+                        functools.partial(_traced_rest, setup, setup.training, entries, micro_batches, copies.large))
+             for setup, one, two in zip(configs, small,
+                                        traced_setups(configs, entries, micro_batches[:1], copies.large), strict=True)]
     found = []
     for config, one, two in zip(configs, small, large, strict=True):
         written = _written(one, two, copies, micro_batches) if _copy_failure(one, two) is None else ""
@@ -192,23 +184,30 @@ def _completed(small: list[Outcome], large: list[Outcome], micro_batches: list[i
     """The larger copy's outcomes, traced at the first micro-batch only (`large`), at every one: each other
     micro-batch's trace written from the smaller copy's (`at_other_batch`), a quarter of a plan's tracing saved;
     where that is refused, `trace_rest(optimizer indices)` traces them."""
+    first = micro_batches[0]
     done: list[Outcome] = []
     missing: list[int] = []
     for index, (one, two) in enumerate(zip(small, large, strict=True)):
         if isinstance(one, StepFailed) or isinstance(two, StepFailed):
             done.append(two if isinstance(two, StepFailed) else one)
             continue
-        first = micro_batches[0]
         try:
             done.append({first: two[first], **{size: at_other_batch(one[first], one[size], two[first])
                                                for size in micro_batches[1:]}})
         except NotPeriodic:
             done.append(two)
             missing.append(index)
-    if missing and len(micro_batches) > 1:
+    if missing:  # only where there is a second micro-batch to write
         for index, rest in zip(missing, trace_rest(missing), strict=True):
             done[index] = rest if isinstance(rest, StepFailed) else {**done[index], **rest}  # type: ignore[dict-item]
     return done
+
+
+def _traced_rest(config: PredictConfig, training: TrainingSettings, entries: list[OptimizerEntry],
+                 micro_batches: list[int], layers: int, missing: list[int]) -> list[Outcome]:
+    """The optimizers `missing` (indices into `entries`) traced on the copy of `layers` at every micro-batch but the
+    first: where `at_other_batch` refused to write them."""
+    return traced(config, [entries[i] for i in missing], training, micro_batches[1:], layers)
 
 
 def _copy_failure(small: list[Outcome], large: list[Outcome]) -> str | None:

@@ -431,14 +431,14 @@ def _moves(small: list[_Item], large: list[_Item], moved: list[tuple[int, ...]])
     by_place: dict[Place, tuple[int, ...]] = {}
     statics: dict[Place, tuple[int, ...]] = {}
     for place, item, move in zip(layout.places(-1), small, moved, strict=True):
-        key = place if place[0] == "s" else (place[1], place[3])  # a run's record: alike in every copy
+        key = _in_every_copy(place)
         if by_place.setdefault(key, move) != move:
             raise NotPeriodic("the copies of a repeating run move differently with the micro-batch")
         if place[0] == "s":
             statics[key] = item.numbers
     out = []
     for place, item in zip(layout.places(0), large, strict=True):
-        key = place if place[0] == "s" else (place[1], place[3])
+        key = _in_every_copy(place)
         if key not in by_place:
             raise NotPeriodic("a repeating run the smaller copy lacks")
         move = by_place[key]
@@ -446,3 +446,8 @@ def _moves(small: list[_Item], large: list[_Item], moved: list[tuple[int, ...]])
             raise NotPeriodic("a record that grows with the blocks also moves with the micro-batch")
         out.append(move)
     return out
+
+
+def _in_every_copy(place: Place) -> Place:
+    """A place without its copy: a static item's own, a run's record (region, offset), alike in every copy."""
+    return place if place[0] == "s" else (place[1], place[3])

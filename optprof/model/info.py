@@ -288,7 +288,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
         # FSDP2 renames a sharded module's class FSDP<name> (torch/distributed/fsdp/_fully_shard/_fully_shard.py,
         # fully_shard): plan checkpoints copies sharded and warmed up once for all its setups
         kind = type(module).__name__
-        kind = kind.removeprefix("FSDP") if kind.startswith("FSDP") and kind not in names else kind
+        kind = kind if kind in names else kind.removeprefix("FSDP")
         if kind in names and not any(name.startswith(outer + ".") for outer in inside):
             blocks.append(module)
             inside.append(name)

@@ -81,14 +81,14 @@ def _check_written_against_real(family: str, gpus: int, training: TrainingSettin
     def trace(layers: int, micro_batches: tuple[int, ...] = (2,)) -> Any:
         found = traced(config, entry, training, list(micro_batches), layers)[0]
         assert isinstance(found, dict), found
-        return found[2] if len(micro_batches) == 1 else found
+        return found
 
     # plan traces the larger copy at its first micro-batch only; the second is written from the smaller's move
     # (checked for llama in the test tier, every family with OPTPROF_ALL_FAMILIES=1)
     sizes = (2, 3) if os.environ.get("OPTPROF_ALL_FAMILIES") or family == "llama" else (2,)
     small_at, large_at = trace(copies.small, sizes), trace(copies.large, sizes)
-    small, large = (small_at[2], large_at[2]) if len(sizes) > 1 else (small_at, large_at)
-    if len(sizes) > 1:
+    small, large = small_at[2], large_at[2]
+    if 3 in sizes:
         try:
             assert at_other_batch(small, small_at[3], large) == comparable(large_at[3]), family
         except NotPeriodic as exc:  # refused (a run the smaller copy lacks): plan traces it
@@ -98,7 +98,7 @@ def _check_written_against_real(family: str, gpus: int, training: TrainingSettin
     except NotPeriodic:  # as plan does: the copies grow by one period, once
         copies = dataclasses.replace(copies, small=copies.large, large=copies.large + copies.period)
         try:
-            learnt = LayerPeriodic(large, trace(copies.large), copies.small, copies.large)
+            learnt = LayerPeriodic(large, trace(copies.large)[2], copies.small, copies.large)
         except NotPeriodic as exc:  # refused: the caller traces the whole model (bamba under FSDP2)
             assert str(exc)
             return copies
@@ -107,7 +107,7 @@ def _check_written_against_real(family: str, gpus: int, training: TrainingSettin
     if os.environ.get("OPTPROF_ALL_FAMILIES") or family == "llama":
         depths.append(copies.large + 2 * copies.period)
     for depth in depths:
-        written, expected = learnt.at(depth), comparable(trace(depth))
+        written, expected = learnt.at(depth), comparable(trace(depth)[2])
         assert written.events == expected.events, (family, depth)
         assert written.tags == expected.tags and written.marks == expected.marks
         assert written.ops == expected.ops, (family, depth)
