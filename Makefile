@@ -38,7 +38,7 @@ sweep: install  # every causal LM type transformers ships, through state-size, p
 families: install  # every family through every command and its layer-periodic trace; Llama-2-7B's layer copies
 	OPTPROF_ALL_FAMILIES=1 $(BIN)/python -m pytest -q -n $(JOBS) --dist $(DIST) \
 		tests/integration/test_architectures.py tests/integration/test_periodic_trace.py \
-		tests/integration/test_layer_copies.py
+		tests/integration/test_layer_copies.py tests/integration/test_periodic_predict.py
 
 check: install
 	$(BIN)/optprof check profiles/ --junit check-results.xml

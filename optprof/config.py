@@ -254,6 +254,8 @@ class PredictConfig:
     gpus_per_node: int | None = None  # None: 8, or the GPU count when smaller
     # --calibration: a compare report measured on the card; its outside-allocator figure is reserve_bytes then
     calibration: str | None = None
+    # trace the whole model even where shallow copies of its first layers write its trace (layer-periodic tracing)
+    full_model: bool = False
 
 
 # The optimizers of the study's inclusion relations, and the two whose memory optprof is about.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from optprof.cli.inputs import (
@@ -45,6 +46,7 @@ from optprof.cli.options import (
     OutputOpt,
     PlotOpt,
     PredictedSnapshotOpt,
+    PredictFullModelOpt,
     QloraOpt,
     RecipeDtypeOpt,
     RecipeOpt,
@@ -90,7 +92,7 @@ def predict(
     units: UnitsOpt = None, plot: PlotOpt = None, save_profile: SaveProfileOpt = None, jobs: JobsOpt = None,
     lora: LoraOpt = None, qlora: QloraOpt = None, freeze: FreezeOpt = None, attention: AttentionOpt = None,
     gpu: GpuOpt = None, gpu_spec: GpuSpecOpt = None, network: NetworkOpt = None, gpus_per_node: GpusPerNodeOpt = None,
-    calibration: CalibrationOpt = None,
+    calibration: CalibrationOpt = None, full_model: PredictFullModelOpt = PredictConfig.full_model,
 ) -> None:
     """Predict peak memory per device (and the largest micro-batch) without a GPU, from fake tensors; with --gpu,
     also the step time, tokens/s and MFU on that GPU.
@@ -113,6 +115,7 @@ def predict(
         mp_policy, activation_checkpointing, loss, alloc_conf, memory_snapshot, seq_len, micro_batch, grad_accum,
         gradient_checkpointing, max_micro_batch, revision, trust_remote_code, lora, qlora, freeze, attention, gpu,
         gpu_spec, network, gpus_per_node, calibration, jobs)
+    run_config = dataclasses.replace(run_config, full_model=full_model)
     one_device(run_config.gpus, save_profile)
     err = console(stderr=True)
     with err.status(f"predicting on fake tensors for {model} ...") as status:

@@ -15,8 +15,9 @@ Fake tensors have no memory, so a fork costs little, and the children of one mic
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,15 @@ from optprof.device.alloc_conf import AllocatorConfig
 from optprof.device.costs import SM90_WORKSPACE_BYTES
 from optprof.device.replay import Replay, replay
 from optprof.device.trace import AllocationTrace, TraceRecorder
-from optprof.distributed.sharding import shard_fsdp, zero1_optimizer
+from optprof.distributed.sharding import (
+    adam_mini_on_cpu_ranks,
+    fake_process_group,
+    fake_tensors,
+    gloo_reduce_scatter_copies,
+    shard_fsdp,
+    zero1_optimizer,
+)
+from optprof.errors import error_text
 from optprof.hardware.catalog import LOCAL, target_gpu
 from optprof.measure.device import CpuDevice
 from optprof.measure.step import TrainStep, configure_model, make_batches
@@ -34,8 +43,15 @@ from optprof.model.info import trainable_parameters
 from optprof.model.loading import load_selection
 from optprof.model.setups import qlora_weight_saving
 from optprof.optimizers.implementation import set_implementation
+from optprof.optimizers.outcome import status_of
 from optprof.optimizers.registry import OptimizerEntry
-from optprof.optimizers.state import account_state, fused_update, needs_gradient_graph, state_tensors
+from optprof.optimizers.state import (
+    PlaceholderScalars,
+    account_state,
+    fused_update,
+    needs_gradient_graph,
+    state_tensors,
+)
 from optprof.optimizers.trained import names_found, plain_name, untrained_in
 from optprof.processes.branching import run_branched
 from optprof.results.vocab import Status
@@ -43,6 +59,11 @@ from optprof.results.vocab import Status
 # Attention dropout makes CPU SDPA fall back to a kernel that keeps the whole attention matrix; CUDA's
 # flash and memory-efficient kernels do not, so for a CUDA target it is switched off (memory only).
 ATTENTION_DROPOUT_KEYS = ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+
+# Why a fake step can fail where a real one runs: the model read integers back to Python (an MoE layer's
+# tokens per expert, to split its input), and fake tensors have no values to give it.
+DATA_DEPENDENT = ("the model reads tensor values back to Python (e.g. tokens per expert, to split its input), "
+                  "which a step on fake tensors cannot know; compare measures it. The fake step failed with: ")
 
 DIED = "the predicting process died (crash or out of memory); retry with --jobs 1 to see the error"
 
@@ -441,3 +462,41 @@ class SharedView(Simulated):
         trace = self._traced(micro_batch).trace
         assert trace is not None
         return trace
+
+
+@contextlib.contextmanager
+def fake_run(config: PredictConfig, training: TrainingSettings) -> Iterator[tuple[Any, PlaceholderScalars]]:
+    """What a step on fake tensors runs inside: the fake process group (a mesh, for FSDP2), fake tensors."""
+    with contextlib.ExitStack() as stack:
+        mesh = None
+        if config.gpus > 1 or training.mp_param is not None:  # a policy is FSDP2's: one rank is a mesh too
+            mesh = stack.enter_context(fake_process_group(config.gpus, config.strategy, config.shard_size))
+        if config.gpus > 1 and training.device == DeviceKind.CPU:  # CPU ranks talk over gloo
+            stack.enter_context(gloo_reduce_scatter_copies())
+        stack.enter_context(adam_mini_on_cpu_ranks())
+        yield mesh, stack.enter_context(fake_tensors())
+
+
+def _output_shape_from_values(exc: BaseException) -> bool:
+    """An op whose output's shape depends on tensor values (`nonzero`, `unique`, boolean masks: dbrx's and
+    longcat_flash's expert loops), which fake tensors refuse with DynamicOutputShapeException."""
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, DynamicOutputShapeException):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def classified(exc: BaseException, entry: OptimizerEntry, config: PredictConfig,
+                scalars: PlaceholderScalars | None) -> tuple[StepFailed, bool]:
+    """A failed step's status and reason, and whether the model had read tensor values (fake tensors have none
+    to give it; a real step may well run: preflight leaves that undecided)."""
+    status, reason = status_of(exc, entry, config.gpus, config.strategy)
+    values_read = status == Status.FAILED and (
+        (scalars is not None and bool(scalars.integer_reads)) or _output_shape_from_values(exc))
+    if values_read:
+        status, reason = Status.UNSUPPORTED, DATA_DEPENDENT + error_text(exc)
+    return StepFailed(status, reason), values_read

@@ -588,7 +588,7 @@ def _confirmed(rows: list[PlanRow], configs: list[tuple[Setup, PredictConfig]], 
         training = dataclasses.replace(setup_config.training, micro_batch=row.micro_batch,
                                        grad_accum=row.grad_accum or 1, seq_len=seq_len)
         full = run_predict(dataclasses.replace(setup_config, optimizers=(row.optimizer,), training=training,
-                                               max_micro_batch=row.micro_batch)).results[0]
+                                               max_micro_batch=row.micro_batch, full_model=True)).results[0]
         confirmed: dict[str, Any] = {
             "status": str(full.status), "predicted_reserved_bytes": full.predicted_reserved_bytes,
             "predicted_step_s": full.predicted_step_s,

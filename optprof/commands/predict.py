@@ -7,12 +7,11 @@ FakeTensorMode gives every tensor its shape, dtype and storage size but no memor
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from optprof.commands.fake_step import (
@@ -24,8 +23,17 @@ from optprof.commands.fake_step import (
     SharedView,
     StepFailed,
     StepFailure,
+    classified,
+    fake_run,
 )
 from optprof.commands.micro_batch import predict_max, search_max_micro_batch
+from optprof.commands.shallow_step import (
+    PeriodicView,
+    layer_periodic_method,
+    layer_periodic_traces,
+    model_period,
+    shallow_copies,
+)
 from optprof.config import (
     DeviceKind,
     ModelSelection,
@@ -44,20 +52,12 @@ from optprof.device.replay import replay
 from optprof.device.snapshot import write_snapshot
 from optprof.device.timeline import StepTime, catalog_coster, step_time
 from optprof.device.trace import AllocationTrace, extrapolated
-from optprof.distributed.sharding import (
-    adam_mini_on_cpu_ranks,
-    fake_process_group,
-    fake_tensors,
-    gloo_reduce_scatter_copies,
-)
-from optprof.errors import error_text
 from optprof.hardware.catalog import DEFAULT_GPUS_PER_NODE, LOCAL, Cluster, cluster, load_catalog, target_gpu
 from optprof.interrupts import Interrupted, stop_children
 from optprof.measure.flops import model_flops_per_token
 from optprof.model.info import config_values
 from optprof.model.loading import default_loaded_dtype, load_config, load_selection
 from optprof.model.setups import QLORA_PREDICTED
-from optprof.optimizers.outcome import status_of
 from optprof.optimizers.registry import OptimizerEntry, availability, check_opt_args, resolve_optimizers
 from optprof.optimizers.state import PlaceholderScalars
 from optprof.optimizers.trained import untrained_in, untrained_note
@@ -74,10 +74,8 @@ from optprof.trainers import RECIPES
 SOLVE_FROM_TWO_TRACES = True
 SOLVED_FROM = (2, 3)
 
-# Why a fake step can fail where a real one runs: the model read integers back to Python (an MoE layer's
-# tokens per expert, to split its input), and fake tensors have no values to give it.
-DATA_DEPENDENT = ("the model reads tensor values back to Python (e.g. tokens per expert, to split its input), "
-                  "which a step on fake tensors cannot know; compare measures it. The fake step failed with: ")
+# what a row is read from: one optimizer's own fake model, its side of a shared one, or traces written from copies
+Trainer = FakeTrainer | SharedView | PeriodicView
 
 ASSUMPTIONS_COMMON = (
     "the training step ran on fake tensors (torch FakeTensorMode) under torch's MemTracker: the figures "
@@ -164,44 +162,6 @@ def predict_optimizer(config: PredictConfig, entry: OptimizerEntry, training: Tr
     return predict_outcome(config, entry, training, progress)[0]
 
 
-@contextlib.contextmanager
-def fake_run(config: PredictConfig, training: TrainingSettings) -> Iterator[tuple[Any, PlaceholderScalars]]:
-    """What a step on fake tensors runs inside: the fake process group (a mesh, for FSDP2), fake tensors."""
-    with contextlib.ExitStack() as stack:
-        mesh = None
-        if config.gpus > 1 or training.mp_param is not None:  # a policy is FSDP2's: one rank is a mesh too
-            mesh = stack.enter_context(fake_process_group(config.gpus, config.strategy, config.shard_size))
-        if config.gpus > 1 and training.device == DeviceKind.CPU:  # CPU ranks talk over gloo
-            stack.enter_context(gloo_reduce_scatter_copies())
-        stack.enter_context(adam_mini_on_cpu_ranks())
-        yield mesh, stack.enter_context(fake_tensors())
-
-
-def _output_shape_from_values(exc: BaseException) -> bool:
-    """An op whose output's shape depends on tensor values (`nonzero`, `unique`, boolean masks: dbrx's and
-    longcat_flash's expert loops), which fake tensors refuse with DynamicOutputShapeException."""
-    from torch._subclasses.fake_tensor import DynamicOutputShapeException
-
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, DynamicOutputShapeException):
-            return True
-        seen = seen.__cause__ or seen.__context__
-    return False
-
-
-def classified(exc: BaseException, entry: OptimizerEntry, config: PredictConfig,
-                scalars: PlaceholderScalars | None) -> tuple[StepFailed, bool]:
-    """A failed step's status and reason, and whether the model had read tensor values (fake tensors have none
-    to give it; a real step may well run: preflight leaves that undecided)."""
-    status, reason = status_of(exc, entry, config.gpus, config.strategy)
-    values_read = status == Status.FAILED and (
-        (scalars is not None and bool(scalars.integer_reads)) or _output_shape_from_values(exc))
-    if values_read:
-        status, reason = Status.UNSUPPORTED, DATA_DEPENDENT + error_text(exc)
-    return StepFailed(status, reason), values_read
-
-
 def predict_outcome(config: PredictConfig, entry: OptimizerEntry, training: TrainingSettings,
                     progress: Callable[[str], None]) -> tuple[PredictRow, bool]:
     """`predict_optimizer`'s row, by the full method (the optimizer's own fake model and steps), and whether the
@@ -224,11 +184,12 @@ def predict_outcome(config: PredictConfig, entry: OptimizerEntry, training: Trai
     return dataclasses.replace(row, predict_s=time.perf_counter() - started), False
 
 
-def solved_max(trainer: FakeTrainer | SharedView, usable: int, cap: int) -> int | None:
+def solved_max(trainer: Trainer, usable: int, cap: int) -> int | None:
     """The largest micro-batch that fits, solved from the tracked steps at SOLVED_FROM and the size after it
     (None: no solution, the search decides). With the allocator model, the trace at each size is extrapolated
     from those two (each allocation's size affine in the micro-batch, `device.trace.extrapolated`) and replayed:
-    a bisection of replays, no step traced. Without it, the line of the tensor peaks (`micro_batch.predict_max`)."""
+    a bisection of replays from a guess, no step traced. Without it, the line of the tensor peaks
+    (`micro_batch.predict_max`)."""
     low_size, high_size = SOLVED_FROM
     if cap < high_size:
         return None
@@ -248,6 +209,17 @@ def solved_max(trainer: FakeTrainer | SharedView, usable: int, cap: int) -> int 
     if not fits(1):
         return None  # not even 1 (or no line through the two): the search says so with its own probes
     largest, smallest_miss = 1, cap + 1
+    # a first guess on the line of the tensor peaks from the reserved bytes at `low_size`; where it is right (and
+    # the next size does not fit) the bisection is over in two replays instead of about log2(cap)
+    growth = trainer.peak(high_size).tensor_peak_bytes - trainer.peak(low_size).tensor_peak_bytes
+    if growth > 0:
+        guess = max(1, min(cap, low_size + (usable - replay(low, allocator, None).peak_reserved) // growth))
+        for probe in (guess, guess + 1):
+            if largest < probe < smallest_miss:
+                answer = fits(probe)
+                if answer is None:
+                    return None
+                largest, smallest_miss = (probe, smallest_miss) if answer else (largest, probe)
     while largest + 1 < smallest_miss:
         middle = (largest + smallest_miss) // 2
         answer = fits(middle)
@@ -296,7 +268,7 @@ def step_seconds(trace: AllocationTrace, config: PredictConfig, training: Traini
     return step_time(trace.ops, measured, 0.0, overlap=device != DeviceKind.CPU)
 
 
-def _time_fields(trainer: FakeTrainer | SharedView, micro_batch: int, config: PredictConfig,
+def _time_fields(trainer: Trainer, micro_batch: int, config: PredictConfig,
                  training: TrainingSettings, suffix: str = "") -> dict[str, Any]:
     """The row's time figures at `micro_batch` (MFU is added by run_predict, which knows the model's FLOPs)."""
     timed = step_seconds(trainer.trace(micro_batch), config, training)
@@ -311,7 +283,7 @@ def _time_fields(trainer: FakeTrainer | SharedView, micro_batch: int, config: Pr
     return fields
 
 
-def _traced_row(trainer: FakeTrainer | SharedView, config: PredictConfig, entry: OptimizerEntry,
+def _traced_row(trainer: Trainer, config: PredictConfig, entry: OptimizerEntry,
                 training: TrainingSettings, progress: Callable[[str], None]) -> PredictRow:
     """The row from a trainer's tracked steps: the asked micro-batch, and the largest that fits when memory is
     given (solved from the steps at SOLVED_FROM and confirmed at it and the next, else searched). A SharedView raises
@@ -378,6 +350,78 @@ def _traced_row(trainer: FakeTrainer | SharedView, config: PredictConfig, entry:
         predicted_peaks=dict(sorted(peaks.items())),
         **times,
     )
+
+
+def layer_periodic_applies(config: PredictConfig, training: TrainingSettings) -> bool:
+    """Whether predict traces shallow copies and writes the whole model's trace from them (`shallow_step`): a row
+    read from traces alone needs the allocator model (a CUDA target), time from the catalog if any (`--gpu local`
+    times each op of a traced step), no QLoRA (its weight saving lowers MemTracker's peak, not the trace), and forks."""
+    return (not config.full_model and config.layers is None and config.alloc_conf is not None
+            and config.gpu != LOCAL and not config.model.setup.qlora and training.device == DeviceKind.CUDA
+            and can_branch())
+
+
+# predict writes the model's trace from copies only where they hold at most this share of its layers: each round of
+# rows traces two copies and learns the trace from them (about 8 s for Llama-2-7B over 2 ranks, half the 17 s of
+# tracing its 32 layers), which costs about as much as the whole model where the copies hold more
+COPIES_AT_MOST = 0.25
+
+
+def _micro_batches_in_order(sizes: set[int]) -> list[int]:
+    """The sizes to trace, 2 and up first: the larger copy is traced at the first, the others written from the
+    smaller copy's (`shallow_step._completed`), which micro-batch 1 (a path of its own) refuses."""
+    return sorted(sizes, key=lambda size: (size < 2, size))
+
+
+def _predict_periodic(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
+                      progress: Callable[[str], None], on_row: Callable[[int, PredictRow], None]) -> list[int]:
+    """Every entry from traces of the whole model written from shallow copies (layer-periodic tracing), in rounds as
+    `_predict_shared` runs them: each round traces the copies at the micro-batches the rows still need. Returns the
+    positions it did not report (every one where the layers do not repeat or the copies did not write the model:
+    the full method then runs)."""
+    started = time.perf_counter()
+    copies = shallow_copies(config)
+    if isinstance(copies, str) or copies.large > COPIES_AT_MOST * copies.blocks:
+        return list(range(len(entries)))
+    traces: list[dict[int, AllocationTrace]] = [{} for _ in entries]
+    remaining = set(range(len(entries)))
+    method = layer_periodic_method(copies)
+
+    def report(position: int, row: PredictRow) -> None:
+        remaining.discard(position)
+        on_row(position, dataclasses.replace(row, trace_method=method, predict_s=time.perf_counter() - started))
+
+    while remaining:
+        wanted: dict[int, list[int]] = {}
+        for position in sorted(remaining):
+            entry = entries[position]
+            try:
+                row = _traced_row(PeriodicView(config, traces[position]), config, entry, training, lambda text: None)
+            except NeedTrace as need:
+                wanted[position] = need.micro_batches
+                continue
+            except Exception as exc:
+                failed = classified(exc, entry, config, None)[0]
+                row = dataclasses.replace(_base_row(entry, config, training), status=failed.status,
+                                          reason=failed.reason)
+            report(position, row)
+        if not wanted:
+            break
+        sizes = _micro_batches_in_order({size for needed in wanted.values() for size in needed})
+        positions = sorted(wanted)
+        progress(f"tracing copies of {copies.small} and {copies.large} layers at micro-batch "
+                 + ", ".join(map(str, sorted(sizes))))
+        outcomes, traced_by = layer_periodic_traces(config, [entries[p] for p in positions], training, sizes, copies,
+                                                    config.jobs)
+        if traced_by != method:  # the copies did not write the model: the full method, on the whole model
+            return sorted(remaining)
+        for position, outcome in zip(positions, outcomes, strict=True):
+            if isinstance(outcome, StepFailed):
+                report(position, dataclasses.replace(_base_row(entries[position], config, training),
+                                                     status=outcome.status, reason=outcome.reason))
+            else:
+                traces[position].update(outcome)
+    return sorted(remaining)
 
 
 def _predict_shared(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
@@ -452,6 +496,12 @@ def predict_rows(config: PredictConfig, entries: list[OptimizerEntry], training:
             found(position, dataclasses.replace(_base_row(entry, config, training), status=Status.UNAVAILABLE,
                                                 reason=reason))
     own = [position for position in range(len(entries)) if position not in rows]
+    if own and layer_periodic_applies(config, training):
+        periodic = own
+        names = ", ".join(entries[position].name for position in periodic)
+        own = [periodic[i] for i in _predict_periodic(
+            config, [entries[position] for position in periodic], training,
+            lambda text: on_progress(names, text), lambda i, row: found(periodic[i], row))]
     if own and can_branch():
         shared = own
         names = ", ".join(entries[position].name for position in shared)
@@ -533,6 +583,8 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
     training = dataclasses.replace(config.training, seq_len=resolve_seq_len(
         config.training.seq_len, info.max_position_embeddings, config.training.device))
     untrained = untrained_in(selection, training.seq_len or 1, loaded.module)  # no gradient, from this meta build
+    if layer_periodic_applies(config, training):
+        model_period(selection, loaded)  # the layer pattern, from this meta build (not a second one)
     finished: FinishedRows[PredictRow] = FinishedRows(on_row)
     interrupted: str | None = None
     try:
@@ -567,6 +619,10 @@ def run_predict(config: PredictConfig, on_progress: Callable[[str, str], None] |
     outside = allocator_notes(config)
     assumptions += tuple(line for _, line in outside)
     assumptions += time_notes
+    for method in dict.fromkeys(row.trace_method for row in rows if row.trace_method):
+        assumptions += (f"{method}; the tensor peak and its breakdown read from the written trace (the live bytes of "
+                        "its allocations at their peak, MemTracker's peak to the byte; --full-model traces the whole "
+                        "model)",)
     if config.gpus == 1 and training.mp_param is not None:
         assumptions += ("--mp-policy on one device: FSDP2 over a one-rank mesh (as torchtitan runs one GPU), so "
                         "forward and backward use gathered copies in the policy's dtype",)

@@ -14,14 +14,26 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from optprof.commands.fake_step import FakeTrainer, SharedTrainer, StepFailed, Traced
-from optprof.commands.predict import classified, fake_run
-from optprof.config import Checkpointing, PredictConfig, TrainingSettings
+from optprof.commands.fake_step import (
+    DIED,
+    FakeTrainer,
+    NeedTrace,
+    SharedTrainer,
+    Simulated,
+    StepFailed,
+    Traced,
+    classified,
+    fake_run,
+)
+from optprof.config import Checkpointing, ModelSelection, PredictConfig, TrainingSettings
 from optprof.device.periodic import LayerPeriodic, NotPeriodic, at_other_batch
 from optprof.device.trace import AllocationTrace
+from optprof.measure.tracker import TrackedPeak, trace_peak, traced_state_bytes
 from optprof.model.layer_copies import layer_period
-from optprof.model.loading import load_config
+from optprof.model.loading import LoadedModel, load_config
 from optprof.optimizers.registry import OptimizerEntry
+from optprof.processes.forked import run_each
+from optprof.results.vocab import Status
 
 
 @dataclass(frozen=True)
@@ -34,11 +46,22 @@ class Shallow:
     large: int
 
 
-@functools.cache
-def _model_period(model: str, revision: str | None, trust_remote_code: bool) -> tuple[int, int] | None:
-    """The model's layer count and pattern period (built on meta once per model)."""
-    loaded = load_config(model, revision=revision, trust_remote_code=trust_remote_code)[0]
-    return layer_period(loaded, trust_remote_code)
+# (model, revision, trust_remote_code) -> its layer count and pattern period, read once per model
+_PERIODS: dict[tuple[str, str | None, bool], tuple[int, int] | None] = {}
+
+
+def model_period(selection: ModelSelection, built: LoadedModel | None = None) -> tuple[int, int] | None:
+    """The model's layer count and pattern period, read once per model: from `built`, the caller's meta build of
+    it, or from one built here (a 7B model's meta build takes about 2 s)."""
+    key = (selection.model, selection.revision, selection.trust_remote_code)
+    if key not in _PERIODS:
+        if built is not None:
+            _PERIODS[key] = layer_period(built.config, selection.trust_remote_code, built.module)
+        else:
+            config = load_config(selection.model, revision=selection.revision,
+                                 trust_remote_code=selection.trust_remote_code)[0]
+            _PERIODS[key] = layer_period(config, selection.trust_remote_code)
+    return _PERIODS[key]
 
 
 def shallow_copies(config: PredictConfig) -> Shallow | str:
@@ -46,8 +69,7 @@ def shallow_copies(config: PredictConfig) -> Shallow | str:
     a multiple of K under selective-layer:K checkpointing (every K-th block recomputed). The smaller copy holds the
     first layer (which may differ) and two periods, so that every repeating run shows twice (three where the model
     ends part-way through a period); both copies end a whole number of periods before the model's last layer."""
-    selection = config.model
-    found = _model_period(selection.model, selection.revision, selection.trust_remote_code)
+    found = model_period(config.model)
     if found is None:
         return "the model names no layer count or list of layers"
     blocks, period = found
@@ -135,15 +157,27 @@ def traced_setups(configs: list[PredictConfig], entries: list[OptimizerEntry], m
 
 
 def layer_periodic_traces(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
-                          micro_batches: list[int], copies: Shallow | str) -> tuple[list[Outcome], str]:
+                          micro_batches: list[int], copies: Shallow | str, jobs: int = 1
+                          ) -> tuple[list[Outcome], str]:
     """Each optimizer's traces of the whole model at these micro-batches, written from two shallow copies where
     its layers repeat (`copies`, from `shallow_copies`), else traced whole, with a note that says which. Where the
-    copies' runs are too short to tell a rule (a run that shows once), the copies grow by a period, once."""
+    copies' runs are too short to tell a rule (a run that shows once), the copies grow by a period, once. The larger
+    copy is traced at the first micro-batch (and at 1, which takes a path of its own), the rest written; with
+    `jobs` > 1 the two copies are traced at once, in forked workers."""
     if isinstance(copies, str):
         return traced(config, entries, training, micro_batches), f"traced whole: {copies}"
-    small = traced(config, entries, training, micro_batches, copies.small)
-    large = _completed(small, traced(config, entries, training, micro_batches[:1], copies.large), micro_batches,
-                       functools.partial(_traced_rest, config, training, entries, micro_batches, copies.large))
+    large_at = [*micro_batches[:1], *(size for size in micro_batches[1:] if size == 1)]
+    work = [(copies.small, micro_batches), (copies.large, large_at)]
+    def one_copy(index: int, here: bool) -> list[Outcome]:
+        layers, sizes = work[index]
+        return traced(config, entries, training, sizes, layers)
+
+    def died(index: int) -> list[Outcome]:
+        return [StepFailed(Status.FAILED, DIED)] * len(entries)
+
+    small, first = run_each(one_copy, len(work), jobs, died)
+    large = _completed(small, first, micro_batches,
+                       functools.partial(_traced_rest, config, training, entries, copies.large))
     reason = ""
     for attempt in range(2):
         if attempt:  # one period more: the larger copy becomes the smaller
@@ -154,7 +188,7 @@ def layer_periodic_traces(config: PredictConfig, entries: list[OptimizerEntry], 
             break
         written = _written(small, large, copies, micro_batches)
         if not isinstance(written, str):
-            return written, _method(copies)
+            return written, layer_periodic_method(copies)
         reason = written
     return traced(config, entries, training, micro_batches), f"traced whole: {reason}"
 
@@ -168,46 +202,52 @@ def layer_periodic_setups(configs: list[PredictConfig], entries: list[OptimizerE
         return [layer_periodic_traces(config, entries, config.training, micro_batches, copies) for config in configs]
     small = traced_setups(configs, entries, micro_batches, copies.small)
     large = [_completed(one, two, micro_batches,
-                        functools.partial(_traced_rest, setup, setup.training, entries, micro_batches, copies.large))
+                        functools.partial(_traced_rest, setup, setup.training, entries, copies.large))
              for setup, one, two in zip(configs, small,
                                         traced_setups(configs, entries, micro_batches[:1], copies.large), strict=True)]
     found = []
     for config, one, two in zip(configs, small, large, strict=True):
         written = _written(one, two, copies, micro_batches) if _copy_failure(one, two) is None else ""
-        found.append((written, _method(copies)) if not isinstance(written, str) else
+        found.append((written, layer_periodic_method(copies)) if not isinstance(written, str) else
                      layer_periodic_traces(config, entries, config.training, micro_batches, copies))
     return found
 
 
 def _completed(small: list[Outcome], large: list[Outcome], micro_batches: list[int],
-               trace_rest: Callable[[list[int]], list[Outcome]]) -> list[Outcome]:
+               trace_rest: Callable[[list[int], list[int]], list[Outcome]]) -> list[Outcome]:
     """The larger copy's outcomes, traced at the first micro-batch only (`large`), at every one: each other
     micro-batch's trace written from the smaller copy's (`at_other_batch`), a quarter of a plan's tracing saved;
-    where that is refused, `trace_rest(optimizer indices)` traces them."""
+    the sizes where that is refused (micro-batch 1 often takes a path of its own), `trace_rest(optimizer indices,
+    sizes)` traces."""
     first = micro_batches[0]
     done: list[Outcome] = []
-    missing: list[int] = []
+    missing: dict[int, list[int]] = {}
     for index, (one, two) in enumerate(zip(small, large, strict=True)):
         if isinstance(one, StepFailed) or isinstance(two, StepFailed):
             done.append(two if isinstance(two, StepFailed) else one)
             continue
-        try:
-            done.append({first: two[first], **{size: at_other_batch(one[first], one[size], two[first])
-                                               for size in micro_batches[1:]}})
-        except NotPeriodic:
-            done.append(two)
-            missing.append(index)
-    if missing:  # only where there is a second micro-batch to write
-        for index, rest in zip(missing, trace_rest(missing), strict=True):
+        written = {first: two[first]}
+        for size in micro_batches[1:]:
+            if size in two:  # traced
+                written[size] = two[size]
+                continue
+            try:
+                written[size] = at_other_batch(one[first], one[size], two[first])
+            except NotPeriodic:
+                missing.setdefault(index, []).append(size)
+        done.append(written)
+    for sizes in {tuple(sizes) for sizes in missing.values()}:  # only where there is a second micro-batch to write
+        indices = [index for index, found in missing.items() if tuple(found) == sizes]
+        for index, rest in zip(indices, trace_rest(indices, list(sizes)), strict=True):
             done[index] = rest if isinstance(rest, StepFailed) else {**done[index], **rest}  # type: ignore[dict-item]
     return done
 
 
-def _traced_rest(config: PredictConfig, training: TrainingSettings, entries: list[OptimizerEntry],
-                 micro_batches: list[int], layers: int, missing: list[int]) -> list[Outcome]:
-    """The optimizers `missing` (indices into `entries`) traced on the copy of `layers` at every micro-batch but the
-    first: where `at_other_batch` refused to write them."""
-    return traced(config, [entries[i] for i in missing], training, micro_batches[1:], layers)
+def _traced_rest(config: PredictConfig, training: TrainingSettings, entries: list[OptimizerEntry], layers: int,
+                 missing: list[int], sizes: list[int]) -> list[Outcome]:
+    """The optimizers `missing` (indices into `entries`) traced on the copy of `layers` at these micro-batches: where
+    `at_other_batch` refused to write them."""
+    return traced(config, [entries[i] for i in missing], training, sizes, layers)
 
 
 def _copy_failure(small: list[Outcome], large: list[Outcome]) -> str | None:
@@ -218,7 +258,8 @@ def _copy_failure(small: list[Outcome], large: list[Outcome]) -> str | None:
 
 def _written(small: list[Outcome], large: list[Outcome], copies: Shallow, micro_batches: list[int]
              ) -> list[Outcome] | str:
-    """Each optimizer's whole-model traces written from its copies' (`LayerPeriodic`), or why not."""
+    """Each optimizer's whole-model traces written from its copies' (`LayerPeriodic`), or why not. (In forked
+    workers, one per optimizer, Llama-2-7B's took as long: the written traces come back pickled.)"""
     try:
         return [{size: LayerPeriodic(one[size], two[size], copies.small, copies.large).at(copies.blocks)  # type: ignore[index]
                  for size in micro_batches} for one, two in zip(small, large, strict=True)]
@@ -226,6 +267,36 @@ def _written(small: list[Outcome], large: list[Outcome], copies: Shallow, micro_
         return str(exc)
 
 
-def _method(copies: Shallow) -> str:
+def layer_periodic_method(copies: Shallow) -> str:
     return (f"layer-periodic: traced copies of {copies.small} and {copies.large} of its {copies.blocks} layers (a "
             f"period of {copies.period}), the rest written from them")
+
+
+class PeriodicView(Simulated):
+    """One optimizer's whole-model traces, written from shallow copies (`layer_periodic_traces`), as predict's rows
+    read a FakeTrainer: the tensor peak and its breakdown read from each trace (`trace_peak`, MemTracker's peak to
+    the byte), the state from its tags. `traces` fills as the caller traces; a micro-batch not there yet raises
+    NeedTrace, as a SharedView's does."""
+
+    def __init__(self, config: PredictConfig, traces: dict[int, AllocationTrace]) -> None:
+        super().__init__(config)
+        self.traces = traces
+        self._peaks: dict[int, TrackedPeak] = {}
+
+    @property
+    def state_bytes(self) -> int:
+        return traced_state_bytes(next(iter(self.traces.values())))
+
+    def need(self, micro_batches: list[int]) -> None:
+        missing = [size for size in dict.fromkeys(micro_batches) if size not in self.traces]
+        if missing:
+            raise NeedTrace(missing)
+
+    def trace(self, micro_batch: int) -> AllocationTrace:
+        self.need([micro_batch])
+        return self.traces[micro_batch]
+
+    def peak(self, micro_batch: int) -> TrackedPeak:
+        if micro_batch not in self._peaks:
+            self._peaks[micro_batch] = trace_peak(self.trace(micro_batch))
+        return self._peaks[micro_batch]

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from optprof.device.trace import TraceRecorder
+from optprof.device.trace import AllocationTrace, TraceRecorder
 from optprof.measure.device import AllocatorStats, Device
 from optprof.measure.nvml import NvmlReader
 from optprof.measure.sampler import SamplerResult
@@ -58,6 +58,47 @@ def tracker_breakdown(snapshot: dict[Any, int], state_bytes: int) -> dict[str, i
         # backward temporaries, FSDP's all-gather and reduce-scatter buffers, inputs, step temporaries
         "temporaries": sum(by_name.values()) - parameters - gradients - state - activations,
     }
+
+
+# what a trace tags that MemTracker never sees: cuBLAS's workspace and the flash backward's scratch (device/trace.py)
+UNTRACKED_TAGS = ("workspace", "attention workspace")
+TAG_CATEGORIES = {"parameter": "parameters", "buffer": "parameters", "gradient": "gradients",
+                  "state": "optimizer_state", "activation": "activations"}  # the rest are temporaries
+
+
+def trace_peak(trace: AllocationTrace) -> TrackedPeak:
+    """MemTracker's peak, read from a step's allocation trace: the live bytes of every allocation MemTracker tracks
+    (all but `UNTRACKED_TAGS`) at their first maximum, by the allocations' tags. The peak equals MemTracker's to
+    the byte (tests/integration/test_periodic_predict.py, across the families); so are parameters, gradients and
+    state. Activations are what a forward left for backward (the trace's tag): MemTracker's are all that a forward
+    allocated, so where the peak falls inside a forward (mamba's scan) what that forward frees before its end, and
+    the loss, are temporaries here and activations there. How a step traced only as copies of its first layers
+    (`commands/shallow_step.py`) gets its peak."""
+    sizes: dict[int, int] = {}
+    live = peak = fwd_bwd_peak = 0
+    at_peak: dict[int, int] = {}
+    optimizer_from = trace.marks.get("optimizer step", len(trace.events))
+    for index, event in enumerate(trace.events):
+        if event.alloc:
+            if trace.tags.get(event.id) in UNTRACKED_TAGS:
+                continue
+            sizes[event.id] = event.size
+            live += event.size
+            if live > peak:
+                peak, at_peak = live, dict(sizes)
+            if index < optimizer_from:
+                fwd_bwd_peak = max(fwd_bwd_peak, live)
+        else:
+            live -= sizes.pop(event.id, 0)
+    breakdown = dict.fromkeys(("parameters", "gradients", "optimizer_state", "activations", "temporaries"), 0)
+    for allocation, size in at_peak.items():
+        breakdown[TAG_CATEGORIES.get(trace.tags.get(allocation, ""), "temporaries")] += size
+    return TrackedPeak(peak, breakdown, None, fwd_bwd_peak)
+
+
+def traced_state_bytes(trace: AllocationTrace) -> int:
+    """The optimizer state's bytes: the allocations a trace tags as state (alive throughout a step)."""
+    return sum(event.size for event in trace.events if event.alloc and trace.tags.get(event.id) == "state")
 
 
 class _NoHook:

@@ -9,7 +9,7 @@ on one line through 4 layers and 2.4% above it at 12), which three copies cannot
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from optprof.errors import UsageError
 from optprof.model.info import ModelInfo, text_config
@@ -95,17 +95,19 @@ def affine_dict(values: list[dict[str, int]], layers: int) -> dict[str, int] | N
     return {key: v for key, v in found.items() if v is not None}
 
 
-def layer_period(config: PretrainedConfig, trust_remote_code: bool = False) -> tuple[int, int] | None:
+def layer_period(config: PretrainedConfig, trust_remote_code: bool = False, model: Any = None
+                 ) -> tuple[int, int] | None:
     """The layer count and the smallest period of the model's layer pattern: the layers' own modules (classes,
     parameter names and shapes) and every per-layer list of the config (layer types, per-layer widths) repeat
     every `period` layers, after a prefix that may differ (a dense first layer before MoE ones). None without a
-    layer count or a list of layers to read. Built on meta."""
+    layer count or a list of layers to read. Built on meta, unless `model` is a build of it already."""
     text = text_config(config)
     key = layer_count_key(text)
     if key is None:
         return None
     count = getattr(text, key)
-    model = build_model(config, device="meta", trust_remote_code=trust_remote_code)
+    if model is None:
+        model = build_model(config, device="meta", trust_remote_code=trust_remote_code)
     import torch
 
     blocks = next((module for module in model.modules()

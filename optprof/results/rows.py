@@ -241,6 +241,7 @@ class PredictRow(StepRow):
     predicted_tokens_per_s_at_max: float | None = None
     predicted_tokens_per_s_per_gpu_at_max: float | None = None
     predicted_mfu_at_max: float | None = None
+    trace_method: str | None = None  # layer-periodic (which copies) or the whole model traced, and why
     predict_s: float | None = None  # wall time of this optimizer's prediction
 
 

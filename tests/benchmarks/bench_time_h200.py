@@ -40,8 +40,7 @@ def main() -> int:
               f"{phases['backward'] * 1e3:.1f}, optimizer {real['optimizer_s'] * 1e3:.1f} -> "
               f"{phases['optimizer'] * 1e3:.1f}")
     # per op: trace the AdamW step once more and cost each op
-    from optprof.commands.fake_step import FakeTrainer
-    from optprof.commands.predict import fake_run
+    from optprof.commands.fake_step import FakeTrainer, fake_run
     from optprof.optimizers.registry import resolve_optimizers
 
     single = PredictConfig(ModelSelection(measured["model"]), ("adamw",), training, gpu="h200", alloc_conf="")

@@ -1,9 +1,9 @@
 """Layer-periodic tracing (issue 36): the trace written from two shallow copies equals, event for event and op for
 op, a real trace of the deeper model, at two depths, under FSDP2 over 2 fake ranks (and on one device).
 
-`make test` runs llama (two depths, both micro-batches) and selective-layer checkpointing; every family of the
-architecture sweep (alternating layers, a dense prefix with MLA and MoE, hybrids) runs at two depths and both
-micro-batches with OPTPROF_ALL_FAMILIES=1 (`make families`, about 11 minutes on 2 cores). A family whose
+`make test` runs llama (two depths, both micro-batches); selective-layer checkpointing, and every family of the
+architecture sweep (alternating layers, a dense prefix with MLA and MoE, hybrids) at two depths and both
+micro-batches, run with OPTPROF_ALL_FAMILIES=1 (`make families`, about 11 minutes on 2 cores). A family whose
 layers do not repeat within the depth built here must fall back with its reason, never write a wrong trace."""
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def test_the_written_trace_is_the_deeper_models_trace(family: str, gpus: int, tm
     _check_written_against_real(family, gpus, CUDA_BF16, tmp_path)
 
 
+@pytest.mark.skipif(not os.environ.get("OPTPROF_ALL_FAMILIES"), reason="22 s: make families runs it")
 def test_selective_layer_checkpointing_makes_the_period_a_multiple_of_k(tmp_path: Path) -> None:
     """Every second block recomputed: the step repeats every 2 blocks, though the model's blocks are identical
     (plan's first run refused it with period 1 and traced those setups whole)."""

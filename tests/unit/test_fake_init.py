@@ -25,7 +25,7 @@ def test_an_output_shape_from_values_is_unsupported_not_failed() -> None:
     """dbrx's and longcat_flash's expert loops call nonzero(), whose output shape fake tensors cannot know."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from optprof.commands.predict import _output_shape_from_values
+    from optprof.commands.fake_step import _output_shape_from_values
 
     try:
         with FakeTensorMode():
