@@ -29,10 +29,12 @@ from optprof.commands.fake_step import (
 from optprof.commands.micro_batch import predict_max, search_max_micro_batch
 from optprof.commands.shallow_step import (
     PeriodicView,
+    Shallow,
+    copy_traces,
     layer_periodic_method,
-    layer_periodic_traces,
     model_period,
     shallow_copies,
+    written_traces,
 )
 from optprof.config import (
     DeviceKind,
@@ -48,6 +50,7 @@ from optprof.device.alloc_conf import AllocatorConfig
 from optprof.device.costs import SM90_WORKSPACE_BYTES, calibrated_cost, rank_costs
 from optprof.device.local_times import collective_key, measured_collectives, measured_times
 from optprof.device.ops import OpKind, OpRecord
+from optprof.device.periodic import NotPeriodic
 from optprof.device.replay import replay
 from optprof.device.snapshot import write_snapshot
 from optprof.device.timeline import StepTime, catalog_coster, step_time
@@ -206,20 +209,24 @@ def solved_max(trainer: Trainer, usable: int, cap: int) -> int | None:
         trace = extrapolated(low, high, low_size, micro_batch)
         return None if trace is None else replay(trace, allocator, usable).oom is None
 
-    if not fits(1):
-        return None  # not even 1 (or no line through the two): the search says so with its own probes
-    largest, smallest_miss = 1, cap + 1
-    # a first guess on the line of the tensor peaks from the reserved bytes at `low_size`; where it is right (and
-    # the next size does not fit) the bisection is over in two replays instead of about log2(cap)
+    largest, smallest_miss = 0, cap + 1
+    # a first guess on the line of the tensor peaks from the reserved bytes at `low_size` (the replay the search
+    # confirms with, where the step fits); where it is right (and the next size does not fit) the bisection is over
+    # in two replays instead of about log2(cap)
     growth = trainer.peak(high_size).tensor_peak_bytes - trainer.peak(low_size).tensor_peak_bytes
-    if growth > 0:
-        guess = max(1, min(cap, low_size + (usable - replay(low, allocator, None).peak_reserved) // growth))
+    at_low = trainer.simulated(low_size, usable)
+    if growth > 0 and at_low is not None:
+        guess = 1 if at_low.oom else max(1, min(cap, low_size + (usable - at_low.peak_reserved) // growth))
         for probe in (guess, guess + 1):
             if largest < probe < smallest_miss:
                 answer = fits(probe)
                 if answer is None:
                     return None
                 largest, smallest_miss = (probe, smallest_miss) if answer else (largest, probe)
+    if not largest:
+        if not fits(1):
+            return None  # not even 1 (or no line through the two): the search says so with its own probes
+        largest = 1
     while largest + 1 < smallest_miss:
         middle = (largest + smallest_miss) // 2
         answer = fits(middle)
@@ -376,52 +383,77 @@ def _micro_batches_in_order(sizes: set[int]) -> list[int]:
 def _predict_periodic(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
                       progress: Callable[[str], None], on_row: Callable[[int, PredictRow], None]) -> list[int]:
     """Every entry from traces of the whole model written from shallow copies (layer-periodic tracing), in rounds as
-    `_predict_shared` runs them: each round traces the copies at the micro-batches the rows still need. Returns the
-    positions it did not report (every one where the layers do not repeat or the copies did not write the model:
-    the full method then runs)."""
+    `_predict_shared` runs them: each round traces the copies at the micro-batches the rows still need, for every
+    optimizer at once (`copy_traces`); then each optimizer's whole-model traces are written and its row computed in a
+    forked worker of its own (`_periodic_row`: only the row comes back). Returns the positions it did not report:
+    every one where the layers do not repeat or the copies do not write the model, and any whose copy's step failed
+    (the whole model's may not): the full method then runs them."""
     started = time.perf_counter()
     copies = shallow_copies(config)
     if isinstance(copies, str) or copies.large > COPIES_AT_MOST * copies.blocks:
         return list(range(len(entries)))
-    traces: list[dict[int, AllocationTrace]] = [{} for _ in entries]
-    remaining = set(range(len(entries)))
     method = layer_periodic_method(copies)
+    small: list[dict[int, AllocationTrace]] = [{} for _ in entries]
+    large: list[dict[int, AllocationTrace]] = [{} for _ in entries]
 
-    def report(position: int, row: PredictRow) -> None:
-        remaining.discard(position)
-        on_row(position, dataclasses.replace(row, trace_method=method, predict_s=time.perf_counter() - started))
+    def rows_of(positions: list[int]) -> list[PredictRow | list[int] | str]:
+        def one(index: int, here: bool) -> PredictRow | list[int] | str:
+            position = positions[index]
+            return _periodic_row(config, entries[position], training, small[position], large[position], copies)
 
+        def died(index: int) -> PredictRow:
+            return dataclasses.replace(_base_row(entries[positions[index]], config, training), status=Status.FAILED,
+                                       reason=DIED)
+
+        traced_any = any(small[position] for position in positions)  # before the first round: the sizes, here
+        return run_each(one, len(positions), config.jobs if traced_any else 1, died)
+
+    remaining, whole = list(range(len(entries))), list[int]()
     while remaining:
+        found = rows_of(remaining)
+        if any(isinstance(result, str) for result in found):  # the copies do not write the model
+            return sorted(remaining + whole)
         wanted: dict[int, list[int]] = {}
-        for position in sorted(remaining):
-            entry = entries[position]
-            try:
-                row = _traced_row(PeriodicView(config, traces[position]), config, entry, training, lambda text: None)
-            except NeedTrace as need:
-                wanted[position] = need.micro_batches
-                continue
-            except Exception as exc:
-                failed = classified(exc, entry, config, None)[0]
-                row = dataclasses.replace(_base_row(entry, config, training), status=failed.status,
-                                          reason=failed.reason)
-            report(position, row)
-        if not wanted:
+        for position, result in zip(remaining, found, strict=True):
+            if isinstance(result, PredictRow):
+                on_row(position, dataclasses.replace(result, trace_method=method,
+                                                     predict_s=time.perf_counter() - started))
+            elif isinstance(result, list):
+                wanted[position] = result
+        remaining = sorted(wanted)
+        if not remaining:
             break
         sizes = _micro_batches_in_order({size for needed in wanted.values() for size in needed})
-        positions = sorted(wanted)
         progress(f"tracing copies of {copies.small} and {copies.large} layers at micro-batch "
                  + ", ".join(map(str, sorted(sizes))))
-        outcomes, traced_by = layer_periodic_traces(config, [entries[p] for p in positions], training, sizes, copies,
-                                                    config.jobs)
-        if traced_by != method:  # the copies did not write the model: the full method, on the whole model
-            return sorted(remaining)
-        for position, outcome in zip(positions, outcomes, strict=True):
-            if isinstance(outcome, StepFailed):
-                report(position, dataclasses.replace(_base_row(entries[position], config, training),
-                                                     status=outcome.status, reason=outcome.reason))
+        one_small, one_large = copy_traces(config, [entries[p] for p in remaining], training, sizes, copies,
+                                           config.jobs)
+        for position, traces, deeper in zip(list(remaining), one_small, one_large, strict=True):
+            if isinstance(traces, StepFailed) or isinstance(deeper, StepFailed):
+                remaining.remove(position)
+                whole.append(position)
             else:
-                traces[position].update(outcome)
-    return sorted(remaining)
+                small[position].update(traces)
+                large[position].update(deeper)
+    return sorted(whole)
+
+
+def _periodic_row(config: PredictConfig, entry: OptimizerEntry, training: TrainingSettings,
+                  small: dict[int, AllocationTrace], large: dict[int, AllocationTrace], copies: Shallow
+                  ) -> PredictRow | list[int] | str:
+    """One optimizer's row from its copies' traces at the micro-batches traced so far (its whole-model traces written
+    from them), or the micro-batches it still needs, or why the copies do not write the model."""
+    try:
+        written = written_traces(small, large, copies, sorted(small))
+    except NotPeriodic as exc:
+        return str(exc)
+    try:
+        return _traced_row(PeriodicView(config, written), config, entry, training, lambda text: None)
+    except NeedTrace as need:
+        return list(need.micro_batches)
+    except Exception as exc:
+        failed = classified(exc, entry, config, None)[0]
+        return dataclasses.replace(_base_row(entry, config, training), status=failed.status, reason=failed.reason)
 
 
 def _predict_shared(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,

@@ -156,18 +156,14 @@ def traced_setups(configs: list[PredictConfig], entries: list[OptimizerEntry], m
     return [[place[index] for index in range(len(entries))] for place in found]
 
 
-def layer_periodic_traces(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
-                          micro_batches: list[int], copies: Shallow | str, jobs: int = 1
-                          ) -> tuple[list[Outcome], str]:
-    """Each optimizer's traces of the whole model at these micro-batches, written from two shallow copies where
-    its layers repeat (`copies`, from `shallow_copies`), else traced whole, with a note that says which. Where the
-    copies' runs are too short to tell a rule (a run that shows once), the copies grow by a period, once. The larger
-    copy is traced at the first micro-batch (and at 1, which takes a path of its own), the rest written; with
+def copy_traces(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
+                micro_batches: list[int], copies: Shallow, jobs: int = 1) -> tuple[list[Outcome], list[Outcome]]:
+    """Each optimizer's traces of the smaller and the larger copy at these micro-batches. The larger copy is traced
+    at the first micro-batch (and at 1, which takes a path of its own), the rest written (`_completed`); with
     `jobs` > 1 the two copies are traced at once, in forked workers."""
-    if isinstance(copies, str):
-        return traced(config, entries, training, micro_batches), f"traced whole: {copies}"
     large_at = [*micro_batches[:1], *(size for size in micro_batches[1:] if size == 1)]
     work = [(copies.small, micro_batches), (copies.large, large_at)]
+
     def one_copy(index: int, here: bool) -> list[Outcome]:
         layers, sizes = work[index]
         return traced(config, entries, training, sizes, layers)
@@ -176,14 +172,25 @@ def layer_periodic_traces(config: PredictConfig, entries: list[OptimizerEntry], 
         return [StepFailed(Status.FAILED, DIED)] * len(entries)
 
     small, first = run_each(one_copy, len(work), jobs, died)
-    large = _completed(small, first, micro_batches,
-                       functools.partial(_traced_rest, config, training, entries, copies.large))
+    return small, _completed(small, first, micro_batches,
+                             functools.partial(_traced_rest, config, training, entries, copies.large))
+
+
+def layer_periodic_traces(config: PredictConfig, entries: list[OptimizerEntry], training: TrainingSettings,
+                          micro_batches: list[int], copies: Shallow | str) -> tuple[list[Outcome], str]:
+    """Each optimizer's traces of the whole model at these micro-batches, written from two shallow copies where
+    its layers repeat (`copies`, from `shallow_copies`; traced by `copy_traces`), else traced whole, with a note
+    that says which. Where the copies' runs are too short to tell a rule (a run that shows once), the copies grow by
+    a period, once."""
+    if isinstance(copies, str):
+        return traced(config, entries, training, micro_batches), f"traced whole: {copies}"
+    small, large = copy_traces(config, entries, training, micro_batches, copies)
     reason = ""
     for attempt in range(2):
         if attempt:  # one period more: the larger copy becomes the smaller
             copies = dataclasses.replace(copies, small=copies.large, large=copies.large + copies.period)
             small, large = large, traced(config, entries, training, micro_batches, copies.large)
-        reason = _copy_failure(small, large) or ""
+        reason = copy_failure(small, large) or ""
         if reason:  # a copy's step failed: the whole model's may not
             break
         written = _written(small, large, copies, micro_batches)
@@ -207,7 +214,7 @@ def layer_periodic_setups(configs: list[PredictConfig], entries: list[OptimizerE
                                         traced_setups(configs, entries, micro_batches[:1], copies.large), strict=True)]
     found = []
     for config, one, two in zip(configs, small, large, strict=True):
-        written = _written(one, two, copies, micro_batches) if _copy_failure(one, two) is None else ""
+        written = _written(one, two, copies, micro_batches) if copy_failure(one, two) is None else ""
         found.append((written, layer_periodic_method(copies)) if not isinstance(written, str) else
                      layer_periodic_traces(config, entries, config.training, micro_batches, copies))
     return found
@@ -250,7 +257,7 @@ def _traced_rest(config: PredictConfig, training: TrainingSettings, entries: lis
     return traced(config, [entries[i] for i in missing], training, sizes, layers)
 
 
-def _copy_failure(small: list[Outcome], large: list[Outcome]) -> str | None:
+def copy_failure(small: list[Outcome], large: list[Outcome]) -> str | None:
     """Why a copy's step failed, for the note, or None."""
     failed = next((o for o in [*small, *large] if isinstance(o, StepFailed)), None)
     return None if failed is None else f"a shallow copy's step failed ({failed.status}: {failed.reason})"
@@ -261,10 +268,18 @@ def _written(small: list[Outcome], large: list[Outcome], copies: Shallow, micro_
     """Each optimizer's whole-model traces written from its copies' (`LayerPeriodic`), or why not. (In forked
     workers, one per optimizer, Llama-2-7B's took as long: the written traces come back pickled.)"""
     try:
-        return [{size: LayerPeriodic(one[size], two[size], copies.small, copies.large).at(copies.blocks)  # type: ignore[index]
-                 for size in micro_batches} for one, two in zip(small, large, strict=True)]
+        return [written_traces(one, two, copies, micro_batches)  # type: ignore[arg-type]
+                for one, two in zip(small, large, strict=True)]
     except NotPeriodic as exc:
         return str(exc)
+
+
+def written_traces(small: dict[int, AllocationTrace], large: dict[int, AllocationTrace], copies: Shallow,
+                   micro_batches: list[int]) -> dict[int, AllocationTrace]:
+    """One optimizer's whole-model traces at these micro-batches, written from its copies' (`LayerPeriodic`);
+    NotPeriodic where they do not write it."""
+    return {size: LayerPeriodic(small[size], large[size], copies.small, copies.large).at(copies.blocks)
+            for size in micro_batches}
 
 
 def layer_periodic_method(copies: Shallow) -> str:
@@ -275,8 +290,7 @@ def layer_periodic_method(copies: Shallow) -> str:
 class PeriodicView(Simulated):
     """One optimizer's whole-model traces, written from shallow copies (`layer_periodic_traces`), as predict's rows
     read a FakeTrainer: the tensor peak and its breakdown read from each trace (`trace_peak`, MemTracker's peak to
-    the byte), the state from its tags. `traces` fills as the caller traces; a micro-batch not there yet raises
-    NeedTrace, as a SharedView's does."""
+    the byte), the state from its tags. A micro-batch not in `traces` raises NeedTrace, as a SharedView's does."""
 
     def __init__(self, config: PredictConfig, traces: dict[int, AllocationTrace]) -> None:
         super().__init__(config)
