@@ -1,3 +1,3 @@
-from optprof.cli.app import main
+from optprof.cli.app import console_main
 
-main()
+console_main()

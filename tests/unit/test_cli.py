@@ -147,3 +147,42 @@ def test_bad_files_are_one_line_and_exit_2(capsys, tmp_path: Path) -> None:  # t
                        (["tune", "-o", "adam", "--space", str(space)], "adam.lr: low and high must be numbers")):
         code, out, err = run(argv, capsys)
         assert (code, out) == (2, "") and err.count("\n") == 1 and says in err, err
+
+
+@pytest.mark.parametrize(("raised", "code", "message"), [(0, 0, ""), (None, 0, ""), (2, 2, ""),
+                                                          ("optprof: done badly", 1, "optprof: done badly")])
+def test_the_console_command_exits_with_mains_code_after_its_exit_handlers(
+        raised: object, code: int, message: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`console_main` ends the process itself (no interpreter teardown): with main's exit code, after the exit
+    handlers (os._exit is caught here)."""
+    import atexit
+    import os
+
+    from optprof.cli import app as app_module
+
+    ran: list[str] = []
+
+    class Exited(Exception):
+        pass
+
+    def exit_now(status: int) -> None:
+        ran.append("exit")
+        raise Exited(status)
+
+    def main() -> None:
+        raise SystemExit(raised)
+
+    monkeypatch.setattr(app_module, "main", main)
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: ran.append("handlers"))  # not this pytest's own
+    monkeypatch.setattr(os, "_exit", exit_now)
+    with pytest.raises(Exited) as exited:
+        app_module.console_main()
+    assert exited.value.args == (code,) and ran == ["handlers", "exit"]
+    assert capsys.readouterr().err.strip() == message
+
+
+def test_python_dash_m_optprof_exits_with_the_usage_code() -> None:
+    done = subprocess.run([sys.executable, "-m", "optprof", "state-size", "no-such-model-anywhere", "--format", "nope"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith("optprof: error:")
