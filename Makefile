@@ -35,10 +35,11 @@ test-fast: install lint
 sweep: install  # every causal LM type transformers ships, through state-size, predict and compare (12-18 min on 2 cores)
 	$(BIN)/python tests/benchmarks/sweep_causal_lms.py --jobs $(JOBS) --out sweep.json
 
-families: install  # every family through every command and its layer-periodic trace; Llama-2-7B's layer copies
+families: install  # every family through every command and its layer-periodic trace, and the slower variants
 	OPTPROF_ALL_FAMILIES=1 $(BIN)/python -m pytest -q -n $(JOBS) --dist $(DIST) \
 		tests/integration/test_architectures.py tests/integration/test_periodic_trace.py \
-		tests/integration/test_layer_copies.py tests/integration/test_periodic_predict.py
+		tests/integration/test_layer_copies.py tests/integration/test_periodic_predict.py \
+		tests/integration/test_shared_setups.py
 
 check: install
 	$(BIN)/optprof check profiles/ --junit check-results.xml

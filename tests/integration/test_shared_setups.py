@@ -12,6 +12,7 @@ import pytest
 from optprof.commands.shallow_step import traced, traced_setups
 from optprof.config import Amp, Checkpointing, DeviceKind, ModelSelection, PredictConfig, Strategy, TrainingSettings
 from optprof.optimizers.registry import REGISTRY
+from tests.support.architectures import ALL_FAMILIES
 
 CUDA_BF16 = TrainingSettings(device=DeviceKind.CUDA, seq_len=16, amp=Amp.BF16)
 SETUPS = [  # (checkpointing, every K, loss chunks): each mode plan searches, and both losses
@@ -20,7 +21,9 @@ SETUPS = [  # (checkpointing, every K, loss chunks): each mode plan searches, an
 ]
 
 
-@pytest.mark.parametrize(("strategy", "shard_size"), [(Strategy.FSDP, None), (Strategy.HSDP, 2)])
+# hsdp over 4 ranks (12 s) with OPTPROF_ALL_FAMILIES=1 (make families); fsdp in the test tier
+@pytest.mark.parametrize(("strategy", "shard_size"),
+                         [(Strategy.FSDP, None), *([(Strategy.HSDP, 2)] if ALL_FAMILIES else [])])
 def test_setups_on_one_model_trace_as_each_on_its_own(strategy: Strategy, shard_size: int | None,
                                                       model_dir: Callable[[str], str]) -> None:
     gpus = 4 if strategy == Strategy.HSDP else 2
