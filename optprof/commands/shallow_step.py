@@ -265,8 +265,9 @@ def copy_failure(small: list[Outcome], large: list[Outcome]) -> str | None:
 
 def _written(small: list[Outcome], large: list[Outcome], copies: Shallow, micro_batches: list[int]
              ) -> list[Outcome] | str:
-    """Each optimizer's whole-model traces written from its copies' (`LayerPeriodic`), or why not. (In forked
-    workers, one per optimizer, Llama-2-7B's took as long: the written traces come back pickled.)"""
+    """Each optimizer's whole-model traces written from its copies' (`LayerPeriodic`), or why not, here: plan keeps
+    them (written in forked workers, Llama-2-7B's took as long, the traces coming back pickled; predict writes them
+    in its row's worker, from which only the row comes back)."""
     try:
         return [written_traces(one, two, copies, micro_batches)  # type: ignore[arg-type]
                 for one, two in zip(small, large, strict=True)]
@@ -288,7 +289,7 @@ def layer_periodic_method(copies: Shallow) -> str:
 
 
 class PeriodicView(Simulated):
-    """One optimizer's whole-model traces, written from shallow copies (`layer_periodic_traces`), as predict's rows
+    """One optimizer's whole-model traces, written from shallow copies (`written_traces`), as predict's rows
     read a FakeTrainer: the tensor peak and its breakdown read from each trace (`trace_peak`, MemTracker's peak to
     the byte), the state from its tags. A micro-batch not in `traces` raises NeedTrace, as a SharedView's does."""
 
