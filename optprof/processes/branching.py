@@ -14,7 +14,8 @@ import pickle
 from collections.abc import Callable
 from typing import Any, NoReturn, TypeVar
 
-from optprof.interrupts import forked, in_child, reaped
+from optprof.interrupts import forked, reaped
+from optprof.processes.forked import in_forked_child
 
 R = TypeVar("R")
 
@@ -46,7 +47,7 @@ class Brancher:
             read, write = os.pipe()
             pid = os.fork()
             if pid == 0:  # the child: on from the branching point
-                in_child()
+                in_forked_child()
                 os.close(read)
                 self.index, self._write = index, write
                 return index
