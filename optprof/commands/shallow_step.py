@@ -28,6 +28,7 @@ from optprof.commands.fake_step import (
 from optprof.config import Checkpointing, ModelSelection, PredictConfig, TrainingSettings
 from optprof.device.periodic import LayerPeriodic, NotPeriodic, at_other_batch
 from optprof.device.trace import AllocationTrace
+from optprof.measure.checkpointing import save_ops
 from optprof.measure.tracker import TrackedPeak, trace_peak, traced_state_bytes
 from optprof.model.layer_copies import layer_period
 from optprof.model.loading import LoadedModel, load_config
@@ -136,6 +137,8 @@ def traced_setups(configs: list[PredictConfig], entries: list[OptimizerEntry], m
     base_training = dataclasses.replace(configs[0].training, checkpointing=Checkpointing.NONE, loss_chunks=None)
     config = dataclasses.replace(configs[0], layers=layers, training=base_training)
     found: list[dict[int, Outcome]] = [{} for _ in configs]
+    if any(setup.training.checkpointing == Checkpointing.SELECTIVE_OP for setup in configs):
+        save_ops()  # read once here, not in each micro-batch's child that applies the setup (its import: 1.2 s)
     with fake_run(config, base_training) as (mesh, scalars):
         def classify(entry: OptimizerEntry, exc: BaseException) -> StepFailed:
             return classified(exc, entry, config, scalars)[0]

@@ -28,9 +28,11 @@ if TYPE_CHECKING:
 ROUTER_GATE_NAMES = ("router", "gate")  # an MoE block's routing linear: `mlp.gate` (Mixtral, Qwen3), `router`
 
 
-def save_ops() -> set[Any]:
+@functools.cache
+def save_ops() -> frozenset[Any]:
     """torchtitan's `_get_default_save_ops`, as far as this torch has each op. The CPU flash kernel stands in for
-    CUDA's (a step on fake CPU tensors, predicted for CUDA, runs it where CUDA runs the flash kernel)."""
+    CUDA's (a step on fake CPU tensors, predicted for CUDA, runs it where CUDA runs the flash kernel). Read once:
+    the partitioner's op list takes 0.1 s, and a selective-op step asks once per block and forward."""
     import torch
     from torch._functorch.partitioners import get_default_op_list
 
@@ -42,7 +44,7 @@ def save_ops() -> set[Any]:
     ops |= {getattr(torch.ops.aten, name).default for name in named if hasattr(torch.ops.aten, name)}
     ops.add(torch._higher_order_ops.flex_attention)
     ops.add(torch.ops._c10d_functional.reduce_scatter_tensor.default)
-    return ops
+    return frozenset(ops)
 
 
 def router_gate_shapes(block: nn.Module) -> set[tuple[int, int]]:
@@ -124,6 +126,7 @@ def apply_checkpointing(model: nn.Module, training: TrainingSettings) -> int:
         if mode == Checkpointing.SELECTIVE_LAYER and index % training.checkpoint_every:
             continue  # torchtitan's layer SAC: the K-th, 2K-th, ... blocks
         if mode == Checkpointing.SELECTIVE_OP:
+            save_ops()  # read where the model is set up, not in each forward's forked child (its import: 1.2 s)
             checkpoint_block(block, functools.partial(_selective_contexts, router_gate_shapes(block)))
         else:
             checkpoint_block(block)
