@@ -68,8 +68,8 @@ def model_period(selection: ModelSelection, built: LoadedModel | None = None) ->
 def shallow_copies(config: PredictConfig) -> Shallow | str:
     """The two copies to trace, or why the whole model is traced instead. The period is the layer pattern's, and
     a multiple of K under selective-layer:K checkpointing (every K-th block recomputed). The smaller copy holds the
-    first layer (which may differ) and two periods, so that every repeating run shows twice (three where the model
-    ends part-way through a period); both copies end a whole number of periods before the model's last layer."""
+    first layer (which may differ) and two periods, so that every repeating run shows twice; both copies end a
+    whole number of periods before the model's last layer."""
     found = model_period(config.model)
     if found is None:
         return "the model names no layer count or list of layers"
@@ -78,10 +78,9 @@ def shallow_copies(config: PredictConfig) -> Shallow | str:
         period = math.lcm(period, config.training.checkpoint_every)
     small = 1 + 2 * period
     if (blocks - small) % period:
-        # the model ends part-way through a period, and so must the copies: with that tail, two copies of a run were
-        # too few to learn (llama under selective-layer:2: copies of 6 and 8 layers refused, 8 and 10 learnt), so
-        # the smaller holds three; tracing the refused pair first cost a third more
-        small += period + (blocks - small) % period
+        # the model ends part-way through a period, and so must the copies (llama-3.1-8b under selective-layer:2:
+        # copies of 6 and 8 layers write the 12-layer trace as traced, and the 32-layer one as 8 and 10 do)
+        small += (blocks - small) % period
     if small + 3 * period > blocks:  # room for the retry with one period more
         return f"its layers repeat every {period} of {blocks}: copies would cost about as much as the model"
     return Shallow(blocks, period, small, small + period)

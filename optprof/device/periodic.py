@@ -168,10 +168,11 @@ class _Rule:
             raise NotPeriodic(f"a reference follows no rule from copy to copy (copy {copy}: {target}; "
                               f"allowed {before})")
 
-    def _general(self, copy: int | None, counts: Sequence[int]) -> tuple[int, int]:
-        """The general rule's copy for `copy`, and the last copy of its run."""
+    def _general(self, copy: int | None, counts: Sequence[int], candidate: tuple[Any, ...] | None = None
+                 ) -> tuple[int, int]:
+        """The general rule's copy for `copy` (or `candidate`'s), and the last copy of its run."""
         assert self.candidates
-        kind, region, value, _ = self.candidates[0]
+        kind, region, value, _ = candidate or self.candidates[0]
         last = counts[region] - 1
         other = {"first": value, "last": last - value}.get(kind)
         if other is None:
@@ -188,11 +189,18 @@ class _Rule:
         observing copy's distance from its own run's ends)."""
         if self._edges is None:
             self._edges = {}
+            if self.candidates:
+                # a rule must also send each copy seen pointing at a static item past its run's ends (with few
+                # copies, a rule that stays inside can fit every target in the runs: llama's every second block
+                # checkpointed, copies of 6 and 8 layers)
+                self.candidates = [c for c in self.candidates if not any(
+                    0 <= self._general(copy, counts, c)[0] <= self._general(copy, counts, c)[1]
+                    for copy, _, counts, _ in self.statics)]
+                if not self.candidates:
+                    raise NotPeriodic("a reference leaves its run where every rule stays inside it")
             for copy, copies, counts, target in self.statics:
                 if self.candidates:
                     keys = [self._past(*self._general(copy, counts))]
-                    if 0 <= self._general(copy, counts)[0] <= self._general(copy, counts)[1]:
-                        raise NotPeriodic("a reference leaves its run where the rule stays inside it")
                 elif copy is not None:
                     keys = [("start", copy), ("end", copies - 1 - copy)]
                 else:
