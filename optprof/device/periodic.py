@@ -368,6 +368,10 @@ class LayerPeriodic:
         for trace, blocks in ((small, small_blocks), (large, large_blocks)):
             if self.at(blocks) != comparable(trace):
                 raise NotPeriodic(f"the model learnt does not write the {blocks}-block trace back")
+        # and every reference finds a target one period deeper: of the rules that fit both traces, one that sends
+        # a copy past its run's end where no static item was seen (deepseek_v2's, rwkv's copies of 3 and 4) is
+        # refused here, and the caller goes on to copies one period deeper, as where no rule fits
+        self.at(2 * large_blocks - small_blocks)
 
     def at(self, blocks: int) -> AllocationTrace:
         period = self.large_blocks - self.small_blocks
