@@ -279,10 +279,20 @@ def _written(small: list[Outcome], large: list[Outcome], copies: Shallow, micro_
 
 def written_traces(small: dict[int, AllocationTrace], large: dict[int, AllocationTrace], copies: Shallow,
                    micro_batches: list[int]) -> dict[int, AllocationTrace]:
-    """One optimizer's whole-model traces at these micro-batches, written from its copies' (`LayerPeriodic`);
+    """One optimizer's whole-model traces at these micro-batches, written from its copies' (`LayerPeriodic`, learnt
+    at the first and renumbered for the others, or learnt anew where they differ in more than numbers);
     NotPeriodic where they do not write it."""
-    return {size: LayerPeriodic(small[size], large[size], copies.small, copies.large).at(copies.blocks)
-            for size in micro_batches}
+    if not micro_batches:
+        return {}
+    first = LayerPeriodic(small[micro_batches[0]], large[micro_batches[0]], copies.small, copies.large)
+    written = {micro_batches[0]: first.at(copies.blocks)}
+    for size in micro_batches[1:]:
+        try:
+            learnt = first.renumbered(small[size], large[size])
+        except NotPeriodic:
+            learnt = LayerPeriodic(small[size], large[size], copies.small, copies.large)
+        written[size] = learnt.at(copies.blocks)
+    return written
 
 
 def layer_periodic_method(copies: Shallow) -> str:

@@ -21,6 +21,7 @@ in the smaller copy, where every copy of a repeating run moved alike there.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 from collections.abc import Sequence
@@ -150,6 +151,7 @@ class _Rule:
         self.candidates: list[tuple[Any, ...]] | None = None
         self.statics: list[tuple[int | None, int, tuple[int, ...], Place]] = []  # copy, copies, counts, target
         self._edges: dict[tuple[str, int], Place] | None = None
+        self._single: bool | None = None  # whether every static observation has the same target
 
     def observe(self, copy: int | None, copies: int, target: Place, counts: Sequence[int]) -> None:
         """`copy` of `copies` (None: a static item) points at `target`; `counts`: the copies of the target runs."""
@@ -174,11 +176,12 @@ class _Rule:
         assert self.candidates
         kind, region, value, _ = candidate or self.candidates[0]
         last = counts[region] - 1
-        other = {"first": value, "last": last - value}.get(kind)
-        if other is None:
-            assert copy is not None
-            other = copy + value if kind == "shift" else last - copy + value
-        return other, last
+        if kind == "first":
+            return value, last
+        if kind == "last":
+            return last - value, last
+        assert copy is not None
+        return (copy + value if kind == "shift" else last - copy + value), last
 
     @staticmethod
     def _past(other: int, last: int) -> tuple[str, int]:
@@ -210,6 +213,11 @@ class _Rule:
                         self._edges[key] = ("conflict",)
         return self._edges
 
+    def _one_target(self) -> bool:
+        if self._single is None:
+            self._single = len({target for *_, target in self.statics}) == 1
+        return self._single
+
     def target(self, copy: int | None, counts: Sequence[int], copies: int) -> Place:
         edges = self.edges()
         if self.candidates:
@@ -217,7 +225,7 @@ class _Rule:
             if 0 <= other <= last:
                 return ("r", self.candidates[0][1], other, self.candidates[0][3])
             keys = [self._past(other, last)]
-        elif len({target for *_, target in self.statics}) == 1:
+        elif self._one_target():
             return self.statics[0][3]  # every copy reads the same item (rotary tables, the loss's scale)
         elif copy is None:
             keys = [("fixed", 0)]
@@ -249,6 +257,9 @@ class _Learnt:
         """`targets`: each allocation's place at both sizes, with the regions' `counts` (None: the items are the
         events themselves, and an allocation's place is its event's)."""
         self.layout = Layout([(i.key, i.numbers) for i in small], [(i.key, i.numbers) for i in large])
+        self.shapes = ([(_shape(i.key), i.refs) for i in small], [(_shape(i.key), i.refs) for i in large])
+        self._refs: dict[tuple[int, tuple[int, ...]], list[tuple[tuple[Place, ...], ...]]] = {}  # by grow, counts
+        self._rules_at: dict[tuple[int, int], list[list[_Rule]]] = {}
         if targets is None or counts is None:
             targets = (self.allocations(small, -1), self.allocations(large, 0))
             counts = (self.layout.counts(-1), self.layout.counts(0))
@@ -291,32 +302,76 @@ class _Learnt:
             copy, copies = (item[2], items.counts(grow)[item[1]]) if item[0] == "r" else (None, 0)
             self.rules.setdefault(_list_slot(place[1], number, item), _Rule()).observe(copy, copies, target, counts)
 
+    def renumbered(self, small: list[_Item], large: list[_Item]) -> _Learnt:
+        """This sequence with the numbers of two other traces of the copies (the step at another micro-batch), its
+        layout and rules kept: no learning, and the references written once for both. Refused (`NotPeriodic`)
+        unless each item's kind and references are as learnt and every copy of a run has the same numbers, which
+        is what makes the renumbered model write both traces back."""
+        if ([(_shape(i.key), i.refs) for i in small], [(_shape(i.key), i.refs) for i in large]) != self.shapes:
+            raise NotPeriodic("the copies' traces at the other micro-batch differ in more than numbers")
+        other = copy.copy(self)
+        other.static, other.first_copy = {}, {}
+        runs: dict[tuple[int, int], tuple[int, ...]] = {}
+        for side, (items, grow) in enumerate(((small, -1), (large, 0))):
+            for place, item in zip(self.layout.places(grow), items, strict=True):
+                if place[0] == "s":
+                    other.static.setdefault(place[1], []).append(item)
+                    continue
+                if runs.setdefault((place[1], place[3]), item.numbers) != item.numbers:
+                    raise NotPeriodic("the copies of a repeating run differ at the other micro-batch")
+                if place[2] == 0 and side == 1:
+                    other.first_copy[(place[1], place[3])] = item
+        return other
+
     def write(self, grow: int, counts: list[int]) -> list[tuple[_Item, Place]]:
         """The items with `grow` more copies per region, each reference as its target's place (`counts`: the
         copies of the runs the targets are in)."""
+        places = self.layout.places(grow)
+        key = (grow, tuple(counts))
+        if key not in self._refs:  # shared with the renumbered copies: the same references at every micro-batch
+            self._refs[key] = [self._references(place, grow, counts) for place in places]
         out = []
-        own = self.layout.counts(grow)
-        for place in self.layout.places(grow):
+        for place, refs in zip(places, self._refs[key], strict=True):
             if place[0] == "s":
                 one, two = self.static[place[1]]
                 numbers = tuple(b + grow * (b - a) for a, b in zip(one.numbers, two.numbers, strict=True))
-                refs: list[tuple[Place, ...]] = []
-                for number in range(len(two.refs)):
-                    items = self.lists[(place[1], number)]
-                    sizes = items.counts(grow)
-                    refs.append(tuple(
-                        self.rules[_list_slot(place[1], number, item)].target(
-                            item[2] if item[0] == "r" else None, counts, sizes[item[1]] if item[0] == "r" else 0)
-                        for item in items.places(grow)))
-                out.append((_Item(two.key, numbers, tuple(refs)), place))
+                out.append((_Item(two.key, numbers, refs), place))
             else:
-                _, region, copy, offset = place
-                template = self.first_copy[(region, offset)]
-                written = tuple(tuple(self.rules[("r", region, offset, number, position)].target(
-                    copy, counts, own[region]) for position in range(len(template.refs[number])))
-                    for number in range(len(template.refs)))
-                out.append((_Item(template.key, template.numbers, written), place))
+                template = self.first_copy[(place[1], place[3])]
+                out.append((_Item(template.key, template.numbers, refs), place))
         return out
+
+    def _references(self, place: Place, grow: int, counts: list[int]) -> tuple[tuple[Place, ...], ...]:
+        """The item at `place`'s references, each as its target's place."""
+        if place[0] == "s":
+            two = self.static[place[1]][1]
+            refs: list[tuple[Place, ...]] = []
+            for number in range(len(two.refs)):
+                items = self.lists[(place[1], number)]
+                sizes = items.counts(grow)
+                refs.append(tuple(
+                    self.rules[_list_slot(place[1], number, item)].target(
+                        item[2] if item[0] == "r" else None, counts, sizes[item[1]] if item[0] == "r" else 0)
+                    for item in items.places(grow)))
+            return tuple(refs)
+        _, region, copy_, offset = place
+        own = self.layout.counts(grow)[region]
+        return tuple(tuple(rule.target(copy_, counts, own) for rule in rules)
+                     for rules in self._run_rules(region, offset))
+
+    def _run_rules(self, region: int, offset: int) -> list[list[_Rule]]:
+        """The rules of a run's record at `offset`, per reference list and slot (looked up once per record)."""
+        if (region, offset) not in self._rules_at:
+            template = self.first_copy[(region, offset)]
+            self._rules_at[(region, offset)] = [
+                [self.rules[("r", region, offset, number, position)] for position in range(len(refs))]
+                for number, refs in enumerate(template.refs)]
+        return self._rules_at[(region, offset)]
+
+
+def _shape(key: tuple[Any, ...]) -> tuple[Any, ...]:
+    """An item's key without the size a free's key holds (its allocation's), which moves with the micro-batch."""
+    return key if key[0] is not False else (False, *key[2:])
 
 
 def _place(ref: int, targets: dict[int, Place]) -> Place:
@@ -360,6 +415,7 @@ class LayerPeriodic:
         counts = (self.events.layout.counts(-1), self.events.layout.counts(0))
         self.ops = _Learnt(_op_items(small), _op_items(large), targets, counts)
         self.marks: dict[str, tuple[int, int]] = {}
+        self.small_marks, self.large_marks = dict(small.marks), dict(large.marks)
         for phase, one in small.marks.items():
             two = large.marks.get(phase)
             if two is None or any(r.start < two < r.start + r.period * r.copies for r in self.events.layout.regions):
@@ -372,6 +428,18 @@ class LayerPeriodic:
         # a copy past its run's end where no static item was seen (deepseek_v2's, rwkv's copies of 3 and 4) is
         # refused here, and the caller goes on to copies one period deeper, as where no rule fits
         self.at(2 * large_blocks - small_blocks)
+
+    def renumbered(self, small: AllocationTrace, large: AllocationTrace) -> LayerPeriodic:
+        """The model of the copies' traces at another micro-batch (`small`, `large`), from this one: its layout,
+        rules and written references kept, their numbers taken (`_Learnt.renumbered`). A fifth of learning and
+        writing them anew (llama-3.1-8b's 32 layers from 3 and 4); NotPeriodic where they differ in more than
+        numbers, or their phases begin elsewhere (the caller learns them anew)."""
+        if small.marks != self.small_marks or large.marks != self.large_marks:
+            raise NotPeriodic("the copies' phases begin elsewhere at the other micro-batch")
+        other = copy.copy(self)
+        other.events = self.events.renumbered(_event_items(small), _event_items(large))
+        other.ops = self.ops.renumbered(_op_items(small), _op_items(large))
+        return other
 
     def at(self, blocks: int) -> AllocationTrace:
         period = self.large_blocks - self.small_blocks
