@@ -23,8 +23,16 @@ os.environ.pop("LINES", None)
 # Support decisions are cached per user; tests keep theirs apart (and start with none).
 os.environ["OPTPROF_CACHE_DIR"] = tempfile.mkdtemp(prefix="optprof-test-cache-")
 
+import gc
+
 import pytest
 import torch
+
+from optprof.cli.app import GC_THRESHOLDS
+
+# The collector as the optprof command sets it (in main): every test runs under it, not only those after a test
+# that called main.
+gc.set_threshold(*GC_THRESHOLDS)
 
 TINY_LLAMA = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
