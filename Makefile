@@ -39,7 +39,8 @@ families: install  # every family through every command and its layer-periodic t
 	OPTPROF_ALL_FAMILIES=1 $(BIN)/python -m pytest -q -n $(JOBS) --dist $(DIST) \
 		tests/integration/test_architectures.py tests/integration/test_periodic_trace.py \
 		tests/integration/test_layer_copies.py tests/integration/test_periodic_predict.py \
-		tests/integration/test_shared_setups.py
+		tests/integration/test_shared_setups.py tests/integration/test_interrupts.py \
+		tests/integration/test_predict_against_measured.py::test_parameters_without_a_gradient_get_no_state_in_any_command
 
 check: install
 	$(BIN)/optprof check profiles/ --junit check-results.xml

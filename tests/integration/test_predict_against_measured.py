@@ -3,6 +3,7 @@ micro-batches and forked workers."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,7 +70,11 @@ def test_largest_micro_batch_and_determinism() -> None:
         assert all(getattr(a, k) == getattr(b, k) for k in keys)
 
 
-@pytest.mark.parametrize("family", ["fuyu", "pegasus"])
+@pytest.mark.parametrize("family", [
+    "fuyu",
+    pytest.param("pegasus", marks=pytest.mark.skipif(  # a second case of the same fix: 10 s
+        not os.environ.get("OPTPROF_ALL_FAMILIES"), reason="make families runs pegasus")),
+])
 def test_parameters_without_a_gradient_get_no_state_in_any_command(family: str, tmp_path: Path) -> None:
     """fuyu's vision embedding (no image) and pegasus's decoder cross-attention (no encoder) require grad but get
     none, and AdamW keeps no state for them (issue 37). state-size, predict and compare counted it: fuyu 2,444,952 B
