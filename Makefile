@@ -40,6 +40,7 @@ families: install  # every family through every command and its layer-periodic t
 		tests/integration/test_architectures.py tests/integration/test_periodic_trace.py \
 		tests/integration/test_layer_copies.py tests/integration/test_periodic_predict.py \
 		tests/integration/test_shared_setups.py tests/integration/test_interrupts.py \
+		tests/integration/test_shared_step.py::test_every_registered_optimizer_shares_one_forward_and_backward_to_the_byte \
 		tests/integration/test_predict_against_measured.py::test_parameters_without_a_gradient_get_no_state_in_any_command
 
 check: install

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,8 @@ def _each_by_its_own_step(config: PredictConfig) -> list[PredictRow]:
             for name in config.optimizers]
 
 
+@pytest.mark.skipif(not os.environ.get("OPTPROF_ALL_FAMILIES"),  # 17 s; three optimizers in the test below
+                    reason="make families runs every registered optimizer")
 def test_every_registered_optimizer_shares_one_forward_and_backward_to_the_byte(
         one_layer: str) -> None:
     """Every registered optimizer (those not installed here are rows alike): the shared trace gives each the
