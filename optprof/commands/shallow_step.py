@@ -192,7 +192,7 @@ def layer_periodic_traces(config: PredictConfig, entries: list[OptimizerEntry], 
         if attempt:  # one period more: the larger copy becomes the smaller
             copies = dataclasses.replace(copies, small=copies.large, large=copies.large + copies.period)
             small, large = large, traced(config, entries, training, micro_batches, copies.large)
-        reason = copy_failure(small, large) or ""
+        reason = _copy_failure(small, large) or ""
         if reason:  # a copy's step failed: the whole model's may not
             break
         written = _written(small, large, copies, micro_batches)
@@ -216,7 +216,7 @@ def layer_periodic_setups(configs: list[PredictConfig], entries: list[OptimizerE
                                         traced_setups(configs, entries, micro_batches[:1], copies.large), strict=True)]
     found = []
     for config, one, two in zip(configs, small, large, strict=True):
-        written = _written(one, two, copies, micro_batches) if copy_failure(one, two) is None else ""
+        written = _written(one, two, copies, micro_batches) if _copy_failure(one, two) is None else ""
         found.append((written, layer_periodic_method(copies)) if not isinstance(written, str) else
                      layer_periodic_traces(config, entries, config.training, micro_batches, copies))
     return found
@@ -259,7 +259,7 @@ def _traced_rest(config: PredictConfig, training: TrainingSettings, entries: lis
     return traced(config, [entries[i] for i in missing], training, sizes, layers)
 
 
-def copy_failure(small: list[Outcome], large: list[Outcome]) -> str | None:
+def _copy_failure(small: list[Outcome], large: list[Outcome]) -> str | None:
     """Why a copy's step failed, for the note, or None."""
     failed = next((o for o in [*small, *large] if isinstance(o, StepFailed)), None)
     return None if failed is None else f"a shallow copy's step failed ({failed.status}: {failed.reason})"

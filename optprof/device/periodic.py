@@ -196,9 +196,11 @@ class _Rule:
                 # a rule must also send each copy seen pointing at a static item past its run's ends (with few
                 # copies, a rule that stays inside can fit every target in the runs: llama's every second block
                 # checkpointed, copies of 6 and 8 layers)
-                self.candidates = [c for c in self.candidates if not any(
-                    0 <= self._general(copy, counts, c)[0] <= self._general(copy, counts, c)[1]
-                    for copy, _, counts, _ in self.statics)]
+                def stays_inside(candidate: tuple[Any, ...]) -> bool:
+                    return any(0 <= other <= last for other, last in (
+                        self._general(copy, counts, candidate) for copy, _, counts, _ in self.statics))
+
+                self.candidates = [c for c in self.candidates if not stays_inside(c)]
                 if not self.candidates:
                     raise NotPeriodic("a reference leaves its run where every rule stays inside it")
             for copy, copies, counts, target in self.statics:

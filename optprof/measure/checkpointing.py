@@ -31,8 +31,9 @@ ROUTER_GATE_NAMES = ("router", "gate")  # an MoE block's routing linear: `mlp.ga
 @functools.cache
 def save_ops() -> frozenset[Any]:
     """torchtitan's `_get_default_save_ops`, as far as this torch has each op. The CPU flash kernel stands in for
-    CUDA's (a step on fake CPU tensors, predicted for CUDA, runs it where CUDA runs the flash kernel). Read once:
-    the partitioner's op list takes 0.1 s, and a selective-op step asks once per block and forward."""
+    CUDA's (a step on fake CPU tensors, predicted for CUDA, runs it where CUDA runs the flash kernel). Read once per
+    process: the first call imports torch's partitioner (1.2 s), and a selective-op step asks once per block and
+    forward."""
     import torch
     from torch._functorch.partitioners import get_default_op_list
 
@@ -121,12 +122,13 @@ def apply_checkpointing(model: nn.Module, training: TrainingSettings) -> int:
 
         raise SetupUnsupported("activation checkpointing wraps the transformer blocks that the model's "
                                "_no_split_modules names, and this model names none")
+    if mode == Checkpointing.SELECTIVE_OP:
+        save_ops()  # read where the model is set up, not in each forward's forked child
     done = 0
     for index, block in enumerate(blocks, start=1):
         if mode == Checkpointing.SELECTIVE_LAYER and index % training.checkpoint_every:
             continue  # torchtitan's layer SAC: the K-th, 2K-th, ... blocks
         if mode == Checkpointing.SELECTIVE_OP:
-            save_ops()  # read where the model is set up, not in each forward's forked child (its import: 1.2 s)
             checkpoint_block(block, functools.partial(_selective_contexts, router_gate_shapes(block)))
         else:
             checkpoint_block(block)
