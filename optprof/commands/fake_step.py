@@ -25,7 +25,7 @@ from optprof.config import SHARDED_STRATEGIES, DeviceKind, PredictConfig, Strate
 from optprof.device.alloc_conf import AllocatorConfig
 from optprof.device.costs import SM90_WORKSPACE_BYTES
 from optprof.device.replay import Replay, replay
-from optprof.device.trace import AllocationTrace, TraceRecorder
+from optprof.device.trace import AllocationTrace, OptimizerPart, RecordingPoint, TraceRecorder
 from optprof.distributed.sharding import (
     adam_mini_on_cpu_ranks,
     fake_process_group,
@@ -115,12 +115,28 @@ class FakeModel:
             shard_fsdp(self.model, mesh, config.strategy, training=training)
         self.params = trainable_parameters(self.model)
 
-    def configure(self, training: TrainingSettings) -> None:
+    @contextlib.contextmanager
+    def configured(self, training: TrainingSettings) -> Iterator[None]:
         """Another setup's checkpointing and loss on this model, built and warmed up without either (plan's setups
-        of one strategy share their copies): both replace forwards on the instances (measure/checkpointing.py,
-        measure/loss.py), which FSDP2's hooks run around, sharded or not. In a forked child, which keeps it."""
-        self.training = training
-        configure_model(self.model, training)
+        of one strategy share their copies), for the steps inside; then the model as it was. Both replace forwards
+        on the instances (measure/checkpointing.py, measure/loss.py), which FSDP2's hooks run around, sharded or
+        not: those are put back."""
+        from optprof.model.info import transformer_blocks
+
+        modules = [self.model, *transformer_blocks(self.model)]
+        missing = object()
+        forwards = [vars(module).get("forward", missing) for module in modules]
+        before, self.training = self.training, training
+        try:
+            configure_model(self.model, training)  # may refuse the setup part-way (SetupUnsupported)
+            yield
+        finally:
+            self.training = before
+            for module, forward in zip(modules, forwards, strict=True):
+                if forward is missing:
+                    vars(module).pop("forward", None)
+                else:
+                    module.forward = forward
 
     def optimizer(self, entry: OptimizerEntry) -> Any:
         def build() -> Any:
@@ -300,6 +316,7 @@ class SharedTrainer:
         self.optimizers: dict[int, Any] = {}
         self.state_bytes: dict[int, int] = {}
         self._outcomes: dict[int, dict[int, Traced | StepFailed]] = {}  # micro-batch -> optimizer -> outcome
+        self._parts: dict[int, OptimizerPart] = {}  # optimizer -> its step's part of a trace (`spliced`)
         params = self.fake.params
         for index, entry in enumerate(entries):
             hooks = _hook_ids(params)
@@ -367,13 +384,12 @@ class SharedTrainer:
         """Optimizer `index`'s tracked step at `micro_batch`; None while not traced."""
         return self._outcomes.get(micro_batch, {}).get(index)
 
-    def trace_all(self, wanted: dict[int, list[int]], prepare: Callable[[], None] | None = None) -> None:
+    def trace_all(self, wanted: dict[int, list[int]]) -> None:
         """Trace each micro-batch of `wanted` for the optimizers listed with it: the micro-batches at once, each in a
         forked child, each forking again after backward, one child per optimizer (`jobs` of those at a time, shared
-        out among the micro-batches). `prepare` runs in each micro-batch's child before its step (a setup of its
-        own on this model, which the parent keeps as it was)."""
+        out among the micro-batches)."""
         sizes = sorted(wanted)
-        if len(sizes) == 1 and prepare is None:
+        if len(sizes) == 1:
             self._outcomes.setdefault(sizes[0], {}).update(self._branches(sizes[0], wanted[sizes[0]], self.jobs))
             return
         # every size at once, even past `jobs`: a size's child is busy for its forward and backward and then waits on
@@ -383,8 +399,6 @@ class SharedTrainer:
 
         def one_size(brancher: Any) -> dict[int, Traced | StepFailed]:
             size = sizes[brancher.fork()]
-            if prepare is not None:
-                prepare()
             return self._branches(size, wanted[size], inner)
 
         def failed(position: int, exc: BaseException) -> dict[int, Traced | StepFailed]:
@@ -394,6 +408,59 @@ class SharedTrainer:
         for position, size in enumerate(sizes):
             died = dict.fromkeys(wanted[size], StepFailed(Status.FAILED, DIED))
             self._outcomes.setdefault(size, {}).update(found.get(position, died))
+
+    def spliced(self, micro_batch: int, indices: list[int]) -> dict[int, Traced | StepFailed]:
+        """The traces of `_branches` (no tensor peak), with forward and backward run here and each optimizer's step
+        forked only the first time: its part of the trace (`TraceRecorder.part_since`: its state joining and its
+        step, which no micro-batch or checkpointing or loss changes) is kept, and every later step of this model
+        takes it (`with_part`) instead of running it. Where a part does not fit (it touched the forward's or
+        backward's own allocations), the optimizer's step runs as `_branches` runs it."""
+        recorder = self.fake.recorder()
+        if recorder is None or self.tensor_peak:
+            return self._branches(micro_batch, indices, self.jobs)
+        step = self.fake.step(self.optimizers[indices[0]], micro_batch)
+        missing = [index for index in indices if index not in self._parts]
+        points: list[RecordingPoint] = []
+
+        def compute(brancher: Any) -> OptimizerPart:
+            def join() -> None:
+                points.append(recorder.point())
+                index = missing[brancher.fork()]  # the parent stops here (Branched), once its children are done
+                step.optimizer = self.optimizers[index]
+                recorder.join_state(state_tensors(step.optimizer, self.fake.params))
+
+            recorded_step(step, recorder, join=join)
+            return recorder.part_since(points[0])
+
+        def failed(branch: int, exc: BaseException) -> StepFailed:
+            return self.classify(self.entries[missing[branch]], exc)
+
+        try:
+            found: dict[int, OptimizerPart | StepFailed] = run_branched(compute, len(missing), self.jobs, failed)
+        except Exception as exc:  # before the fork: forward or backward failed, as it would in each one's own step
+            return {index: self.classify(self.entries[index], exc) for index in indices}
+        finally:
+            for param in self.fake.params:
+                param.grad = None
+        out: dict[int, Traced | StepFailed] = {}
+        for branch, index in enumerate(missing):
+            part = found.get(branch, StepFailed(Status.FAILED, DIED))
+            if isinstance(part, StepFailed):
+                out[index] = part
+            else:
+                self._parts[index] = part
+        unfit = []
+        for index in indices:
+            if index in out:
+                continue
+            trace = recorder.with_part(self._parts[index], points[0])
+            if trace is None:
+                unfit.append(index)
+            else:
+                out[index] = Traced(None, trace)
+        if unfit:
+            out.update(self._branches(micro_batch, unfit, self.jobs))
+        return out
 
     def _branches(self, micro_batch: int, indices: list[int], jobs: int) -> dict[int, Traced | StepFailed]:
         """One tracked step at `micro_batch`: forward and backward here, then a child per optimizer of `indices`.

@@ -127,12 +127,28 @@ def _shared_outcomes(trainer: SharedTrainer, micro_batches: list[int]) -> dict[i
     return found
 
 
+def _spliced_outcomes(outcomes: dict[int, dict[int, Traced | StepFailed]], micro_batches: list[int]
+                      ) -> dict[int, Outcome]:
+    """Each optimizer's traces at these micro-batches from `SharedTrainer.spliced`'s outcomes, or its failure."""
+    found: dict[int, Outcome] = {}
+    for index in dict.fromkeys(i for by_index in outcomes.values() for i in by_index):
+        failed = next((by_index[index] for by_index in outcomes.values()
+                       if isinstance(by_index.get(index), StepFailed)), None)
+        found[index] = failed if isinstance(failed, StepFailed) else {
+            size: traced.trace for size in micro_batches
+            if isinstance(traced := outcomes.get(size, {}).get(index), Traced) and traced.trace is not None}
+    return found
+
+
 def traced_setups(configs: list[PredictConfig], entries: list[OptimizerEntry], micro_batches: list[int],
                   layers: int | None = None) -> list[list[Outcome]]:
     """`traced` for setups that differ only in their checkpointing and loss (plan's, per strategy), on one model:
-    built, sharded and warmed up once without either, each setup's applied in the forked child of each micro-batch
-    (`FakeModel.configure`). Equal to tracing each on its own (tests/integration/test_shared_setups.py), less a build
-    and warm-up per setup (about 0.9 s of CPU for each of llama-3.1-8b's 3- and 4-layer copies over 8 ranks)."""
+    built, sharded and warmed up once without either, each setup's applied for its steps (`FakeModel.configured`),
+    which run here, one after another (warm: fake tensors' dispatch cache; a forked child's first step is a third
+    dearer), each optimizer's step forked once and spliced into every later trace (`SharedTrainer.spliced`). Equal
+    to tracing each on its own (tests/integration/test_shared_setups.py), less a build and warm-up per setup (about
+    0.9 s of CPU for each of llama-3.1-8b's 3- and 4-layer copies over 8 ranks) and an optimizer's step per trace
+    (Adam-mini's: 0.1 s and a fork). llama-3.1-8b's plan on 8 H100s: 153 s of CPU before, 114 s after."""
     base_training = dataclasses.replace(configs[0].training, checkpointing=Checkpointing.NONE, loss_chunks=None)
     config = dataclasses.replace(configs[0], layers=layers, training=base_training)
     found: list[dict[int, Outcome]] = [{} for _ in configs]
@@ -146,12 +162,16 @@ def traced_setups(configs: list[PredictConfig], entries: list[OptimizerEntry], m
         for place in found:
             place.update(trainer.failed)
         for position, setup in enumerate(configs):
-            if not trainer.optimizers:
-                break
-            trainer.trace_all({size: list(trainer.optimizers) for size in micro_batches},
-                              prepare=functools.partial(trainer.fake.configure, setup.training))
-            found[position].update(_shared_outcomes(trainer, micro_batches))
-            trainer.forget_traces()
+            outcomes: dict[int, dict[int, Traced | StepFailed]] = {}
+            for size in micro_batches:
+                if not trainer.optimizers:
+                    break
+                try:
+                    with trainer.fake.configured(setup.training):
+                        outcomes[size] = trainer.spliced(size, list(trainer.optimizers))
+                except Exception as exc:  # the setup itself refused (a chunked loss on a model that softcaps logits)
+                    outcomes[size] = {index: classify(entries[index], exc) for index in trainer.optimizers}
+            found[position].update(_spliced_outcomes(outcomes, micro_batches))
     for index in trainer.own_step:  # one that changes backward: on its own model per setup, as `traced` runs it
         for position, setup in enumerate(configs):
             found[position][index] = traced(setup, [entries[index]], setup.training, micro_batches, layers)[0]

@@ -132,6 +132,57 @@ def _renumbered(op: OpRecord, number: dict[int, int]) -> OpRecord:
     return dataclasses.replace(op, reads=ids(op.reads), writes=ids(op.writes))
 
 
+def finished(trace: AllocationTrace, joined: tuple[int, int] | None, state_place: int | None) -> AllocationTrace:
+    """A recording's trace, canonical: the frees of one moment (no allocation between them) in allocation order,
+    since storages dying together (a graph released, a collection) go in an order Python does not fix, and freeing
+    them in any order leaves the allocator the same; and with a state that joined late (`joined`: its events), the
+    state's allocations at their place (`state_place`), every allocation numbered in order (as the recorder numbers
+    them), the marks after it moved on: the trace of a recording that had the state from the start."""
+    events = list(trace.events)
+    marks = dict(trace.marks)
+    if joined is not None and state_place is not None:
+        first, end = joined
+        place = state_place
+        events = events[:place] + events[first:end] + events[place:first] + events[end:]
+        marks = {phase: index + end - first if index >= place else index for phase, index in marks.items()}
+    number: dict[int, int] = {}
+    for event in events:
+        if event.alloc:
+            number[event.id] = len(number)
+    renumbered = [TraceEvent(e.alloc, number[e.id], e.size, e.stream) for e in events]
+    tags = {number[allocation]: tag for allocation, tag in trace.tags.items() if allocation in number}
+    ops = [_renumbered(op, number) for op in trace.ops]
+    return AllocationTrace(frees_in_order(renumbered, marks), tags, marks, ops)
+
+
+@dataclass(frozen=True)
+class RecordingPoint:
+    """A place in a recording (`TraceRecorder.point`): its events, ops and allocations so far, what it keeps past
+    backward (`name_kept`), and its tags then."""
+
+    events: int
+    ops: int
+    next_id: int
+    kept: tuple[tuple[int, int], ...]  # (allocation, bytes) of what the step keeps past backward (`name_kept`)
+    tags: dict[int, str]
+
+
+@dataclass(frozen=True)
+class OptimizerPart:
+    """One optimizer's state joining and step, as recorded after another recording's backward (`part_since`), in
+    that recording's numbering: allocations from `first_id` on are the part's own; below `inputs_end`, what was
+    alive before the step (alike in every recording of one model); `kept`, what that recording kept past backward."""
+
+    events: list[TraceEvent]
+    ops: list[OpRecord]
+    tags: dict[int, str]  # the part's own allocations'
+    first_id: int
+    kept: tuple[tuple[int, int], ...]  # (allocation, bytes) of what the step keeps past backward (`name_kept`)
+    inputs_end: int
+    joined: tuple[int, int] | None  # the state's events within `events`
+    retagged: bool  # whether it named anything of the recording's anew (then no other recording can take it)
+
+
 class TraceRecorder:
     """Records the allocation trace of whatever runs inside `with recorder.recording():` (on fake tensors), and with
     `ops`, every op with its cost inputs (device/ops.py); with `specs`, also what rebuilds each op for timing it."""
@@ -157,6 +208,7 @@ class TraceRecorder:
         self._state_place: int | None = None  # where the state's allocations go (event index), if it joins later
         self._joined: tuple[int, int] | None = None  # the events join_state added: [first, end)
         self._ended = False  # recording is over: storages dying later (the step's inputs) are not in the trace
+        self.kept: tuple[tuple[int, int], ...] = ()  # (allocation, bytes) kept past backward (`name_kept`)
 
     # ------------------------------------------------------------------------------------------------ marks
     def mark(self, phase: str) -> None:
@@ -188,27 +240,91 @@ class TraceRecorder:
         self._joined = (first, len(self.trace.events))
 
     def finished_trace(self) -> AllocationTrace:
-        """The trace, canonical: the frees of one moment (no allocation between them) in allocation order, since
-        storages dying together (a graph released, a collection) go in an order Python does not fix, and freeing
-        them in any order leaves the allocator the same; and with a state that joined late (`join_state`), the
-        state's allocations at their place, every allocation numbered in order (as `_allocate` numbers them), the
-        marks after it moved on: the trace of a recording that had the state from the start."""
-        trace = self.trace
-        events = list(trace.events)
-        marks = dict(trace.marks)
-        if self._joined is not None and self._state_place is not None:
-            first, end = self._joined
-            place = self._state_place
-            events = events[:place] + events[first:end] + events[place:first] + events[end:]
-            marks = {phase: index + end - first if index >= place else index for phase, index in marks.items()}
-        number: dict[int, int] = {}
-        for event in events:
-            if event.alloc:
-                number[event.id] = len(number)
-        renumbered = [TraceEvent(e.alloc, number[e.id], e.size, e.stream) for e in events]
-        tags = {number[allocation]: tag for allocation, tag in trace.tags.items() if allocation in number}
-        ops = [_renumbered(op, number) for op in trace.ops]
-        return AllocationTrace(frees_in_order(renumbered, marks), tags, marks, ops)
+        """The trace, canonical (`finished`): a state that joined late (`join_state`) at its place."""
+        return finished(self.trace, self._joined, self._state_place)
+
+    def point(self) -> RecordingPoint:
+        """Where the recording is now (after backward: where each optimizer's step would begin)."""
+        return RecordingPoint(len(self.trace.events), len(self.trace.ops), self._next, self.kept,
+                              dict(self.trace.tags))
+
+    def part_since(self, point: RecordingPoint) -> OptimizerPart:
+        """What the recording added since `point` (in a forked child: its optimizer's state joining and its step),
+        for `with_part` to add to another recording of the same model."""
+        retagged = any(point.tags.get(allocation) != tag for allocation, tag in self.trace.tags.items()
+                       if allocation < point.next_id)
+        joined = None if self._joined is None else (self._joined[0] - point.events, self._joined[1] - point.events)
+        return OptimizerPart(self.trace.events[point.events:], self.trace.ops[point.ops:],
+                             {allocation: tag for allocation, tag in self.trace.tags.items()
+                              if allocation >= point.next_id},
+                             point.next_id, point.kept, self._inputs_end(), joined, retagged)
+
+    def with_part(self, part: OptimizerPart, point: RecordingPoint) -> AllocationTrace | None:
+        """The finished trace of this recording up to `point` (the end of its backward) and then `part`, another
+        recording's optimizer step on the same model, as if this recording had gone on through it: the part's own
+        allocations numbered on from here; its references to what that recording kept past backward sent to what
+        this one kept (each parameter's gradient, the loss: `name_kept`); to what was alive before the step
+        (parameters, buffers, inputs), kept. None where the part touches anything else of that recording's (its
+        forward's or backward's), retagged any of it, or the two differ before the step: then it is not the same
+        step, and the caller runs it."""
+        if part.retagged or part.inputs_end != self._inputs_end() or len(part.kept) != len(point.kept):
+            return None
+        if [size for _, size in part.kept] != [size for _, size in point.kept]:
+            return None  # a parameter with a gradient in one and not the other, or of another size
+        gradient: dict[int, int] = {}
+        for (theirs, _), (ours, _) in zip(part.kept, point.kept, strict=True):
+            if gradient.setdefault(theirs, ours) != ours:
+                return None  # gradients that share a storage (FSDP2's reduce-scatter output) in one, not the other
+        if len(set(gradient.values())) != len(gradient):
+            return None
+        shift = point.next_id - part.first_id
+
+        def mapped(allocation: int) -> int | None:
+            if allocation >= part.first_id:
+                return allocation + shift
+            if allocation < part.inputs_end:
+                return allocation
+            return gradient.get(allocation)
+
+        added = []
+        for event in part.events:
+            allocation = mapped(event.id)
+            if allocation is None:
+                return None
+            added.append(TraceEvent(event.alloc, allocation, event.size, event.stream))
+        ops = []
+        for op in part.ops:
+            reads, writes = tuple(map(mapped, op.reads)), tuple(map(mapped, op.writes))
+            if None in reads or None in writes:
+                return None
+            ops.append(dataclasses.replace(op, reads=reads, writes=writes))  # type: ignore[arg-type]
+        tags = {allocation: tag for allocation, tag in self.trace.tags.items() if allocation < point.next_id}
+        tags.update((allocation + shift, tag) for allocation, tag in part.tags.items())
+        marks = {phase: index for phase, index in self.trace.marks.items() if index <= point.events}
+        joined = None if part.joined is None else (part.joined[0] + point.events, part.joined[1] + point.events)
+        trace = AllocationTrace(self.trace.events[:point.events] + added, tags, marks,
+                                [*self.trace.ops[:point.ops], *ops])
+        return finished(trace, joined, self._state_place)
+
+    def _inputs_end(self) -> int:
+        """The allocations numbered before the step began: parameters, buffers, inputs (and state, if it had it)."""
+        begun = self.trace.marks.get("step", len(self.trace.events))
+        return sum(1 for event in self.trace.events[:begun] if event.alloc)
+
+    def name_kept(self, tensors: list[Any]) -> None:
+        """What a step keeps past its backward, in order (each parameter's gradient, then the loss; None: none), for
+        `with_part`; the gradients tagged."""
+        found = []
+        for position, tensor in enumerate(tensors):
+            if tensor is None:
+                found.append((-1, 0))
+                continue
+            storage = (tensor.to_local() if hasattr(tensor, "to_local") else tensor).untyped_storage()
+            allocation = self._see(storage)
+            if position < len(tensors) - 1:
+                self.trace.tags[allocation] = "gradient"
+            found.append((allocation, storage.nbytes()))
+        self.kept = tuple(found)
 
     def tag_tensors(self, tensors: Any, tag: str) -> None:
         """Name what these tensors' storages are (allocating those not seen yet: they were alive already)."""

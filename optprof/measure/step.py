@@ -130,6 +130,7 @@ class TrainStep:
         self.losses: list[float] = []
         self.before_forward: Callable[[], None] | None = None  # the tracked step resets MemTracker here
         self.after_backward: Callable[[], None] | None = None  # reads the forward+backward peak
+        self.loss: torch.Tensor | None = None  # while after_backward runs: the loss, which the step holds to its end
         self.grad_bytes: int | None = None  # measured when measure_grads is set (untimed steps only)
         self.measure_grads = False
         self.fused = fused_update(optimizer)
@@ -251,7 +252,11 @@ class TrainStep:
         if self.measure_grads:
             self.grad_bytes = storage_bytes(p.grad for p in self.params if p.grad is not None)
         if self.after_backward is not None:
-            self.after_backward()
+            self.loss = loss  # the step holds it past backward: for what runs there to name (a recorder's)
+            try:
+                self.after_backward()
+            finally:
+                self.loss = None
         clip_start, step_start, end = self._clip_and_step()
         device.synchronize()
         self.losses.append(float(loss))
