@@ -24,18 +24,26 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from optprof.commands.fake_step import Simulated, StepFailed
+from optprof.commands.fake_step import DIED, Simulated, StepFailed
 from optprof.commands.predict import run_predict, step_seconds, time_target
-from optprof.commands.shallow_step import Shallow, layer_periodic_setups, shallow_copies
+from optprof.commands.shallow_step import (
+    CopyPair,
+    Shallow,
+    copy_setups,
+    layer_periodic_setups,
+    shallow_copies,
+    written_setup,
+)
 from optprof.config import Dtype, PredictConfig, Strategy, parameter_dtype, resolve_seq_len
 from optprof.device.replay import Replay
 from optprof.device.trace import AllocationTrace, extrapolated, extrapolated_ops
-from optprof.errors import UsageError
+from optprof.errors import UsageError, error_text
 from optprof.interrupts import Interrupted, stop_children
 from optprof.measure.flops import model_flops_per_token
 from optprof.model.loading import load_selection
 from optprof.optimizers.registry import OptimizerEntry, availability, check_opt_args, resolve_optimizers
 from optprof.optimizers.trained import untrained_in
+from optprof.processes.branching import Brancher, run_branched
 from optprof.processes.forked import run_each
 from optprof.results.reports import PlanReport, command_config
 from optprof.results.rows import PlanRow
@@ -46,7 +54,7 @@ LOSSES = ("default", "chunked:8")
 TRACED_AT = (2, 3)  # micro-batches traced per setup; every other size is extrapolated from these two
 RUNNERS_UP = 2
 LINEAR_STEPS = 8  # sizes below the bound tried one by one before a bisection
-SHARED_SETUPS = 3  # setups per piece of work that share their copies' build (more: fewer builds, idler workers)
+SHARED_SETUPS = 6  # setups per piece of work that share their copies' build (more: fewer builds, idler workers)
 
 
 @dataclass(frozen=True)
@@ -271,38 +279,62 @@ def _bound(config: PredictConfig, params: int, state_bytes: dict[str, int], entr
     return (2 * params * width + state_bytes[entry.name]) // shards
 
 
-def evaluate(setup_configs: list[PredictConfig], entries: list[OptimizerEntry], sequences: int | None
+def evaluate(setup_configs: list[PredictConfig], entries: list[OptimizerEntry], sequences: int | None, jobs: int
              ) -> list[list[Evaluated]]:
     """Every optimizer of `entries` under each setup of one strategy (they differ in checkpointing and loss, and
-    share their shallow copies, each built and warmed up once: `layer_periodic_setups`): traced at TRACED_AT, its
-    largest micro-batch, and the chosen size's time. A step that does not fit 2 is traced at 1 (a step of its own:
-    it often allocates one tensor fewer), once for every setup and optimizer that needs it."""
+    share their shallow copies, each built and warmed up once: `copy_setups`): traced at TRACED_AT, then per setup
+    in a forked child (`jobs` at a time: the piece's last setups fill a core that another piece has left idle), its
+    whole-model traces written, its largest micro-batch and the chosen size's time; only the rows come back. A step
+    that does not fit 2 is traced at 1 (a step of its own: it often allocates one tensor fewer), once for every
+    setup and optimizer that needs it, here."""
     copies = shallow_copies(setup_configs[0])
-    traced = layer_periodic_setups(setup_configs, entries, list(TRACED_AT), copies)
-    methods = [method for _, method in traced]
-    searched: list[list[Evaluated | _Traces]] = [
-        [Evaluated(o.status, o.reason, trace_method=method) if isinstance(o, StepFailed) else _Traces(config, o)
-         for o in outcomes] for config, (outcomes, method) in zip(setup_configs, traced, strict=True)]
-    largest = {(place, index): _largest(traces, setup_configs[place].max_micro_batch)
-               for place, row in enumerate(searched) for index, traces in enumerate(row)
-               if isinstance(traces, _Traces)}
-    needing = sorted({place for (place, _), size in largest.items() if size == 0})
-    wanted = sorted({index for (_, index), size in largest.items() if size == 0})
+    pairs = copy_setups(setup_configs, entries, list(TRACED_AT), copies)
+
+    def one(brancher: Brancher) -> tuple[list[Evaluated | None], str]:
+        place = brancher.fork()
+        return _setup_rows(setup_configs[place], entries, copies, pairs[place], sequences)
+
+    def failed(place: int, exc: BaseException) -> tuple[list[Evaluated | None], str]:
+        return [Evaluated(Status.FAILED, error_text(exc)) for _ in entries], ""
+
+    found = run_branched(one, len(setup_configs), jobs, failed)
+    rows = [found.get(place, ([Evaluated(Status.FAILED, DIED) for _ in entries], ""))
+            for place in range(len(setup_configs))]
+    needing = [place for place, (row, _) in enumerate(rows) if None in row]
+    wanted = sorted({index for place in needing for index, row in enumerate(rows[place][0]) if row is None})
     if needing:
         ones = layer_periodic_setups([setup_configs[place] for place in needing], [entries[i] for i in wanted], [1],
                                      copies)
         for place, (outcomes, _) in zip(needing, ones, strict=True):
-            for index, one in zip(wanted, outcomes, strict=True):
-                traces = searched[place][index]
-                if largest.get((place, index)) != 0 or not isinstance(traces, _Traces):
+            row, method = rows[place]
+            for index, at_one in zip(wanted, outcomes, strict=True):
+                if row[index] is not None:
                     continue
-                if isinstance(one, StepFailed):
-                    searched[place][index] = Evaluated(one.status, one.reason, trace_method=methods[place])
-                else:
-                    traces.traces[1] = one[1]
-    return [[traces if isinstance(traces, Evaluated) else
-             _evaluated(setup_configs[place], traces, largest[(place, index)], sequences, methods[place])
-             for index, traces in enumerate(row)] for place, row in enumerate(searched)]
+                row[index] = Evaluated(at_one.status, at_one.reason, trace_method=method) \
+                    if isinstance(at_one, StepFailed) else \
+                    _evaluated(setup_configs[place], _Traces(setup_configs[place], at_one), 0, sequences, method)
+    return [[_filled(row) for row in found_rows] for found_rows, _ in rows]
+
+
+def _filled(row: Evaluated | None) -> Evaluated:
+    assert row is not None  # `evaluate` traced every optimizer that did not fit 2 at 1
+    return row
+
+
+def _setup_rows(config: PredictConfig, entries: list[OptimizerEntry], copies: Shallow | str, pair: CopyPair | None,
+                sequences: int | None) -> tuple[list[Evaluated | None], str]:
+    """One setup's rows from its copies' traces (`written_setup`), and the method's note; None for an optimizer
+    whose step does not fit micro-batch 2 (`evaluate` traces it at 1)."""
+    outcomes, method = written_setup(config, entries, list(TRACED_AT), copies, pair)
+    rows: list[Evaluated | None] = []
+    for outcome in outcomes:
+        if isinstance(outcome, StepFailed):
+            rows.append(Evaluated(outcome.status, outcome.reason, trace_method=method))
+            continue
+        traces = _Traces(config, outcome)
+        largest = _largest(traces, config.max_micro_batch)
+        rows.append(None if largest == 0 else _evaluated(config, traces, largest, sequences, method))
+    return rows, method
 
 
 def _evaluated(setup_config: PredictConfig, traces: _Traces, largest: int, sequences: int | None,
@@ -386,7 +418,7 @@ def run_plan(config: PlanConfig, on_progress: Callable[[str], None] = lambda tex
         chunk = items[position]
         if here:
             on_progress(f"{len(chunk)} setup(s) from {configs[chunk[0]][0].label()}")
-        return evaluate([configs[index][1] for index in chunk], wanted[chunk[0]], sequences)
+        return evaluate([configs[index][1] for index in chunk], wanted[chunk[0]], sequences, config.jobs)
 
     def kept(position: int, found: list[list[Evaluated]]) -> None:  # as each finishes: what a signal keeps
         nonlocal traced_setups

@@ -145,10 +145,11 @@ def traced_setups(configs: list[PredictConfig], entries: list[OptimizerEntry], m
     """`traced` for setups that differ only in their checkpointing and loss (plan's, per strategy), on one model:
     built, sharded and warmed up once without either, each setup's applied for its steps (`FakeModel.configured`),
     which run here, one after another (warm: fake tensors' dispatch cache; a forked child's first step is a third
-    dearer), each optimizer's step forked once and spliced into every later trace (`SharedTrainer.spliced`). Equal
-    to tracing each on its own (tests/integration/test_shared_setups.py), less a build and warm-up per setup (about
-    0.9 s of CPU for each of llama-3.1-8b's 3- and 4-layer copies over 8 ranks) and an optimizer's step per trace
-    (Adam-mini's: 0.1 s and a fork). llama-3.1-8b's plan on 8 H100s: 153 s of CPU before, 114 s after."""
+    dearer; shared out among forked children after the first, they cost 5 to 10% more CPU in all, copy-on-write),
+    each optimizer's step forked once and spliced into every later trace (`SharedTrainer.spliced`). Equal to tracing
+    each on its own (tests/integration/test_shared_setups.py), less a build and warm-up per setup (about 0.9 s of CPU
+    for each of llama-3.1-8b's 3- and 4-layer copies over 8 ranks) and an optimizer's step per trace (Adam-mini's:
+    0.1 s and a fork). llama-3.1-8b's plan on 8 H100s: 153 s of CPU before, 114 s after."""
     base_training = dataclasses.replace(configs[0].training, checkpointing=Checkpointing.NONE, loss_chunks=None)
     config = dataclasses.replace(configs[0], layers=layers, training=base_training)
     found: list[dict[int, Outcome]] = [{} for _ in configs]
@@ -225,21 +226,41 @@ def layer_periodic_traces(config: PredictConfig, entries: list[OptimizerEntry], 
 def layer_periodic_setups(configs: list[PredictConfig], entries: list[OptimizerEntry], micro_batches: list[int],
                           copies: Shallow | str) -> list[tuple[list[Outcome], str]]:
     """`layer_periodic_traces` of setups that differ only in their checkpointing and loss and share their copies
-    (plan's, per strategy), whose copies are each built and warmed up once for all of them (`traced_setups`). A setup
-    whose copies do not write its trace goes on alone: one period more, then the whole model."""
+    (plan's, per strategy), whose copies are each built and warmed up once for all of them (`copy_setups`), each
+    setup's trace then written (`written_setup`)."""
+    return [written_setup(config, entries, micro_batches, copies, pair)
+            for config, pair in zip(configs, copy_setups(configs, entries, micro_batches, copies), strict=True)]
+
+
+# one setup's outcomes on the smaller copy and on the larger (at every micro-batch: `_completed`)
+CopyPair = tuple[list[Outcome], list[Outcome]]
+
+
+def copy_setups(configs: list[PredictConfig], entries: list[OptimizerEntry], micro_batches: list[int],
+                copies: Shallow | str) -> list[CopyPair | None]:
+    """Each setup's traces of the two copies, traced together (`traced_setups`: each copy built and warmed up once
+    for all of them); None for every setup where there is nothing to share (one setup, or no copies)."""
     if isinstance(copies, str) or len(configs) == 1:
-        return [layer_periodic_traces(config, entries, config.training, micro_batches, copies) for config in configs]
+        return [None] * len(configs)
     small = traced_setups(configs, entries, micro_batches, copies.small)
     large = [_completed(one, two, micro_batches,
                         functools.partial(_traced_rest, setup, setup.training, entries, copies.large))
              for setup, one, two in zip(configs, small,
                                         traced_setups(configs, entries, micro_batches[:1], copies.large), strict=True)]
-    found = []
-    for config, one, two in zip(configs, small, large, strict=True):
+    return list(zip(small, large, strict=True))
+
+
+def written_setup(config: PredictConfig, entries: list[OptimizerEntry], micro_batches: list[int],
+                  copies: Shallow | str, pair: CopyPair | None) -> tuple[list[Outcome], str]:
+    """One setup's whole-model traces, written from its copies' (`pair`, from `copy_setups`) with the method's note;
+    where they do not write it (or there is no pair), `layer_periodic_traces` on its own: one period more, then the
+    whole model."""
+    if pair is not None and isinstance(copies, Shallow):
+        one, two = pair
         written = _written(one, two, copies, micro_batches) if _copy_failure(one, two) is None else ""
-        found.append((written, layer_periodic_method(copies)) if not isinstance(written, str) else
-                     layer_periodic_traces(config, entries, config.training, micro_batches, copies))
-    return found
+        if not isinstance(written, str):
+            return written, layer_periodic_method(copies)
+    return layer_periodic_traces(config, entries, config.training, micro_batches, copies)
 
 
 def _completed(small: list[Outcome], large: list[Outcome], micro_batches: list[int],

@@ -61,6 +61,12 @@ class OpRecord:
     spec: Any = None  # what rebuilds the op's arguments for timing it (device/local_times.py), where kept
 
 
+def with_ids(op: OpRecord, reads: tuple[int, ...], writes: tuple[int, ...]) -> OpRecord:
+    """`op` reading and writing other allocations (a trace renumbered): dataclasses.replace, a third of its cost."""
+    return OpRecord(op.name, op.kind, op.stream, op.phase, op.flops, op.bytes, op.dtype, reads, writes, op.mnk,
+                    op.group, op.key, op.spec)
+
+
 DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float64": "fp64",
                "torch.float8_e4m3fn": "fp8", "torch.float8_e5m2": "fp8"}
 

@@ -403,6 +403,8 @@ def _op_items(trace: AllocationTrace) -> list[_Item]:
 
 def comparable(trace: AllocationTrace) -> AllocationTrace:
     """The trace as a periodic one is written: ops without what only `--gpu local` uses (key, spec)."""
+    if all(op.key is None and op.spec is None for op in trace.ops):
+        return trace  # nothing to take off (plan's and predict's traces keep neither)
     return dataclasses.replace(trace, ops=[dataclasses.replace(op, key=None, spec=None) for op in trace.ops])
 
 

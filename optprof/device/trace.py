@@ -42,6 +42,7 @@ from optprof.device.ops import (
     matmul_dims,
     mutated_arguments,
     tensor_bytes,
+    with_ids,
 )
 
 DEFAULT_STREAM = "default"
@@ -129,7 +130,7 @@ def _renumbered(op: OpRecord, number: dict[int, int]) -> OpRecord:
     def ids(found: tuple[int, ...]) -> tuple[int, ...]:
         return tuple(number.get(i, -1 - i) for i in found)
 
-    return dataclasses.replace(op, reads=ids(op.reads), writes=ids(op.writes))
+    return with_ids(op, ids(op.reads), ids(op.writes))
 
 
 def finished(trace: AllocationTrace, joined: tuple[int, int] | None, state_place: int | None) -> AllocationTrace:
@@ -297,7 +298,7 @@ class TraceRecorder:
             reads, writes = tuple(map(mapped, op.reads)), tuple(map(mapped, op.writes))
             if None in reads or None in writes:
                 return None
-            ops.append(dataclasses.replace(op, reads=reads, writes=writes))  # type: ignore[arg-type]
+            ops.append(with_ids(op, reads, writes))  # type: ignore[arg-type]
         tags = {allocation: tag for allocation, tag in self.trace.tags.items() if allocation < point.next_id}
         tags.update((allocation + shift, tag) for allocation, tag in part.tags.items())
         marks = {phase: index for phase, index in self.trace.marks.items() if index <= point.events}
