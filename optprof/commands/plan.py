@@ -5,7 +5,9 @@ accumulation).
 Each setup is one step on fake tensors, as predict runs it, at micro-batches 2 and 3 (every optimizer over one
 forward and backward), traced on two shallow copies of the model and written for all its layers
 (`shallow_step`); the setups of one strategy differ only in checkpointing and loss, and share their copies, each
-built and warmed up once for several of them (`layer_periodic_setups`). The trace at any other micro-batch is
+built and warmed up once for all of them, each optimizer's step run once per copy and spliced into the others'
+traces (`copy_setups`), each setup then written and costed in a forked child (`evaluate`). The trace at any other
+micro-batch is
 extrapolated from those two (each allocation's size and each op's cost on the line through its two values),
 replayed through the caching-allocator model for the largest micro-batch that fits, and costed on the catalog
 GPU's timeline. A setup is pruned, untraced, where a bound shows
