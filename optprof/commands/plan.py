@@ -439,10 +439,12 @@ def run_plan(config: PlanConfig, on_progress: Callable[[str], None] = lambda tex
 
     interrupted: str | None = None
     try:
-        # one pass, the pieces holding a least-memory setup first (dearest first within each kind), so that a
-        # strategy whose least does not fit has its pieces not yet begun pruned (`needless`), without a first
-        # pass that leaves a worker idle and builds the least-memory setups' copies for them alone
-        order = sorted(range(len(items)), key=lambda p: (not set(items[p]) & set(least.values()),
+        # one pass, the pieces with fewest setups first: a piece's setups are costed in its forked children at its
+        # end, so the pieces with most, last, keep every core busy to the end (llama-3.1-8b on 8 H100s: 52 s, and
+        # 56-59 s with selective-layer's pieces of two last). Among pieces of as many setups, those holding a
+        # least-memory setup first (dearest first), so that a strategy whose least does not fit has its pieces not
+        # yet begun pruned (`needless`), without a first pass that leaves a worker idle
+        order = sorted(range(len(items)), key=lambda p: (len(items[p]), not set(items[p]) & set(least.values()),
                                                           -_cost(items[p], configs)))
         outcomes = run_each(one, len(items), config.jobs,
                             died=lambda position: [[Evaluated(Status.FAILED, "the worker died") for _ in wanted[i]]

@@ -155,16 +155,41 @@ def collective_bytes(base: str, tensors: list[Any]) -> int:
     return sum(tensor_bytes(t) for t in tensors)
 
 
+@dataclass(frozen=True)
+class OpInfo:
+    """What a recorder needs of an op overload, read once per overload: its name ("aten.mm.default"), its base
+    name ("mm"), its kind, and the arguments it writes in place (position, name, keyword-only)."""
+
+    name: str
+    base: str
+    kind: OpKind
+    writes: tuple[tuple[int, str, bool], ...]
+
+
+_OP_INFO: dict[Any, OpInfo] = {}
+
+
+def op_info(func: Any) -> OpInfo:
+    info = _OP_INFO.get(func)
+    if info is None:
+        name = str(func)
+        namespace, _, rest = name.partition(".")
+        base = rest.split(".")[0]
+        writes = tuple((position, argument.name, argument.kwarg_only)
+                       for position, argument in enumerate(func._schema.arguments)
+                       if argument.alias_info is not None and argument.alias_info.is_write)
+        info = _OP_INFO[func] = OpInfo(name, base, kind_of(base, namespace), writes)
+    return info
+
+
 def mutated_arguments(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
     """The arguments an op writes in place, by its schema's alias annotations (`Tensor(a!)`): in-place and foreach
     ops return nothing or their first argument, and fused optimizers write every state list they take."""
     written = []
-    for position, argument in enumerate(func._schema.arguments):
-        if argument.alias_info is None or not argument.alias_info.is_write:
-            continue
-        if argument.kwarg_only or position >= len(args):
-            if argument.name in kwargs:
-                written.append(kwargs[argument.name])
+    for position, name, kwarg_only in op_info(func).writes:
+        if kwarg_only or position >= len(args):
+            if name in kwargs:
+                written.append(kwargs[name])
         else:
             written.append(args[position])
     return written

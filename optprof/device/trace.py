@@ -38,9 +38,9 @@ from optprof.device.ops import (
     collective_bytes,
     collective_ranks,
     flops_of,
-    kind_of,
     matmul_dims,
     mutated_arguments,
+    op_info,
     tensor_bytes,
     with_ids,
 )
@@ -427,16 +427,16 @@ class TraceRecorder:
         import torch
         from torch.utils._pytree import tree_flatten
 
-        namespace, _, rest = str(func).partition(".")
-        base = rest.split(".")[0]
-        kind = kind_of(base, namespace)
+        info = op_info(func)
+        kind, base = info.kind, info.base
         if kind == OpKind.FREE:
             return
         inputs = [v for v in tree_flatten((args, kwargs))[0] if isinstance(v, torch.Tensor)]
         outputs = [out] if isinstance(out, torch.Tensor) else [v for v in tree_flatten(out)[0]
                                                               if isinstance(v, torch.Tensor)]
-        mutated = tree_flatten(mutated_arguments(func, args, kwargs))[0]
-        outputs += [v for v in mutated if isinstance(v, torch.Tensor)]
+        if info.writes:
+            mutated = tree_flatten(mutated_arguments(func, args, kwargs))[0]
+            outputs += [v for v in mutated if isinstance(v, torch.Tensor)]
         reads = tuple(dict.fromkeys(i for i in map(self._known, inputs) if i is not None))
         writes = tuple(dict.fromkeys(i for i in map(self._known, outputs) if i is not None))
         floating = next((t.dtype for t in inputs if t.is_floating_point()), None)
@@ -448,7 +448,7 @@ class TraceRecorder:
             moved = sum(map(tensor_bytes, inputs)) + sum(map(tensor_bytes, outputs))
             flops = flops_of(func, kind, base, args, kwargs, out)
             mnk = matmul_dims(base, args) if kind == OpKind.MATMUL else None
-            group, name = None, str(func)
+            group, name = None, info.name
         key = spec = None
         if self.keeps_specs and kind != OpKind.COLLECTIVE:
             from optprof.device.local_times import op_spec
