@@ -9,6 +9,8 @@
   `TraceRecorder.finished_trace`) and runs that optimizer's step. The figures equal the full method's to the byte
   (tests/integration/test_shared_step.py runs every registered optimizer both ways). Optimizers that change backward
   itself (LOMO's update inside it, SophiaH's gradient graph, any that hooks the parameters) keep their own step.
+  `SharedTrainer.spliced` (plan's copies) runs forward and backward in the process itself and forks each
+  optimizer's step only once: later steps take that step's part of the trace (`TraceRecorder.with_part`).
 
 Fake tensors have no memory, so a fork costs little, and the children of one micro-batch run at once.
 """
@@ -375,10 +377,6 @@ class SharedTrainer:
                 del self.optimizers[index]
         for param in params:
             param.grad = None
-
-    def forget_traces(self) -> None:
-        """Drop what `trace_all` brought back (the next setup on this model traces the same sizes)."""
-        self._outcomes.clear()
 
     def outcome(self, micro_batch: int, index: int) -> Traced | StepFailed | None:
         """Optimizer `index`'s tracked step at `micro_batch`; None while not traced."""

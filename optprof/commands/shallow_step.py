@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from optprof.commands.fake_step import (
@@ -106,7 +106,7 @@ def traced(config: PredictConfig, entries: list[OptimizerEntry], training: Train
         found.update(trainer.failed)
         if trainer.optimizers:
             trainer.trace_all({size: list(trainer.optimizers) for size in micro_batches})
-            found.update(_shared_outcomes(trainer, micro_batches))
+            found.update(_shared_outcomes(trainer.outcome, trainer.optimizers, micro_batches))
         for index in trainer.own_step:
             try:
                 own = FakeTrainer(config, entries[index], training, mesh)
@@ -116,28 +116,22 @@ def traced(config: PredictConfig, entries: list[OptimizerEntry], training: Train
     return [found[index] for index in range(len(entries))]
 
 
-def _shared_outcomes(trainer: SharedTrainer, micro_batches: list[int]) -> dict[int, Outcome]:
-    """Each shared optimizer's traces at these micro-batches, as `trace_all` brought them back, or its failure."""
+def _shared_outcomes(outcome: Callable[[int, int], Traced | StepFailed | None], indices: Iterable[int],
+                     micro_batches: list[int]) -> dict[int, Outcome]:
+    """Each shared optimizer's traces at these micro-batches, from `outcome(micro-batch, optimizer)` (what
+    `trace_all` or `spliced` brought back), or its failure."""
     found: dict[int, Outcome] = {}
-    for index in trainer.optimizers:
-        outcomes = [trainer.outcome(size, index) for size in micro_batches]
+    for index in indices:
+        outcomes = [outcome(size, index) for size in micro_batches]
         failed = next((o for o in outcomes if isinstance(o, StepFailed)), None)
         found[index] = failed or {size: o.trace for size, o in zip(micro_batches, outcomes, strict=True)
                                   if isinstance(o, Traced) and o.trace is not None}
     return found
 
 
-def _spliced_outcomes(outcomes: dict[int, dict[int, Traced | StepFailed]], micro_batches: list[int]
-                      ) -> dict[int, Outcome]:
-    """Each optimizer's traces at these micro-batches from `SharedTrainer.spliced`'s outcomes, or its failure."""
-    found: dict[int, Outcome] = {}
-    for index in dict.fromkeys(i for by_index in outcomes.values() for i in by_index):
-        failed = next((by_index[index] for by_index in outcomes.values()
-                       if isinstance(by_index.get(index), StepFailed)), None)
-        found[index] = failed if isinstance(failed, StepFailed) else {
-            size: traced.trace for size in micro_batches
-            if isinstance(traced := outcomes.get(size, {}).get(index), Traced) and traced.trace is not None}
-    return found
+def _outcome_in(by_size: dict[int, dict[int, Traced | StepFailed]], micro_batch: int, index: int
+                ) -> Traced | StepFailed | None:
+    return by_size.get(micro_batch, {}).get(index)
 
 
 def traced_setups(configs: list[PredictConfig], entries: list[OptimizerEntry], micro_batches: list[int],
@@ -172,7 +166,8 @@ def traced_setups(configs: list[PredictConfig], entries: list[OptimizerEntry], m
                         outcomes[size] = trainer.spliced(size, list(trainer.optimizers))
                 except Exception as exc:  # the setup itself refused (a chunked loss on a model that softcaps logits)
                     outcomes[size] = {index: classify(entries[index], exc) for index in trainer.optimizers}
-            found[position].update(_spliced_outcomes(outcomes, micro_batches))
+            found[position].update(_shared_outcomes(functools.partial(_outcome_in, outcomes), trainer.optimizers,
+                                                    micro_batches))
     for index in trainer.own_step:  # one that changes backward: on its own model per setup, as `traced` runs it
         for position, setup in enumerate(configs):
             found[position][index] = traced(setup, [entries[index]], setup.training, micro_batches, layers)[0]

@@ -268,15 +268,15 @@ class TraceRecorder:
         (parameters, buffers, inputs), kept. None where the part touches anything else of that recording's (its
         forward's or backward's), retagged any of it, or the two differ before the step: then it is not the same
         step, and the caller runs it."""
-        if part.retagged or part.inputs_end != self._inputs_end() or len(part.kept) != len(point.kept):
+        if part.retagged or part.inputs_end != self._inputs_end():
             return None
         if [size for _, size in part.kept] != [size for _, size in point.kept]:
             return None  # a parameter with a gradient in one and not the other, or of another size
-        gradient: dict[int, int] = {}
+        kept: dict[int, int] = {}  # that recording's allocation -> this one's
         for (theirs, _), (ours, _) in zip(part.kept, point.kept, strict=True):
-            if gradient.setdefault(theirs, ours) != ours:
+            if kept.setdefault(theirs, ours) != ours:
                 return None  # gradients that share a storage (FSDP2's reduce-scatter output) in one, not the other
-        if len(set(gradient.values())) != len(gradient):
+        if len(set(kept.values())) != len(kept):
             return None
         shift = point.next_id - part.first_id
 
@@ -285,7 +285,7 @@ class TraceRecorder:
                 return allocation + shift
             if allocation < part.inputs_end:
                 return allocation
-            return gradient.get(allocation)
+            return kept.get(allocation)
 
         added = []
         for event in part.events:
@@ -312,17 +312,17 @@ class TraceRecorder:
         begun = self.trace.marks.get("step", len(self.trace.events))
         return sum(1 for event in self.trace.events[:begun] if event.alloc)
 
-    def name_kept(self, tensors: list[Any]) -> None:
-        """What a step keeps past its backward, in order (each parameter's gradient, then the loss; None: none), for
-        `with_part`; the gradients tagged."""
+    def name_kept(self, gradients: list[Any], loss: Any) -> None:
+        """What a step keeps past its backward, in order, for `with_part`: each parameter's gradient (tagged; None:
+        none), then the loss."""
         found = []
-        for position, tensor in enumerate(tensors):
+        for position, tensor in enumerate([*gradients, loss]):
             if tensor is None:
                 found.append((-1, 0))
                 continue
             storage = (tensor.to_local() if hasattr(tensor, "to_local") else tensor).untyped_storage()
             allocation = self._see(storage)
-            if position < len(tensors) - 1:
+            if position < len(gradients):
                 self.trace.tags[allocation] = "gradient"
             found.append((allocation, storage.nbytes()))
         self.kept = tuple(found)

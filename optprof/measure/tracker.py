@@ -367,7 +367,7 @@ def _recorded(step: TrainStep, recorder: TraceRecorder, with_state: bool = True)
 def _mark_phases(step: TrainStep, recorder: TraceRecorder) -> None:
     """After backward: the gradients are named, and the optimizer step begins."""
     def gradients_named() -> None:
-        recorder.name_kept([p.grad for p in step.params] + [step.loss])
+        recorder.name_kept([p.grad for p in step.params], step.loss)
         recorder.mark("optimizer step")
 
     _then(step, gradients_named)
